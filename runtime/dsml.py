@@ -1,0 +1,362 @@
+"""Incremental parser for DeepSeek V4 output: reasoning, text and DSML tool calls.
+
+Feed decoded text as it is sampled; get events back. The grammar (spec/agent.md
+1.4, 1.7)::
+
+    [reasoning "</think>"] text [ws] "<｜DSML｜tool_calls>" ws
+        ( '<｜DSML｜invoke name="N">' ws
+            ( '<｜DSML｜parameter name="K" string="true|false">' VALUE
+              "</｜DSML｜parameter>" ws )*
+          "</｜DSML｜invoke>" ws )+
+    "</｜DSML｜tool_calls>" [ws]
+
+Decisions (documented because the format leaves them open):
+
+* Strict on structure, lenient only on whitespace between elements. Any other
+  text, an unknown tag, a tag in the wrong place, attributes that are not
+  exactly ``name="..."`` / ``name="..." string="true|false"``, a duplicate
+  parameter, invalid JSON in a ``string="false"`` value, an empty block, an
+  unterminated block, or non-whitespace after the block give ONE ``DsmlError``
+  event and the parser stops (later input is ignored). Never an exception:
+  model output is data, not a bug.
+* Values are raw. The only decoding is ``&lt;/｜DSML｜parameter>`` ->
+  ``</｜DSML｜parameter>`` (the one escape the renderer writes), applied to
+  string and JSON values alike; no other entity is touched.
+* Whitespace right before ``<｜DSML｜tool_calls>`` (upstream writes ``\\n\\n``)
+  is block framing: it is not emitted as text. To know that, trailing
+  whitespace of text is held back until something non-blank follows.
+* Calls are reported when the block closes, all at once and in order, each
+  with the same ``dsml`` = the exact block text from ``<｜DSML｜tool_calls>``
+  to ``</｜DSML｜tool_calls>``. Why: a block is only valid once it is complete
+  (we never run half a malformed block), and the exact text exists only then.
+  ``chat.render`` replays that text when all calls of a message share it.
+  ``ToolCallStarted`` still fires as soon as each invoke header is read.
+* DSML inside reasoning is never a tool call: it stays reasoning text and a
+  ``DsmlInThinking`` warning follows each ``<｜DSML｜tool_calls>`` seen there.
+* A DSML tag in plain text other than the block opener (``<｜DSML｜invoke``
+  without a block, a stray close tag) is a malformed block, not text.
+* A tag ends at its first ``>``, so tool and parameter names cannot contain
+  ``>`` or ``"`` (values can contain anything).
+
+Streaming: the events depend only on the concatenated input, never on how it
+was split (merge adjacent deltas to compare). Only text that could still be
+the start of a marker (``<``, ``</thi``, ``<｜DS``...) or a whitespace run
+before a possible block is held back; value bytes are buffered until their
+close tag because no event needs them earlier.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Any
+
+from .chat import PARAM_CLOSE, PARAM_CLOSE_ESCAPED, ToolCall
+from .tokenizer import DSML, THINK_END
+
+BLOCK_OPEN = f"<{DSML}tool_calls>"
+BLOCK_CLOSE = f"</{DSML}tool_calls>"
+INVOKE_CLOSE = f"</{DSML}invoke>"
+_TAG_STARTS = (f"<{DSML}", f"</{DSML}")
+MAX_TAG = 512  # a header longer than this without ">" is garbage, not a slow tag
+
+_INVOKE_RE = re.compile(f'<{DSML}invoke name="([^"]+)">')
+_PARAM_RE = re.compile(f'<{DSML}parameter name="([^"]+)" string="(true|false)">')
+_TAG_NAME_RE = re.compile(f"</?{DSML}([A-Za-z_]+)")
+_KNOWN_TAGS = ("tool_calls", "invoke", "parameter")
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStarted:
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallParsed:
+    call: ToolCall
+
+
+@dataclass(frozen=True)
+class BlockDone:
+    pass
+
+
+@dataclass(frozen=True)
+class DsmlError:
+    message: str
+    raw: str
+
+
+@dataclass(frozen=True)
+class DsmlInThinking:
+    pass
+
+
+Event = (TextDelta | ReasoningDelta | ToolCallStarted | ToolCallParsed | BlockDone
+         | DsmlError | DsmlInThinking)
+
+
+class State(Enum):
+    REASONING = auto()  # before </think>
+    TEXT = auto()       # visible answer text
+    OPENING = auto()    # a DSML tag began in text: must be <｜DSML｜tool_calls>
+    BLOCK = auto()      # inside tool_calls, between invokes
+    INVOKE = auto()     # inside an invoke, between parameters
+    VALUE = auto()      # inside a parameter value, up to </｜DSML｜parameter>
+    DONE = auto()       # block closed; only whitespace may follow
+    FAILED = auto()     # a DsmlError was reported; input is ignored
+    FINISHED = auto()   # finish() was called
+
+
+def _held_prefix(text: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a marker."""
+    for n in range(min(len(text), max(map(len, markers)) - 1), 0, -1):
+        tail = text[-n:]
+        if any(m.startswith(tail) and m != tail for m in markers):
+            return n
+    return 0
+
+
+def _find_first(text: str, markers: tuple[str, ...]) -> tuple[int, str] | None:
+    hits = [(i, m) for m in markers if (i := text.find(m)) >= 0]
+    return min(hits) if hits else None
+
+
+class DsmlParser:
+    """Stream parser; see the module docstring for the grammar and decisions."""
+
+    def __init__(self, thinking: bool):
+        self._state = State.REASONING if thinking else State.TEXT
+        self._pending = ""          # input not consumed yet
+        self._block: list[str] = []  # block text consumed so far (for dsml / raw)
+        self._calls: list[tuple[str, dict[str, Any]]] = []  # complete invokes
+        self._name = ""             # the invoke being read
+        self._args: dict[str, Any] = {}
+        self._param: tuple[str, bool] = ("", True)  # (name, is string)
+        self._value_parts: list[str] = []  # VALUE: value text moved out of _pending
+
+    @property
+    def state(self) -> State:
+        """Where the parser is (e.g. the engine samples greedily outside VALUE)."""
+        return self._state
+
+    def feed(self, text: str) -> list[Event]:
+        if self._state is State.FINISHED:
+            raise RuntimeError("DsmlParser.feed() after finish()")
+        if self._state is State.FAILED:
+            return []
+        self._pending += text
+        return self._run(final=False)
+
+    def finish(self) -> list[Event]:
+        """End of stream: flush held-back text; an open block is an error."""
+        if self._state is State.FINISHED:
+            return []
+        events = [] if self._state is State.FAILED else self._run(final=True)
+        if self._state in (State.OPENING, State.BLOCK, State.INVOKE, State.VALUE):
+            events.append(DsmlError("unterminated tool_calls block",
+                                    "".join(self._block) + self._pending))
+        self._state = State.FINISHED
+        self._pending = ""
+        return events
+
+    # -- driver --------------------------------------------------------------
+
+    def _run(self, final: bool) -> list[Event]:
+        events: list[Event] = []
+        handlers = {State.REASONING: self._reasoning, State.TEXT: self._text,
+                    State.VALUE: self._value, State.DONE: self._done}
+        # Each step consumes input or changes state, or returns False for
+        # "need more input"; decisions never look past what they need, which
+        # is what makes the events independent of how input was split.
+        while self._state not in (State.FAILED, State.FINISHED):
+            step = handlers.get(self._state, self._structural)
+            if not step(events, final):
+                break
+        return events
+
+    def _fail(self, events: list[Event], message: str, upto: int) -> bool:
+        """Report an error whose raw text is the block so far + pending[:upto]."""
+        events.append(DsmlError(message, "".join(self._block) + self._pending[:upto]))
+        self._state = State.FAILED
+        self._pending = ""
+        return False
+
+    def _take(self, n: int) -> str:
+        head, self._pending = self._pending[:n], self._pending[n:]
+        return head
+
+    # -- outside the block ---------------------------------------------------
+
+    def _reasoning(self, events: list[Event], final: bool) -> bool:
+        hit = _find_first(self._pending, (THINK_END, BLOCK_OPEN))
+        if hit is None:
+            keep = 0 if final else _held_prefix(self._pending, (THINK_END, BLOCK_OPEN))
+            text = self._take(len(self._pending) - keep)
+            if text:
+                events.append(ReasoningDelta(text))
+            return False
+        i, marker = hit
+        if marker == THINK_END:
+            if i:
+                events.append(ReasoningDelta(self._take(i)))
+            self._take(len(marker))
+            self._state = State.TEXT
+        else:
+            # Thinking text is never executable; keep it as reasoning, warn.
+            events.append(ReasoningDelta(self._take(i + len(marker))))
+            events.append(DsmlInThinking())
+        return True
+
+    def _text(self, events: list[Event], final: bool) -> bool:
+        hit = _find_first(self._pending, _TAG_STARTS)
+        if hit is None:
+            if final:
+                cut = len(self._pending)
+            else:
+                cut = len(self._pending) - _held_prefix(self._pending, _TAG_STARTS)
+                # Blank text right before a block is framing: hold it back too.
+                cut = len(self._pending[:cut].rstrip())
+            if cut:
+                events.append(TextDelta(self._take(cut)))
+            return False
+        i = hit[0]
+        text = self._pending[:i].rstrip()
+        if text:
+            events.append(TextDelta(text))
+        self._take(i)
+        self._block = []
+        self._state = State.OPENING
+        return True
+
+    def _done(self, events: list[Event], final: bool) -> bool:
+        # Blank input stays pending so the error's raw text (everything after
+        # the block through the first non-blank character) is split-independent.
+        stripped = self._pending.lstrip()
+        if stripped:
+            n = len(self._pending) - len(stripped) + 1
+            self._block = []
+            return self._fail(events, "text after tool_calls", n)
+        return False
+
+    # -- structure inside the block ---------------------------------------------
+
+    def _structural(self, events: list[Event], final: bool) -> bool:
+        if self._state is not State.OPENING:
+            blank = len(self._pending) - len(self._pending.lstrip())
+            self._block.append(self._take(blank))
+        p = self._pending
+        if not p:
+            return False
+        # The tag must start with "<｜DSML｜" or "</｜DSML｜": fail at the first
+        # character that rules both out, wait while it is still a prefix.
+        for start in _TAG_STARTS:
+            if p.startswith(start) or start.startswith(p):
+                break
+        else:
+            bad = max(self._common(p, s) for s in _TAG_STARTS) + 1
+            what = "unexpected text" if p[0] != "<" else "unknown tag"
+            return self._fail(events, f"{what} in tool_calls block", bad)
+        if not p.startswith(start):
+            return False
+        end = p.find(">", 0, MAX_TAG)
+        if end < 0:
+            if len(p) >= MAX_TAG:
+                return self._fail(events, "DSML tag too long or missing '>'", MAX_TAG)
+            return False
+        tag = p[:end + 1]
+        return self._tag(events, tag)
+
+    @staticmethod
+    def _common(a: str, b: str) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    def _tag(self, events: list[Event], tag: str) -> bool:
+        """Apply one complete tag to the current state."""
+        n = len(tag)
+        kind = _TAG_NAME_RE.match(tag)
+        if kind is None or kind.group(1) not in _KNOWN_TAGS:
+            return self._fail(events, f"unknown tag {tag!r}", n)
+        state = self._state
+        invoke = _INVOKE_RE.fullmatch(tag)
+        param = _PARAM_RE.fullmatch(tag)
+        if state is State.OPENING:
+            if tag != BLOCK_OPEN:
+                return self._fail(events, f"{tag!r} outside a tool_calls block", n)
+            self._state = State.BLOCK
+        elif state is State.BLOCK and invoke:
+            self._name, self._args = invoke.group(1), {}
+            events.append(ToolCallStarted(self._name))
+            self._state = State.INVOKE
+        elif state is State.BLOCK and tag == BLOCK_CLOSE:
+            if not self._calls:
+                return self._fail(events, "empty tool_calls block", n)
+            self._block.append(self._take(n))
+            dsml = "".join(self._block)
+            events += [ToolCallParsed(ToolCall(name=name, arguments=args, dsml=dsml))
+                       for name, args in self._calls]
+            events.append(BlockDone())
+            self._state = State.DONE
+            return True
+        elif state is State.INVOKE and param:
+            name = param.group(1)
+            if name in self._args:
+                return self._fail(events, f"duplicate parameter {name!r}", n)
+            self._param = (name, param.group(2) == "true")
+            self._state = State.VALUE
+            self._block.append(self._take(n))
+            return True
+        elif state is State.INVOKE and tag == INVOKE_CLOSE:
+            self._calls.append((self._name, self._args))
+            self._state = State.BLOCK
+        elif kind.group(1) in ("invoke", "parameter") and not tag.startswith("</") \
+                and not (invoke or param):
+            return self._fail(events, f"malformed attributes in {tag!r}", n)
+        else:
+            where = "invoke" if state is State.INVOKE else "tool_calls"
+            return self._fail(events, f"unexpected {tag!r} inside {where}", n)
+        self._block.append(self._take(n))
+        return True
+
+    def _value(self, events: list[Event], final: bool) -> bool:
+        # Value text moves out of _pending as it comes, except a tail that could
+        # be the start of the close tag, so a long file body stays linear.
+        i = self._pending.find(PARAM_CLOSE)
+        if i < 0:
+            safe = max(0, len(self._pending) - len(PARAM_CLOSE) + 1)
+            if safe:
+                chunk = self._take(safe)
+                self._value_parts.append(chunk)
+                self._block.append(chunk)
+            return False
+        raw = "".join(self._value_parts) + self._pending[:i]
+        self._value_parts = []
+        raw = raw.replace(PARAM_CLOSE_ESCAPED, PARAM_CLOSE)
+        name, is_str = self._param
+        n = i + len(PARAM_CLOSE)
+        if is_str:
+            self._args[name] = raw
+        else:
+            try:
+                self._args[name] = json.loads(raw)
+            except json.JSONDecodeError as err:
+                return self._fail(events, f"parameter {name!r} is not valid JSON: "
+                                  f"{err.msg}", n)
+        self._block.append(self._take(n))
+        self._state = State.INVOKE
+        return True
