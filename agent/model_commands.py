@@ -22,6 +22,9 @@ RATIO_NAMES = {0: "sliding window only", 4: "CSA: ratio 4 + lightning indexer", 
 @contextmanager
 def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
     console = Console(stderr=True)
+    if not console.is_terminal:  # logs and pipes get the final line only
+        yield lambda done, total: None
+        return
     with Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task(label, total=None)
