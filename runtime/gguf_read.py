@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import GGUFError
-from .layout import (BLOCK, EXPERT_ROLES, EXPERT_TRIPLES, GGMLType, TensorSpec,
+from .layout import (BLOCK, EXPERT_ROLES, EXPERT_TRIPLES, NUMPY_DTYPE, GGMLType,
                      base_family, expected_tensors, tensor_nbytes, type_for)
 from .tokenizer import Tokenizer
 
@@ -215,13 +215,10 @@ def _tensor_table(header: _Header) -> dict[str, TensorInfo]:
             raise GGUFError(f"truncated GGUF: tensor {name} ends at byte {start + nbytes} "
                             f"but the file has {header.size}")
         data = np.frombuffer(header.buf, np.uint8, nbytes, start)
-        if ggml_type in _NP_OF:
-            data = data.view(_NP_OF[ggml_type])
+        if ggml_type in NUMPY_DTYPE:
+            data = data.view(NUMPY_DTYPE[ggml_type])
         out[name] = TensorInfo(name, ggml_type, dims, nbytes, start, data)
     return out
-
-
-_NP_OF = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.I32: np.int32}
 
 
 def _validate_tensors(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> list[str]:
@@ -274,4 +271,4 @@ def _triples_for(family: str) -> str:
                      if base_family(r) == family)
 
 
-__all__ = ["ModelFile", "TensorInfo", "TensorSpec", "open_model"]
+__all__ = ["ModelFile", "TensorInfo", "open_model"]

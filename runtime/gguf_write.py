@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ARCH, GATING_SQRT_SOFTPLUS, ModelConfig
 from .fileio import fsync_dir
-from .layout import BLOCK, GGMLType, TensorSpec, tensor_nbytes
+from .layout import BLOCK, NUMPY_DTYPE, GGMLType, TensorSpec, tensor_nbytes
 
 
 @dataclass
@@ -38,8 +38,6 @@ class TokenizerMeta:
 # Produces the data of one tensor: a typed array for F32/F16/I32 or raw block
 # bytes (uint8) for quantized types, with exactly tensor_nbytes() bytes.
 Producer = Callable[[TensorSpec, GGMLType], np.ndarray]
-
-_NP_OF = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.I32: np.int32}
 
 
 def write_gguf(path: str | os.PathLike, cfg: ModelConfig, tok: TokenizerMeta,
@@ -86,7 +84,7 @@ def _write(tmp: Path, cfg: ModelConfig, tok: TokenizerMeta,
         # GGUFWriter takes numpy (row-major, outermost first) element shapes;
         # a non-uint8 dtype keeps it from reading the shape as bytes.
         w.add_tensor_info(spec.name, tuple(reversed(spec.shape)),
-                          np.dtype(_NP_OF.get(ggml_type, np.float32)), nbytes,
+                          np.dtype(NUMPY_DTYPE.get(ggml_type, np.float32)), nbytes,
                           raw_dtype=gguf.GGMLQuantizationType(int(ggml_type)))
     w.write_header_to_file()
     w.write_kv_data_to_file()

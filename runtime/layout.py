@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+import numpy as np
+
 from .config import ModelConfig
 
 
@@ -35,6 +37,9 @@ BLOCK = {
     GGMLType.Q4_K: (256, 144),
     GGMLType.IQ2_XXS: (256, 66),
 }
+
+# numpy dtype of the plain (unblocked) types; the rest are raw uint8 blocks.
+NUMPY_DTYPE = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.I32: np.int32}
 
 # Roles: "f32" norms/biases/scales/sinks, "i32" the hash table, "f16" the
 # tensors ds4 keeps in half (embedding, HC, router, compressor, indexer),
