@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from magnetar.runtime.errors import MagnetarError
 
-from . import model_commands
+from . import model_commands, run_commands
 
 PRESETS = ("tiny", "small", "mini-flash")
 RECIPES = ("f32", "f16", "q8", "q2", "q4")
@@ -48,6 +48,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarize a model file")
     p.add_argument("model", metavar="MODEL")
     p.set_defaults(run=model_commands.inspect)
+
+    p = sub.add_parser("generate", help="chat-render a prompt and stream the model's answer")
+    p.add_argument("-m", "--model", required=True, metavar="MODEL")
+    p.add_argument("-p", "--prompt", required=True, metavar="TEXT", help="the user message, or @FILE")
+    p.add_argument("--system", default=None, metavar="TEXT")
+    _add_mode_flags(p)
+    p.add_argument("-n", dest="max_tokens", type=int, default=256, metavar="N", help="tokens to generate")
+    p.add_argument("--temp", type=float, default=1.0, help="temperature; 0 is greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ctx", type=int, default=32768, help="context size in tokens (up to 1048576)")
+    p.add_argument("--dump-logprobs", default=None, metavar="OUT.json",
+                   help="write each generated token's logprob and the top alternatives")
+    p.add_argument("--logprobs-top-k", type=int, default=0, metavar="K")
+    p.set_defaults(run=run_commands.generate)
+
+    p = sub.add_parser("bench", help="decode/prefill speed, side by side with optional peers")
+    p.add_argument("mode", choices=("decode", "prefill"))
+    p.add_argument("-m", "--model", required=True, metavar="MODEL")
+    p.add_argument("--peers", default="", metavar="LIST",
+                   help="comma list of transformers, mlx-lm, llama.cpp (dev-only packages)")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="prompt length (default 128 for decode, 512 for prefill)")
+    p.add_argument("--tokens", type=int, default=32, help="decode tokens timed per rep")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--csv", default=None, metavar="OUT.csv")
+    p.set_defaults(run=run_commands.bench)
     return parser
 
 
@@ -66,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
+    if getattr(args, "command", None) == "bench" and args.prompt_tokens is None:
+        args.prompt_tokens = 128 if args.mode == "decode" else 512
     if run is None:
         parser.print_help()
         return 0

@@ -20,7 +20,7 @@ RATIO_NAMES = {0: "sliding window only", 4: "CSA: ratio 4 + lightning indexer", 
 
 
 @contextmanager
-def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
     console = Console(stderr=True)
     if not console.is_terminal:  # logs and pipes get the final line only
         yield lambda done, total: None
@@ -35,7 +35,7 @@ def make_model(args: argparse.Namespace) -> int:
     from magnetar.runtime.make_model import make_model as build
 
     start = time.perf_counter()
-    with _progress(f"writing {args.preset}/{args.recipe}") as report:
+    with progress_bar(f"writing {args.preset}/{args.recipe}") as report:
         path = build(args.preset, args.recipe, args.seed, args.output, progress=report)
     size = path.stat().st_size
     print(f"wrote {path} ({_bytes(size)}, {time.perf_counter() - start:.1f} s)")
@@ -46,7 +46,7 @@ def convert(args: argparse.Namespace) -> int:
     from magnetar.runtime.convert import convert as run_convert
 
     start = time.perf_counter()
-    with _progress(f"converting to {args.recipe}") as report:
+    with progress_bar(f"converting to {args.recipe}") as report:
         path = run_convert(args.hf_dir, args.output, args.recipe, progress=report)
     print(f"wrote {path} ({_bytes(path.stat().st_size)}, {time.perf_counter() - start:.1f} s)")
     return 0

@@ -3,9 +3,17 @@ and generated tiny models, built once per session."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# `python -m pytest` puts the repository root on sys.path, where our top-level
+# folders (kernels/, tools/, ...) would shadow same-named PyPI packages that
+# transformers probes for (it imports `kernels` if it finds one). Our code is
+# imported as `magnetar.*`, so the root never needs to be on the path.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 from magnetar.runtime.gguf_write import v4_tokenizer_meta
 from magnetar.runtime.make_model import make_model

@@ -1,0 +1,294 @@
+"""The V4 attention sublayer (spec/v4-model.md §3.4-3.7), prefill and decode.
+
+One layer holds: the q low-rank path, the single shared 512-wide K=V head, the
+raw window ring, and on compressed layers a compressor (ratio 4: two
+overlapping lanes and a lightning indexer with its own 128-wide compressor;
+ratio 128: plain windows).
+
+Two entry points share every formula:
+- ``prefill`` runs a chunk of T tokens whose positions are known on the host,
+  so shapes follow the chunk (how many windows close, which ring slots).
+- ``decode`` runs one token at a position that lives inside the graph, so the
+  step has fixed shapes and compiles once: it writes its ring slot, frontier
+  row and (possibly partial) pooled row with dynamic slice updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from . import precision as qat
+from .config import ModelConfig
+from .kv_state import EMPTY, LayerState, frontier_rows
+from .ops import rms, rmsnorm, rope, rope_angles, rope_inv_freq
+from .weights import Weights
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The official inference graph's rounding steps (spec §3.1, §4.3); all off for ``reference``."""
+
+    official: bool
+    nope: int  # leading head dims that get the FP8 round trip
+
+    def kv_row(self, x: mx.array) -> mx.array:
+        """FP8 on the nope dims, then f16 storage: raw and compressed attention rows."""
+        if not self.official:
+            return x
+        return qat.f16_round(qat.fp8_kv_round_trip(x, self.nope))
+
+    def index_key(self, x: mx.array) -> mx.array:
+        return qat.f16_round(qat.indexer_round_trip(x)) if self.official else x
+
+    def index_query(self, x: mx.array) -> mx.array:
+        return qat.indexer_round_trip(x) if self.official else x
+
+
+def _at(i: mx.array) -> mx.array:
+    """A dynamic start index for slice/slice_update on axis 0."""
+    return mx.reshape(i, (1,)).astype(mx.int32)
+
+
+def attend(q: mx.array, keys: mx.array, bias: mx.array, sinks: mx.array) -> mx.array:
+    """Softmax attention with per-head sinks; K = V = ``keys`` [N, hd]; q [T, H, hd]; bias [T, N]."""
+    T, H, hd = q.shape
+    s = (q.reshape(T * H, hd) @ keys.T).reshape(T, H, -1) * (hd ** -0.5) + bias[:, None, :]
+    sink = sinks[None, :, None]
+    m = mx.maximum(mx.max(s, axis=-1, keepdims=True), sink)
+    e = mx.exp(s - m)
+    denom = mx.sum(e, axis=-1, keepdims=True) + mx.exp(sink - m)  # the sink takes mass, adds no value
+    return (e.reshape(T * H, -1) @ keys).reshape(T, H, hd) / denom
+
+
+def _mask(ok: mx.array) -> mx.array:
+    return mx.where(ok, 0.0, NEG_INF)
+
+
+def top_k_mask(score: mx.array, k: int) -> mx.array:
+    """The k best of each row of ``score`` [T, n] as a mask; ties go to the lowest index (as ds4's CPU path).
+
+    Exact ties are common here: a row's score is 0 whenever every head's ReLU is 0.
+    """
+    kth = -mx.partition(-score, k - 1, axis=-1)[:, k - 1:k]
+    above = score > kth
+    tie = score == kth
+    need = k - mx.sum(above, axis=-1, keepdims=True)
+    return above | (tie & (mx.cumsum(tie.astype(mx.int32), axis=-1) <= need))
+
+
+class Compressor:
+    """Gated pooling of ``ratio`` tokens into one row (spec §3.5); ratio 4 overlaps two lanes."""
+
+    def __init__(self, w: Weights, prefix: str, ratio: int, dim: int, cfg: ModelConfig):
+        self.ratio, self.dim, self.eps = ratio, dim, cfg.rms_eps
+        self.ape = w.vector(prefix + "ape.weight")  # [ratio, lanes*dim]
+        self.kv = w.matrix(prefix + "kv.weight")
+        self.gate = w.matrix(prefix + "gate.weight")
+        self.norm = w.vector(prefix + "norm.weight")
+
+    def project(self, xn: mx.array, positions: mx.array) -> tuple[mx.array, mx.array]:
+        return self.kv(xn), self.gate(xn) + mx.take(self.ape, positions % self.ratio, axis=0)
+
+    def _pool(self, kv: mx.array, sc: mx.array) -> mx.array:
+        """Per-dimension softmax over the window slots (axis -2)."""
+        return mx.sum(kv * mx.softmax(sc, axis=-2), axis=-2)
+
+    def _pool_windows(self, kv: mx.array, sc: mx.array, n: int) -> mx.array:
+        """Pool ``n`` consecutive windows of a slot sequence that starts one window early for ratio 4."""
+        R, d = self.ratio, self.dim
+        if R != 4:
+            return self._pool(kv[: n * R].reshape(n, R, d), sc[: n * R].reshape(n, R, d))
+        # Window c: lane A of window c-1 (first half of the width) + lane B of window c.
+        prev = slice(0, 4 * n)
+        cur = slice(4, 4 * n + 4)
+        kv8 = mx.concatenate([kv[prev, :d].reshape(n, 4, d), kv[cur, d:].reshape(n, 4, d)], axis=1)
+        sc8 = mx.concatenate([sc[prev, :d].reshape(n, 4, d), sc[cur, d:].reshape(n, 4, d)], axis=1)
+        return self._pool(kv8, sc8)
+
+    def prefill(self, kvp: mx.array, scp: mx.array, f_kv: mx.array, f_sc: mx.array, pos0: int
+                ) -> tuple[mx.array, mx.array, mx.array]:
+        """Pool the windows the chunk closes -> (rows [n, dim] before norm, new frontier)."""
+        R, T = self.ratio, kvp.shape[0]
+        rem = pos0 % R
+        lead = 4 + rem if R == 4 else rem  # frontier rows that precede the chunk
+        kv = mx.concatenate([f_kv[:lead], kvp], axis=0)
+        sc = mx.concatenate([f_sc[:lead], scp], axis=0)
+        n = (rem + T) // R
+        rows = self._pool_windows(kv, sc, n)
+        # New frontier: (ratio 4) the last closed window, then the open window's rows.
+        keep = kv[4 * n:] if R == 4 else kv[n * R:]
+        keep_sc = sc[4 * n:] if R == 4 else sc[n * R:]
+        pad = frontier_rows(R) - keep.shape[0]
+        f_kv = mx.concatenate([keep, mx.zeros((pad, keep.shape[1]))], axis=0)
+        f_sc = mx.concatenate([keep_sc, mx.full((pad, keep.shape[1]), EMPTY)], axis=0)
+        return rows, f_kv, f_sc
+
+    def decode(self, kvp: mx.array, scp: mx.array, f_kv: mx.array, f_sc: mx.array, p: mx.array
+               ) -> tuple[mx.array, mx.array, mx.array]:
+        """Write token p into the frontier and pool its window (partial unless it closes at p)."""
+        R, d = self.ratio, self.dim
+        slot = _at(p % R + (4 if R == 4 else 0))
+        f_kv = mx.slice_update(f_kv, kvp, slot, axes=(0,))
+        f_sc = mx.slice_update(f_sc, scp, slot, axes=(0,))
+        if R != 4:
+            return self._pool(f_kv, f_sc)[None], f_kv, f_sc
+        row = self._pool_windows(f_kv, f_sc, 1)
+        closes = (p + 1) % R == 0  # the closed window becomes lane A of the next one
+        f_kv = mx.where(closes, mx.concatenate([f_kv[4:], f_kv[4:]], axis=0), f_kv)
+        f_sc = mx.where(closes, mx.concatenate([f_sc[4:], f_sc[4:]], axis=0), f_sc)
+        return row, f_kv, f_sc
+
+    def finish(self, pooled: mx.array, starts: mx.array, inv_freq: mx.array) -> mx.array:
+        """Norm, then RoPE at each window's first token position."""
+        cos, sin = rope_angles(starts, inv_freq)
+        return rope(rmsnorm(pooled, self.norm, self.eps), cos, sin)
+
+
+class Indexer:
+    """The lightning indexer of ratio-4 layers (spec §3.6): picks the compressed rows a token may use."""
+
+    def __init__(self, w: Weights, prefix: str, cfg: ModelConfig):
+        self.heads, self.dim, self.top_k = cfg.indexer_heads, cfg.indexer_dim, cfg.indexer_top_k
+        self.q_b = w.matrix(prefix + "indexer.attn_q_b.weight")
+        self.proj = w.matrix(prefix + "indexer.proj.weight")
+        self.compressor = Compressor(w, prefix + "indexer_compressor_", 4, self.dim, cfg)
+
+    def scores(self, qr: mx.array, xn: mx.array, cos: mx.array, sin: mx.array, keys: mx.array,
+               prec: Precision) -> mx.array:
+        """[T, n_keys] = sum_h w_h * relu(q_h . k) (same association order as transformers)."""
+        T = qr.shape[0]
+        q = rope(self.q_b(qr).reshape(T, self.heads, self.dim), cos[:, None], sin[:, None])
+        q = prec.index_query(q)
+        dots = mx.maximum((q.reshape(T * self.heads, -1) @ keys.T), 0.0) * (self.dim ** -0.5)
+        weights = self.proj(xn) * (self.heads ** -0.5)
+        return mx.sum(dots.reshape(T, self.heads, -1) * weights[:, :, None], axis=1)
+
+
+class Attention:
+    def __init__(self, w: Weights, cfg: ModelConfig, il: int, prec: Precision):
+        p = f"blk.{il}."
+        self.cfg, self.prec, self.ratio = cfg, prec, cfg.ratio(il)
+        self.q_a, self.q_b = w.matrix(p + "attn_q_a.weight"), w.matrix(p + "attn_q_b.weight")
+        self.q_a_norm = w.vector(p + "attn_q_a_norm.weight")
+        self.kv, self.kv_norm = w.matrix(p + "attn_kv.weight"), w.vector(p + "attn_kv_a_norm.weight")
+        self.sinks = w.vector(p + "attn_sinks.weight")
+        self.o_a, self.o_b = w.matrix(p + "attn_output_a.weight"), w.matrix(p + "attn_output_b.weight")
+        self.inv_freq = rope_inv_freq(cfg, compressed=self.ratio > 0)
+        self.compressor = Compressor(w, p + "attn_compressor_", self.ratio, cfg.head_dim, cfg) if self.ratio else None
+        self.indexer = Indexer(w, p, cfg) if self.ratio == 4 else None
+
+    def _qkv(self, xn: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        cfg, T = self.cfg, xn.shape[0]
+        qr = rmsnorm(self.q_a(xn), self.q_a_norm, cfg.rms_eps)  # also feeds the indexer
+        q = rms(self.q_b(qr).reshape(T, cfg.n_head, cfg.head_dim), cfg.rms_eps)
+        q = rope(q, cos[:, None], sin[:, None])
+        kv = rope(rmsnorm(self.kv(xn), self.kv_norm, cfg.rms_eps), cos, sin)
+        return qr, q, self.prec.kv_row(kv)
+
+    def _out(self, o: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+        """Undo V's rotation, then the grouped low-rank output (group g = heads g*H/G ...)."""
+        cfg, T = self.cfg, o.shape[0]
+        G = cfg.o_groups
+        o = rope(o, cos[:, None], -sin[:, None])
+        og = mx.swapaxes(o.reshape(T, G, -1), 0, 1)  # [G, T, H/G*hd]
+        wa = self.o_a.dense().reshape(G, cfg.o_lora_rank, -1)
+        low = mx.swapaxes(og @ mx.swapaxes(wa, 1, 2), 0, 1).reshape(T, G * cfg.o_lora_rank)
+        return self.o_b(low)
+
+    # -- prefill: a chunk of T tokens at host-known positions pos0 .. pos0+T-1 ----------------
+
+    def prefill(self, xn: mx.array, pos0: int, st: LayerState) -> mx.array:
+        cfg, T, W = self.cfg, xn.shape[0], self.cfg.window
+        pos = np.arange(pos0, pos0 + T)
+        positions = mx.array(pos, dtype=mx.int32)
+        cos, sin = rope_angles(positions, self.inv_freq)
+        qr, q, kv = self._qkv(xn, cos, sin)
+
+        # Raw window: the up to W-1 rows before the chunk (logical order), then the chunk.
+        n_prev = min(pos0, W - 1)
+        key_pos = np.arange(pos0 - n_prev, pos0 + T)
+        keys = [mx.take(st.raw, mx.array(key_pos[:n_prev] % W, dtype=mx.int32), axis=0), kv]
+        ok = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - W)
+        bias = [_mask(mx.array(ok))]
+        tail = pos[-min(T, W):]
+        st.raw[mx.array(tail % W, dtype=mx.int32)] = kv[T - len(tail):]
+
+        if self.ratio:
+            R = self.ratio
+            n_comp = (pos0 + T) // R
+            visible = np.arange(n_comp)[None, :] < ((pos + 1) // R)[:, None]
+            st.comp, st.f_kv, st.f_sc = self._compress(self.compressor, xn, positions, pos0, st.comp,
+                                                       st.f_kv, st.f_sc, self.prec.kv_row)
+            keep = mx.array(visible)
+            if self.indexer is not None:
+                ix = self.indexer
+                st.index, st.i_kv, st.i_sc = self._compress(ix.compressor, xn, positions, pos0, st.index,
+                                                            st.i_kv, st.i_sc, self.prec.index_key)
+                if n_comp > ix.top_k:  # else top-k keeps every visible row
+                    score = ix.scores(qr, xn, cos, sin, st.index[:n_comp], self.prec)
+                    keep = keep & top_k_mask(mx.where(keep, score, NEG_INF), ix.top_k)
+            keys.append(st.comp[:n_comp])
+            bias.append(_mask(keep))
+
+        o = attend(q, mx.concatenate(keys, axis=0), mx.concatenate(bias, axis=-1), self.sinks)
+        return self._out(o, cos, sin)
+
+    def _compress(self, comp: Compressor, xn: mx.array, positions: mx.array, pos0: int,
+                  rows: mx.array, f_kv: mx.array, f_sc: mx.array, finish_row
+                  ) -> tuple[mx.array, mx.array, mx.array]:
+        kvp, scp = comp.project(xn, positions)
+        pooled, f_kv, f_sc = comp.prefill(kvp, scp, f_kv, f_sc, pos0)
+        n = pooled.shape[0]
+        if n:
+            c0 = pos0 // comp.ratio  # the first window the chunk closes
+            starts = mx.arange(c0, c0 + n, dtype=mx.int32) * comp.ratio
+            rows[c0:c0 + n] = finish_row(comp.finish(pooled, starts, self.inv_freq))
+        return rows, f_kv, f_sc
+
+    # -- decode: one token at graph-resident position p (fixed shapes, compiles) -------------
+
+    def decode(self, xn: mx.array, p: mx.array, st: LayerState) -> mx.array:
+        W = self.cfg.window
+        cos, sin = rope_angles(mx.reshape(p, (1,)), self.inv_freq)
+        qr, q, kv = self._qkv(xn, cos, sin)
+        st.raw = mx.slice_update(st.raw, kv, _at(p % W), axes=(0,))
+        keys = [st.raw]
+        bias = [_mask((mx.arange(W) <= p)[None])]  # slot s holds a live row once position s is reached
+
+        if self.ratio:
+            R = self.ratio
+            cap = st.comp.shape[0]
+            st.comp, st.f_kv, st.f_sc = self._compress_one(self.compressor, xn, p, st.comp, st.f_kv,
+                                                           st.f_sc, self.prec.kv_row)
+            visible = mx.arange(cap) < (p + 1) // R
+            rows = st.comp
+            if self.indexer is not None:
+                ix = self.indexer
+                st.index, st.i_kv, st.i_sc = self._compress_one(ix.compressor, xn, p, st.index, st.i_kv,
+                                                                st.i_sc, self.prec.index_key)
+                if cap > ix.top_k:  # static: the buffer can hold more rows than top-k keeps
+                    score = ix.scores(qr, xn, cos, sin, st.index, self.prec)
+                    chosen = top_k_mask(mx.where(visible, score, NEG_INF), ix.top_k)[0]
+                    # Gather the k chosen rows: they are exactly the k smallest keys below.
+                    order = mx.arange(cap)
+                    top = mx.argpartition(mx.where(chosen, order, order + cap), ix.top_k - 1)[: ix.top_k]
+                    rows, visible = mx.take(st.comp, top, axis=0), mx.take(visible & chosen, top)
+            keys.append(rows)
+            bias.append(_mask(visible[None]))
+
+        o = attend(q, mx.concatenate(keys, axis=0), mx.concatenate(bias, axis=-1), self.sinks)
+        return self._out(o, cos, sin)
+
+    def _compress_one(self, comp: Compressor, xn: mx.array, p: mx.array, rows: mx.array,
+                      f_kv: mx.array, f_sc: mx.array, finish_row) -> tuple[mx.array, mx.array, mx.array]:
+        kvp, scp = comp.project(xn, mx.reshape(p, (1,)))
+        pooled, f_kv, f_sc = comp.decode(kvp, scp, f_kv, f_sc, p)
+        start = (p // comp.ratio) * comp.ratio
+        row = finish_row(comp.finish(pooled, mx.reshape(start, (1,)), self.inv_freq))
+        # Slot p // ratio: the row that closes at p, or a partial one no token can see yet.
+        return mx.slice_update(rows, row, _at(p // comp.ratio), axes=(0,)), f_kv, f_sc

@@ -1,0 +1,222 @@
+"""The Engine: the one door between the agent (or a server) and the model.
+
+It owns a live sequence: the exact token ids processed so far (the transcript
+truth), their KV state, and the logits of the next token. ``prefill`` extends
+it in chunks; ``generate`` samples from it one token at a time. ``logits`` is a
+pure function of its ids and never touches the live sequence.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from . import chat
+from .errors import MagnetarError, UsageError
+from .gguf_read import ModelFile, open_model
+from .kv_state import KVState
+from .model import Model
+from .sampler import Sampler, SamplerSettings, log_softmax, top_logprobs
+from .tokenizer import Tokenizer
+
+DEFAULT_CTX = 32768
+MAX_CTX = 1_048_576
+DEFAULT_PREFILL_CHUNK = 2048
+THINK_MAX_MIN_CTX = 393216  # the official template only asks for Think-Max with this much room
+
+
+class ContextFull(MagnetarError):
+    """The sequence would not fit in the engine's context."""
+
+
+@dataclass
+class Stats:
+    """What the engine did so far; ``last_step_*`` describe the latest decode step."""
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    generated_tokens: int = 0
+    generate_seconds: float = 0.0
+    last_step_host_seconds: float = 0.0  # building/dispatching the graph and sampling
+    last_step_seconds: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def generate_tok_s(self) -> float:
+        return self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """One generated token: its id and the text it completes (may be "" mid-character).
+
+    With ``generate(logprobs=K)``: the token's log-probability under the model (before
+    temperature and filters) and the K most likely tokens with theirs.
+    """
+
+    token: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class _Live:
+    state: KVState
+    next_logits: np.ndarray | None = None
+    pending: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model_file: ModelFile, ctx: int = DEFAULT_CTX, precision: str = "official",
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        if not 0 < ctx <= MAX_CTX:
+            raise UsageError(f"--ctx must be between 1 and {MAX_CTX}, got {ctx}")
+        if precision not in ("official", "reference"):
+            raise UsageError(f"precision must be 'official' or 'reference', not {precision!r}")
+        if prefill_chunk < 1:
+            raise UsageError(f"prefill chunk must be positive, got {prefill_chunk}")
+        self.file = model_file
+        self.config = model_file.config
+        self.ctx, self.precision, self.prefill_chunk = ctx, precision, prefill_chunk
+        self.model = Model(model_file, precision)
+        self.stats = Stats()
+        self._live = _Live(KVState.empty(self.config, ctx))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, ctx: int = DEFAULT_CTX, precision: str = "official",
+             backend: str = "auto", prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> "Engine":
+        if backend not in ("auto", "cpu", "gpu"):
+            raise UsageError(f"backend must be auto, cpu or gpu, not {backend!r}")
+        if backend != "auto":
+            mx.set_default_device(mx.cpu if backend == "cpu" else mx.gpu)
+        return cls(open_model(path), ctx, precision, prefill_chunk)
+
+    # -- text ------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.file.tokenizer
+
+    def render(self, messages: Sequence[chat.Message], tools: Sequence[chat.ToolSpec] | None = None,
+               mode: chat.Mode = "think") -> list[int]:
+        """Token ids of a conversation in the V4 chat format, ending with the assistant prompt."""
+        if mode == "think-max" and self.ctx < THINK_MAX_MIN_CTX:
+            raise UsageError(f"think-max needs --ctx of at least {THINK_MAX_MIN_CTX}, this engine has {self.ctx}",
+                             "raise --ctx or use --think")
+        return self.tokenizer.encode_pieces(chat.render(messages, tools, mode).pieces)
+
+    # -- the live sequence -----------------------------------------------------------------
+
+    @property
+    def tokens(self) -> list[int]:
+        """Every token of the live sequence, including one handed out but not yet run."""
+        return self._live.state.tokens + self._live.pending
+
+    def reset(self) -> None:
+        self._live = _Live(KVState.empty(self.config, self.ctx))
+
+    def _check_room(self, have: int, more: int) -> None:
+        if have + more > self.ctx:
+            raise ContextFull(f"{have} + {more} tokens exceed the context of {self.ctx}",
+                              "start a new session or raise --ctx")
+
+    def _run_chunks(self, ids: Sequence[int], state: KVState, all_logits: bool,
+                    progress: Callable[[int, int], None] | None) -> list[np.ndarray]:
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        outs, done = [], 0
+        for c0 in range(0, len(ids), self.prefill_chunk):
+            chunk = list(ids[c0:c0 + self.prefill_chunk])
+            outs.append(self.model.prefill(chunk, state, all_logits))
+            done += len(chunk)
+            if progress:
+                progress(done, len(ids))
+        return outs
+
+    def prefill(self, ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> None:
+        """Extend the live sequence with ``ids`` (chunked, layer-major within a chunk)."""
+        if not ids:
+            return
+        live = self._live
+        self._flush_pending()
+        self._check_room(live.state.n_tokens, len(ids))
+        t0 = time.perf_counter()
+        live.next_logits = self._run_chunks(ids, live.state, False, progress)[-1][-1]
+        self.stats.prefill_tokens += len(ids)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), vocab) float32 logits of ``ids`` from an empty state; the live state is untouched."""
+        if not ids:
+            return np.zeros((0, self.config.vocab_size), np.float32)
+        self._check_room(0, len(ids))
+        state = KVState.empty(self.config, self.ctx)
+        outs = self._run_chunks(ids, state, True, None)
+        return np.concatenate(outs, axis=0)
+
+    def next_logits(self) -> np.ndarray:
+        """Logits for the token after the live sequence."""
+        self._flush_pending()
+        if self._live.next_logits is None:
+            raise UsageError("the sequence is empty: prefill a prompt first")
+        return self._live.next_logits.copy()
+
+    def _flush_pending(self) -> None:
+        """Run sampled-but-unprocessed tokens so the state covers every token handed out."""
+        live = self._live
+        while live.pending:
+            t0 = time.perf_counter()
+            live.next_logits = self.model.decode(live.pending.pop(0), live.state)
+            self.stats.last_step_host_seconds = self.model.last_decode_build_seconds
+            self.stats.last_step_seconds = time.perf_counter() - t0
+
+    def generate(self, max_tokens: int = 256, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.05, seed: int | None = None,
+                 stop: Sequence[int | str] = (), logprobs: int = 0) -> Iterator[Event]:
+        """Sample up to ``max_tokens`` tokens continuing the live sequence.
+
+        Stops after EOS, a stop token id, or when the text ends with a stop string
+        (the stopping token is yielded and kept in the sequence). Each yielded token
+        is part of the live sequence; its forward pass runs while the caller handles
+        the event, or when the generator is closed.
+        """
+        sampler = Sampler(SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p,
+                                          min_p=min_p, seed=seed))
+        self._flush_pending()
+        live = self._live
+        if live.next_logits is None:
+            raise UsageError("nothing to continue: prefill a prompt first")
+        stop_ids = {s for s in stop if isinstance(s, int)} | {self.tokenizer.eos_id}
+        stop_texts = [s for s in stop if isinstance(s, str) and s]
+        decoder, text = self.tokenizer.stream_decoder(), ""
+        for _ in range(max_tokens):
+            if live.state.n_tokens >= self.ctx:
+                raise ContextFull(f"the context of {self.ctx} tokens is full", "start a new session or raise --ctx")
+            t0 = time.perf_counter()
+            token = sampler.sample(live.next_logits)
+            live.pending.append(token)
+            piece = decoder.feed(token)
+            text += piece
+            sampled = time.perf_counter()
+            if logprobs:
+                yield Event(token, piece, float(log_softmax(live.next_logits)[token]),
+                            tuple(top_logprobs(live.next_logits, logprobs)))
+            else:
+                yield Event(token, piece)
+            self._flush_pending()
+            self.stats.last_step_host_seconds += sampled - t0
+            self.stats.last_step_seconds += sampled - t0
+            self.stats.generated_tokens += 1
+            self.stats.generate_seconds += self.stats.last_step_seconds
+            if token in stop_ids or any(text.endswith(s) for s in stop_texts):
+                break

@@ -1,0 +1,225 @@
+"""The DeepSeek V4 forward pass in MLX; read beside spec/v4-model.md §3.
+
+    X = hc copies of embed(t)                          §3.2
+    for each layer:
+        X = hc_post(attention(hc_pre(X)), X)           §3.3-3.7 (attention.py)
+        X = hc_post(moe(hc_pre(X)), X)                 §3.8
+    logits = output(norm(hc_head(X)))                  §3.9
+
+``prefill`` runs one chunk layer-major (every token through layer 0, then layer
+1, ...) on host-known positions; ``decode`` runs one token with the position
+inside the graph and is compiled once per state shape, so a decode step is a
+single fixed graph with no Python work per layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from functools import cached_property
+
+import mlx.core as mx
+import numpy as np
+
+from .attention import Attention, Precision
+from .config import ModelConfig
+from .gguf_read import ModelFile
+from .kv_state import KVState, LayerState
+from .layout import GGMLType
+from .ops import hc_post, hc_pre, rms, rmsnorm, softplus, swiglu
+from .weights import Weights
+
+ROUTER_FLOOR = 6.103515625e-5  # ds4's lower bound on the top-k weight sum
+PREFILL_EXPERT_BYTES = 256 << 20  # f32 expert weights expanded at once during prefill
+
+
+class MoE:
+    """Routed experts (hash-routed on the first layers) plus the shared expert (§3.8)."""
+
+    def __init__(self, w: Weights, cfg: ModelConfig, il: int):
+        p = f"blk.{il}."
+        self.cfg = cfg
+        self.router = w.matrix(p + "ffn_gate_inp.weight")
+        self.hash = cfg.is_hash_layer(il)
+        if self.hash:
+            self.tid2eid = w.int_table(p + "ffn_gate_tid2eid.weight")  # [vocab, top_k]
+        else:
+            self.bias = w.vector(p + "exp_probs_b.bias")
+        self.gate, self.up = w.experts(p + "ffn_gate_exps.weight"), w.experts(p + "ffn_up_exps.weight")
+        self.down = w.experts(p + "ffn_down_exps.weight")
+        self.limit = cfg.swiglu_clamp[il]
+        self.shared = [w.matrix(p + f"ffn_{k}_shexp.weight") for k in ("gate", "up", "down")]
+
+    def route(self, xn: mx.array, ids: mx.array) -> tuple[mx.array, mx.array]:
+        """Expert ids [T, k] and their weights: sqrt(softplus) scores, bias for selection only."""
+        k = self.cfg.n_expert_used
+        scores = mx.sqrt(softplus(self.router(xn)))
+        if self.hash:
+            idx = mx.take(self.tid2eid, ids, axis=0)  # by the input token id, never by position
+        else:
+            idx = mx.argpartition(-(scores + self.bias), k - 1, axis=-1)[:, :k]
+        w = mx.take_along_axis(scores, idx, axis=-1)
+        if self.cfg.expert_weights_norm:
+            w = w / mx.maximum(mx.sum(w, axis=-1, keepdims=True), ROUTER_FLOOR)
+        return idx, w * self.cfg.expert_weights_scale
+
+    def _shared(self, xn: mx.array) -> mx.array:
+        gate, up, down = self.shared
+        return down(swiglu(gate(xn), up(xn), self.limit))
+
+    def decode(self, xn: mx.array, ids: mx.array) -> mx.array:
+        """One token: expand only its k experts."""
+        idx, w = self.route(xn, ids)
+        sel = idx[0]
+        x = xn.T  # [D, 1]
+        mid = swiglu(self.gate.select(sel) @ x, self.up.select(sel) @ x, self.limit)  # [k, F, 1]
+        routed = (self.down.select(sel) @ mid)[..., 0]  # [k, D]
+        return (w[0] @ routed)[None] + self._shared(xn)
+
+    def prefill(self, xn: mx.array, ids: mx.array) -> mx.array:
+        """A chunk: group the (token, slot) pairs by expert and run each used expert once."""
+        idx, w = self.route(xn, ids)
+        idx_host = np.array(idx)  # routing decides which experts to expand: one sync per layer
+        tok, slot = np.nonzero(idx_host >= 0)
+        expert = idx_host[tok, slot]
+        order = np.argsort(expert, kind="stable")
+        tok, slot, expert = tok[order], slot[order], expert[order]
+        used, starts = np.unique(expert, return_index=True)
+        bounds = list(starts) + [len(expert)]
+        per_expert = 3 * self.cfg.expert_ffn * self.cfg.d_model * 4
+        group = max(1, PREFILL_EXPERT_BYTES // per_expert)
+        routed = mx.zeros(xn.shape, mx.float32)
+        for g0 in range(0, len(used), group):
+            ids_g = mx.array(used[g0:g0 + group].astype(np.int32))
+            gate, up, down = self.gate.select(ids_g), self.up.select(ids_g), self.down.select(ids_g)
+            for j in range(len(ids_g)):
+                lo, hi = bounds[g0 + j], bounds[g0 + j + 1]
+                t = mx.array(tok[lo:hi].astype(np.int32))
+                x = mx.take(xn, t, axis=0)
+                mid = swiglu(x @ gate[j].T, x @ up[j].T, self.limit)
+                wt = w[t, mx.array(slot[lo:hi].astype(np.int32))]
+                routed = routed.at[t].add((mid @ down[j].T) * wt[:, None])
+        return routed + self._shared(xn)
+
+
+class HyperConnection:
+    def __init__(self, w: Weights, prefix: str):
+        self.fn = w.matrix(prefix + "_fn.weight")
+        self.scale, self.base = w.vector(prefix + "_scale.weight"), w.vector(prefix + "_base.weight")
+
+    def pre(self, X: mx.array, cfg: ModelConfig) -> tuple[mx.array, mx.array, mx.array]:
+        return hc_pre(X, self.fn.dense(), self.scale, self.base, cfg)
+
+
+class Layer:
+    def __init__(self, w: Weights, cfg: ModelConfig, il: int, prec: Precision):
+        p = f"blk.{il}."
+        self.cfg = cfg
+        self.attn_hc, self.ffn_hc = HyperConnection(w, p + "hc_attn"), HyperConnection(w, p + "hc_ffn")
+        self.attn_norm, self.ffn_norm = w.vector(p + "attn_norm.weight"), w.vector(p + "ffn_norm.weight")
+        self.attn = Attention(w, cfg, il, prec)
+        self.moe = MoE(w, cfg, il)
+
+    def prefill(self, X: mx.array, ids: mx.array, pos0: int, st: LayerState) -> mx.array:
+        eps = self.cfg.rms_eps
+        x_in, post, comb = self.attn_hc.pre(X, self.cfg)
+        X = hc_post(self.attn.prefill(rmsnorm(x_in, self.attn_norm, eps), pos0, st), X, post, comb)
+        x_in, post, comb = self.ffn_hc.pre(X, self.cfg)
+        return hc_post(self.moe.prefill(rmsnorm(x_in, self.ffn_norm, eps), ids), X, post, comb)
+
+    def decode(self, X: mx.array, ids: mx.array, p: mx.array, st: LayerState) -> mx.array:
+        eps = self.cfg.rms_eps
+        x_in, post, comb = self.attn_hc.pre(X, self.cfg)
+        X = hc_post(self.attn.decode(rmsnorm(x_in, self.attn_norm, eps), p, st), X, post, comb)
+        x_in, post, comb = self.ffn_hc.pre(X, self.cfg)
+        return hc_post(self.moe.decode(rmsnorm(x_in, self.ffn_norm, eps), ids), X, post, comb)
+
+
+class Model:
+    def __init__(self, mf: ModelFile, precision: str = "official"):
+        if precision not in ("official", "reference"):
+            raise ValueError(f"precision must be 'official' or 'reference', not {precision!r}")
+        w = Weights(mf)
+        self._file = mf
+        cfg = self.cfg = mf.config
+        self.precision = precision
+        prec = Precision(precision == "official", cfg.head_dim - cfg.rope_dim)
+        self.embedding = w.matrix("token_embd.weight").data  # [vocab, D] as stored (f16 or f32)
+        self.layers = [Layer(w, cfg, il, prec) for il in range(cfg.n_layer)]
+        self.head_fn = w.matrix("output_hc_fn.weight")
+        self.head_base, self.head_scale = w.vector("output_hc_base.weight"), w.vector("output_hc_scale.weight")
+        self.norm = w.vector("output_norm.weight")
+        self.output = w.matrix("output.weight")
+        self.last_decode_build_seconds = 0.0
+        self._template = KVState.empty(cfg, 1).layers  # which arrays each layer's state holds
+        self._decode = mx.compile(self._decode_graph)
+
+    def embed(self, ids: mx.array) -> mx.array:
+        e = mx.take(self.embedding, ids, axis=0).astype(mx.float32)
+        return mx.broadcast_to(e[:, None, :], (e.shape[0], self.cfg.hc, e.shape[1]))
+
+    def head(self, X: mx.array) -> mx.array:
+        """Collapse the streams with sigmoid weights (no Sinkhorn, no post) and norm (§3.9);
+        ``project`` then applies the output matrix."""
+        cfg, T = self.cfg, X.shape[0]
+        m = rms(X.reshape(T, -1), cfg.rms_eps) @ self.head_fn.dense().T
+        pre = mx.sigmoid(m * self.head_scale[0] + self.head_base) + cfg.hc_eps
+        y = mx.sum(pre[:, :, None] * X, axis=1)
+        return rmsnorm(y, self.norm, cfg.rms_eps)
+
+    def project(self, y: mx.array) -> np.ndarray:
+        """Logits [T, vocab] as float32 numpy.
+
+        On the CPU, MLX's bundled reference BLAS runs this [D -> 129280] product 3-20x
+        slower than numpy's OpenBLAS, and it is the largest matrix of a small model, so
+        the CPU path keeps one f32 copy of the output matrix for numpy (zero-copy for f32
+        files). Other devices keep it quantized and multiply in MLX.
+        """
+        if mx.default_device() != mx.cpu:
+            return np.array(self.output(y), dtype=np.float32)
+        return np.array(y, dtype=np.float32) @ self._output_f32.T
+
+    @cached_property
+    def _output_f32(self) -> np.ndarray:
+        if self.output.ggml_type == GGMLType.F32:
+            return np.asarray(self._file.array("output.weight"))
+        return np.array(self.output.dense(), dtype=np.float32)
+
+    def prefill(self, ids: list[int], state: KVState, all_logits: bool = False,
+                on_layer=None) -> np.ndarray:
+        """Run one chunk after ``state`` (layer-major); logits of the last token, or of every token."""
+        pos0 = state.n_tokens
+        state.reserve(pos0 + len(ids))
+        tokens = mx.array(ids, dtype=mx.int32)
+        X = self.embed(tokens)
+        for il, layer in enumerate(self.layers):
+            X = layer.prefill(X, tokens, pos0, state.layers[il])
+            mx.eval(X, state.layers[il].arrays())
+            if on_layer:
+                on_layer(il)
+        state.tokens.extend(ids)
+        return self.project(self.head(X if all_logits else X[-1:]))
+
+    def decode(self, token: int, state: KVState) -> np.ndarray:
+        """One token after ``state``: logits [vocab]; the state advances in place."""
+        p = state.n_tokens
+        state.reserve(p + 1)
+        t0 = time.perf_counter()
+        out = self._decode(mx.array([token], dtype=mx.int32), mx.array(p, dtype=mx.int32), *state.arrays())
+        self.last_decode_build_seconds = time.perf_counter() - t0  # host time to build and dispatch
+        state.replace(list(out[1:]))  # drops the old buffers before eval, so updates can be in place
+        state.tokens.append(token)
+        mx.eval(out)  # the new state too, so the next step's graph does not chain onto this one
+        return self.project(out[0])[0]
+
+    def _decode_graph(self, token: mx.array, p: mx.array, *arrays: mx.array) -> tuple[mx.array, ...]:
+        layers = [copy.copy(st) for st in self._template]
+        it = 0
+        for st in layers:
+            n = len(st.arrays())
+            st.replace(list(arrays[it:it + n]))
+            it += n
+        X = self.embed(token)
+        for layer, st in zip(self.layers, layers):
+            X = layer.decode(X, token, p, st)
+        return (self.head(X), *[a for st in layers for a in st.arrays()])

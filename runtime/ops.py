@@ -1,0 +1,101 @@
+"""Small numeric building blocks of the V4 graph (spec/v4-model.md §3.1, §3.3).
+
+All math is f32. Every function works on any leading dims, so the same code
+serves a prefill chunk ``[T, ...]`` and a single decode token ``[1, ...]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ModelConfig
+
+
+def rms(x: mx.array, eps: float) -> mx.array:
+    """Unweighted RMS normalization over the last axis."""
+    return x * mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def rmsnorm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    return weight * rms(x, eps)  # a plain multiply by w (no 1 + w)
+
+
+def softplus(x: mx.array) -> mx.array:
+    return mx.where(x > 20.0, x, mx.log1p(mx.exp(mx.minimum(x, 20.0))))
+
+
+def swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
+    """SiLU(gate) * up with V4's clamp: the gate from above only, the up both ways."""
+    gate = mx.minimum(gate, limit)
+    return gate * mx.sigmoid(gate) * mx.clip(up, -limit, limit)
+
+
+# ---------------------------------------------------------------------------
+# RoPE: interleaved pairs on the last `rope_dim` dims of a head (spec §3.1).
+
+def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> mx.array:
+    """Per-pair inverse frequencies; compressed layers use the YaRN-scaled base (no magnitude scaling)."""
+    dim = cfg.rope_dim
+    base = cfg.compress_rope_base if compressed else cfg.rope_base
+    inv = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if compressed:
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(cfg.yarn_orig_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(correction_dim(cfg.yarn_beta_fast)), 0)
+        high = min(math.ceil(correction_dim(cfg.yarn_beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0.0, 1.0)
+        keep = 1.0 - ramp  # 1: original frequency (fast pairs), 0: fully interpolated
+        inv = inv * keep + inv / cfg.yarn_factor * (1.0 - keep)
+    return mx.array(inv.astype(np.float32))
+
+
+def rope_angles(positions: mx.array, inv_freq: mx.array) -> tuple[mx.array, mx.array]:
+    """cos, sin of shape ``positions.shape + (rope_dim/2,)``."""
+    theta = positions.astype(mx.float32)[..., None] * inv_freq
+    return mx.cos(theta), mx.sin(theta)
+
+
+def rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate the trailing ``2*cos.shape[-1]`` dims of ``x`` pairwise; ``-sin`` undoes it."""
+    half = cos.shape[-1]
+    nope = x[..., : x.shape[-1] - 2 * half]
+    pairs = x[..., x.shape[-1] - 2 * half:].reshape(*x.shape[:-1], half, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return mx.concatenate([nope, rotated.reshape(*x.shape[:-1], 2 * half)], axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# Hyper-connections (spec §3.3): the residual is `hc` streams mixed around
+# each sublayer by weights computed from the streams themselves.
+
+def hc_pre(X: mx.array, fn: mx.array, scale: mx.array, base: mx.array, cfg: ModelConfig
+           ) -> tuple[mx.array, mx.array, mx.array]:
+    """X [T, hc, D] -> (sublayer input [T, D], post [T, hc], comb [T, hc, hc])."""
+    T, hc, D = X.shape
+    m = rms(X.reshape(T, hc * D), cfg.rms_eps) @ fn.T  # [T, (2+hc)*hc]
+    pre = mx.sigmoid(m[:, :hc] * scale[0] + base[:hc]) + cfg.hc_eps
+    post = 2.0 * mx.sigmoid(m[:, hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    comb = (m[:, 2 * hc:] * scale[2] + base[2 * hc:]).reshape(T, hc, hc)
+    comb = sinkhorn(mx.softmax(comb, axis=-1) + cfg.hc_eps, cfg.sinkhorn_iters, cfg.hc_eps)
+    x_in = mx.sum(pre[:, :, None] * X, axis=1)
+    return x_in, post, comb
+
+
+def sinkhorn(c: mx.array, iters: int, eps: float) -> mx.array:
+    """Columns first, then `iters - 1` row/column passes (the order matters: C is not symmetric)."""
+    c = c / (mx.sum(c, axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (mx.sum(c, axis=-1, keepdims=True) + eps)
+        c = c / (mx.sum(c, axis=-2, keepdims=True) + eps)
+    return c
+
+
+def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """X' = post ⊗ y + Cᵀ X: stream j takes sum_i C[i, j] X[i]."""
+    return post[:, :, None] * y[:, None, :] + mx.swapaxes(comb, -1, -2) @ X

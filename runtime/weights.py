@@ -1,0 +1,100 @@
+"""Model weights as MLX arrays over the GGUF's own bytes.
+
+Every matrix keeps its stored encoding: F32 stays f32, F16 stays half (widened
+to f32 inside the graph, so the math is f32 like the reference), and blocked
+types (Q8_0, Q2_K, Q4_K, IQ2_XXS) stay raw uint8 blocks that
+``kernels.dequantize`` expands inside the graph at the point of use. Nothing
+keeps a dequantized copy of the model; routed experts are expanded only for
+the experts a token selected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from magnetar.kernels import dequantize
+
+from .gguf_read import ModelFile, TensorInfo
+from .layout import GGMLType
+
+_PLAIN = {GGMLType.F32: mx.float32, GGMLType.F16: mx.float16}
+
+
+def _rows(info: TensorInfo, leading: tuple[int, ...]) -> mx.array:
+    """The tensor's bytes as an MLX array shaped ``leading + (row_bytes,)``, or typed for F32/F16."""
+    data = np.ascontiguousarray(info.data).reshape(-1)
+    if info.ggml_type in _PLAIN:
+        return mx.array(data.reshape(*leading, info.shape[0]))
+    return mx.array(data.view(np.uint8).reshape(*leading, -1))
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A weight ``[out, in]``: ``x @ W.T`` without materializing an f32 copy between calls."""
+
+    data: mx.array
+    ggml_type: GGMLType
+
+    @classmethod
+    def load(cls, info: TensorInfo) -> "Matrix":
+        out = int(np.prod(info.shape[1:]))
+        return cls(_rows(info, (out,)), info.ggml_type)
+
+    def dense(self) -> mx.array:
+        if self.ggml_type == GGMLType.F32:
+            return self.data
+        if self.ggml_type == GGMLType.F16:
+            return self.data.astype(mx.float32)
+        return dequantize(self.data, int(self.ggml_type))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.dense().T
+
+
+@dataclass(frozen=True)
+class Experts:
+    """One routed-expert tensor ``[n_expert, out, in]``, expanded per selected expert."""
+
+    data: mx.array  # [n_expert, out, row_bytes] raw, or [n_expert, out, in] typed
+    ggml_type: GGMLType
+
+    @classmethod
+    def load(cls, info: TensorInfo) -> "Experts":
+        n_expert, out = info.shape[2], info.shape[1]
+        return cls(_rows(info, (n_expert, out)), info.ggml_type)
+
+    def select(self, ids: mx.array) -> mx.array:
+        """f32 weights of the experts ``ids`` (any shape): ``ids.shape + (out, in)``."""
+        picked = mx.take(self.data, ids, axis=0)
+        if self.ggml_type == GGMLType.F32:
+            return picked
+        if self.ggml_type == GGMLType.F16:
+            return picked.astype(mx.float32)
+        return dequantize(picked, int(self.ggml_type))
+
+
+class Weights:
+    """Typed access to a ModelFile's tensors by ds4 name."""
+
+    def __init__(self, model: ModelFile):
+        self.file = model
+        self.cfg = model.config
+
+    def vector(self, name: str) -> mx.array:
+        """A small F32/F16 tensor (norm weight, bias, scale, sink, ape) as f32, torch shape."""
+        return mx.array(np.asarray(self.file.array(name), dtype=np.float32))
+
+    def matrix(self, name: str) -> Matrix:
+        return Matrix.load(self.file.tensors[name])
+
+    def experts(self, name: str) -> Experts:
+        return Experts.load(self.file.tensors[name])
+
+    def int_table(self, name: str) -> mx.array:
+        return mx.array(np.asarray(self.file.array(name), dtype=np.int32))
+
+    def has(self, name: str) -> bool:
+        return name in self.file.tensors

@@ -1,0 +1,179 @@
+"""Engine behaviour on generated tiny models: chunked prefill, decode and one
+full pass agree; quantized weights read in-graph equal their f32 expansion;
+generation is deterministic; the live state and its errors behave.
+
+The tiny preset has window 32, indexer top-k 8 and layers [0, 0, 4, 128, 4],
+so a 300-token prompt spans many raw windows, two 128-token HCA windows and
+ratio-4 selections that drop most rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from magnetar.kernels import reference
+from magnetar.runtime.engine import ContextFull, Engine
+from magnetar.runtime.errors import UsageError
+from magnetar.runtime.gguf_read import open_model
+from magnetar.runtime.gguf_write import v4_tokenizer_meta, write_gguf
+from magnetar.runtime.layout import GGMLType, expected_tensors, type_for
+from magnetar.runtime.precision import f16_round, fp8_kv_round_trip
+
+N = 300
+
+
+def _ids(n: int, seed: int = 0) -> list[int]:
+    return [0] + np.random.default_rng(seed).integers(2, 129280, n - 1).tolist()
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def q8(tiny_models) -> Engine:
+    return Engine.load(tiny_models("q8"), ctx=1024)
+
+
+@pytest.fixture(scope="module")
+def full_pass(q8) -> np.ndarray:
+    return q8.logits(_ids(N))
+
+
+@pytest.mark.parametrize("chunk", [64, 100, 299])
+def test_chunked_prefill_equals_one_pass(tiny_models, full_pass, chunk):
+    engine = Engine.load(tiny_models("q8"), ctx=1024, prefill_chunk=chunk)
+    assert _rel(engine.logits(_ids(N)), full_pass) <= 1e-4
+
+
+def test_decode_token_by_token_equals_one_pass(tiny_models):
+    """Compared in reference precision: the compiled decode step computes a row with other
+    rounding than the batched pass (ulp-level), and the official FP8 rounding of KV rows
+    turns an ulp at a rounding boundary into a whole FP8 step."""
+    engine = Engine.load(tiny_models("q8"), ctx=1024, precision="reference")
+    ids = _ids(N)
+    full = engine.logits(ids)
+    engine.prefill(ids[:40])
+    rows = [engine.next_logits()]
+    model, state = engine.model, engine._live.state
+    for t in ids[40:-1]:  # the engine's own decode step, one token at a time
+        rows.append(model.decode(t, state))
+    assert _rel(np.stack(rows), full[39:-1]) <= 1e-4
+    assert state.tokens == ids[:-1]
+
+
+def test_logits_leave_the_live_state_alone(q8):
+    q8.reset()
+    q8.prefill(_ids(50, seed=1))
+    before = q8.next_logits()
+    q8.logits(_ids(80, seed=2))
+    assert q8.tokens == _ids(50, seed=1)
+    assert np.array_equal(q8.next_logits(), before)
+
+
+@pytest.mark.parametrize("precision", ["official", "reference"])
+def test_cached_rows_carry_the_precision_steps(tiny_models, precision):
+    """Official: raw and compressed KV rows are FP8 on the nope dims and f16 as stored (spec §3.1)."""
+    engine = Engine.load(tiny_models("f32"), ctx=512, precision=precision)
+    engine.prefill(_ids(200))
+    cfg, state = engine.config, engine._live.state
+    nope = cfg.head_dim - cfg.rope_dim
+    for il, st in enumerate(state.layers):
+        rows = [np.array(st.raw)] + ([np.array(st.comp[: state.n_comp(il)])] if st.ratio else [])
+        for r in rows:
+            fixed = np.array_equal(np.array(fp8_kv_round_trip(mx.array(r), nope)), r)
+            fixed &= np.array_equal(np.array(f16_round(mx.array(r))), r)
+            assert fixed == (precision == "official"), f"layer {il}"
+
+
+def _expanded_twin(src: Path, out: Path) -> Path:
+    """The same model with every tensor dequantized to f32 by the numpy reference kernels."""
+    mf = open_model(src)
+    plan = [(s, type_for("f32", s.role)) for s in expected_tensors(mf.config) if not s.optional]
+
+    def produce(spec, ggml_type):
+        info = mf.tensors[spec.name]
+        if info.ggml_type == GGMLType.I32:
+            return np.asarray(info.data)
+        rows = np.asarray(info.data).reshape(-1).view(np.uint8).reshape(-1, _row_bytes(info))
+        return reference.dequantize(rows, int(info.ggml_type)).reshape(-1)
+
+    write_gguf(out, mf.config, v4_tokenizer_meta(), plan, produce, name="expanded twin")
+    return out
+
+
+def _row_bytes(info) -> int:
+    return info.nbytes // int(np.prod(info.shape[1:])) if len(info.shape) > 1 else info.nbytes
+
+
+@pytest.mark.parametrize("recipe", ["q8", "q2", "q4"])
+def test_quantized_weights_equal_their_f32_expansion(tiny_models, tmp_path, recipe):
+    src = tiny_models(recipe)
+    twin = _expanded_twin(src, tmp_path / f"{recipe}-as-f32.gguf")
+    assert open_model(twin).recipe == "f32"
+    ids = _ids(150, seed=3)
+    ours = Engine.load(src, ctx=512).logits(ids)
+    assert _rel(ours, Engine.load(twin, ctx=512).logits(ids)) <= 1e-4
+
+
+def _run(engine: Engine, **kw) -> list[int]:
+    engine.reset()
+    engine.prefill(_ids(20, seed=4))
+    return [ev.token for ev in engine.generate(max_tokens=12, **kw)]
+
+
+def test_generate_is_deterministic(q8):
+    assert _run(q8, temperature=0) == _run(q8, temperature=0)
+    seeded = _run(q8, temperature=1.0, seed=11, min_p=0.0)
+    assert seeded == _run(q8, temperature=1.0, seed=11, min_p=0.0)
+    assert seeded != _run(q8, temperature=1.0, seed=12, min_p=0.0)
+
+
+def test_generate_greedy_follows_the_logits(q8):
+    q8.reset()
+    q8.prefill(_ids(20, seed=5))
+    events = list(q8.generate(max_tokens=5, temperature=0))
+    ids = _ids(20, seed=5) + [ev.token for ev in events]
+    assert q8.tokens == ids
+    full = q8.logits(ids)
+    assert [int(r.argmax()) for r in full[19:-1]] == [ev.token for ev in events]
+    text = "".join(ev.text for ev in events)
+    assert text == q8.tokenizer.decode([ev.token for ev in events])
+
+
+def test_generate_stops_on_a_stop_token_and_keeps_it(q8):
+    first = _run(q8, temperature=0)
+    q8.reset()
+    q8.prefill(_ids(20, seed=4))
+    out = [ev.token for ev in q8.generate(max_tokens=12, temperature=0, stop=[first[2]])]
+    assert out == first[: first.index(first[2]) + 1]
+    assert q8.tokens[-len(out):] == out
+
+
+def test_closing_the_stream_early_keeps_the_handed_out_token(q8):
+    q8.reset()
+    q8.prefill(_ids(20, seed=6))
+    stream = q8.generate(max_tokens=10, temperature=0)
+    first = next(stream).token
+    stream.close()
+    assert q8.tokens[-1] == first
+    q8.prefill([5])  # runs the pending token first, then the new one
+    assert q8.tokens[-2:] == [first, 5]
+
+
+def test_errors_are_one_line_usage_errors(tiny_models):
+    engine = Engine.load(tiny_models("q8"), ctx=64)
+    with pytest.raises(ContextFull):
+        engine.prefill(_ids(65))
+    with pytest.raises(UsageError, match="outside the vocabulary"):
+        engine.logits([0, 10**7])
+    with pytest.raises(UsageError, match="prefill a prompt first"):
+        next(engine.generate(max_tokens=1))
+    with pytest.raises(UsageError, match="--ctx"):
+        Engine.load(tiny_models("q8"), ctx=0)
+    with pytest.raises(UsageError, match="think-max"):
+        engine.render([], mode="think-max")
