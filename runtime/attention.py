@@ -23,7 +23,7 @@ import numpy as np
 from . import precision as qat
 from .config import ModelConfig
 from .kv_state import EMPTY, LayerState, frontier_rows
-from .ops import rms, rmsnorm, rope, rope_angles, rope_inv_freq
+from .ops import matmul, rms, rmsnorm, rope, rope_angles, rope_inv_freq
 from .weights import Weights
 
 NEG_INF = float("-inf")
@@ -54,15 +54,15 @@ def _at(i: mx.array) -> mx.array:
     return mx.reshape(i, (1,)).astype(mx.int32)
 
 
-def attend(q: mx.array, keys: mx.array, bias: mx.array, sinks: mx.array) -> mx.array:
+def attend(q: mx.array, keys: mx.array, bias: mx.array, sinks: mx.array, mm=mx.matmul) -> mx.array:
     """Softmax attention with per-head sinks; K = V = ``keys`` [N, hd]; q [T, H, hd]; bias [T, N]."""
     T, H, hd = q.shape
-    s = (q.reshape(T * H, hd) @ keys.T).reshape(T, H, -1) * (hd ** -0.5) + bias[:, None, :]
+    s = mm(q.reshape(T * H, hd), keys.T).reshape(T, H, -1) * (hd ** -0.5) + bias[:, None, :]
     sink = sinks[None, :, None]
     m = mx.maximum(mx.max(s, axis=-1, keepdims=True), sink)
     e = mx.exp(s - m)
     denom = mx.sum(e, axis=-1, keepdims=True) + mx.exp(sink - m)  # the sink takes mass, adds no value
-    return (e.reshape(T * H, -1) @ keys).reshape(T, H, hd) / denom
+    return mm(e.reshape(T * H, -1), keys).reshape(T, H, hd) / denom
 
 
 def _mask(ok: mx.array) -> mx.array:
@@ -159,12 +159,12 @@ class Indexer:
         self.compressor = Compressor(w, prefix + "indexer_compressor_", 4, self.dim, cfg)
 
     def scores(self, qr: mx.array, xn: mx.array, cos: mx.array, sin: mx.array, keys: mx.array,
-               prec: Precision) -> mx.array:
+               prec: Precision, mm=mx.matmul) -> mx.array:
         """[T, n_keys] = sum_h w_h * relu(q_h . k) (same association order as transformers)."""
         T = qr.shape[0]
         q = rope(self.q_b(qr).reshape(T, self.heads, self.dim), cos[:, None], sin[:, None])
         q = prec.index_query(q)
-        dots = mx.maximum((q.reshape(T * self.heads, -1) @ keys.T), 0.0) * (self.dim ** -0.5)
+        dots = mx.maximum(mm(q.reshape(T * self.heads, -1), keys.T), 0.0) * (self.dim ** -0.5)
         weights = self.proj(xn) * (self.heads ** -0.5)
         return mx.sum(dots.reshape(T, self.heads, -1) * weights[:, :, None], axis=1)
 
@@ -230,12 +230,12 @@ class Attention:
                 st.index, st.i_kv, st.i_sc = self._compress(ix.compressor, xn, positions, pos0, st.index,
                                                             st.i_kv, st.i_sc, self.prec.index_key)
                 if n_comp > ix.top_k:  # else top-k keeps every visible row
-                    score = ix.scores(qr, xn, cos, sin, st.index[:n_comp], self.prec)
+                    score = ix.scores(qr, xn, cos, sin, st.index[:n_comp], self.prec, matmul)
                     keep = keep & top_k_mask(mx.where(keep, score, NEG_INF), ix.top_k)
             keys.append(st.comp[:n_comp])
             bias.append(_mask(keep))
 
-        o = attend(q, mx.concatenate(keys, axis=0), mx.concatenate(bias, axis=-1), self.sinks)
+        o = attend(q, mx.concatenate(keys, axis=0), mx.concatenate(bias, axis=-1), self.sinks, matmul)
         return self._out(o, cos, sin)
 
     def _compress(self, comp: Compressor, xn: mx.array, positions: mx.array, pos0: int,

@@ -27,7 +27,8 @@ from .tokenizer import Tokenizer
 DEFAULT_CTX = 32768
 MAX_CTX = 1_048_576
 DEFAULT_PREFILL_CHUNK = 2048
-THINK_MAX_MIN_CTX = 393216  # the official template only asks for Think-Max with this much room
+THINK_MAX_MIN_CTX = 393216
+CPU_EXPAND_BUDGET = 1 << 30  # bytes of non-expert weights widened to f32 on the CPU (see Weights)  # the official template only asks for Think-Max with this much room
 
 
 class ContextFull(MagnetarError):
@@ -77,7 +78,7 @@ class _Live:
 
 class Engine:
     def __init__(self, model_file: ModelFile, ctx: int = DEFAULT_CTX, precision: str = "official",
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, expand_budget: int | None = None):
         if not 0 < ctx <= MAX_CTX:
             raise UsageError(f"--ctx must be between 1 and {MAX_CTX}, got {ctx}")
         if precision not in ("official", "reference"):
@@ -87,18 +88,23 @@ class Engine:
         self.file = model_file
         self.config = model_file.config
         self.ctx, self.precision, self.prefill_chunk = ctx, precision, prefill_chunk
-        self.model = Model(model_file, precision)
+        if expand_budget is None:
+            expand_budget = CPU_EXPAND_BUDGET if mx.default_device() == mx.cpu else 0
+        self.model = Model(model_file, precision, expand_budget)
         self.stats = Stats()
         self._live = _Live(KVState.empty(self.config, ctx))
 
     @classmethod
     def load(cls, path: str | os.PathLike, ctx: int = DEFAULT_CTX, precision: str = "official",
-             backend: str = "auto", prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> "Engine":
+             backend: str = "auto", prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+             expand_budget: int | None = None) -> "Engine":
+        """``expand_budget``: bytes of non-expert weights to widen to f32 at load (default:
+        1 GiB on the CPU, none elsewhere); routed experts always stay as stored."""
         if backend not in ("auto", "cpu", "gpu"):
             raise UsageError(f"backend must be auto, cpu or gpu, not {backend!r}")
         if backend != "auto":
             mx.set_default_device(mx.cpu if backend == "cpu" else mx.gpu)
-        return cls(open_model(path), ctx, precision, prefill_chunk)
+        return cls(open_model(path), ctx, precision, prefill_chunk, expand_budget)
 
     # -- text ------------------------------------------------------------------------------
 

@@ -25,8 +25,7 @@ from .attention import Attention, Precision
 from .config import ModelConfig
 from .gguf_read import ModelFile
 from .kv_state import KVState, LayerState
-from .layout import GGMLType
-from .ops import hc_post, hc_pre, rms, rmsnorm, softplus, swiglu
+from .ops import hc_post, hc_pre, matmul, rms, rmsnorm, softplus, swiglu
 from .weights import Weights
 
 ROUTER_FLOOR = 6.103515625e-5  # ds4's lower bound on the top-k weight sum
@@ -96,9 +95,9 @@ class MoE:
                 lo, hi = bounds[g0 + j], bounds[g0 + j + 1]
                 t = mx.array(tok[lo:hi].astype(np.int32))
                 x = mx.take(xn, t, axis=0)
-                mid = swiglu(x @ gate[j].T, x @ up[j].T, self.limit)
+                mid = swiglu(matmul(x, gate[j].T), matmul(x, up[j].T), self.limit)
                 wt = w[t, mx.array(slot[lo:hi].astype(np.int32))]
-                routed = routed.at[t].add((mid @ down[j].T) * wt[:, None])
+                routed = routed.at[t].add(matmul(mid, down[j].T) * wt[:, None])
         return routed + self._shared(xn)
 
 
@@ -136,11 +135,10 @@ class Layer:
 
 
 class Model:
-    def __init__(self, mf: ModelFile, precision: str = "official"):
+    def __init__(self, mf: ModelFile, precision: str = "official", expand_budget: int = 0):
         if precision not in ("official", "reference"):
             raise ValueError(f"precision must be 'official' or 'reference', not {precision!r}")
-        w = Weights(mf)
-        self._file = mf
+        w = Weights(mf, expand_budget)
         cfg = self.cfg = mf.config
         self.precision = precision
         prec = Precision(precision == "official", cfg.head_dim - cfg.rope_dim)
@@ -172,8 +170,8 @@ class Model:
 
         On the CPU, MLX's bundled reference BLAS runs this [D -> 129280] product 3-20x
         slower than numpy's OpenBLAS, and it is the largest matrix of a small model, so
-        the CPU path keeps one f32 copy of the output matrix for numpy (zero-copy for f32
-        files). Other devices keep it quantized and multiply in MLX.
+        the CPU path keeps one f32 copy of the output matrix for numpy (shared with MLX
+        when the matrix is f32 already). Other devices keep it quantized and multiply in MLX.
         """
         if mx.default_device() != mx.cpu:
             return np.array(self.output(y), dtype=np.float32)
@@ -181,9 +179,7 @@ class Model:
 
     @cached_property
     def _output_f32(self) -> np.ndarray:
-        if self.output.ggml_type == GGMLType.F32:
-            return np.asarray(self._file.array("output.weight"))
-        return np.array(self.output.dense(), dtype=np.float32)
+        return np.asarray(self.output.dense())  # a view when the matrix is already f32
 
     def prefill(self, ids: list[int], state: KVState, all_logits: bool = False,
                 on_layer=None) -> np.ndarray:

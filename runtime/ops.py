@@ -14,6 +14,22 @@ import numpy as np
 from .config import ModelConfig
 
 
+HOST_BLAS_MIN_ROWS = 16
+
+
+def matmul(a: mx.array, b: mx.array) -> mx.array:
+    """``a @ b`` for a 2-D ``a``; on the CPU a product with many rows runs in numpy.
+
+    The ``mlx[cpu]`` wheel links the reference BLAS, which multiplies a prefill chunk
+    20-50x slower than numpy's OpenBLAS (spec/quant-kernels.md §5.2). The hand-off
+    evaluates ``a`` and ``b``, so only host-paced code (prefill) may call this; the
+    compiled decode step multiplies in MLX.
+    """
+    if a.shape[0] >= HOST_BLAS_MIN_ROWS and mx.default_device() == mx.cpu:
+        return mx.array(np.asarray(a) @ np.asarray(b))
+    return a @ b
+
+
 def rms(x: mx.array, eps: float) -> mx.array:
     """Unweighted RMS normalization over the last axis."""
     return x * mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + eps)

@@ -18,7 +18,8 @@ import numpy as np
 from magnetar.kernels import dequantize
 
 from .gguf_read import ModelFile, TensorInfo
-from .layout import GGMLType
+from .layout import BLOCK, GGMLType
+from .ops import matmul
 
 _PLAIN = {GGMLType.F32: mx.float32, GGMLType.F16: mx.float16}
 
@@ -51,7 +52,8 @@ class Matrix:
         return dequantize(self.data, int(self.ggml_type))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return x @ self.dense().T
+        """``x @ W.T``; x is [T, in] (T = 1 inside the compiled decode step)."""
+        return matmul(x, self.dense().T)
 
 
 @dataclass(frozen=True)
@@ -77,18 +79,34 @@ class Experts:
 
 
 class Weights:
-    """Typed access to a ModelFile's tensors by ds4 name."""
+    """Typed access to a ModelFile's tensors by ds4 name.
 
-    def __init__(self, model: ModelFile):
+    ``expand_budget`` (bytes) lets non-expert matrices be widened to f32 once at load,
+    first come first served, until the budget is spent. On the CPU this trades memory
+    for speed: an in-graph dequantize is a dozen extra graph nodes per matrix per token,
+    and node dispatch is what a decode step costs there. A small model fits in any
+    sensible budget; Flash's non-expert weights (29 GB as f32) do not, and stay as stored.
+    """
+
+    def __init__(self, model: ModelFile, expand_budget: int = 0):
         self.file = model
         self.cfg = model.config
+        self.expand_left = expand_budget
 
     def vector(self, name: str) -> mx.array:
         """A small F32/F16 tensor (norm weight, bias, scale, sink, ape) as f32, torch shape."""
         return mx.array(np.asarray(self.file.array(name), dtype=np.float32))
 
     def matrix(self, name: str) -> Matrix:
-        return Matrix.load(self.file.tensors[name])
+        m = Matrix.load(self.file.tensors[name])
+        wide = m.data.shape[0] * m.data.shape[1] * 4 if m.ggml_type == GGMLType.F16 else 0
+        if m.ggml_type not in _PLAIN:
+            wide = m.data.shape[0] * (m.data.shape[1] // BLOCK[m.ggml_type][1]) * BLOCK[m.ggml_type][0] * 4
+        if 0 < wide <= self.expand_left:
+            self.expand_left -= wide
+            m = Matrix(m.dense(), GGMLType.F32)
+            mx.eval(m.data)
+        return m
 
     def experts(self, name: str) -> Experts:
         return Experts.load(self.file.tensors[name])
