@@ -27,6 +27,7 @@ from .ops import matmul, rms, rmsnorm, rope, rope_angles, rope_inv_freq
 from .weights import Weights
 
 NEG_INF = float("-inf")
+ATTENTION_BLOCK = 1 << 25  # prefill score elements per query block (128 MB of f32)
 
 
 @dataclass(frozen=True)
@@ -213,30 +214,35 @@ class Attention:
         n_prev = min(pos0, W - 1)
         key_pos = np.arange(pos0 - n_prev, pos0 + T)
         keys = [mx.take(st.raw, mx.array(key_pos[:n_prev] % W, dtype=mx.int32), axis=0), kv]
-        ok = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - W)
-        bias = [_mask(mx.array(ok))]
+        raw_ok = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - W)
         tail = pos[-min(T, W):]
         st.raw[mx.array(tail % W, dtype=mx.int32)] = kv[T - len(tail):]
 
+        n_comp, select = 0, False
         if self.ratio:
-            R = self.ratio
-            n_comp = (pos0 + T) // R
-            visible = np.arange(n_comp)[None, :] < ((pos + 1) // R)[:, None]
+            n_comp = (pos0 + T) // self.ratio
             st.comp, st.f_kv, st.f_sc = self._compress(self.compressor, xn, positions, pos0, st.comp,
                                                        st.f_kv, st.f_sc, self.prec.kv_row)
-            keep = mx.array(visible)
-            if self.indexer is not None:
-                ix = self.indexer
-                st.index, st.i_kv, st.i_sc = self._compress(ix.compressor, xn, positions, pos0, st.index,
-                                                            st.i_kv, st.i_sc, self.prec.index_key)
-                if n_comp > ix.top_k:  # else top-k keeps every visible row
-                    score = ix.scores(qr, xn, cos, sin, st.index[:n_comp], self.prec, matmul)
-                    keep = keep & top_k_mask(mx.where(keep, score, NEG_INF), ix.top_k)
             keys.append(st.comp[:n_comp])
-            bias.append(_mask(keep))
+        if self.indexer is not None:
+            ix = self.indexer
+            st.index, st.i_kv, st.i_sc = self._compress(ix.compressor, xn, positions, pos0, st.index,
+                                                        st.i_kv, st.i_sc, self.prec.index_key)
+            select = n_comp > ix.top_k  # else top-k keeps every visible row
+        keys = mx.concatenate(keys, axis=0)
 
-        o = attend(q, mx.concatenate(keys, axis=0), mx.concatenate(bias, axis=-1), self.sinks, matmul)
-        return self._out(o, cos, sin)
+        # Query blocks bound the [tokens, heads, keys] score tensors at long context.
+        block = max(1, ATTENTION_BLOCK // (cfg.n_head * keys.shape[0]))
+        out = []
+        for t0 in range(0, T, block):
+            rows = slice(t0, min(T, t0 + block))
+            keep = mx.array(np.arange(n_comp)[None, :] < ((pos[rows] + 1) // max(self.ratio, 1))[:, None])
+            if select:
+                score = ix.scores(qr[rows], xn[rows], cos[rows], sin[rows], st.index[:n_comp], self.prec, matmul)
+                keep = keep & top_k_mask(mx.where(keep, score, NEG_INF), ix.top_k)
+            bias = mx.concatenate([_mask(mx.array(raw_ok[rows])), _mask(keep)], axis=-1)
+            out.append(attend(q[rows], keys, bias, self.sinks, matmul))
+        return self._out(mx.concatenate(out, axis=0), cos, sin)
 
     def _compress(self, comp: Compressor, xn: mx.array, positions: mx.array, pos0: int,
                   rows: mx.array, f_kv: mx.array, f_sc: mx.array, finish_row

@@ -181,3 +181,21 @@ def test_errors_are_one_line_usage_errors(tiny_models):
         Engine.load(tiny_models("q8"), ctx=0)
     with pytest.raises(UsageError, match="think-max"):
         engine.render([], mode="think-max")
+
+
+def test_query_blocks_do_not_change_prefill(q8, full_pass, monkeypatch):
+    """Long-context prefill splits queries into blocks; forcing tiny blocks gives the same logits."""
+    from magnetar.runtime import attention
+
+    monkeypatch.setattr(attention, "ATTENTION_BLOCK", 1)  # one query per block
+    assert _rel(q8.logits(_ids(N)), full_pass) <= 1e-5
+
+
+def test_state_grows_with_tokens_not_with_ctx(tiny_models):
+    engine = Engine.load(tiny_models("q8"), ctx=1_048_576, precision="reference")
+    engine.prefill(_ids(100))
+    small = engine._live.state.nbytes()
+    assert small < 2 << 20  # a few hundred KB for 100 tokens, not the 1M-token capacity
+    engine.prefill(_ids(400, seed=9)[1:])
+    rows = [st.comp.shape[0] for st in engine._live.state.layers if st.ratio == 4]
+    assert all(n // 4 < r <= 2 * (n // 4) + 64 for r in rows for n in [engine._live.state.n_tokens])
