@@ -1,0 +1,58 @@
+"""``magnetar generate`` through the real CLI on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from magnetar.agent.cli import main
+from magnetar.runtime.engine import Engine
+
+
+def _generate(capsys, model, *extra) -> tuple[int, str, str]:
+    code = main(["generate", "-m", str(model), "-p", "Name three prime numbers.", "--nothink", "-n", "6", *extra])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_greedy_generation_is_deterministic_and_dumps_logprobs(tiny_models, capsys, tmp_path):
+    model = tiny_models("q2")
+    dump = tmp_path / "lp.json"
+    code, first, err = _generate(capsys, model, "--temp", "0", "--dump-logprobs", str(dump), "--logprobs-top-k", "4")
+    assert code == 0 and "tok/s" in err
+    assert _generate(capsys, model, "--temp", "0")[1] == first
+    steps = json.loads(dump.read_text())["steps"]
+    assert len(steps) == 6
+    for step in steps:  # greedy: the chosen token is the most likely one
+        assert len(step["top"]) == 4 and step["top"][0]["token"] == step["token"]
+        assert step["logprob"] == step["top"][0]["logprob"] <= 0
+    assert first.rstrip("\n") == "".join(s["text"] for s in steps)
+
+
+def test_logprobs_match_the_engine(tiny_models, capsys, tmp_path):
+    model = tiny_models("q2")
+    dump = tmp_path / "lp.json"
+    _generate(capsys, model, "--temp", "0", "--dump-logprobs", str(dump))
+    data = json.loads(dump.read_text())
+    ids = data["prompt_tokens"] + [s["token"] for s in data["steps"]]
+    logits = Engine.load(model).logits(ids)[len(data["prompt_tokens"]) - 1:-1]
+    shifted = logits - logits.max(-1, keepdims=True)
+    logprobs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    chosen = logprobs[np.arange(len(data["steps"])), [s["token"] for s in data["steps"]]]
+    assert np.allclose(chosen, [s["logprob"] for s in data["steps"]], atol=1e-3)
+
+
+def test_seeded_sampling_repeats(tiny_models, capsys):
+    model = tiny_models("q2")
+    a = _generate(capsys, model, "--seed", "5", "--min-p", "0")[1]
+    assert _generate(capsys, model, "--seed", "5", "--min-p", "0")[1] == a
+
+
+def test_bad_arguments_are_one_line_errors(tiny_models, capsys, tmp_path):
+    code, _, err = _generate(capsys, tiny_models("q2"), "--logprobs-top-k", "3")
+    assert code == 2 and err.count("\n") == 1 and "--dump-logprobs" in err
+    code, _, err = _generate(capsys, tmp_path / "missing.gguf")
+    assert code == 2 and err.startswith("magnetar: error: no such model file")
+    code, _, err = _generate(capsys, tiny_models("q2"), "--top-p", "1.5")
+    assert code == 2 and err.count("\n") == 1
