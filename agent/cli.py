@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--ctx", type=int, default=4096)
     p.add_argument("--csv", default=None, metavar="OUT.csv")
+    p.add_argument("--wait-quiet", action="store_true",
+                   help="before each timed call, wait until other processes use < 0.25 cores")
     p.set_defaults(run=run_commands.bench)
     return parser
 

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+import mlx.core as mx
 from rich.console import Console
 
 from magnetar.runtime.chat import Message
@@ -54,24 +55,54 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class EnginePeer:
+    """Our engine as a bench peer: greedy decode through ``Engine.generate``."""
+
+    name = "magnetar"
+
+    def __init__(self, path: str, ctx: int):
+        self.engine = Engine.load(path, ctx=ctx)
+        cfg = self.engine.config
+        self.detail = (f"MLX {mx.__version__} ({mx.default_device()}), {cfg.n_layer} layers, d {cfg.d_model}, "
+                       f"{self.engine.file.recipe} file, precision {self.engine.precision}")
+        self._host: list[float] = []
+
+    def prefill(self, ids: list[int]) -> None:
+        self.engine.reset()
+        self.engine.prefill(ids)
+
+    def decode(self, n: int) -> list[float]:
+        times, self._host = [], []
+        stream = self.engine.generate(max_tokens=n, temperature=0, ignore_eos=True)
+        t0 = time.perf_counter()
+        for _ in stream:
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            self._host.append(self.engine.stats.last_step_host_seconds)
+            t0 = t1
+        return times
+
+    def extra(self) -> dict[str, float]:
+        """Median host time per token: building and dispatching the step graph, and sampling."""
+        return {"host_ms": 1e3 * sorted(self._host)[len(self._host) // 2]} if self._host else {}
+
+
 def bench(args: argparse.Namespace) -> int:
     from magnetar.runtime import bench as harness
-    from magnetar.runtime.bench_peers import EnginePeer, make_peers
+    from magnetar.runtime.bench_peers import make_peers
     from magnetar.runtime.gguf_read import open_model
 
     if args.tokens < 1 or args.reps < 1 or args.prompt_tokens < 1:
         raise UsageError("--tokens, --reps and --prompt-tokens must be positive")
     cfg = open_model(args.model).config
-    peers = [EnginePeer(args.model, ctx=args.ctx)]
-    names = [n for n in (args.peers.split(",") if args.peers else []) if n]
-    peers += make_peers(names, args.model, cfg)
-    prompt = [0] + [(7919 * i) % (cfg.vocab_size - 2) + 2 for i in range(1, args.prompt_tokens)]
     console = Console(stderr=True)
+    peers = [EnginePeer(args.model, ctx=args.ctx)]
+    peers += make_peers(args.peers, args.model, cfg, ctx=args.ctx,
+                        progress=lambda name, s: console.print(f"[dim]built {name} in {s:.1f} s[/]", highlight=False))
+    prompt = [0] + [(7919 * i) % (cfg.vocab_size - 2) + 2 for i in range(1, args.prompt_tokens)]
     samples = harness.run(peers, args.mode, prompt, args.tokens, args.reps,
-                          progress=lambda msg: console.print(f"[dim]{msg}[/]", highlight=False))
+                          quiet_below=0.25 if args.wait_quiet else None)
     print(harness.render_table(harness.summarize(samples)))
-    for peer in peers:
-        print(f"  {peer.name}: {peer.detail}")
     if args.csv:
         harness.write_csv(samples, args.csv)
     return 0

@@ -188,10 +188,11 @@ class Engine:
 
     def generate(self, max_tokens: int = 256, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.05, seed: int | None = None,
-                 stop: Sequence[int | str] = (), logprobs: int = 0) -> Iterator[Event]:
+                 stop: Sequence[int | str] = (), logprobs: int = 0,
+                 ignore_eos: bool = False) -> Iterator[Event]:
         """Sample up to ``max_tokens`` tokens continuing the live sequence.
 
-        Stops after EOS, a stop token id, or when the text ends with a stop string
+        Stops after EOS (unless ``ignore_eos``, for benchmarks), a stop token id, or when the text ends with a stop string
         (the stopping token is yielded and kept in the sequence). Each yielded token
         is part of the live sequence; its forward pass runs while the caller handles
         the event, or when the generator is closed.
@@ -202,7 +203,7 @@ class Engine:
         live = self._live
         if live.next_logits is None:
             raise UsageError("nothing to continue: prefill a prompt first")
-        stop_ids = {s for s in stop if isinstance(s, int)} | {self.tokenizer.eos_id}
+        stop_ids = {s for s in stop if isinstance(s, int)} | (set() if ignore_eos else {self.tokenizer.eos_id})
         stop_texts = [s for s in stop if isinstance(s, str) and s]
         decoder, text = self.tokenizer.stream_decoder(), ""
         for _ in range(max_tokens):

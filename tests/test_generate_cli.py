@@ -56,3 +56,13 @@ def test_bad_arguments_are_one_line_errors(tiny_models, capsys, tmp_path):
     assert code == 2 and err.startswith("magnetar: error: no such model file")
     code, _, err = _generate(capsys, tiny_models("q2"), "--top-p", "1.5")
     assert code == 2 and err.count("\n") == 1
+
+
+def test_bench_writes_one_row_per_rep(tiny_models, capsys, tmp_path):
+    csv_path = tmp_path / "bench.csv"
+    code = main(["bench", "decode", "-m", str(tiny_models("q8")), "--tokens", "3", "--reps", "2",
+                 "--prompt-tokens", "20", "--csv", str(csv_path)])
+    assert code == 0 and "ms/token" in capsys.readouterr().out
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("peer,mode,rep") and len(rows) == 3
+    assert all(r.startswith("magnetar,decode,") and float(r.split(",")[-1]) > 0 for r in rows[1:])  # host ms
