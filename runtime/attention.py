@@ -132,7 +132,7 @@ class Compressor:
     def decode(self, kvp: mx.array, scp: mx.array, f_kv: mx.array, f_sc: mx.array, p: mx.array
                ) -> tuple[mx.array, mx.array, mx.array]:
         """Write token p into the frontier and pool its window (partial unless it closes at p)."""
-        R, d = self.ratio, self.dim
+        R = self.ratio
         slot = _at(p % R + (4 if R == 4 else 0))
         f_kv = mx.slice_update(f_kv, kvp, slot, axes=(0,))
         f_sc = mx.slice_update(f_sc, scp, slot, axes=(0,))
