@@ -25,7 +25,7 @@ from .attention import Attention, Precision
 from .config import ModelConfig
 from .gguf_read import ModelFile
 from .kv_state import KVState, LayerState
-from .ops import hc_post, hc_pre, matmul, rms, rmsnorm, softplus, swiglu
+from .ops import hc_post, hc_pre, rms, rmsnorm, softplus, swiglu
 from .weights import Weights
 
 ROUTER_FLOOR = 6.103515625e-5  # ds4's lower bound on the top-k weight sum
@@ -76,29 +76,49 @@ class MoE:
         return (w[0] @ routed)[None] + self._shared(xn)
 
     def prefill(self, xn: mx.array, ids: mx.array) -> mx.array:
-        """A chunk: group the (token, slot) pairs by expert and run each used expert once."""
+        """A chunk: group the (token, slot) pairs by expert and run each used expert once.
+
+        On the CPU the per-expert products run in numpy (its OpenBLAS, and one hand-off
+        per expert group instead of one per product); elsewhere in MLX.
+        """
         idx, w = self.route(xn, ids)
-        idx_host = np.array(idx)  # routing decides which experts to expand: one sync per layer
+        idx_host, w_host = np.array(idx), np.array(w)  # routing decides which experts to expand
+        if mx.default_device() == mx.cpu:
+            return mx.array(self._routed_host(np.array(xn), idx_host, w_host)) + self._shared(xn)
+        return self._routed_mlx(xn, idx_host, w_host) + self._shared(xn)
+
+    def _batches(self, idx_host: np.ndarray):
+        """Groups of used experts (f32 weights under PREFILL_EXPERT_BYTES), each expert with its (tokens, slots)."""
         tok, slot = np.nonzero(idx_host >= 0)
         expert = idx_host[tok, slot]
         order = np.argsort(expert, kind="stable")
         tok, slot, expert = tok[order], slot[order], expert[order]
         used, starts = np.unique(expert, return_index=True)
         bounds = list(starts) + [len(expert)]
-        per_expert = 3 * self.cfg.expert_ffn * self.cfg.d_model * 4
-        group = max(1, PREFILL_EXPERT_BYTES // per_expert)
-        routed = mx.zeros(xn.shape, mx.float32)
+        group = max(1, PREFILL_EXPERT_BYTES // (3 * self.cfg.expert_ffn * self.cfg.d_model * 4))
         for g0 in range(0, len(used), group):
             ids_g = mx.array(used[g0:g0 + group].astype(np.int32))
-            gate, up, down = self.gate.select(ids_g), self.up.select(ids_g), self.down.select(ids_g)
-            for j in range(len(ids_g)):
-                lo, hi = bounds[g0 + j], bounds[g0 + j + 1]
-                t = mx.array(tok[lo:hi].astype(np.int32))
-                x = mx.take(xn, t, axis=0)
-                mid = swiglu(matmul(x, gate[j].T), matmul(x, up[j].T), self.limit)
-                wt = w[t, mx.array(slot[lo:hi].astype(np.int32))]
-                routed = routed.at[t].add(matmul(mid, down[j].T) * wt[:, None])
-        return routed + self._shared(xn)
+            rows = [(tok[lo:hi], slot[lo:hi]) for lo, hi in zip(bounds[g0:g0 + group], bounds[g0 + 1:g0 + group + 1])]
+            yield [e.select(ids_g) for e in (self.gate, self.up, self.down)], rows
+
+    def _routed_host(self, x: np.ndarray, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+        routed = np.zeros_like(x)
+        for weights, rows in self._batches(idx):
+            gate, up, down = (np.asarray(m) for m in weights)
+            for j, (t, slot) in enumerate(rows):
+                g = np.minimum(x[t] @ gate[j].T, self.limit)
+                mid = g * (0.5 + 0.5 * np.tanh(0.5 * g)) * np.clip(x[t] @ up[j].T, -self.limit, self.limit)
+                routed[t] += (mid @ down[j].T) * w[t, slot][:, None]  # a token meets an expert once
+        return routed
+
+    def _routed_mlx(self, xn: mx.array, idx: np.ndarray, w: np.ndarray) -> mx.array:
+        routed = mx.zeros(xn.shape, mx.float32)
+        for (gate, up, down), rows in self._batches(idx):
+            for j, (t, slot) in enumerate(rows):
+                x = mx.take(xn, mx.array(t.astype(np.int32)), axis=0)
+                mid = swiglu(x @ gate[j].T, x @ up[j].T, self.limit)
+                routed = routed.at[mx.array(t.astype(np.int32))].add((mid @ down[j].T) * mx.array(w[t, slot])[:, None])
+        return routed
 
 
 class HyperConnection:

@@ -94,7 +94,7 @@ def hc_pre(X: mx.array, fn: mx.array, scale: mx.array, base: mx.array, cfg: Mode
            ) -> tuple[mx.array, mx.array, mx.array]:
     """X [T, hc, D] -> (sublayer input [T, D], post [T, hc], comb [T, hc, hc])."""
     T, hc, D = X.shape
-    m = rms(X.reshape(T, hc * D), cfg.rms_eps) @ fn.T  # [T, (2+hc)*hc]
+    m = matmul(rms(X.reshape(T, hc * D), cfg.rms_eps), fn.T)  # [T, (2+hc)*hc]
     pre = mx.sigmoid(m[:, :hc] * scale[0] + base[:hc]) + cfg.hc_eps
     post = 2.0 * mx.sigmoid(m[:, hc:2 * hc] * scale[1] + base[hc:2 * hc])
     comb = (m[:, 2 * hc:] * scale[2] + base[2 * hc:]).reshape(T, hc, hc)

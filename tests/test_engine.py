@@ -199,3 +199,14 @@ def test_state_grows_with_tokens_not_with_ctx(tiny_models):
     engine.prefill(_ids(400, seed=9)[1:])
     rows = [st.comp.shape[0] for st in engine._live.state.layers if st.ratio == 4]
     assert all(n // 4 < r <= 2 * (n // 4) + 64 for r in rows for n in [engine._live.state.n_tokens])
+
+
+def test_prefill_expert_loop_is_the_same_in_numpy_and_mlx(tiny_models):
+    """The CPU runs prefill experts in numpy; other devices run the same loop in MLX."""
+    moe = Engine.load(tiny_models("q2"), ctx=256).model.layers[3].moe
+    xn = mx.random.normal((40, moe.cfg.d_model), key=mx.random.key(0))
+    idx, w = moe.route(xn, mx.arange(40))
+    idx, w = np.array(idx), np.array(w)
+    host = moe._routed_host(np.array(xn), idx, w)
+    assert _rel(np.array(moe._routed_mlx(xn, idx, w)), host) <= 1e-5
+    assert len(np.unique(idx)) > 3  # several experts really ran
