@@ -55,15 +55,26 @@ def _at(i: mx.array) -> mx.array:
     return mx.reshape(i, (1,)).astype(mx.int32)
 
 
-def attend(q: mx.array, keys: mx.array, bias: mx.array, sinks: mx.array, mm=mx.matmul) -> mx.array:
+def attend(q: mx.array, keys: mx.array, bias: mx.array, sinks: mx.array) -> mx.array:
     """Softmax attention with per-head sinks; K = V = ``keys`` [N, hd]; q [T, H, hd]; bias [T, N]."""
     T, H, hd = q.shape
-    s = mm(q.reshape(T * H, hd), keys.T).reshape(T, H, -1) * (hd ** -0.5) + bias[:, None, :]
+    s = (q.reshape(T * H, hd) @ keys.T).reshape(T, H, -1) * (hd ** -0.5) + bias[:, None, :]
     sink = sinks[None, :, None]
     m = mx.maximum(mx.max(s, axis=-1, keepdims=True), sink)
     e = mx.exp(s - m)
     denom = mx.sum(e, axis=-1, keepdims=True) + mx.exp(sink - m)  # the sink takes mass, adds no value
-    return mm(e.reshape(T * H, -1), keys).reshape(T, H, hd) / denom
+    return (e.reshape(T * H, -1) @ keys).reshape(T, H, hd) / denom
+
+
+def attend_host(q: np.ndarray, keys: np.ndarray, bias: np.ndarray, sinks: np.ndarray) -> np.ndarray:
+    """``attend`` in numpy, for prefill on the CPU (OpenBLAS, and fast elementwise passes)."""
+    T, H, hd = q.shape
+    s = (q.reshape(T * H, hd) @ keys.T).reshape(T, H, -1) * np.float32(hd ** -0.5) + bias[:, None, :]
+    sink = sinks[None, :, None]
+    m = np.maximum(s.max(axis=-1, keepdims=True), sink)
+    e = np.exp(s - m)
+    denom = e.sum(axis=-1, keepdims=True) + np.exp(sink - m)
+    return (e.reshape(T * H, -1) @ keys).reshape(T, H, hd) / denom
 
 
 def _mask(ok: mx.array) -> mx.array:
@@ -196,9 +207,9 @@ class Attention:
         cfg, T = self.cfg, o.shape[0]
         G = cfg.o_groups
         o = rope(o, cos[:, None], -sin[:, None])
-        og = mx.swapaxes(o.reshape(T, G, -1), 0, 1)  # [G, T, H/G*hd]
+        og = o.reshape(T, G, -1)  # group g = heads g*H/G .. (g+1)*H/G - 1
         wa = self.o_a.dense().reshape(G, cfg.o_lora_rank, -1)
-        low = mx.swapaxes(og @ mx.swapaxes(wa, 1, 2), 0, 1).reshape(T, G * cfg.o_lora_rank)
+        low = mx.concatenate([matmul(og[:, g], wa[g].T) for g in range(G)], axis=-1)
         return self.o_b(low)
 
     # -- prefill: a chunk of T tokens at host-known positions pos0 .. pos0+T-1 ----------------
@@ -232,6 +243,7 @@ class Attention:
         keys = mx.concatenate(keys, axis=0)
 
         # Query blocks bound the [tokens, heads, keys] score tensors at long context.
+        host = mx.default_device() == mx.cpu
         block = max(1, ATTENTION_BLOCK // (cfg.n_head * keys.shape[0]))
         out = []
         for t0 in range(0, T, block):
@@ -241,7 +253,10 @@ class Attention:
                 score = ix.scores(qr[rows], xn[rows], cos[rows], sin[rows], st.index[:n_comp], self.prec, matmul)
                 keep = keep & top_k_mask(mx.where(keep, score, NEG_INF), ix.top_k)
             bias = mx.concatenate([_mask(mx.array(raw_ok[rows])), _mask(keep)], axis=-1)
-            out.append(attend(q[rows], keys, bias, self.sinks, matmul))
+            if host:
+                out.append(mx.array(attend_host(*(np.asarray(a) for a in (q[rows], keys, bias, self.sinks)))))
+            else:
+                out.append(attend(q[rows], keys, bias, self.sinks))
         return self._out(mx.concatenate(out, axis=0), cos, sin)
 
     def _compress(self, comp: Compressor, xn: mx.array, positions: mx.array, pos0: int,
