@@ -1,7 +1,8 @@
 """magnetar.kernels: operations on raw GGUF weight blocks.
 
-Type ids equal GGML's, so ``magnetar.runtime.layout.GGMLType`` members (or
-plain ints) can be passed wherever a type is expected. ``reference`` is the
+Type ids equal GGML's. This is the project's one table of GGML types and
+block sizes (``runtime.layout`` re-exports it); plain ints work wherever a
+type is expected. ``reference`` is the
 numpy oracle; ``dequantize`` here is the MLX version used at run time.
 """
 
@@ -17,6 +18,7 @@ class GGMLType(IntEnum):
     Q2_K = 10
     Q4_K = 12
     IQ2_XXS = 16
+    I32 = 26  # the hash-routing table; integers, never dequantized
 
 
 # type -> (elements per block, bytes per block)
@@ -27,7 +29,11 @@ BLOCK = {
     GGMLType.Q2_K: (256, 84),
     GGMLType.Q4_K: (256, 144),
     GGMLType.IQ2_XXS: (256, 66),
+    GGMLType.I32: (1, 4),
 }
+
+# The weight encodings ``dequantize`` expands to float32.
+DEQUANT_TYPES = tuple(t for t in GGMLType if t != GGMLType.I32)
 
 
 def row_bytes(ggml_type: int, n_elems: int) -> int:
@@ -38,6 +44,17 @@ def row_bytes(ggml_type: int, n_elems: int) -> int:
     return n_elems // per_block * block_bytes
 
 
+def row_blocks(ggml_type: int, n_bytes: int) -> tuple[GGMLType, int]:
+    """The type and block count of a row of ``n_bytes``; ValueError unless a whole number of weight blocks."""
+    qtype = GGMLType(ggml_type)
+    if qtype not in DEQUANT_TYPES:
+        raise ValueError(f"{qtype.name} holds integers, not weights to dequantize")
+    block_bytes = BLOCK[qtype][1]
+    if n_bytes % block_bytes:
+        raise ValueError(f"{qtype.name} rows must be a multiple of {block_bytes} bytes, got {n_bytes}")
+    return qtype, n_bytes // block_bytes
+
+
 from .dequant import dequantize  # noqa: E402  (dequant reads BLOCK above)
 
-__all__ = ["BLOCK", "GGMLType", "dequantize", "row_bytes"]
+__all__ = ["BLOCK", "DEQUANT_TYPES", "GGMLType", "dequantize", "row_blocks", "row_bytes"]

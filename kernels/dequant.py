@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from . import BLOCK, GGMLType
+from . import BLOCK, GGMLType, row_blocks
 from .reference import IQ2XXS_GRID, IQ2XXS_SIGNS
 
 
@@ -91,12 +91,9 @@ _DEQUANT = {
 
 def dequantize(raw: mx.array, ggml_type: int) -> mx.array:
     """uint8 rows [..., row_bytes] -> float32 values [..., row_elems]."""
-    qtype = GGMLType(ggml_type)
+    lead = raw.shape[:-1]
+    qtype, n_blocks = row_blocks(ggml_type, raw.shape[-1])
     per_block, block_bytes = BLOCK[qtype]
-    lead, n_bytes = raw.shape[:-1], raw.shape[-1]
-    if n_bytes % block_bytes:
-        raise ValueError(f"{qtype.name} rows must be a multiple of {block_bytes} bytes, got {n_bytes}")
-    n_blocks = n_bytes // block_bytes
     if qtype == GGMLType.F32:
         return mx.view(raw, mx.float32)
     if qtype == GGMLType.F16:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from gguf.quants import IQ2_XXS as _GGUF_IQ2_XXS
 
-from . import BLOCK, GGMLType
+from . import BLOCK, GGMLType, row_blocks
 
 
 def _iq2xxs_grid() -> np.ndarray:
@@ -111,13 +111,11 @@ _DEQUANT = {
 
 def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
     """uint8 rows [..., row_bytes] -> float32 values [..., row_elems]."""
-    qtype = GGMLType(ggml_type)
-    per_block, block_bytes = BLOCK[qtype]
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
-    lead, n_bytes = raw.shape[:-1], raw.shape[-1]
-    if n_bytes % block_bytes:
-        raise ValueError(f"{qtype.name} rows must be a multiple of {block_bytes} bytes, got {n_bytes}")
-    n_elems = n_bytes // block_bytes * per_block
+    lead = raw.shape[:-1]
+    qtype, n_blocks = row_blocks(ggml_type, raw.shape[-1])
+    per_block, block_bytes = BLOCK[qtype]
+    n_elems = n_blocks * per_block
     if qtype == GGMLType.F32:
         return raw.view("<f4").astype(np.float32)
     if qtype == GGMLType.F16:

@@ -10,33 +10,12 @@ so a file we write is by construction a file we accept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
 
 import numpy as np
 
+from magnetar.kernels import BLOCK, GGMLType  # one table of GGML types and block sizes
+
 from .config import ModelConfig
-
-
-class GGMLType(IntEnum):
-    F32 = 0
-    F16 = 1
-    Q8_0 = 8
-    Q2_K = 10
-    Q4_K = 12
-    IQ2_XXS = 16
-    I32 = 26
-
-
-# (elements per block, bytes per block)
-BLOCK = {
-    GGMLType.F32: (1, 4),
-    GGMLType.F16: (1, 2),
-    GGMLType.I32: (1, 4),
-    GGMLType.Q8_0: (32, 34),
-    GGMLType.Q2_K: (256, 84),
-    GGMLType.Q4_K: (256, 144),
-    GGMLType.IQ2_XXS: (256, 66),
-}
 
 # numpy dtype of the plain (unblocked) types; the rest are raw uint8 blocks.
 NUMPY_DTYPE = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.I32: np.int32}

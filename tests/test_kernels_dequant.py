@@ -10,10 +10,10 @@ from gguf.quants import IQ2_XXS as GGUF_IQ2_XXS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magnetar.kernels import BLOCK, GGMLType, dequantize, reference, row_bytes
+from magnetar.kernels import BLOCK, DEQUANT_TYPES, GGMLType, dequantize, reference, row_bytes
 from magnetar.runtime.layout import GGMLType as LayoutType
 
-ALL_TYPES = list(GGMLType)
+ALL_TYPES = list(DEQUANT_TYPES)
 # Byte offsets of each block's f16 scale fields (d, and dmin for K-quants).
 SCALE_FIELDS = {
     GGMLType.Q8_0: (0,),
@@ -114,6 +114,8 @@ def test_bad_row_length_is_rejected():
         dequantize(mx.zeros((2, 85), dtype=mx.uint8), GGMLType.Q2_K)
     with pytest.raises(ValueError):
         reference.dequantize(np.zeros((2, 85), dtype=np.uint8), GGMLType.Q2_K)
+    with pytest.raises(ValueError, match="integers"):
+        dequantize(mx.zeros((2, 8), dtype=mx.uint8), GGMLType.I32)
 
 
 finite_f16 = st.floats(width=16, allow_nan=False, allow_infinity=False)
