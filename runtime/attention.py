@@ -23,7 +23,7 @@ import numpy as np
 from . import precision as qat
 from .config import ModelConfig
 from .kv_state import EMPTY, LayerState, frontier_rows
-from .ops import matmul, rms, rmsnorm, rope, rope_angles, rope_inv_freq
+from .ops import matmul, on_cpu, rms, rmsnorm, rope, rope_angles, rope_inv_freq
 from .weights import Weights
 
 NEG_INF = float("-inf")
@@ -243,7 +243,7 @@ class Attention:
         keys = mx.concatenate(keys, axis=0)
 
         # Query blocks bound the [tokens, heads, keys] score tensors at long context.
-        host = mx.default_device() == mx.cpu
+        host = on_cpu()
         block = max(1, ATTENTION_BLOCK // (cfg.n_head * keys.shape[0]))
         out = []
         for t0 in range(0, T, block):

@@ -21,6 +21,7 @@ from .errors import MagnetarError, UsageError
 from .gguf_read import ModelFile, open_model
 from .kv_state import KVState
 from .model import Model
+from .ops import on_cpu
 from .sampler import Sampler, SamplerSettings, log_softmax, top_logprobs
 from .tokenizer import Tokenizer
 
@@ -89,7 +90,7 @@ class Engine:
         self.config = model_file.config
         self.ctx, self.precision, self.prefill_chunk = ctx, precision, prefill_chunk
         if expand_budget is None:
-            expand_budget = CPU_EXPAND_BUDGET if mx.default_device() == mx.cpu else 0
+            expand_budget = CPU_EXPAND_BUDGET if on_cpu() else 0
         self.model = Model(model_file, precision, expand_budget)
         self.stats = Stats()
         self._live = _Live(KVState.empty(self.config, ctx))

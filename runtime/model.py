@@ -25,7 +25,7 @@ from .attention import Attention, Precision
 from .config import ModelConfig
 from .gguf_read import ModelFile
 from .kv_state import KVState, LayerState
-from .ops import hc_post, hc_pre, rms, rmsnorm, softplus, swiglu
+from .ops import hc_post, hc_pre, on_cpu, rms, rmsnorm, softplus, swiglu
 from .weights import Weights
 
 ROUTER_FLOOR = 6.103515625e-5  # ds4's lower bound on the top-k weight sum
@@ -83,7 +83,7 @@ class MoE:
         """
         idx, w = self.route(xn, ids)
         idx_host, w_host = np.array(idx), np.array(w)  # routing decides which experts to expand
-        if mx.default_device() == mx.cpu:
+        if on_cpu():
             return mx.array(self._routed_host(np.array(xn), idx_host, w_host)) + self._shared(xn)
         return self._routed_mlx(xn, idx_host, w_host) + self._shared(xn)
 
@@ -193,7 +193,7 @@ class Model:
         the CPU path keeps one f32 copy of the output matrix for numpy (shared with MLX
         when the matrix is f32 already). Other devices keep it quantized and multiply in MLX.
         """
-        if mx.default_device() != mx.cpu:
+        if not on_cpu():
             return np.array(self.output(y), dtype=np.float32)
         return np.array(y, dtype=np.float32) @ self._output_f32.T
 

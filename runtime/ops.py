@@ -17,6 +17,11 @@ from .config import ModelConfig
 HOST_BLAS_MIN_ROWS = 16
 
 
+def on_cpu() -> bool:
+    """MLX runs on the CPU, where host-paced work is faster in numpy (see ``matmul``)."""
+    return mx.default_device() == mx.cpu
+
+
 def matmul(a: mx.array, b: mx.array) -> mx.array:
     """``a @ b`` for a 2-D ``a``; on the CPU a product with many rows runs in numpy.
 
@@ -25,7 +30,7 @@ def matmul(a: mx.array, b: mx.array) -> mx.array:
     evaluates ``a`` and ``b``, so only host-paced code (prefill) may call this; the
     compiled decode step multiplies in MLX.
     """
-    if a.shape[0] >= HOST_BLAS_MIN_ROWS and mx.default_device() == mx.cpu:
+    if a.shape[0] >= HOST_BLAS_MIN_ROWS and on_cpu():
         return mx.array(np.asarray(a) @ np.asarray(b))
     return a @ b
 

@@ -18,7 +18,7 @@ import numpy as np
 from magnetar.kernels import dequantize
 
 from .gguf_read import ModelFile, TensorInfo
-from .layout import BLOCK, GGMLType
+from .layout import GGMLType
 from .ops import matmul
 
 _PLAIN = {GGMLType.F32: mx.float32, GGMLType.F16: mx.float16}
@@ -98,11 +98,10 @@ class Weights:
         return mx.array(np.asarray(self.file.array(name), dtype=np.float32))
 
     def matrix(self, name: str) -> Matrix:
-        m = Matrix.load(self.file.tensors[name])
-        wide = m.data.shape[0] * m.data.shape[1] * 4 if m.ggml_type == GGMLType.F16 else 0
-        if m.ggml_type not in _PLAIN:
-            wide = m.data.shape[0] * (m.data.shape[1] // BLOCK[m.ggml_type][1]) * BLOCK[m.ggml_type][0] * 4
-        if 0 < wide <= self.expand_left:
+        info = self.file.tensors[name]
+        m = Matrix.load(info)
+        wide = int(np.prod(info.shape)) * 4  # bytes as f32
+        if m.ggml_type != GGMLType.F32 and wide <= self.expand_left:
             self.expand_left -= wide
             m = Matrix(m.dense(), GGMLType.F32)
             mx.eval(m.data)

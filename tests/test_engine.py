@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from magnetar.kernels import reference
+from magnetar.kernels import reference, row_bytes
 from magnetar.runtime.engine import ContextFull, Engine
 from magnetar.runtime.errors import UsageError
 from magnetar.runtime.gguf_read import open_model
@@ -102,15 +102,12 @@ def _expanded_twin(src: Path, out: Path) -> Path:
         info = mf.tensors[spec.name]
         if info.ggml_type == GGMLType.I32:
             return np.asarray(info.data)
-        rows = np.asarray(info.data).reshape(-1).view(np.uint8).reshape(-1, _row_bytes(info))
+        rows = np.asarray(info.data).reshape(-1).view(np.uint8)
+        rows = rows.reshape(-1, row_bytes(info.ggml_type, info.shape[0]))
         return reference.dequantize(rows, int(info.ggml_type)).reshape(-1)
 
     write_gguf(out, mf.config, v4_tokenizer_meta(), plan, produce, name="expanded twin")
     return out
-
-
-def _row_bytes(info) -> int:
-    return info.nbytes // int(np.prod(info.shape[1:])) if len(info.shape) > 1 else info.nbytes
 
 
 @pytest.mark.parametrize("recipe", ["q8", "q2", "q4"])
