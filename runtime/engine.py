@@ -193,10 +193,11 @@ class Engine:
                  ignore_eos: bool = False) -> Iterator[Event]:
         """Sample up to ``max_tokens`` tokens continuing the live sequence.
 
-        Stops after EOS (unless ``ignore_eos``, for benchmarks), a stop token id, or when the text ends with a stop string
-        (the stopping token is yielded and kept in the sequence). Each yielded token
-        is part of the live sequence; its forward pass runs while the caller handles
-        the event, or when the generator is closed.
+        Stops after EOS (unless ``ignore_eos``, for benchmarks), a stop token id, or
+        when the text ends with a stop string (the stopping token is yielded and kept in
+        the sequence). Each yielded token is part of the live sequence at once; its
+        forward pass runs when the caller asks for the next event, or at the next
+        engine call if the caller stops iterating.
         """
         sampler = Sampler(SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p,
                                           min_p=min_p, seed=seed))
