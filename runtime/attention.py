@@ -133,8 +133,8 @@ class Compressor:
         n = (rem + T) // R
         rows = self._pool_windows(kv, sc, n)
         # New frontier: (ratio 4) the last closed window, then the open window's rows.
-        keep = kv[4 * n:] if R == 4 else kv[n * R:]
-        keep_sc = sc[4 * n:] if R == 4 else sc[n * R:]
+        # Ratio 4's sequence starts one window early, so for both ratios that is row n*R on.
+        keep, keep_sc = kv[n * R:], sc[n * R:]
         pad = frontier_rows(R) - keep.shape[0]
         f_kv = mx.concatenate([keep, mx.zeros((pad, keep.shape[1]))], axis=0)
         f_sc = mx.concatenate([keep_sc, mx.full((pad, keep.shape[1]), EMPTY)], axis=0)
