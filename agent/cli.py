@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("-o", "--output", required=True, metavar="OUT.gguf")
     p.add_argument("--recipe", choices=RECIPES, default="q8")
+    p.add_argument("--imatrix", metavar="FILE.dat", help="importance matrix for the q2/q4 experts (magnetar imatrix)")
     p.set_defaults(run=model_commands.convert)
 
     p = sub.add_parser("tokenize", help="print the token ids of a text or a rendered chat prompt")
@@ -66,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs-top-k", type=int, default=0, metavar="K")
     p.set_defaults(run=run_commands.generate)
 
-    p = sub.add_parser("bench", help="decode/prefill speed, side by side with optional peers")
-    p.add_argument("mode", choices=("decode", "prefill"))
-    p.add_argument("-m", "--model", required=True, metavar="MODEL")
+    p = sub.add_parser("bench", help="decode/prefill speed side by side with optional peers; kernels vs the memory floor")
+    p.add_argument("mode", choices=("decode", "prefill", "kernels"))
+    p.add_argument("-m", "--model", metavar="MODEL", help="the model (decode and prefill)")
     p.add_argument("--peers", default="", metavar="LIST",
                    help="comma list of transformers, mlx-lm, llama.cpp (dev-only packages)")
     p.add_argument("--prompt-tokens", type=int, default=None,
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, metavar="OUT.csv")
     p.add_argument("--wait-quiet", action="store_true",
                    help="before each timed call, wait until other processes use < 0.25 cores")
+    p.add_argument("--recipe", choices=("q2", "q4"), default="q2", help="kernels: expert encoding")
+    p.add_argument("--backend", default="cpu", help="kernels: the backend to time")
+    p.add_argument("--experts", type=int, default=256, help="kernels: experts in the stack")
     p.set_defaults(run=run_commands.bench)
     return parser
 
@@ -99,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
     if getattr(args, "command", None) == "bench" and args.prompt_tokens is None:
-        args.prompt_tokens = 128 if args.mode == "decode" else 512
+        args.prompt_tokens = 512 if args.mode == "prefill" else 128
     if run is None:
         parser.print_help()
         return 0

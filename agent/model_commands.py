@@ -44,10 +44,12 @@ def make_model(args: argparse.Namespace) -> int:
 
 def convert(args: argparse.Namespace) -> int:
     from magnetar.runtime.convert import convert as run_convert
+    from magnetar.runtime.imatrix import Imatrix
 
+    imatrix = Imatrix.read(args.imatrix) if args.imatrix else None
     start = time.perf_counter()
     with progress_bar(f"converting to {args.recipe}") as report:
-        path = run_convert(args.hf_dir, args.output, args.recipe, progress=report)
+        path = run_convert(args.hf_dir, args.output, args.recipe, progress=report, imatrix=imatrix)
     print(f"wrote {path} ({_bytes(path.stat().st_size)}, {time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -92,6 +92,10 @@ def bench(args: argparse.Namespace) -> int:
     from magnetar.runtime.bench_peers import make_peers
     from magnetar.runtime.gguf_read import open_model
 
+    if args.mode == "kernels":
+        return bench_kernels(args)
+    if not args.model:
+        raise UsageError(f"bench {args.mode} needs a model", "pass -m MODEL")
     if args.tokens < 1 or args.reps < 1 or args.prompt_tokens < 1:
         raise UsageError("--tokens, --reps and --prompt-tokens must be positive")
     cfg = open_model(args.model).config
@@ -105,4 +109,21 @@ def bench(args: argparse.Namespace) -> int:
     print(harness.render_table(harness.summarize(samples)))
     if args.csv:
         harness.write_csv(samples, args.csv)
+    return 0
+
+
+def bench_kernels(args: argparse.Namespace) -> int:
+    from magnetar.kernels.backend import BackendUnavailable
+    from magnetar.runtime import bench_kernels as kb
+
+    if args.reps < 1 or args.experts < 6:
+        raise UsageError("--reps must be positive and --experts at least 6")
+    console = Console(stderr=True)
+    try:
+        cases = kb.run(args.recipe, args.backend, n_experts=args.experts, reps=args.reps,
+                       prefill_tokens=args.prompt_tokens,
+                       progress=lambda name: console.print(f"[dim]timing the {name} shape[/]", highlight=False))
+    except (BackendUnavailable, ValueError) as err:
+        raise UsageError(str(err)) from None
+    print(kb.render(cases, args.recipe, args.backend))
     return 0

@@ -10,6 +10,7 @@ agree bit for bit.
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 from gguf.quants import IQ2_XXS as _GGUF_IQ2_XXS
 
@@ -122,3 +123,53 @@ def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
         return raw.view("<f2").astype(np.float32)
     values = _DEQUANT[qtype](raw.reshape(-1, block_bytes))
     return values.reshape(*lead, n_elems)
+
+
+# ---------------------------------------------------------------------------
+# The oracle's products: dequantize exactly, then multiply in float64.
+
+
+def _dense(raw: np.ndarray, ggml_type: int) -> np.ndarray:
+    return dequantize(raw, ggml_type).astype(np.float64)
+
+
+def matmul(x: np.ndarray, raw: np.ndarray, ggml_type: int) -> np.ndarray:
+    """``x [T, cols] @ W.T`` for raw rows ``W [rows, row_bytes]``: float32 [T, rows]."""
+    return (np.asarray(x, np.float64) @ _dense(raw, ggml_type).T).astype(np.float32)
+
+
+def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: tuple[np.ndarray, int],
+        up: tuple[np.ndarray, int], down: tuple[np.ndarray, int], limit: float) -> np.ndarray:
+    """The routed-expert step (see backend.py), one used expert at a time.
+
+    ``gate``, ``up`` and ``down`` are (raw expert stack [E, rows, row_bytes], type).
+    """
+    x = np.asarray(x, np.float64)
+    ids = np.asarray(ids)
+    out = np.zeros(x.shape, np.float64)
+    for e in np.unique(ids):
+        t, slot = np.nonzero(ids == e)  # a token listing e twice appears twice
+        g = np.minimum(x[t] @ _dense(gate[0][e], gate[1]).T, limit)
+        u = np.clip(x[t] @ _dense(up[0][e], up[1]).T, -limit, limit)
+        mid = g / (1.0 + np.exp(-g)) * u * np.asarray(weights, np.float64)[t, slot][:, None]
+        np.add.at(out, t, mid @ _dense(down[0][e], down[1]).T)
+    return out.astype(np.float32)
+
+
+class ReferenceBackend:
+    """The numpy oracle behind the common interface (slow; for tests and checks)."""
+
+    name = "reference"
+
+    def dequantize(self, w, experts=None):
+        raw = np.asarray(w.data)
+        if experts is not None:
+            raw = raw[np.asarray(experts)]
+        return mx.array(dequantize(raw, w.ggml_type))
+
+    def matmul(self, x, w):
+        return mx.array(matmul(np.asarray(x), np.asarray(w.data), w.ggml_type))
+
+    def moe(self, x, ids, weights, gate, up, down, limit):
+        stacks = [(np.asarray(m.data), m.ggml_type) for m in (gate, up, down)]
+        return mx.array(moe(np.asarray(x), np.asarray(ids), np.asarray(weights), *stacks, limit))

@@ -51,13 +51,15 @@ import gguf
 import numpy as np
 from pydantic import ValidationError
 
+from magnetar.kernels.quantize import quantize
+
 from .config import RATIOS, ModelConfig
 from .errors import ConvertError, GGUFError
 from .gguf_write import TokenizerMeta, v4_tokenizer_meta, write_gguf
+from .imatrix import Imatrix
 from .layout import BLOCK, GGMLType, TensorSpec, expected_tensors, type_for
 
-CONVERT_RECIPES = ("f32", "f16", "q8")
-UNBUILT_RECIPES = ("q2", "q4")
+CONVERT_RECIPES = ("f32", "f16", "q8", "q2", "q4")
 
 # GGUF name <- checkpoint names, first present wins: the names save_pretrained
 # writes (official DeepSeek suffixes), then transformers' in-memory names.
@@ -386,7 +388,8 @@ def _check(src: Source, shape: tuple[int, ...], spec: TensorSpec, t: GGMLType) -
 
 # --- data ----------------------------------------------------------------------
 
-def _encode(a: np.ndarray, t: GGMLType, name: str, n_expert: int) -> np.ndarray:
+def _encode(a: np.ndarray, t: GGMLType, name: str, n_expert: int,
+            importance: np.ndarray | None = None) -> np.ndarray:
     if t == GGMLType.I32:  # tid2eid: expert ids must index the expert tensors
         if a.size and (a.min() < 0 or a.max() >= n_expert):
             raise ConvertError(f"{name} holds expert ids outside 0..{n_expert - 1}")
@@ -401,10 +404,13 @@ def _encode(a: np.ndarray, t: GGMLType, name: str, n_expert: int) -> np.ndarray:
         return h
     if t == GGMLType.Q8_0:
         return gguf.quants.quantize(a.reshape(-1, a.shape[-1]), gguf.GGMLQuantizationType.Q8_0)
+    if t in (GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.IQ2_XXS):
+        rows = np.asarray(a, np.float32).reshape(-1, a.shape[-1])
+        return quantize(rows, t, importance)
     raise ConvertError(f"{name}: no encoder for {t.name}")
 
 
-def _produce(item: Item, n_expert: int) -> np.ndarray:
+def _produce(item: Item, n_expert: int, imatrix: Imatrix | None = None) -> np.ndarray:
     t = item.ggml_type
     if item.kind == "one":
         return _encode(item.sources[0].read(), t, item.sources[0].name, n_expert)
@@ -412,7 +418,10 @@ def _produce(item: Item, n_expert: int) -> np.ndarray:
     for e in range(n_expert):  # one expert read at a time, encoded into the preallocated output
         src = item.sources[e if item.kind == "stack" else 0]
         a = src.read() if item.kind == "stack" else np.split(src.read(e), 2)[item.half]
-        enc = _encode(np.ascontiguousarray(a), t, src.name, n_expert)
+        importance = imatrix.for_tensor(item.spec.name, a.shape[-1], e, n_expert) if imatrix else None
+        if importance is not None and not importance.any():
+            importance = None  # an expert no calibration token reached: weigh by its own weights
+        enc = _encode(np.ascontiguousarray(a), t, src.name, n_expert, importance)
         out = out if e else np.empty((n_expert, *enc.shape), enc.dtype)
         out[e] = enc
     return out
@@ -436,11 +445,9 @@ def _tokenizer(folder: Path, vocab: int) -> TokenizerMeta:
 
 
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, recipe: str = "q8",
-            progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write ``out_path`` (a ds4-layout GGUF) from the transformers checkpoint folder ``hf_dir``."""
-    if recipe in UNBUILT_RECIPES:
-        raise ConvertError(f"recipe {recipe} needs the quantized-expert kernels (not built yet)",
-                           "use --recipe q8, f16 or f32")
+            progress: Callable[[int, int], None] | None = None, imatrix: Imatrix | None = None) -> Path:
+    """Write ``out_path`` (a ds4-layout GGUF) from the transformers checkpoint folder ``hf_dir``.
+    ``imatrix`` weights the routed experts' quantization error (q2/q4 recipes)."""
     if recipe not in CONVERT_RECIPES:
         raise ConvertError(f"unknown recipe {recipe!r}", f"choose one of {', '.join(CONVERT_RECIPES)}")
     folder = Path(hf_dir)
@@ -456,10 +463,12 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, recipe: str 
     by_name = {it.spec.name: it for it in items}
 
     def produce(spec: TensorSpec, ggml_type: GGMLType) -> np.ndarray:
-        return _produce(by_name[spec.name], cfg.n_expert)
+        return _produce(by_name[spec.name], cfg.n_expert, imatrix)
 
     out = Path(out_path)
+    extra = {"magnetar.recipe": recipe, "magnetar.source": "transformers"}
+    if imatrix is not None:
+        extra["magnetar.imatrix"] = Path(imatrix.path).name
     write_gguf(out, cfg, tok, [(it.spec, it.ggml_type) for it in items], produce,
-               name=folder.resolve().name, extra={"magnetar.recipe": recipe, "magnetar.source": "transformers"},
-               progress=progress)
+               name=folder.resolve().name, extra=extra, progress=progress)
     return out

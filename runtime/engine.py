@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from magnetar.kernels.backend import BACKENDS, Backend, BackendUnavailable
+from magnetar.kernels.backend import backend as kernel_backend
+
 from . import chat
 from .errors import MagnetarError, UsageError
 from .gguf_read import ModelFile, open_model
@@ -79,7 +82,8 @@ class _Live:
 
 class Engine:
     def __init__(self, model_file: ModelFile, ctx: int = DEFAULT_CTX, precision: str = "official",
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, expand_budget: int | None = None):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, expand_budget: int | None = None,
+                 kernels: Backend | None = None):
         if not 0 < ctx <= MAX_CTX:
             raise UsageError(f"--ctx must be between 1 and {MAX_CTX}, got {ctx}")
         if precision not in ("official", "reference"):
@@ -91,7 +95,7 @@ class Engine:
         self.ctx, self.precision, self.prefill_chunk = ctx, precision, prefill_chunk
         if expand_budget is None:
             expand_budget = CPU_EXPAND_BUDGET if on_cpu() else 0
-        self.model = Model(model_file, precision, expand_budget)
+        self.model = Model(model_file, precision, expand_budget, kernels)
         self.stats = Stats()
         self._live = _Live(KVState.empty(self.config, ctx))
 
@@ -99,13 +103,20 @@ class Engine:
     def load(cls, path: str | os.PathLike, ctx: int = DEFAULT_CTX, precision: str = "official",
              backend: str = "auto", prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
              expand_budget: int | None = None) -> "Engine":
-        """``expand_budget``: bytes of non-expert weights to widen to f32 at load (default:
-        1 GiB on the CPU, none elsewhere); routed experts always stay as stored."""
-        if backend not in ("auto", "cpu", "gpu"):
-            raise UsageError(f"backend must be auto, cpu or gpu, not {backend!r}")
+        """``backend``: the kernels (and with them the MLX device): ``auto`` follows MLX's
+        default device; ``cpu``, ``metal``, ``cuda``, ``hip``, or ``reference`` (the numpy
+        oracle, on the CPU). ``expand_budget``: bytes of non-expert weights to widen to f32
+        at load (default: 1 GiB on the CPU, none elsewhere); routed experts always stay as
+        stored."""
+        if backend not in ("auto", *BACKENDS):
+            raise UsageError(f"unknown backend {backend!r}", f"choose auto, {', '.join(BACKENDS)}")
         if backend != "auto":
-            mx.set_default_device(mx.cpu if backend == "cpu" else mx.gpu)
-        return cls(open_model(path), ctx, precision, prefill_chunk, expand_budget)
+            mx.set_default_device(mx.cpu if backend in ("cpu", "reference") else mx.gpu)
+        try:
+            kernels = kernel_backend(backend)
+        except BackendUnavailable as e:
+            raise UsageError(str(e), "use --backend auto or cpu") from None
+        return cls(open_model(path), ctx, precision, prefill_chunk, expand_budget, kernels)
 
     # -- text ------------------------------------------------------------------------------
 

@@ -10,14 +10,17 @@ on generated files with the real V4 tokenizer:
   bulk: 1.8 GB per layer at q2).
 
 Each tensor draws from its own generator seeded by (seed, tensor name), so
-the f32, f16 and q8 recipes of one seed hold the same underlying weights and
-can be compared against each other. Scales keep activations O(1): weights
-~ N(0, 1/in), norm gains ~ 1, so every RMS-normed sublayer sees unit-scale
-inputs and the residual grows only like sqrt(depth).
+every recipe of one seed encodes the same underlying weights (q2/q4 experts
+through ``kernels.quantize``) and the files can be compared against each
+other. Scales keep activations O(1): weights ~ N(0, 1/in), norm gains ~ 1, so
+every RMS-normed sublayer sees unit-scale inputs and the residual grows only
+like sqrt(depth).
 
-q2/q4 routed experts are random *valid* blocks (every bit pattern of
-IQ2_XXS/Q2_K/Q4_K decodes to finite values) with their scale fields set so
-the decoded weights have the same RMS as the float recipes.
+The exception is ``mini-flash``: its 25.8 G routed-expert values would take
+hours to quantize in numpy (and 100 GB as f32), so its experts are random
+*valid* blocks (every bit pattern of IQ2_XXS/Q2_K/Q4_K decodes to finite
+values) with scale fields set so the decoded weights have the float recipes'
+RMS. Its speed is what it is for; its quality means nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Callable
 
 import gguf
 import numpy as np
+
+from magnetar.kernels.quantize import quantize
 
 from .config import ModelConfig
 from .errors import UsageError
@@ -91,7 +96,7 @@ def make_model(preset: str, recipe: str, seed: int, out: str | Path,
                              f"{spec.shape[0]} do not fill {t.name} blocks of {BLOCK[t][0]}")
 
     def produce(spec: TensorSpec, ggml_type: GGMLType) -> np.ndarray:
-        return random_tensor(cfg, spec, ggml_type, seed)
+        return random_tensor(cfg, spec, ggml_type, seed, quantize_experts=preset != "mini-flash")
 
     out = Path(out)
     write_gguf(out, cfg, v4_tokenizer_meta(), plan, produce,
@@ -102,16 +107,20 @@ def make_model(preset: str, recipe: str, seed: int, out: str | Path,
     return out
 
 
-def random_tensor(cfg: ModelConfig, spec: TensorSpec, ggml_type: GGMLType, seed: int) -> np.ndarray:
+def random_tensor(cfg: ModelConfig, spec: TensorSpec, ggml_type: GGMLType, seed: int,
+                  quantize_experts: bool = True) -> np.ndarray:
     rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
     name = spec.name
     if ggml_type == GGMLType.I32:  # tid2eid: n_used distinct experts per token id
         keys = rng.random((cfg.vocab_size, cfg.n_expert), dtype=np.float32)
         return np.argsort(keys, axis=1)[:, : cfg.n_expert_used].astype(np.int32)
     fan_in = spec.shape[0]
-    if spec.role in EXPERT_ROLES and ggml_type in _SCALE_FIELDS and ggml_type != GGMLType.Q8_0:
+    low_bit = spec.role in EXPERT_ROLES and ggml_type in (GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.IQ2_XXS)
+    if low_bit and not quantize_experts:
         return random_blocks(ggml_type, spec.shape, fan_in ** -0.5, rng)
     values = _float_values(name, spec, rng)
+    if low_bit:  # one expert at a time, as convert does (IQ2's fallback importance is per matrix)
+        return np.stack([quantize(expert, ggml_type) for expert in values])
     if ggml_type == GGMLType.F32:
         return values
     if ggml_type == GGMLType.F16:

@@ -21,6 +21,8 @@ from functools import cached_property
 import mlx.core as mx
 import numpy as np
 
+from magnetar.kernels.backend import Backend, backend
+
 from .attention import Attention, Precision
 from .config import ModelConfig
 from .gguf_read import ModelFile
@@ -29,7 +31,6 @@ from .ops import hc_post, hc_pre, on_cpu, rms, rmsnorm, softplus, swiglu
 from .weights import Weights
 
 ROUTER_FLOOR = 6.103515625e-5  # ds4's lower bound on the top-k weight sum
-PREFILL_EXPERT_BYTES = 256 << 20  # f32 expert weights expanded at once during prefill
 
 
 class MoE:
@@ -44,6 +45,8 @@ class MoE:
             self.tid2eid = w.int_table(p + "ffn_gate_tid2eid.weight")  # [vocab, top_k]
         else:
             self.bias = w.vector(p + "exp_probs_b.bias")
+        self.kernels = w.kernels
+        self.observer = None  # called with (xn, ids, weights) in prefill: imatrix collection
         self.gate, self.up = w.experts(p + "ffn_gate_exps.weight"), w.experts(p + "ffn_up_exps.weight")
         self.down = w.experts(p + "ffn_down_exps.weight")
         self.limit = cfg.swiglu_clamp[il]
@@ -67,58 +70,16 @@ class MoE:
         return down(swiglu(gate(xn), up(xn), self.limit))
 
     def decode(self, xn: mx.array, ids: mx.array) -> mx.array:
-        """One token: expand only its k experts."""
+        """One token, inside the compiled step: the kernels expand only its k experts."""
         idx, w = self.route(xn, ids)
-        sel = idx[0]
-        x = xn.T  # [D, 1]
-        mid = swiglu(self.gate.select(sel) @ x, self.up.select(sel) @ x, self.limit)  # [k, F, 1]
-        routed = (self.down.select(sel) @ mid)[..., 0]  # [k, D]
-        return (w[0] @ routed)[None] + self._shared(xn)
+        return self.kernels.moe(xn, idx, w, self.gate, self.up, self.down, self.limit) + self._shared(xn)
 
     def prefill(self, xn: mx.array, ids: mx.array) -> mx.array:
-        """A chunk: group the (token, slot) pairs by expert and run each used expert once.
-
-        On the CPU the per-expert products run in numpy (its OpenBLAS, and one hand-off
-        per expert group instead of one per product); elsewhere in MLX.
-        """
+        """A chunk: the kernels group the (token, slot) pairs by expert."""
         idx, w = self.route(xn, ids)
-        idx_host, w_host = np.array(idx), np.array(w)  # routing decides which experts to expand
-        if on_cpu():
-            return mx.array(self._routed_host(np.array(xn), idx_host, w_host)) + self._shared(xn)
-        return self._routed_mlx(xn, idx_host, w_host) + self._shared(xn)
-
-    def _batches(self, idx_host: np.ndarray):
-        """Groups of used experts (f32 weights under PREFILL_EXPERT_BYTES), each expert with its (tokens, slots)."""
-        tok, slot = np.nonzero(idx_host >= 0)
-        expert = idx_host[tok, slot]
-        order = np.argsort(expert, kind="stable")
-        tok, slot, expert = tok[order], slot[order], expert[order]
-        used, starts = np.unique(expert, return_index=True)
-        bounds = list(starts) + [len(expert)]
-        group = max(1, PREFILL_EXPERT_BYTES // (3 * self.cfg.expert_ffn * self.cfg.d_model * 4))
-        for g0 in range(0, len(used), group):
-            ids_g = mx.array(used[g0:g0 + group].astype(np.int32))
-            rows = [(tok[lo:hi], slot[lo:hi]) for lo, hi in zip(bounds[g0:g0 + group], bounds[g0 + 1:g0 + group + 1])]
-            yield [e.select(ids_g) for e in (self.gate, self.up, self.down)], rows
-
-    def _routed_host(self, x: np.ndarray, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
-        routed = np.zeros_like(x)
-        for weights, rows in self._batches(idx):
-            gate, up, down = (np.asarray(m) for m in weights)
-            for j, (t, slot) in enumerate(rows):
-                g = np.minimum(x[t] @ gate[j].T, self.limit)
-                mid = g * (0.5 + 0.5 * np.tanh(0.5 * g)) * np.clip(x[t] @ up[j].T, -self.limit, self.limit)
-                routed[t] += (mid @ down[j].T) * w[t, slot][:, None]  # a token meets an expert once
-        return routed
-
-    def _routed_mlx(self, xn: mx.array, idx: np.ndarray, w: np.ndarray) -> mx.array:
-        routed = mx.zeros(xn.shape, mx.float32)
-        for (gate, up, down), rows in self._batches(idx):
-            for j, (t, slot) in enumerate(rows):
-                x = mx.take(xn, mx.array(t.astype(np.int32)), axis=0)
-                mid = swiglu(x @ gate[j].T, x @ up[j].T, self.limit)
-                routed = routed.at[mx.array(t.astype(np.int32))].add((mid @ down[j].T) * mx.array(w[t, slot])[:, None])
-        return routed
+        if self.observer:
+            self.observer(xn, idx, w)
+        return self.kernels.moe(xn, idx, w, self.gate, self.up, self.down, self.limit) + self._shared(xn)
 
 
 class HyperConnection:
@@ -155,10 +116,12 @@ class Layer:
 
 
 class Model:
-    def __init__(self, mf: ModelFile, precision: str = "official", expand_budget: int = 0):
+    def __init__(self, mf: ModelFile, precision: str = "official", expand_budget: int = 0,
+                 kernels: Backend | None = None):
         if precision not in ("official", "reference"):
             raise ValueError(f"precision must be 'official' or 'reference', not {precision!r}")
-        w = Weights(mf, expand_budget)
+        self.kernels = kernels or backend("auto")
+        w = Weights(mf, self.kernels, expand_budget)
         cfg = self.cfg = mf.config
         self.precision = precision
         prec = Precision(precision == "official", cfg.head_dim - cfg.rope_dim)

@@ -4,8 +4,8 @@ Every matrix keeps its stored encoding: F32 stays f32, F16 stays half (widened
 to f32 inside the graph, so the math is f32 like the reference), and blocked
 types (Q8_0, Q2_K, Q4_K, IQ2_XXS) stay raw uint8 blocks that
 ``kernels.dequantize`` expands inside the graph at the point of use. Nothing
-keeps a dequantized copy of the model; routed experts are expanded only for
-the experts a token selected.
+keeps a dequantized copy of the model; routed experts go to the kernel
+backend as raw blocks (``kernels.backend.QTensor``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from magnetar.kernels import dequantize
+from magnetar.kernels.backend import Backend, QTensor
 
 from .gguf_read import ModelFile, TensorInfo
 from .layout import GGMLType
@@ -29,7 +30,12 @@ def _rows(info: TensorInfo, leading: tuple[int, ...]) -> mx.array:
     data = np.ascontiguousarray(info.data).reshape(-1)
     if info.ggml_type in _PLAIN:
         return mx.array(data.reshape(*leading, info.shape[0]))
-    return mx.array(data.view(np.uint8).reshape(*leading, -1))
+    return _raw(info, leading)
+
+
+def _raw(info: TensorInfo, leading: tuple[int, ...]) -> mx.array:
+    """The tensor's bytes, every type as uint8 rows ``leading + (row_bytes,)``."""
+    return mx.array(np.ascontiguousarray(info.data).reshape(-1).view(np.uint8).reshape(*leading, -1))
 
 
 @dataclass(frozen=True)
@@ -38,11 +44,12 @@ class Matrix:
 
     data: mx.array
     ggml_type: GGMLType
+    kernels: Backend | None = None  # multiplies a stored (not widened) encoding
 
     @classmethod
-    def load(cls, info: TensorInfo) -> "Matrix":
+    def load(cls, info: TensorInfo, kernels: Backend | None = None) -> "Matrix":
         out = int(np.prod(info.shape[1:]))
-        return cls(_rows(info, (out,)), info.ggml_type)
+        return cls(_rows(info, (out,)), info.ggml_type, kernels)
 
     def dense(self) -> mx.array:
         if self.ggml_type == GGMLType.F32:
@@ -53,29 +60,9 @@ class Matrix:
 
     def __call__(self, x: mx.array) -> mx.array:
         """``x @ W.T``; x is [T, in] (T = 1 inside the compiled decode step)."""
-        return matmul(x, self.dense().T)
-
-
-@dataclass(frozen=True)
-class Experts:
-    """One routed-expert tensor ``[n_expert, out, in]``, expanded per selected expert."""
-
-    data: mx.array  # [n_expert, out, row_bytes] raw, or [n_expert, out, in] typed
-    ggml_type: GGMLType
-
-    @classmethod
-    def load(cls, info: TensorInfo) -> "Experts":
-        n_expert, out = info.shape[2], info.shape[1]
-        return cls(_rows(info, (n_expert, out)), info.ggml_type)
-
-    def select(self, ids: mx.array) -> mx.array:
-        """f32 weights of the experts ``ids`` (any shape): ``ids.shape + (out, in)``."""
-        picked = mx.take(self.data, ids, axis=0)
-        if self.ggml_type == GGMLType.F32:
-            return picked
-        if self.ggml_type == GGMLType.F16:
-            return picked.astype(mx.float32)
-        return dequantize(picked, int(self.ggml_type))
+        if self.ggml_type == GGMLType.F32 or self.kernels is None:
+            return matmul(x, self.dense().T)
+        return self.kernels.matmul(x, QTensor(mx.view(self.data, mx.uint8), self.ggml_type))
 
 
 class Weights:
@@ -88,9 +75,10 @@ class Weights:
     sensible budget; Flash's non-expert weights (29 GB as f32) do not, and stay as stored.
     """
 
-    def __init__(self, model: ModelFile, expand_budget: int = 0):
+    def __init__(self, model: ModelFile, kernels: Backend, expand_budget: int = 0):
         self.file = model
         self.cfg = model.config
+        self.kernels = kernels
         self.expand_left = expand_budget
 
     def vector(self, name: str) -> mx.array:
@@ -99,16 +87,18 @@ class Weights:
 
     def matrix(self, name: str) -> Matrix:
         info = self.file.tensors[name]
-        m = Matrix.load(info)
+        m = Matrix.load(info, self.kernels)
         wide = int(np.prod(info.shape)) * 4  # bytes as f32
         if m.ggml_type != GGMLType.F32 and wide <= self.expand_left:
             self.expand_left -= wide
-            m = Matrix(m.dense(), GGMLType.F32)
+            m = Matrix(m.dense(), GGMLType.F32, self.kernels)
             mx.eval(m.data)
         return m
 
-    def experts(self, name: str) -> Experts:
-        return Experts.load(self.file.tensors[name])
+    def experts(self, name: str) -> QTensor:
+        """A routed-expert stack ``[n_expert, out, in]`` in its stored encoding."""
+        info = self.file.tensors[name]
+        return QTensor(_raw(info, (info.shape[2], info.shape[1])), info.ggml_type)
 
     def int_table(self, name: str) -> mx.array:
         return mx.array(np.asarray(self.file.array(name), dtype=np.int32))

@@ -194,11 +194,43 @@ def test_in_memory_names_bf16_sharded(tiny, converted, tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
-def test_unbuilt_recipes_refused(tiny, tmp_path, recipe):
-    with pytest.raises(ConvertError, match=f"recipe {recipe} needs the quantized-expert kernels") as err:
+def test_low_bit_recipes_need_rows_of_256(tiny, tmp_path, recipe):
+    with pytest.raises(ConvertError, match="do not fill .* blocks of 256") as err:
         convert(tiny.folder, tmp_path / "x.gguf", recipe)
     assert err.value.exit_code != 0
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> TinyHF:
+    """The tiny model at widths the 256-value K/IQ blocks can hold."""
+    return build_tiny_hf(tmp_path_factory.mktemp("hf") / "wide-v4", hidden_size=256, moe_intermediate_size=256)
+
+
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+def test_low_bit_recipes_quantize_each_expert(wide, tmp_path, recipe):
+    """Every routed expert is the quantizer's output for that expert's weights; with an
+    imatrix, the importance of that expert's slice (packed as ds4 packs it)."""
+    from magnetar.kernels import GGMLType
+    from magnetar.kernels.quantize import quantize
+    from magnetar.runtime.imatrix import Imatrix, write_dat
+
+    cfg = open_model(convert(wide.folder, tmp_path / "f32.gguf", "f32")).config
+    name = "blk.3.ffn_gate_exps.weight"
+    imp = np.random.default_rng(0).gamma(1.0, size=cfg.n_expert * cfg.d_model).astype(np.float32)
+    write_dat(tmp_path / "m.dat", {name: (1, imp)})
+    out = convert(wide.folder, tmp_path / f"{recipe}.gguf", recipe, imatrix=Imatrix.read(tmp_path / "m.dat"))
+    mf = open_model(out)
+    assert mf.meta["magnetar.imatrix"] == "m.dat"
+    gate = GGMLType.IQ2_XXS if recipe == "q2" else GGMLType.Q4_K
+    assert mf.tensors[name].ggml_type == gate
+    source = np.asarray(open_model(tmp_path / "f32.gguf").array(name), np.float32)  # [E, F, D]
+    stored = np.asarray(mf.tensors[name].data).reshape(cfg.n_expert, cfg.expert_ffn, -1)
+    for e in range(cfg.n_expert):
+        expected = quantize(source[e], gate, imp[e * cfg.d_model:(e + 1) * cfg.d_model])
+        assert np.array_equal(stored[e], expected)
+    down = mf.tensors["blk.3.ffn_down_exps.weight"]
+    assert down.ggml_type == (GGMLType.Q2_K if recipe == "q2" else GGMLType.Q4_K)
 
 
 @pytest.fixture(scope="module")

@@ -22,3 +22,39 @@ def test_llama_cpp_loads_and_runs_our_tiny_model(tiny_models, v4_tokenizer, reci
     llm.eval(ids)
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(129280,))
     assert np.isfinite(logits).all() and logits.std() > 0
+
+
+def _llama_logits(path, ids: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, n_batch=512, logits_all=True,
+                          verbose=False)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+
+
+# recipe -> (least top-1 agreement, largest median relative logit error), over 300
+# positions. Measured: f32 99.3% / 6e-4; q2 90.3% / 2.7e-2. For IQ2_XXS and Q2_K
+# weights llama.cpp's CPU quantizes the activations to 8 bits (Q8_K) while we keep
+# them in f32, and a random-weight model amplifies that noise (its top-1 margins
+# are tiny: q8 weights alone keep only 93% of f32's argmaxes), so q2 agrees less
+# than the 99% a trained model would show; f32 shows the two graphs are the same.
+AGREEMENT = {"f32": (0.99, 2e-3), "q2": (0.85, 5e-2)}
+
+
+@pytest.mark.parametrize("recipe", list(AGREEMENT))
+def test_tiny_model_agrees_with_llama_cpp(tiny_models, v4_tokenizer, recipe):
+    """An independent engine runs the same file, position by position."""
+    from magnetar.runtime.engine import Engine
+
+    text = ("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+            "The quick brown fox jumps over the lazy dog. 0123456789 ") * 8
+    ids = [v4_tokenizer.bos_id] + v4_tokenizer.encode(text)[:299]
+    theirs = _llama_logits(tiny_models(recipe), ids)
+    ours = Engine.load(tiny_models(recipe), ctx=512, precision="reference").logits(ids).astype(np.float64)
+    agree = np.mean(theirs.argmax(axis=1) == ours.argmax(axis=1))
+    rel = np.max(np.abs(theirs - ours), axis=1) / np.max(np.abs(theirs), axis=1)
+    print(f"llama.cpp vs magnetar, tiny {recipe}, {len(ids)} positions: top-1 {agree:.2%}, "
+          f"relative logit error median {np.median(rel):.2e}, max {rel.max():.2e}")
+    least_agreement, median_error = AGREEMENT[recipe]
+    assert len(ids) == 300
+    assert agree >= least_agreement
+    assert np.median(rel) < median_error

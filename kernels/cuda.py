@@ -1,0 +1,392 @@
+"""The CUDA backend: ``kernels/cuda/*.cu`` run through ``mx.fast.cuda_kernel``.
+
+Layout of the sources (spec/quant-kernels.md §2.4, §2.5, §4.2):
+
+* ``cuda/portable.cuh`` maps what differs between CUDA and HIP (headers,
+  warp shuffles, the warp width ``MG_WARP``); ``cuda/blocks.cuh`` holds the
+  per-type block decoders (F32, F16, Q8_0, Q2_K, Q4_K, IQ2_XXS);
+  ``cuda/common.cuh`` the warp-dot and tile loops all product kernels share.
+  ``header()`` pastes them together with the IQ2_XXS tables, emitted here as
+  ``__constant__`` arrays from ``reference.IQ2XXS_GRID``/``IQ2XXS_SIGNS``.
+* Each ``cuda/<kernel>.cu`` is a kernel *body*: MLX wraps it in the
+  ``__global__`` signature it generates (pointer per input and output,
+  template values as ``constexpr``), inside ``namespace mlx::core::cu``, and
+  compiles it with NVRTC at first use. ``translation_unit()`` builds the same
+  text as a standalone file, so nvcc (and hipcc, for the HIP build) can
+  compile every kernel without a GPU; tests/test_kernels_cuda.py does.
+
+All activations and sums are f32; weights are decoded in registers or shared
+memory from the raw GGUF bytes (no Q8_K activations: ``__dp4a`` on Q8_K
+would trade ~1e-3 relative error for speed, a later option). Fixed model
+dimensions go in as templates (one NVRTC compile per shape); per-call
+values (token counts, the clamp limit) as small input arrays.
+
+Inputs are row-contiguous (``ensure_row_contiguous``) and the kernels read
+f32 activations and F32 weights as ``float4``: their rows start 16-byte
+aligned, as in any array MLX allocates or a slice of whole rows of one
+(cols is a multiple of 32; other widths take an MLX-ops fallback).
+
+Geometry: MLX grids count *threads*; the ``*_geometry`` functions below
+return ``(grid, threadgroup)`` and are what the kernels' index arithmetic
+assumes (documented at the top of each body).
+
+``HipBackend`` exists for the factory only: no MLX release has a ROCm kernel
+entry point (spec §4.3), so it cannot run; its sources are compile-checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import GGMLType
+from .backend import Backend, BackendUnavailable, QTensor
+from .reference import IQ2XXS_GRID, IQ2XXS_SIGNS
+
+SOURCE_DIR = Path(__file__).with_name("cuda")
+HEADER_FILES = ("portable.cuh", "blocks.cuh", "common.cuh")  # tables go after portable.cuh
+
+WARP = 32  # NVIDIA; the HIP build uses the target's wavefront (MG_WARP)
+WARP_THREADS = 256  # threads per block of the warp-per-rows kernels
+ROWS_PER_WARP = 2  # NR of the warp-per-rows kernels
+TILE_THREADS = 256  # the tiled kernels: 16 x 16 threads ...
+TILE_ROWS = 64  # ... over 64 weight rows
+DENSE_TILE_TOKENS = 64  # BN of matmul_tiled
+MOE_TILE_PAIRS = 32  # BN of the grouped MoE kernels: pairs of one expert per tile
+MATVEC_MAX_TOKENS = 8  # matmul: warp-per-rows up to here, tiles above
+MOE_DECODE_MAX_TOKENS = 4  # moe: fused per-pair decode kernels up to here, grouped tiles above
+CHUNK = 32  # values per decoded chunk; the kernels need cols % CHUNK == 0
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel body and the signature MLX will generate for it."""
+
+    name: str
+    inputs: tuple[tuple[str, str], ...]  # (parameter name, C element type)
+    outputs: tuple[str, ...]  # float32 outputs
+    templates: tuple[str, ...]  # constexpr int names, in template= order
+
+    @property
+    def body(self) -> str:
+        return _read(f"{self.name}.cu")
+
+
+_W, _F, _I = "uint8_t", "float", "int32_t"
+KERNELS = {
+    "dequantize": KernelSpec("dequantize", (("w", _W), ("sel", _I), ("params", _I)), ("out",),
+                             ("QT", "ROWS", "COLS")),
+    "matvec": KernelSpec("matvec", (("w", _W), ("x", _F), ("params", _I)), ("y",),
+                         ("QT", "ROWS", "COLS", "NR", "NT")),
+    "matmul_tiled": KernelSpec("matmul_tiled", (("w", _W), ("x", _F), ("params", _I)), ("y",),
+                               ("QT", "ROWS", "COLS", "BN")),
+    "moe_gate_up": KernelSpec(
+        "moe_gate_up", (("x", _F), ("ids", _I), ("weights", _F), ("gate", _W), ("up", _W), ("limit", _F)),
+        ("mid",), ("QTG", "QTU", "F", "D", "K", "E", "NR")),
+    "moe_down": KernelSpec("moe_down", (("mid", _F), ("ids", _I), ("down", _W)), ("y",),
+                           ("QT", "D", "F", "K", "E", "NR")),
+    "moe_gate_up_tiled": KernelSpec(
+        "moe_gate_up_tiled",
+        (("x", _F), ("order", _I), ("sorted_ids", _I), ("tile_id", _I), ("weights", _F), ("gate", _W),
+         ("up", _W), ("limit", _F), ("params", _I)),
+        ("mid",), ("QTG", "QTU", "F", "D", "K", "E", "BN")),
+    "moe_down_tiled": KernelSpec(
+        "moe_down_tiled",
+        (("mid", _F), ("order", _I), ("sorted_ids", _I), ("tile_id", _I), ("down", _W), ("params", _I)),
+        ("y",), ("QT", "D", "F", "K", "E", "BN")),
+}
+
+
+@lru_cache(maxsize=None)
+def _read(filename: str) -> str:
+    return (SOURCE_DIR / filename).read_text()
+
+
+# ---------------------------------------------------------------------------
+# Source assembly
+
+
+def iq2_tables_source() -> str:
+    """The IQ2_XXS grid (256 little-endian u64: byte i = lane i's magnitude)
+    and sign bytes as ``__constant__`` arrays, generated from the reference."""
+    grid = np.ascontiguousarray(IQ2XXS_GRID, dtype=np.uint8).view("<u8").reshape(256)
+    rows = [", ".join(f"0x{int(v):016x}ull" for v in grid[i:i + 4]) for i in range(0, 256, 4)]
+    signs = [", ".join(f"0x{int(v):02x}" for v in IQ2XXS_SIGNS[i:i + 16]) for i in range(0, 128, 16)]
+    return ("// IQ2_XXS tables, generated by kernels/cuda.py from kernels.reference.\n"
+            "__constant__ uint64_t mg_iq2_grid[256] = {\n  " + ",\n  ".join(rows) + "};\n"
+            "__constant__ uint8_t mg_iq2_signs[128] = {\n  " + ",\n  ".join(signs) + "};\n")
+
+
+@lru_cache(maxsize=None)
+def header() -> str:
+    """The ``header=`` text every kernel gets: portability, tables, decoders, loops."""
+    first, *rest = HEADER_FILES
+    return "\n".join([_read(first), iq2_tables_source(), *(_read(f) for f in rest)])
+
+
+def kernel_function_name(spec: KernelSpec, template: dict[str, int]) -> str:
+    """The name MLX gives the wrapped function (``custom_kernel_<name>`` plus template values)."""
+    return f"custom_kernel_{spec.name}" + "".join(f"_{template[t]}" for t in spec.templates)
+
+
+def wrapped_kernel(spec: KernelSpec, template: dict[str, int]) -> str:
+    """``spec``'s body in the ``__global__`` wrapper MLX generates for it."""
+    params = [f"    const {ctype}* {name}" for name, ctype in spec.inputs]
+    params += [f"    float* {name}" for name in spec.outputs]
+    consts = "".join(f"  constexpr int {t} = {int(template[t])};\n" for t in spec.templates)
+    return (f"__global__ void {kernel_function_name(spec, template)}(\n" + ",\n".join(params) + ") {\n"
+            + consts + "\n" + spec.body + "\n}\n")
+
+
+_PRELUDE = {
+    # What MLX's generated source starts with (its utils.cuh brings cuda_fp16
+    # and the cuda::std headers); the `inf` macro is MLX's too, so a kernel
+    # that used `inf` as a name would break here as it would there.
+    "cuda": ("#include <cuda_fp16.h>\n#include <cuda/std/limits>\n#include <cooperative_groups.h>\n\n"
+             "#define inf cuda::std::numeric_limits<float>::infinity()\n\n"),
+    "hip": "#include <hip/hip_runtime.h>\n\n#define inf __builtin_huge_valf()\n\n",
+}
+_NAMESPACE = {"cuda": "mlx::core::cu", "hip": "mlx::core::rocm"}
+
+
+def translation_unit(platform: str = "cuda", instances: list[tuple[str, dict[str, int]]] | None = None) -> str:
+    """A standalone .cu file imitating MLX's generated source: prelude, our
+    header, then each (kernel, template values) wrapped as MLX wraps it.
+    ``platform`` is ``cuda`` (nvcc/NVRTC) or ``hip`` (hipcc)."""
+    instances = compile_check_instances() if instances is None else instances
+    parts = [_PRELUDE[platform], header(), f"\nnamespace {_NAMESPACE[platform]} {{\n\n"]
+    if platform == "cuda":
+        parts.append("namespace cg = cooperative_groups;\n\n")
+    parts += [wrapped_kernel(KERNELS[name], template) + "\n" for name, template in instances]
+    parts.append(f"}}  // namespace {_NAMESPACE[platform]}\n")
+    return "".join(parts)
+
+
+def compile_check_instances() -> list[tuple[str, dict[str, int]]]:
+    """Every kernel with every weight type it serves, at small model-like sizes."""
+    q = GGMLType
+    all_types = [q.F32, q.F16, q.Q8_0, q.Q2_K, q.Q4_K, q.IQ2_XXS]
+    recipes = [(q.IQ2_XXS, q.IQ2_XXS, q.Q2_K), (q.Q4_K, q.Q4_K, q.Q4_K), (q.Q8_0, q.Q8_0, q.Q8_0),
+               (q.F32, q.F32, q.F32), (q.F16, q.F16, q.F16)]
+    d, f, k, e = 1024, 512, 6, 16
+    out = []
+    for t in all_types:
+        out.append(("dequantize", dict(QT=t, ROWS=64, COLS=d)))
+        out.append(("matvec", dict(QT=t, ROWS=96, COLS=d, NR=ROWS_PER_WARP, NT=MATVEC_MAX_TOKENS)))
+        out.append(("matmul_tiled", dict(QT=t, ROWS=96, COLS=d, BN=DENSE_TILE_TOKENS)))
+    for g, u, dn in recipes:
+        out.append(("moe_gate_up", dict(QTG=g, QTU=u, F=f, D=d, K=k, E=e, NR=ROWS_PER_WARP)))
+        out.append(("moe_down", dict(QT=dn, D=d, F=f, K=k, E=e, NR=ROWS_PER_WARP)))
+        out.append(("moe_gate_up_tiled", dict(QTG=g, QTU=u, F=f, D=d, K=k, E=e, BN=MOE_TILE_PAIRS)))
+        out.append(("moe_down_tiled", dict(QT=dn, D=d, F=f, K=k, E=e, BN=MOE_TILE_PAIRS)))
+    return [(name, {key: int(v) for key, v in tpl.items()}) for name, tpl in out]
+
+
+# ---------------------------------------------------------------------------
+# Launch geometry (pure; grids in threads as MLX takes them)
+
+Geometry = tuple[tuple[int, int, int], tuple[int, int, int]]
+
+
+def dequantize_geometry(n_sel: int, rows: int, cols: int, threads: int = 256) -> Geometry:
+    """One thread per 32-value chunk of the ``n_sel * rows`` output rows."""
+    n = n_sel * rows * (cols // CHUNK)
+    return (threads * math.ceil(n / threads), 1, 1), (threads, 1, 1)
+
+
+def warp_rows_geometry(rows: int, grid_rows: int = 1, nr: int = ROWS_PER_WARP, threads: int = WARP_THREADS,
+                       warp: int = WARP) -> Geometry:
+    """matvec / moe_gate_up / moe_down: each warp owns ``nr`` consecutive
+    rows, a block ``threads // warp * nr``; grid y is the pair (gate/up) or
+    token (down) index, 1 for matvec."""
+    per_block = threads // warp * nr
+    return (threads * math.ceil(rows / per_block), grid_rows, 1), (threads, 1, 1)
+
+
+def tiled_geometry(rows: int, n_tok: int, bn: int = DENSE_TILE_TOKENS) -> Geometry:
+    """matmul_tiled: block (bx, by) = 64 rows from 64 bx x tokens from bn by."""
+    return (TILE_THREADS * math.ceil(rows / TILE_ROWS), math.ceil(n_tok / bn), 1), (TILE_THREADS, 1, 1)
+
+
+def moe_max_tiles(n_pairs: int, n_experts: int, bn: int = MOE_TILE_PAIRS) -> int:
+    """Most tiles the expert grouping can make: a group of n pairs makes
+    ceil(n / bn) <= n / bn + 1 tiles, and there are at most n_experts + 1
+    groups (ids outside [0, n_experts) share one)."""
+    return math.ceil(n_pairs / bn) + min(n_pairs, n_experts + 1)
+
+
+def moe_tiled_geometry(rows: int, n_pairs: int, n_experts: int, bn: int = MOE_TILE_PAIRS) -> Geometry:
+    """moe_*_tiled: block (b, by) = tile b (blocks past the last tile exit) x 64 rows from 64 by."""
+    tiles = moe_max_tiles(n_pairs, n_experts, bn)
+    return (TILE_THREADS * tiles, math.ceil(rows / TILE_ROWS), 1), (TILE_THREADS, 1, 1)
+
+
+def moe_tile_map(ids: mx.array, n_experts: int, bn: int = MOE_TILE_PAIRS) -> tuple[mx.array, mx.array, mx.array]:
+    """Group the (token, slot) pairs by expert with MLX ops, on the device.
+
+    Returns ``order`` (pair index ``token * K + slot`` of each sorted
+    position), ``sorted_ids`` (its expert; invalid ids become ``n_experts``)
+    and ``tile_id``: sorted positions are cut into tiles of at most ``bn``
+    pairs of one expert, numbered 0, 1, ... in order (non-decreasing).
+    """
+    flat = ids.reshape(-1).astype(mx.int32)
+    flat = mx.where((flat >= 0) & (flat < n_experts), flat, n_experts)
+    order = mx.argsort(flat).astype(mx.int32)
+    sorted_ids = mx.take(flat, order)
+    pos = mx.arange(flat.size, dtype=mx.int32)
+    new_group = mx.concatenate([mx.array([True]), sorted_ids[1:] != sorted_ids[:-1]])
+    group_start = mx.cummax(mx.where(new_group, pos, 0))
+    tile_start = ((pos - group_start) % bn) == 0
+    tile_id = mx.cumsum(tile_start.astype(mx.int32)) - 1
+    return order, sorted_ids, tile_id
+
+
+# ---------------------------------------------------------------------------
+# Kernel objects (built lazily: creating one raises on an MLX without CUDA)
+
+
+@lru_cache(maxsize=None)
+def _kernel(name: str):
+    spec = KERNELS[name]
+    # MLX caches compiled PTX on disk by kernel name: a digest of the source
+    # in the name keeps a changed kernel from running stale code.
+    digest = hashlib.sha256((header() + spec.body).encode()).hexdigest()[:12]
+    return mx.fast.cuda_kernel(name=f"magnetar_{name}_{digest}", input_names=[n for n, _ in spec.inputs],
+                               output_names=list(spec.outputs), source=spec.body, header=header(),
+                               ensure_row_contiguous=True)
+
+
+def _run(name: str, inputs: list, shapes: list, geometry: Geometry, template: dict[str, int],
+         init_value: float | None = None) -> list[mx.array]:
+    spec = KERNELS[name]
+    grid, group = geometry
+    return _kernel(name)(inputs=inputs, output_shapes=shapes, output_dtypes=[mx.float32] * len(shapes),
+                         grid=grid, threadgroup=group, template=[(t, int(template[t])) for t in spec.templates],
+                         init_value=init_value)
+
+
+def _raw(w: QTensor) -> mx.array:
+    data = w.data if isinstance(w.data, mx.array) else mx.array(np.ascontiguousarray(w.data))
+    return data if data.dtype == mx.uint8 else mx.view(data, mx.uint8)
+
+
+def _ints(*values: int) -> mx.array:
+    return mx.array(list(values), dtype=mx.int32)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class CudaBackend(Backend):
+    """Quantized dequantize / matmul / moe as CUDA kernels on MLX's CUDA device."""
+
+    name = "cuda"
+
+    def __init__(self):
+        if not mx.cuda.is_available():
+            raise BackendUnavailable("the cuda kernel backend needs MLX's CUDA back-end "
+                                     "(mx.cuda.is_available() is False)")
+
+    # -- dequantize ---------------------------------------------------------
+
+    def dequantize(self, w: QTensor, experts: mx.array | None = None) -> mx.array:
+        qtype, rows, cols = w.ggml_type, w.rows, w.cols
+        data = _raw(w)
+        if cols % CHUNK:
+            from .dequant import dequantize
+            return dequantize(data if experts is None else mx.take(data, experts, axis=0), qtype)
+        if experts is None:
+            stack = data.reshape(-1, rows, data.shape[-1])
+            sel = mx.arange(stack.shape[0], dtype=mx.int32)
+            out_shape = (*data.shape[:-2], rows, cols)
+        else:
+            experts = experts if isinstance(experts, mx.array) else mx.array(experts)
+            sel = experts.reshape(-1).astype(mx.int32)
+            if data.ndim == 2:  # picks rows of a plain matrix, as numpy indexing would
+                stack, out_shape = data.reshape(rows, 1, data.shape[-1]), (*experts.shape, cols)
+            else:
+                stack, out_shape = data.reshape(-1, rows, data.shape[-1]), (*experts.shape, rows, cols)
+        n_sel, n_rows = sel.size, stack.shape[1]
+        if n_sel == 0:
+            return mx.zeros(out_shape, mx.float32)
+        (out,) = _run("dequantize", [stack, sel, _ints(n_sel)], [(n_sel, n_rows, cols)],
+                      dequantize_geometry(n_sel, n_rows, cols), dict(QT=qtype, ROWS=n_rows, COLS=cols))
+        return out.reshape(out_shape)
+
+    # -- dense product ------------------------------------------------------
+
+    def matmul(self, x: mx.array, w: QTensor) -> mx.array:
+        rows, cols = w.rows, w.cols
+        x = x.astype(mx.float32)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, cols)
+        n_tok = x.shape[0]
+        if w.n_experts:
+            raise ValueError(f"matmul takes one matrix, not a stack of {w.n_experts} experts")
+        if cols % CHUNK:
+            return (x @ self.dequantize(w).T).reshape(*lead, rows)
+        if n_tok == 0:
+            return mx.zeros((*lead, rows), mx.float32)
+        data = _raw(w)
+        if n_tok <= MATVEC_MAX_TOKENS:
+            tpl = dict(QT=w.ggml_type, ROWS=rows, COLS=cols, NR=ROWS_PER_WARP, NT=_pow2_at_least(n_tok))
+            (y,) = _run("matvec", [data, x, _ints(n_tok)], [(n_tok, rows)], warp_rows_geometry(rows), tpl)
+        else:
+            tpl = dict(QT=w.ggml_type, ROWS=rows, COLS=cols, BN=DENSE_TILE_TOKENS)
+            (y,) = _run("matmul_tiled", [data, x, _ints(n_tok)], [(n_tok, rows)], tiled_geometry(rows, n_tok), tpl)
+        return y.reshape(*lead, rows)
+
+    # -- routed experts -----------------------------------------------------
+
+    def moe(self, x, ids, weights, gate, up, down, limit):
+        n_tok, d_model = x.shape
+        k = ids.shape[-1]
+        n_exp, ffn = gate.n_experts, gate.rows
+        if (up.rows, up.cols, gate.cols, down.rows, down.cols) != (ffn, d_model, d_model, d_model, ffn):
+            raise ValueError(f"moe shapes disagree: gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
+                             f"down {down.rows}x{down.cols}, x [{n_tok}, {d_model}]")
+        if d_model % CHUNK or ffn % CHUNK:  # plain f16/f32 experts of odd widths: not worth kernels
+            from .cpu import CpuBackend
+            return CpuBackend().moe(x, ids, weights, gate, up, down, limit)
+        n_pairs = n_tok * k
+        if n_pairs == 0:
+            return mx.zeros((n_tok, d_model), mx.float32)
+        x = x.astype(mx.float32)
+        flat_ids = ids.reshape(-1).astype(mx.int32)
+        route = weights.reshape(-1).astype(mx.float32)
+        lim = mx.array([limit], dtype=mx.float32)
+        wg, wu, wd = _raw(gate), _raw(up), _raw(down)
+        dims = dict(F=ffn, D=d_model, K=k, E=n_exp)
+        if n_tok <= MOE_DECODE_MAX_TOKENS:
+            (mid,) = _run("moe_gate_up", [x, flat_ids, route, wg, wu, lim], [(n_pairs, ffn)],
+                          warp_rows_geometry(ffn, n_pairs),
+                          dict(QTG=gate.ggml_type, QTU=up.ggml_type, NR=ROWS_PER_WARP, **dims))
+            (y,) = _run("moe_down", [mid, flat_ids, wd], [(n_tok, d_model)], warp_rows_geometry(d_model, n_tok),
+                        dict(QT=down.ggml_type, NR=ROWS_PER_WARP, **dims))
+            return y
+        order, sorted_ids, tile_id = moe_tile_map(flat_ids, n_exp)
+        params = _ints(n_pairs)
+        (mid,) = _run("moe_gate_up_tiled", [x, order, sorted_ids, tile_id, route, wg, wu, lim, params],
+                      [(n_pairs, ffn)], moe_tiled_geometry(ffn, n_pairs, n_exp),
+                      dict(QTG=gate.ggml_type, QTU=up.ggml_type, BN=MOE_TILE_PAIRS, **dims))
+        (y,) = _run("moe_down_tiled", [mid, order, sorted_ids, tile_id, wd, params], [(n_tok, d_model)],
+                    moe_tiled_geometry(d_model, n_pairs, n_exp), dict(QT=down.ggml_type, BN=MOE_TILE_PAIRS, **dims),
+                    init_value=0.0)
+        return y
+
+
+class HipBackend(Backend):
+    """The HIP build of the same sources; not runnable through MLX (see module doc)."""
+
+    name = "hip"
+
+    def __init__(self):
+        raise BackendUnavailable("MLX releases have no ROCm kernel entry point (no mx.fast hip/rocm kernel), "
+                                 "so the HIP build of kernels/cuda is compile-checked only")
