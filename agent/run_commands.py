@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 from rich.console import Console
@@ -126,4 +127,39 @@ def bench_kernels(args: argparse.Namespace) -> int:
     except (BackendUnavailable, ValueError) as err:
         raise UsageError(str(err)) from None
     print(kb.render(cases, args.recipe, args.backend))
+    return 0
+
+
+def imatrix(args: argparse.Namespace) -> int:
+    from magnetar.runtime.imatrix import Collector, write_dat
+    from magnetar.runtime.prompt_file import read_prompts
+
+    if args.max_tokens < 2:
+        raise UsageError("--max-tokens must be at least 2")
+    texts = read_prompts(args.prompts)
+    engine = Engine.load(args.model, ctx=max(args.ctx, args.max_tokens))
+    tok = engine.tokenizer
+    prompts = [([tok.bos_id] + tok.encode(t))[:args.max_tokens] for t in texts]
+    start = time.perf_counter()
+    collector = Collector(engine)
+    with progress_bar("collecting") as report:
+        collector.run(engine, prompts, progress=report)
+    write_dat(args.output, collector.entries(), dataset=Path(args.prompts).name)
+    print(f"wrote {args.output}: {len(prompts)} prompts, {collector.tokens} tokens, "
+          f"{3 * engine.config.n_layer} expert tensors ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def quality(args: argparse.Namespace) -> int:
+    from magnetar.runtime import quality as q
+    from magnetar.runtime.prompt_file import read_prompts
+
+    prompts = read_prompts(args.prompts)
+    with progress_bar("comparing") as report:
+        per_prompt, overall = q.run(args.model, args.ref, prompts, args.max_tokens, args.top_k, args.ctx, report)
+    print(f"{args.model} against {args.ref}: KL(ref || quant) in nats per position")
+    print(q.render(per_prompt, overall, args.top_k))
+    if args.json:
+        q.write_json(args.json, per_prompt, overall,
+                     {"model": str(args.model), "ref": str(args.ref), "prompts": str(args.prompts), "top_k": args.top_k})
     return 0

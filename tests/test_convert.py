@@ -299,5 +299,7 @@ def test_convert_command_writes_a_loadable_model(tiny, tmp_path, capsys):
     assert open_model(out).recipe == "f16"
     assert main(["convert", str(tiny.folder), "-o", str(out), "--recipe", "q2"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("magnetar: error: recipe q2 needs the quantized-expert kernels")
+    assert err.startswith("magnetar: error: blk.0.ffn_gate_exps.weight rows of 64 do not fill IQ2_XXS blocks of 256")
     assert err.count("\n") == 1
+    assert main(["convert", str(tiny.folder), "-o", str(out), "--recipe", "q2", "--imatrix", str(tmp_path / "no.dat")]) == 2
+    assert capsys.readouterr().err.startswith("magnetar: error: cannot read imatrix")

@@ -114,3 +114,35 @@ def test_collected_file_has_every_expert_tensor(tiny_models, tmp_path):
     assert np.all((means == 0) | ((means > 0.3) & (means < 3)))
     assert engine.tokens == []  # collection leaves the engine empty
     mx.clear_cache()
+
+
+def test_imatrix_command_end_to_end(tiny_models, tmp_path):
+    from magnetar.agent.cli import main
+
+    prompts = tmp_path / "calib.txt"
+    prompts.write_text("def add(a, b):\n    return a + b\n---\nThe cache holds the keys.\n---\n\n")
+    out = tmp_path / "tiny.dat"
+    assert main(["imatrix", "-m", str(tiny_models("q8")), "--prompts", str(prompts), "-o", str(out)]) == 0
+    im = Imatrix.read(out)
+    assert len(im.values) == 15 and out.read_bytes().endswith(b"calib.txt")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"nope": 1}\n')
+    assert main(["imatrix", "-m", str(tiny_models("q8")), "--prompts", str(bad), "-o", str(out)]) != 0
+
+
+def test_prompt_files(tmp_path):
+    from magnetar.runtime.errors import UsageError
+    from magnetar.runtime.prompt_file import read_prompts
+
+    text = tmp_path / "p.txt"
+    text.write_text("one\nline two\n---\n\n---\nthree\n")
+    assert read_prompts(text) == ["one\nline two", "three"]
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"text": "a"}\n\n{"text": "b\\nc"}\n')
+    assert read_prompts(jl) == ["a", "b\nc"]
+    jl.write_text('{"text": "a"}\n[1]\n')
+    with pytest.raises(UsageError, match=r"p.jsonl:2"):
+        read_prompts(jl)
+    (tmp_path / "empty.txt").write_text("---\n")
+    with pytest.raises(UsageError, match="no prompts"):
+        read_prompts(tmp_path / "empty.txt")
