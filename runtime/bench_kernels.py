@@ -64,7 +64,7 @@ class _CopyFloor:
 
     def __init__(self, capacity: int):
         self.size = max(capacity, 64 << 20)
-        self.src, self.dst = np.ones(2 * self.size, np.uint8), np.zeros(2 * self.size, np.uint8)
+        self.src, self.dst = np.ones(2 * self.size, np.uint8), np.full(2 * self.size, 2, np.uint8)  # both touched
         self.at = 0
 
     def copy(self, n: int) -> None:

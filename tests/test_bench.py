@@ -328,3 +328,18 @@ def test_render_warns_when_other_processes_were_busy():
     assert "warning: other processes kept 0.9 of" in render_table(summary, rich=False)
     samples[0].other_cpu = 0.1
     assert "warning" not in render_table(summarize(samples))
+
+
+def test_bench_kernels_times_every_variant_on_the_bytes_it_reads():
+    from magnetar.runtime import bench_kernels
+
+    cases = bench_kernels.run("q2", "cpu", n_experts=8, d_model=256, ffn=256, k=3, prefill_tokens=20, reps=2)
+    per_expert = 2 * 256 * 256 * 66 // 256 + 256 * 256 * 84 // 256  # IQ2_XXS gate/up + Q2_K down
+    decode, prefill = cases
+    assert (decode.n_tokens, prefill.n_tokens) == (1, 20)
+    assert decode.bytes_read == 3 * per_expert  # one token reads its 3 experts
+    assert prefill.bytes_read % per_expert == 0 and 3 * per_expert < prefill.bytes_read <= 8 * per_expert
+    for case in cases:
+        assert all(len(v) == 2 and min(v) > 0 for v in case.seconds.values())
+    table = bench_kernels.render(cases, "q2", "cpu")
+    assert "decode T=1" in table and "prefill T=20" in table
