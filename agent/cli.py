@@ -79,10 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", required=True, metavar="QUANT", help="the quantized model")
     p.add_argument("--ref", required=True, metavar="REF", help="the higher-precision model")
     p.add_argument("--prompts", required=True, metavar="FILE", help="text split by '---' lines, or .jsonl {\"text\"}")
-    p.add_argument("--max-tokens", type=int, default=512, help="tokens per prompt (longer ones are cut)")
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--ctx", type=int, default=4096)
-    p.add_argument("--json", metavar="OUT.json", help="also write the numbers as JSON")
+    p.add_argument("--max-tokens", type=int, default=512, metavar="N",
+                   help="tokens per prompt, BOS included (longer ones are cut; default 512)")
+    p.add_argument("--top-k", type=int, default=10, metavar="K", help="k of the top-k overlap (default 10)")
+    p.add_argument("--ctx", type=int, default=None, metavar="N",
+                   help="the engines' context in tokens (default: --max-tokens)")
+    p.add_argument("--json", metavar="OUT.json", help="also write per-prompt and overall numbers as JSON")
     p.set_defaults(run=run_commands.quality)
 
     p = sub.add_parser("bench", help="decode/prefill speed side by side with optional peers; kernels vs the memory floor")

@@ -155,11 +155,10 @@ def quality(args: argparse.Namespace) -> int:
     from magnetar.runtime.prompt_file import read_prompts
 
     prompts = read_prompts(args.prompts)
-    with progress_bar("comparing") as report:
-        per_prompt, overall = q.run(args.model, args.ref, prompts, args.max_tokens, args.top_k, args.ctx, report)
-    print(f"{args.model} against {args.ref}: KL(ref || quant) in nats per position")
-    print(q.render(per_prompt, overall, args.top_k))
+    with progress_bar("reference, then quantized") as report:
+        result = q.run(args.model, args.ref, prompts, max_tokens=args.max_tokens, k=args.top_k, ctx=args.ctx,
+                       progress=report)
+    print(q.render(result))
     if args.json:
-        q.write_json(args.json, per_prompt, overall,
-                     {"model": str(args.model), "ref": str(args.ref), "prompts": str(args.prompts), "top_k": args.top_k})
+        q.write_json(args.json, result, prompts_file=str(args.prompts))
     return 0

@@ -1,0 +1,360 @@
+"""The Metal backend: ``kernels/metal/*.metal`` run through ``mx.fast.metal_kernel``.
+
+Layout of the sources (spec/quant-kernels.md §2.2, §2.3, §2.5, §4.1):
+
+* ``metal/blocks.metal`` holds the per-type block decoders (F32, F16, Q8_0,
+  Q2_K, Q4_K, IQ2_XXS) as ``MgChunk<QT>`` and the staging of the IQ2_XXS
+  tables into threadgroup memory; ``metal/common.metal`` the simdgroup dot
+  loop, the threadgroup tile loops and the MoE helpers all kernels share.
+  ``header()`` pastes them after the IQ2_XXS tables, which are emitted here
+  as ``constant`` arrays from ``reference.IQ2XXS_GRID``/``IQ2XXS_SIGNS``.
+* Every other ``metal/<kernel>.metal`` is a kernel *body*: MLX generates the
+  signature (a pointer per input and output, a ``constant`` reference per
+  0-d input, the thread-position attributes the body mentions, template
+  values as a real ``template <...>``). ``generated_source()`` imitates that
+  text for reviews and checks; the docstring at the top of each body gives
+  its inputs, template and launch geometry.
+
+Kernels (threadgroups of simdgroups of 32; grids counted in threads):
+
+* ``dequantize``: one thread per 32-value chunk of the selected rows.
+* ``matvec`` (up to ``MATVEC_MAX_TOKENS`` tokens): a simdgroup per ``NR``
+  rows, lanes over the row's chunks, ``simd_sum``; ``matmul_tiled`` above:
+  64 rows x 32 tokens per threadgroup through threadgroup memory.
+* MoE decode (up to ``MOE_DECODE_MAX_TOKENS`` tokens): ``moe_gate_up`` per
+  (token, slot) pair, gate and up rows together with shared activations and
+  the clamp / SiLU / route weight epilogue, writing ``mid [T, K, F]``; then
+  ``moe_down``, which loops over the K slots inside and writes each output
+  once. Expert ids are read on the device (no host sync).
+* MoE prefill: the pairs are grouped by expert with MLX ops on the device
+  (``moe_groups``); ``moe_gate_up_tiled`` and ``moe_down_tiled`` run tiles of
+  up to ``MOE_TILE_PAIRS`` pairs of one expert, so each weight chunk is
+  decoded once per tile; the per-pair down products are summed over slots
+  with ``mx.sum``.
+
+All activations, decoded weights and sums are f32 (no Q8_K activations; no
+half tiles), so products agree with the float64 reference to ~1e-6 and
+``dequantize`` bit for bit. Fixed model dimensions and types are template
+values (one Metal library per shape); per-call values (token counts, the
+clamp limit) are 0-d inputs. Weights are raw GGUF bytes (uint8); blocks
+are read with the formats' alignment (2 bytes for Q8_0 / IQ2_XXS), and F32 /
+F16 rows as float4 / half4, so buffers (and slices of them) must start
+16-byte aligned, as whole rows of any MLX allocation do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import GGMLType
+from .backend import Backend, BackendUnavailable, QTensor
+from .reference import IQ2XXS_GRID, IQ2XXS_SIGNS
+
+SOURCE_DIR = Path(__file__).with_name("metal")
+HEADER_FILES = ("blocks.metal", "common.metal")  # pasted after the tables, in this order
+
+SIMD = 32  # lanes per simdgroup on every Apple GPU
+SIMDGROUPS = 2  # simdgroups per threadgroup of the simdgroup-per-rows kernels
+DEQUANT_THREADS = 256
+TILE_THREADS = 256  # the tiled kernels: 256 threads ...
+TILE_ROWS = 64  # ... over 64 weight rows ...
+DENSE_TILE_TOKENS = 32  # ... and 32 tokens (matmul_tiled) ...
+MOE_TILE_PAIRS = 32  # ... or 32 (token, slot) pairs of one expert (the grouped MoE kernels)
+MATVEC_MAX_TOKENS = 8  # matmul: simdgroup-per-rows up to here, tiles above
+MOE_DECODE_MAX_TOKENS = 4  # moe: fused per-pair decode kernels up to here, grouped tiles above
+CHUNK = 32  # values per decoded chunk; kernels need cols % CHUNK == 0
+
+
+def rows_per_simdgroup(*qtypes: int) -> int:
+    """NR: rows one simdgroup computes at once. The 2-bit types are cheap to
+    decode, so more rows share each activation load (as ds4 does)."""
+    cheap = {GGMLType.IQ2_XXS, GGMLType.Q2_K}
+    return 4 if all(GGMLType(q) in cheap for q in qtypes) else 2
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel body and what MLX is told about it."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]  # float32 outputs
+    templates: tuple[str, ...]  # int template parameters, in template= order
+
+    @property
+    def body(self) -> str:
+        return _read(f"{self.name}.metal")
+
+
+KERNELS = {k.name: k for k in (
+    KernelSpec("dequantize", ("w", "sel", "n_sel"), ("out",), ("QT", "ROWS", "COLS")),
+    KernelSpec("matvec", ("w", "x", "n_tok"), ("y",), ("QT", "ROWS", "COLS", "NR", "NT")),
+    KernelSpec("matmul_tiled", ("w", "x", "n_tok"), ("y",), ("QT", "ROWS", "COLS", "BN")),
+    KernelSpec("moe_gate_up", ("x", "ids", "weights", "gate", "up", "limit"), ("mid",),
+               ("QTG", "QTU", "F", "D", "K", "E", "NR")),
+    KernelSpec("moe_down", ("mid", "ids", "down"), ("y",), ("QT", "D", "F", "K", "E", "NR")),
+    KernelSpec("moe_gate_up_tiled",
+               ("x", "order", "tile_end", "group_end", "weights", "gate", "up", "limit"), ("mid",),
+               ("QTG", "QTU", "F", "D", "K", "E", "BN")),
+    KernelSpec("moe_down_tiled", ("mid", "order", "tile_end", "group_end", "down"), ("y_pair",),
+               ("QT", "D", "F", "K", "E", "BN")),
+)}
+
+
+@lru_cache(maxsize=None)
+def _read(filename: str) -> str:
+    return (SOURCE_DIR / filename).read_text(encoding="ascii")  # Metal gets the source as ASCII
+
+
+# ---------------------------------------------------------------------------
+# Source assembly
+
+
+def iq2_tables_source() -> str:
+    """The IQ2_XXS grid (256 patterns x 2 little-endian words: byte i of word
+    2g + i/4 is lane i's magnitude) and the 128 sign masks as ``constant``
+    arrays, generated from the reference's tables."""
+    words = np.ascontiguousarray(IQ2XXS_GRID, dtype=np.uint8).reshape(-1).view("<u4")
+    grid = [", ".join(f"0x{int(v):08x}u" for v in words[i:i + 8]) for i in range(0, 512, 8)]
+    signs = [", ".join(f"0x{int(v):02x}" for v in IQ2XXS_SIGNS[i:i + 16]) for i in range(0, 128, 16)]
+    return ("// IQ2_XXS tables, generated by kernels/metal.py from kernels.reference.\n"
+            "constant uint mg_iq2_grid[512] = {\n  " + ",\n  ".join(grid) + "};\n"
+            "constant uint8_t mg_iq2_signs[128] = {\n  " + ",\n  ".join(signs) + "};\n")
+
+
+@lru_cache(maxsize=None)
+def header() -> str:
+    """The ``header=`` text of every kernel: tables, decoders, shared loops."""
+    return "\n".join([iq2_tables_source(), *(_read(f) for f in HEADER_FILES)])
+
+
+# The thread attributes MLX declares for a body that mentions them (substring
+# match, as MLX does), with their Metal types.
+THREAD_ATTRIBUTES = {
+    "dispatch_quadgroups_per_threadgroup": "uint", "dispatch_simdgroups_per_threadgroup": "uint",
+    "dispatch_threads_per_threadgroup": "uint3", "grid_origin": "uint3", "grid_size": "uint3",
+    "quadgroup_index_in_threadgroup": "uint", "quadgroups_per_threadgroup": "uint",
+    "simdgroup_index_in_threadgroup": "uint", "simdgroups_per_threadgroup": "uint",
+    "thread_execution_width": "uint", "thread_index_in_quadgroup": "uint",
+    "thread_index_in_simdgroup": "uint", "thread_index_in_threadgroup": "uint",
+    "thread_position_in_grid": "uint3", "thread_position_in_threadgroup": "uint3",
+    "threadgroup_position_in_grid": "uint3", "threadgroups_per_grid": "uint3", "threads_per_grid": "uint3",
+    "threads_per_simdgroup": "uint", "threads_per_threadgroup": "uint3",
+}
+_MSL_TYPES = {mx.uint8: "uint8_t", mx.int32: "int32_t", mx.float32: "float"}
+
+
+def generated_source(spec: KernelSpec, template: dict[str, int], inputs: list[tuple[mx.Dtype, int, int]]) -> str:
+    """The program MLX builds for ``spec`` (after its own utils.h): our header,
+    then the body in the signature MLX generates. ``inputs`` gives each
+    input's (dtype, ndim, size): 0-d inputs become ``constant`` references,
+    inputs of fewer than 8 elements ``constant`` pointers, others ``device``."""
+    params = []
+    for name, (dtype, ndim, size) in zip(spec.inputs, inputs):
+        space = "constant" if size < 8 else "device"
+        params.append(f"  const {space} {_MSL_TYPES[dtype]}{'&' if ndim == 0 else '*'} {name}")
+    params += [f"  device float* {name}" for name in spec.outputs]
+    params += [f"  {t} {a} [[{a}]]" for a, t in THREAD_ATTRIBUTES.items() if a in spec.body]
+    params = [f"{p} [[buffer({i})]]" if "[[" not in p else p for i, p in enumerate(params)]
+    name = f"custom_kernel_mg_{spec.name}_" + "_".join(str(int(template[t])) for t in spec.templates)
+    args = ", ".join(str(int(template[t])) for t in spec.templates)
+    return (header() + "template <" + ", ".join(f"int {t}" for t in spec.templates) + ">\n"
+            f"[[kernel]] void {name}(\n" + ",\n".join(params) + ") {\n" + spec.body + "\n}\n"
+            f"\ntemplate [[host_name(\"{name}\")]] [[kernel]] decltype({name}<{args}>) {name}<{args}>;\n")
+
+
+# ---------------------------------------------------------------------------
+# Launch geometry (pure; grids in threads as MLX takes them). MLX shrinks a
+# threadgroup to the grid where the grid is smaller, so every grid below is
+# a whole number of threadgroups.
+
+Geometry = tuple[tuple[int, int, int], tuple[int, int, int]]
+
+
+def dequantize_geometry(n_sel: int, rows: int, cols: int, threads: int = DEQUANT_THREADS) -> Geometry:
+    """dequantize: one thread per 32-value chunk of the ``n_sel * rows`` output rows."""
+    n = n_sel * rows * (cols // CHUNK)
+    return (threads * max(1, math.ceil(n / threads)), 1, 1), (threads, 1, 1)
+
+
+def decode_geometry(rows: int, grid_rows: int = 1, nr: int = 2, simdgroups: int = SIMDGROUPS,
+                    simd: int = SIMD) -> Geometry:
+    """matvec / moe_gate_up / moe_down: simdgroup v of threadgroup b owns rows
+    (b * simdgroups + v) * nr .. + nr - 1; grid y is the (token, slot) pair
+    (gate/up), the token (down) or 1 (matvec)."""
+    threads = simdgroups * simd
+    return (threads * math.ceil(rows / (simdgroups * nr)), grid_rows, 1), (threads, 1, 1)
+
+
+def tiled_geometry(rows: int, n_tok: int, bn: int = DENSE_TILE_TOKENS) -> Geometry:
+    """matmul_tiled: threadgroup (bx, by) = rows 64 bx .. x tokens bn by .."""
+    return (TILE_THREADS * math.ceil(rows / TILE_ROWS), math.ceil(n_tok / bn), 1), (TILE_THREADS, 1, 1)
+
+
+def moe_max_tiles(n_pairs: int, n_experts: int, bn: int = MOE_TILE_PAIRS) -> int:
+    """Most tiles ``moe_groups`` can make: a group of n pairs makes
+    ceil(n / bn) < n / bn + 1 tiles, and at most min(n_pairs, n_experts + 1)
+    groups are non-empty (ids outside [0, n_experts) share one)."""
+    return math.ceil(n_pairs / bn) + min(n_pairs, n_experts + 1)
+
+
+def moe_tiled_geometry(rows: int, n_pairs: int, n_experts: int, bn: int = MOE_TILE_PAIRS) -> Geometry:
+    """moe_*_tiled: threadgroup (b, by) = tile b (those past the last tile
+    exit) x rows 64 by .. A bound on the tile count sizes the grid, so
+    launching needs no host sync."""
+    tiles = moe_max_tiles(n_pairs, n_experts, bn)
+    return (TILE_THREADS * tiles, math.ceil(rows / TILE_ROWS), 1), (TILE_THREADS, 1, 1)
+
+
+def moe_groups(ids: mx.array, n_experts: int, bn: int = MOE_TILE_PAIRS) -> tuple[mx.array, mx.array, mx.array]:
+    """Group the (token, slot) pairs by expert with MLX ops (on the device).
+
+    Returns ``order`` (the pair index ``token * K + slot`` at each position
+    of the expert-sorted list), and per group g (expert g; group
+    ``n_experts`` collects ids outside [0, n_experts)) the inclusive running
+    totals ``group_end[g]`` (pairs in groups 0..g) and ``tile_end[g]`` (tiles
+    in groups 0..g, a group of n pairs making ceil(n / bn) tiles).
+    """
+    flat = ids.reshape(-1).astype(mx.int32)
+    flat = mx.where((flat >= 0) & (flat < n_experts), flat, n_experts)
+    order = mx.argsort(flat).astype(mx.int32)
+    counts = mx.zeros((n_experts + 1,), mx.int32).at[flat].add(1)
+    group_end = mx.cumsum(counts).astype(mx.int32)
+    tile_end = mx.cumsum((counts + (bn - 1)) // bn).astype(mx.int32)
+    return order, tile_end, group_end
+
+
+# ---------------------------------------------------------------------------
+# Kernel objects (built lazily; creating one works without Metal, running not)
+
+
+@lru_cache(maxsize=None)
+def _kernel(name: str):
+    spec = KERNELS[name]
+    return mx.fast.metal_kernel(name=f"mg_{name}", input_names=list(spec.inputs), output_names=list(spec.outputs),
+                                source=spec.body, header=header(), ensure_row_contiguous=True)
+
+
+def _run(name: str, inputs: list, shapes: list, geometry: Geometry, template: dict[str, int]) -> list[mx.array]:
+    spec = KERNELS[name]
+    grid, group = geometry
+    return _kernel(name)(inputs=inputs, output_shapes=shapes, output_dtypes=[mx.float32] * len(shapes),
+                         grid=grid, threadgroup=group, template=[(t, int(template[t])) for t in spec.templates])
+
+
+def _raw(w: QTensor) -> mx.array:
+    data = w.data if isinstance(w.data, mx.array) else mx.array(np.ascontiguousarray(w.data))
+    return data if data.dtype == mx.uint8 else mx.view(data, mx.uint8)
+
+
+def _scalar(value, dtype=mx.int32) -> mx.array:
+    return mx.array(value, dtype=dtype)  # 0-d: a `constant` reference in the kernel, no recompile
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class MetalBackend(Backend):
+    """Quantized dequantize / matmul / moe as Metal kernels on MLX's GPU."""
+
+    name = "metal"
+
+    def __init__(self):
+        if not mx.metal.is_available():
+            raise BackendUnavailable("the metal kernel backend needs an Apple GPU with MLX's Metal back-end "
+                                     "(mx.metal.is_available() is False)")
+
+    # -- dequantize ---------------------------------------------------------
+
+    def dequantize(self, w: QTensor, experts: mx.array | None = None) -> mx.array:
+        qtype, rows, cols = w.ggml_type, w.rows, w.cols
+        data = _raw(w)
+        if cols % CHUNK:  # plain f16/f32 rows of odd width: MLX ops
+            from .dequant import dequantize
+            return dequantize(data if experts is None else mx.take(data, experts, axis=0), qtype)
+        if experts is None:
+            stack = data.reshape(-1, rows, data.shape[-1])
+            sel = mx.arange(stack.shape[0], dtype=mx.int32)
+            out_shape = (*data.shape[:-2], rows, cols)
+        else:
+            experts = experts if isinstance(experts, mx.array) else mx.array(experts)
+            sel = experts.reshape(-1).astype(mx.int32)
+            if data.ndim == 2:  # picks rows of a plain matrix, as numpy indexing would
+                stack, out_shape = data.reshape(rows, 1, data.shape[-1]), (*experts.shape, cols)
+            else:
+                stack, out_shape = data.reshape(-1, rows, data.shape[-1]), (*experts.shape, rows, cols)
+        n_sel, n_rows = sel.size, stack.shape[1]
+        if n_sel == 0:
+            return mx.zeros(out_shape, mx.float32)
+        (out,) = _run("dequantize", [stack, sel, _scalar(n_sel)], [(n_sel, n_rows, cols)],
+                      dequantize_geometry(n_sel, n_rows, cols), dict(QT=qtype, ROWS=n_rows, COLS=cols))
+        return out.reshape(out_shape)
+
+    # -- dense product ------------------------------------------------------
+
+    def matmul(self, x: mx.array, w: QTensor) -> mx.array:
+        rows, cols = w.rows, w.cols
+        if w.n_experts:
+            raise ValueError(f"matmul takes one matrix, not a stack of {w.n_experts} experts")
+        x = x.astype(mx.float32)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, cols)
+        n_tok = x.shape[0]
+        if cols % CHUNK:
+            return (x @ self.dequantize(w).T).reshape(*lead, rows)
+        if n_tok == 0:
+            return mx.zeros((*lead, rows), mx.float32)
+        data, qtype = _raw(w), w.ggml_type
+        if n_tok <= MATVEC_MAX_TOKENS:
+            nr = rows_per_simdgroup(qtype)
+            tpl = dict(QT=qtype, ROWS=rows, COLS=cols, NR=nr, NT=_pow2_at_least(n_tok))
+            (y,) = _run("matvec", [data, x, _scalar(n_tok)], [(n_tok, rows)], decode_geometry(rows, 1, nr), tpl)
+        else:
+            tpl = dict(QT=qtype, ROWS=rows, COLS=cols, BN=DENSE_TILE_TOKENS)
+            (y,) = _run("matmul_tiled", [data, x, _scalar(n_tok)], [(n_tok, rows)], tiled_geometry(rows, n_tok), tpl)
+        return y.reshape(*lead, rows)
+
+    # -- routed experts -----------------------------------------------------
+
+    def moe(self, x, ids, weights, gate, up, down, limit):
+        n_tok, d_model = x.shape
+        k = ids.shape[-1]
+        n_exp, ffn = gate.n_experts, gate.rows
+        if (up.rows, up.cols, gate.cols, down.rows, down.cols) != (ffn, d_model, d_model, d_model, ffn):
+            raise ValueError(f"moe shapes disagree: gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
+                             f"down {down.rows}x{down.cols}, x [{n_tok}, {d_model}]")
+        if d_model % CHUNK or ffn % CHUNK:  # plain f16/f32 experts of odd widths: not worth kernels
+            from .cpu import CpuBackend
+            return CpuBackend().moe(x, ids, weights, gate, up, down, limit)
+        n_pairs = n_tok * k
+        if n_pairs == 0:
+            return mx.zeros((n_tok, d_model), mx.float32)
+        x = x.astype(mx.float32)
+        ids = ids.astype(mx.int32)
+        route = weights.astype(mx.float32)
+        lim = _scalar(limit, mx.float32)
+        wg, wu, wd = _raw(gate), _raw(up), _raw(down)
+        dims = dict(F=ffn, D=d_model, K=k, E=n_exp)
+        if n_tok <= MOE_DECODE_MAX_TOKENS:
+            nr = rows_per_simdgroup(gate.ggml_type, up.ggml_type)
+            (mid,) = _run("moe_gate_up", [x, ids, route, wg, wu, lim], [(n_tok, k, ffn)],
+                          decode_geometry(ffn, n_pairs, nr),
+                          dict(QTG=gate.ggml_type, QTU=up.ggml_type, NR=nr, **dims))
+            nr = rows_per_simdgroup(down.ggml_type)
+            (y,) = _run("moe_down", [mid, ids, wd], [(n_tok, d_model)], decode_geometry(d_model, n_tok, nr),
+                        dict(QT=down.ggml_type, NR=nr, **dims))
+            return y
+        order, tile_end, group_end = moe_groups(ids, n_exp)
+        (mid,) = _run("moe_gate_up_tiled", [x, order, tile_end, group_end, route.reshape(-1), wg, wu, lim],
+                      [(n_pairs, ffn)], moe_tiled_geometry(ffn, n_pairs, n_exp),
+                      dict(QTG=gate.ggml_type, QTU=up.ggml_type, BN=MOE_TILE_PAIRS, **dims))
+        (y_pair,) = _run("moe_down_tiled", [mid, order, tile_end, group_end, wd], [(n_pairs, d_model)],
+                         moe_tiled_geometry(d_model, n_pairs, n_exp), dict(QT=down.ggml_type, BN=MOE_TILE_PAIRS, **dims))
+        return mx.sum(y_pair.reshape(n_tok, k, d_model), axis=1)
