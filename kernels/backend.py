@@ -1,7 +1,7 @@
 """The kernel interface: raw GGUF weight blocks in, float32 activations out.
 
-Every implementation (``reference``, ``cpu``, ``cuda``, ``hip``; ``metal`` is
-named but not written yet) offers the same three operations on a ``QTensor``:
+Every implementation (``reference``, ``cpu``, ``metal``, ``cuda``, ``hip``)
+offers the same three operations on a ``QTensor``:
 
     dequantize(w, experts=None)           -> f32 [..., rows, cols]
     matmul(x [T, cols], w)                -> f32 [T, rows]              x @ W.T
@@ -17,7 +17,10 @@ projection (as ds4 does), so the down pass only has to add the experts up.
 A token may list the same expert twice; each slot counts.
 
 Backends take and return ``mx.array``; ``reference`` converts to numpy and
-back, so the model can run on the oracle end to end.
+back, so the model can run on the oracle end to end. Two flags tell the model
+how a backend may be scheduled: ``host_moe`` (``moe`` runs on the host, on
+evaluated inputs, so the decode graph is cut around it) and ``traceable``
+(every operation can sit inside ``mx.compile``).
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class Backend:
     """Base class: the operations every implementation provides (see the module doc)."""
 
     name = "abstract"
+    host_moe = False
+    traceable = True
 
     def dequantize(self, w: QTensor, experts: mx.array | None = None) -> mx.array:
         raise NotImplementedError
@@ -105,7 +110,8 @@ def backend(name: str = "auto") -> Backend:
         from .cpu import CpuBackend
         return CpuBackend()
     if name == "metal":
-        raise BackendUnavailable("the Metal kernels are not written yet; on a Mac use --backend cpu")
+        from .metal import MetalBackend
+        return MetalBackend()
     if name in ("cuda", "hip"):
         from .cuda import CudaBackend, HipBackend
         return CudaBackend() if name == "cuda" else HipBackend()

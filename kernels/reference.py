@@ -160,6 +160,8 @@ class ReferenceBackend:
     """The numpy oracle behind the common interface (slow; for tests and checks)."""
 
     name = "reference"
+    host_moe = True
+    traceable = False
 
     def dequantize(self, w, experts=None):
         raw = np.asarray(w.data)

@@ -5,7 +5,8 @@ stated as weight bytes per second. Each repetition times, back to back:
 
 * ``copy``: ``np.copyto`` of as many bytes as the step's weights, between
   pre-touched buffers at a rotating offset (so from RAM, not cache): the floor;
-* ``kernels``: the chosen backend's ``moe`` (compiled, as the decode step runs it);
+* ``kernels``: the chosen backend's ``moe`` as the decode step runs it (compiled,
+  unless the backend runs it on the host);
 * ``dequant+matmul``: the simple path, each used expert expanded to f32 by the
   numpy reference dequantizer, then multiplied by numpy's BLAS.
 
@@ -87,7 +88,11 @@ def run(recipe: str = "q2", backend_name: str = "cpu", n_experts: int = 256, d_m
     stacks = [(_stack(rng, t, n_experts, r, c), t) for t, (r, c) in zip(types, shapes)]
     mats = [QTensor(mx.array(raw), t) for raw, t in stacks]
     kern = backend(backend_name)
-    decode_step = mx.compile(lambda x, i, r: kern.moe(x, i, r, *mats, LIMIT))
+
+    def step(x, i, r):
+        return kern.moe(x, i, r, *mats, LIMIT)
+
+    decode_step = step if kern.host_moe or not kern.traceable else mx.compile(step)
     per_expert = _expert_bytes(stacks)
     floor = _CopyFloor(per_expert * min(n_experts, prefill_tokens * k))
     cases = []

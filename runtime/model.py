@@ -65,21 +65,21 @@ class MoE:
             w = w / mx.maximum(mx.sum(w, axis=-1, keepdims=True), ROUTER_FLOOR)
         return idx, w * self.cfg.expert_weights_scale
 
-    def _shared(self, xn: mx.array) -> mx.array:
+    def shared_expert(self, xn: mx.array) -> mx.array:
         gate, up, down = self.shared
         return down(swiglu(gate(xn), up(xn), self.limit))
 
     def decode(self, xn: mx.array, ids: mx.array) -> mx.array:
         """One token, inside the compiled step: the kernels expand only its k experts."""
         idx, w = self.route(xn, ids)
-        return self.kernels.moe(xn, idx, w, self.gate, self.up, self.down, self.limit) + self._shared(xn)
+        return self.kernels.moe(xn, idx, w, self.gate, self.up, self.down, self.limit) + self.shared_expert(xn)
 
     def prefill(self, xn: mx.array, ids: mx.array) -> mx.array:
         """A chunk: the kernels group the (token, slot) pairs by expert."""
         idx, w = self.route(xn, ids)
         if self.observer:
             self.observer(xn, idx, w)
-        return self.kernels.moe(xn, idx, w, self.gate, self.up, self.down, self.limit) + self._shared(xn)
+        return self.kernels.moe(xn, idx, w, self.gate, self.up, self.down, self.limit) + self.shared_expert(xn)
 
 
 class HyperConnection:
@@ -108,11 +108,18 @@ class Layer:
         return hc_post(self.moe.prefill(rmsnorm(x_in, self.ffn_norm, eps), ids), X, post, comb)
 
     def decode(self, X: mx.array, ids: mx.array, p: mx.array, st: LayerState) -> mx.array:
-        eps = self.cfg.rms_eps
+        X = self.decode_attention(X, p, st)
+        xn, post, comb = self.ffn_input(X)
+        return hc_post(self.moe.decode(xn, ids), X, post, comb)
+
+    def decode_attention(self, X: mx.array, p: mx.array, st: LayerState) -> mx.array:
         x_in, post, comb = self.attn_hc.pre(X, self.cfg)
-        X = hc_post(self.attn.decode(rmsnorm(x_in, self.attn_norm, eps), p, st), X, post, comb)
+        return hc_post(self.attn.decode(rmsnorm(x_in, self.attn_norm, self.cfg.rms_eps), p, st), X, post, comb)
+
+    def ffn_input(self, X: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """The normed MoE input and the hyper-connection weights that fold its output back."""
         x_in, post, comb = self.ffn_hc.pre(X, self.cfg)
-        return hc_post(self.moe.decode(rmsnorm(x_in, self.ffn_norm, eps), ids), X, post, comb)
+        return rmsnorm(x_in, self.ffn_norm, self.cfg.rms_eps), post, comb
 
 
 class Model:
@@ -134,6 +141,7 @@ class Model:
         self.last_decode_build_seconds = 0.0
         self._template = KVState.empty(cfg, 1).layers  # which arrays each layer's state holds
         self._decode = mx.compile(self._decode_graph)
+        self._segments = None  # the cut decode's compiled pieces, built at first use (host_moe kernels)
 
     def embed(self, ids: mx.array) -> mx.array:
         e = mx.take(self.embedding, ids, axis=0).astype(mx.float32)
@@ -184,12 +192,17 @@ class Model:
         p = state.n_tokens
         state.reserve(p + 1)
         t0 = time.perf_counter()
-        out = self._decode(mx.array([token], dtype=mx.int32), mx.array(p, dtype=mx.int32), *state.arrays())
+        tok, pos = mx.array([token], dtype=mx.int32), mx.array(p, dtype=mx.int32)
+        if self.kernels.host_moe:
+            y = self._decode_cut(tok, pos, state)
+        else:
+            out = self._decode(tok, pos, *state.arrays())
+            state.replace(list(out[1:]))  # drops the old buffers before eval, so updates can be in place
+            y = out[0]
         self.last_decode_build_seconds = time.perf_counter() - t0  # host time to build and dispatch
-        state.replace(list(out[1:]))  # drops the old buffers before eval, so updates can be in place
         state.tokens.append(token)
-        mx.eval(out)  # the new state too, so the next step's graph does not chain onto this one
-        return self.project(out[0])[0]
+        mx.eval(y, state.arrays())  # the new state too, so the next step's graph does not chain onto this one
+        return self.project(y)[0]
 
     def _decode_graph(self, token: mx.array, p: mx.array, *arrays: mx.array) -> tuple[mx.array, ...]:
         layers = [copy.copy(st) for st in self._template]
@@ -202,3 +215,43 @@ class Model:
         for layer, st in zip(self.layers, layers):
             X = layer.decode(X, token, p, st)
         return (self.head(X), *[a for st in layers for a in st.arrays()])
+
+    def _decode_cut(self, token: mx.array, p: mx.array, state: KVState) -> mx.array:
+        """Decode for kernels whose ``moe`` runs on the host: per layer, one compiled
+        segment from the previous MoE's fold-back to this MoE's routing, then the
+        host kernel on evaluated inputs (each eval is the hand-off it needs)."""
+        if self._segments is None:
+            wrap = mx.compile if self.kernels.traceable else (lambda f: f)
+            self._segments = [wrap(self._segment(il)) for il in range(len(self.layers))]
+            self._finish = wrap(self._finish_graph)
+        carry = (self.embed(token),)  # then (X, routed, xn, post, comb) from layer 1 on
+        for il, (layer, segment) in enumerate(zip(self.layers, self._segments)):
+            st = state.layers[il]
+            X, xn, idx, w, post, comb, *arrays = segment(*carry, token, p, *st.arrays())
+            st.replace(arrays)
+            mx.eval(xn, idx, w, *arrays)
+            moe = layer.moe
+            carry = (X, moe.kernels.moe(xn, idx, w, moe.gate, moe.up, moe.down, moe.limit), xn, post, comb)
+        return self._finish(*carry)
+
+    def _segment(self, il: int):
+        prev, layer, template = self.layers[il - 1] if il else None, self.layers[il], self._template[il]
+        n_carry = 1 if prev is None else 5
+
+        def run(*args):
+            X, (token, p), arrays = args[0], args[n_carry:n_carry + 2], args[n_carry + 2:]
+            if prev is not None:  # fold the previous layer's MoE output back into the streams
+                routed, xn, post, comb = args[1:5]
+                X = hc_post(routed + prev.moe.shared_expert(xn), X, post, comb)
+            st = copy.copy(template)
+            st.replace(list(arrays))
+            X = layer.decode_attention(X, p, st)
+            xn, post, comb = layer.ffn_input(X)
+            idx, w = layer.moe.route(xn, token)
+            return (X, xn, idx, w, post, comb, *st.arrays())
+
+        return run
+
+    def _finish_graph(self, X, routed, xn, post, comb) -> mx.array:
+        X = hc_post(routed + self.layers[-1].moe.shared_expert(xn), X, post, comb)
+        return self.head(X)

@@ -69,6 +69,32 @@ def test_decode_token_by_token_equals_one_pass(q8, full_pass):
     assert state.tokens == ids[:-1]
 
 
+def _kernels(name: str):
+    from magnetar.kernels import native
+    from magnetar.kernels.cpu import CpuBackend
+    from magnetar.kernels.reference import ReferenceBackend
+
+    if name == "reference":
+        return ReferenceBackend()
+    if name == "cpu-native" and not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    return CpuBackend(use_native=name == "cpu-native")
+
+
+@pytest.mark.parametrize("kernels", ["cpu-mlx", "cpu-native", "reference"])
+def test_every_decode_schedule_equals_one_pass(tiny_models, full_pass, kernels):
+    """One compiled graph (MoE traced inside), compiled segments cut around a host MoE
+    kernel, and uncompiled host kernels all give the one-pass logits."""
+    kern = _kernels(kernels)
+    engine = Engine(open_model(tiny_models("q8")), ctx=1024, precision="reference", kernels=kern)
+    assert engine.model.kernels.host_moe == (kernels != "cpu-mlx")
+    ids = _ids(N)
+    engine.prefill(ids[:40])
+    model, state = engine.model, engine._live.state
+    rows = [model.decode(t, state) for t in ids[40:72]]
+    assert _rel(np.stack(rows), full_pass[40:72]) <= 1e-4
+
+
 def test_logits_leave_the_live_state_alone(q8):
     q8.reset()
     q8.prefill(_ids(50, seed=1))

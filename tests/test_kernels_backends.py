@@ -37,7 +37,16 @@ def runnable_backends() -> list[str]:
     return names
 
 
+def make(name: str):
+    """A backend by test name: ``cpu-mlx`` is the CPU backend without its native kernels."""
+    if name == "cpu-mlx":
+        from magnetar.kernels.cpu import CpuBackend
+        return CpuBackend(use_native=False)
+    return backend(name)
+
+
 RUNNABLE = [n for n in runnable_backends() if n != "reference"]
+MOE_RUNNABLE = RUNNABLE + ["cpu-mlx"]  # the CPU backend's MoE has two paths; its other operations one
 
 
 def rel_err(actual, expected) -> float:
@@ -47,6 +56,8 @@ def rel_err(actual, expected) -> float:
 
 def test_cpu_backend_runs_here_and_auto_picks_it():
     assert "cpu" in RUNNABLE
+    from magnetar.kernels import native
+    assert backend("cpu").native == native.available()  # the C kernels whenever they build
     assert default_backend_name() == "cpu"  # tests run on MLX's CPU device
     assert backend("auto").name == "cpu"
 
@@ -110,7 +121,7 @@ def _moe_case(rng, recipe, n_tokens, repeats, n_experts=12, k=6, d_model=512, ff
     return x, ids, w, (gate, up, down)
 
 
-@pytest.mark.parametrize("name", RUNNABLE)
+@pytest.mark.parametrize("name", MOE_RUNNABLE)
 @pytest.mark.parametrize("recipe", list(EXPERT_TRIPLES))
 @pytest.mark.parametrize("n_tokens,repeats", [(1, False), (1, True), (2, False), (33, False), (33, True)])
 def test_moe_matches_reference(name, recipe, n_tokens, repeats):
@@ -118,7 +129,7 @@ def test_moe_matches_reference(name, recipe, n_tokens, repeats):
     x, ids, w, mats = _moe_case(rng, recipe, n_tokens, repeats)
     expected = reference.moe(x, ids, w, *[(m.data, m.ggml_type) for m in mats], 10.0)
     as_mx = [QTensor(mx.array(m.data), m.ggml_type) for m in mats]
-    got = backend(name).moe(mx.array(x), mx.array(ids), mx.array(w), *as_mx, 10.0)
+    got = make(name).moe(mx.array(x), mx.array(ids), mx.array(w), *as_mx, 10.0)
     assert got.shape == x.shape
     assert rel_err(got, expected) < RTOL
 
@@ -153,7 +164,7 @@ def test_cpu_moe_one_token_traces_inside_compile():
     rng = np.random.default_rng(3)
     x, ids, w, mats = _moe_case(rng, "q2", 1, False)
     as_mx = [QTensor(mx.array(m.data), m.ggml_type) for m in mats]
-    cpu = backend("cpu")
+    cpu = make("cpu-mlx")
     step = mx.compile(lambda a, i, r: cpu.moe(a, i, r, *as_mx, 10.0))
     got = step(mx.array(x), mx.array(ids), mx.array(w))
     expected = reference.moe(x, ids, w, *[(m.data, m.ggml_type) for m in mats], 10.0)
