@@ -3,7 +3,9 @@
 It owns a live sequence: the exact token ids processed so far (the transcript
 truth), their KV state, and the logits of the next token. ``prefill`` extends
 it in chunks; ``generate`` samples from it one token at a time. ``logits`` is a
-pure function of its ids and never touches the live sequence.
+pure function of its ids and never touches the live sequence. ``checkpoint`` /
+``restore`` put the live sequence in a file and back (no token is re-processed);
+``snapshot`` / ``rewind`` do the same in memory, to undo a turn.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from magnetar.kernels.backend import BACKENDS, Backend, BackendUnavailable
 from magnetar.kernels.backend import backend as kernel_backend
 
 from . import chat
+from . import checkpoint as ckpt
 from .errors import MagnetarError, UsageError
 from .gguf_read import ModelFile, open_model
 from .kv_state import KVState
@@ -49,6 +52,7 @@ class Stats:
     generate_seconds: float = 0.0
     last_step_host_seconds: float = 0.0  # building/dispatching the graph and sampling
     last_step_seconds: float = 0.0
+    restored_tokens: int = 0  # tokens that came back from checkpoints, never re-processed
 
     @property
     def prefill_tok_s(self) -> float:
@@ -78,6 +82,17 @@ class _Live:
     state: KVState
     next_logits: np.ndarray | None = None
     pending: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The live sequence at one moment, for ``Engine.rewind``. MLX arrays are values
+    (an update writes in place only into a buffer nothing else holds), so keeping
+    references costs no copy until the sequence moves on."""
+
+    tokens: tuple[int, ...]
+    arrays: tuple[mx.array, ...]
+    next_logits: np.ndarray | None
 
 
 class Engine:
@@ -141,6 +156,40 @@ class Engine:
 
     def reset(self) -> None:
         self._live = _Live(KVState.empty(self.config, self.ctx))
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    @property
+    def identity(self) -> dict:
+        """What a checkpoint must match to be restored here (model, weights, precision)."""
+        if not hasattr(self, "_identity"):
+            self._identity = ckpt.model_identity(self.file, self.precision)
+        return self._identity
+
+    def checkpoint(self, path: str | os.PathLike) -> int:
+        """Write the live sequence to ``path`` atomically; returns its size in bytes."""
+        self._flush_pending()
+        return ckpt.write(path, self._live.state, self._live.next_logits, self.identity, self.prefill_chunk)
+
+    def restore(self, path: str | os.PathLike) -> None:
+        """Make the checkpoint at ``path`` the live sequence, with zero re-processing.
+        Raises ``CheckpointError`` (and keeps the current sequence) if it cannot."""
+        loaded = ckpt.read(path, self.config, self.identity, self.ctx)
+        self._live = _Live(loaded.state, loaded.logits)
+        self.stats.restored_tokens += loaded.state.n_tokens
+
+    def snapshot(self) -> Snapshot:
+        self._flush_pending()
+        live = self._live
+        logits = None if live.next_logits is None else live.next_logits.copy()
+        return Snapshot(tuple(live.state.tokens), tuple(live.state.arrays()), logits)
+
+    def rewind(self, snap: Snapshot) -> None:
+        """Go back to ``snap`` (any number of times): the next token continues from there."""
+        state = KVState.empty(self.config, self.ctx)
+        state.replace(list(snap.arrays))
+        state.tokens = list(snap.tokens)
+        self._live = _Live(state, None if snap.next_logits is None else snap.next_logits.copy())
 
     def _check_room(self, have: int, more: int) -> None:
         if have + more > self.ctx:
@@ -240,3 +289,4 @@ class Engine:
             self.stats.generate_seconds += self.stats.last_step_seconds
             if token in stop_ids or any(text.endswith(s) for s in stop_texts):
                 break
+
