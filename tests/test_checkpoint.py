@@ -5,7 +5,6 @@ a writer killed at any moment never leaves a file that reads as valid."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
