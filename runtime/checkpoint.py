@@ -88,15 +88,16 @@ def _layer_arrays(st: LayerState, plan: dict, n_tokens: int, window: int) -> lis
 
 
 def write(path: str | os.PathLike, state: KVState, logits: np.ndarray | None, identity: dict,
-          prefill_chunk: int) -> int:
-    """Write ``state`` (and the logits of the token after it) to ``path``; returns the bytes written."""
+          prefill_chunk: int, note: str = "") -> int:
+    """Write ``state`` (and the logits of the token after it) to ``path``; returns the bytes written.
+    ``note`` is kept in the header (why it was saved, for listings)."""
     cfg, n = state.cfg, state.n_tokens
     mx.eval(state.arrays())
     plans = [_layer_plan(st, n, cfg.window) for st in state.layers]
     meta = {"identity": identity, "ctx": state.ctx, "prefill_chunk": prefill_chunk, "n_tokens": n,
             "window": cfg.window, "head_dim": cfg.head_dim, "indexer_dim": cfg.indexer_dim,
             "vocab": cfg.vocab_size, "has_logits": logits is not None, "layers": plans,
-            "saved_unix": int(time.time())}
+            "saved_unix": int(time.time()), "note": note}
     blob = json.dumps(meta, separators=(",", ":")).encode()
     digest, size = hashlib.sha256(), 0
     with atomic_writer(path) as fh:

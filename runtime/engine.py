@@ -53,6 +53,7 @@ class Stats:
     last_step_host_seconds: float = 0.0  # building/dispatching the graph and sampling
     last_step_seconds: float = 0.0
     restored_tokens: int = 0  # tokens that came back from checkpoints, never re-processed
+    cache_hits: int = 0  # prefix-cache entries restored
 
     @property
     def prefill_tok_s(self) -> float:
@@ -166,10 +167,10 @@ class Engine:
             self._identity = ckpt.model_identity(self.file, self.precision)
         return self._identity
 
-    def checkpoint(self, path: str | os.PathLike) -> int:
+    def checkpoint(self, path: str | os.PathLike, note: str = "") -> int:
         """Write the live sequence to ``path`` atomically; returns its size in bytes."""
         self._flush_pending()
-        return ckpt.write(path, self._live.state, self._live.next_logits, self.identity, self.prefill_chunk)
+        return ckpt.write(path, self._live.state, self._live.next_logits, self.identity, self.prefill_chunk, note)
 
     def restore(self, path: str | os.PathLike) -> None:
         """Make the checkpoint at ``path`` the live sequence, with zero re-processing.
