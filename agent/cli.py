@@ -87,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT.json", help="also write per-prompt and overall numbers as JSON")
     p.set_defaults(run=run_commands.quality)
 
-    p = sub.add_parser("bench", help="decode/prefill speed side by side with optional peers; kernels vs the memory floor")
-    p.add_argument("mode", choices=("decode", "prefill", "kernels"))
-    p.add_argument("-m", "--model", metavar="MODEL", help="the model (decode and prefill)")
+    p = sub.add_parser("bench", help="decode/prefill speed side by side with optional peers; kernels vs the "
+                                     "memory floor; checkpoint resume vs re-prefill")
+    p.add_argument("mode", choices=("decode", "prefill", "kernels", "resume"))
+    p.add_argument("-m", "--model", metavar="MODEL", help="the model (decode, prefill and resume)")
     p.add_argument("--peers", default="", metavar="LIST",
                    help="comma list of transformers, mlx-lm, llama.cpp (dev-only packages)")
     p.add_argument("--prompt-tokens", type=int, default=None,
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=("q2", "q4"), default="q2", help="kernels: expert encoding")
     p.add_argument("--backend", default="cpu", help="kernels: the backend to time")
     p.add_argument("--experts", type=int, default=256, help="kernels: experts in the stack")
+    p.add_argument("--lengths", default="8192,32768", metavar="N,N",
+                   help="resume: sequence lengths in tokens (default 8192,32768)")
     p.set_defaults(run=run_commands.bench)
     return parser
 

@@ -95,6 +95,8 @@ def bench(args: argparse.Namespace) -> int:
 
     if args.mode == "kernels":
         return bench_kernels(args)
+    if args.mode == "resume":
+        return bench_resume(args)
     if not args.model:
         raise UsageError(f"bench {args.mode} needs a model", "pass -m MODEL")
     if args.tokens < 1 or args.reps < 1 or args.prompt_tokens < 1:
@@ -127,6 +129,24 @@ def bench_kernels(args: argparse.Namespace) -> int:
     except (BackendUnavailable, ValueError) as err:
         raise UsageError(str(err)) from None
     print(kb.render(cases, args.recipe, args.backend))
+    return 0
+
+
+def bench_resume(args: argparse.Namespace) -> int:
+    from magnetar.runtime import bench_resume as br
+
+    if not args.model:
+        raise UsageError("bench resume needs a model", "pass -m MODEL")
+    try:
+        lengths = [int(v) for v in args.lengths.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--lengths must be comma-separated token counts, got {args.lengths!r}") from None
+    if not lengths or min(lengths) < 1 or args.reps < 1:
+        raise UsageError("--lengths needs positive token counts and --reps must be positive")
+    console = Console(stderr=True)
+    cases = br.run(args.model, lengths, args.reps,
+                   progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
+    print(br.render(cases, str(args.model)))
     return 0
 
 

@@ -343,3 +343,23 @@ def test_bench_kernels_times_every_variant_on_the_bytes_it_reads():
         assert all(len(v) == 2 and min(v) > 0 for v in case.seconds.values())
     table = bench_kernels.render(cases, "q2", "cpu")
     assert "decode T=1" in table and "prefill T=20" in table
+
+
+def test_bench_resume_restores_what_it_prefilled(tiny_models, capsys):
+    """The command checks each restore against the prefill's logits itself; here its
+    table and sizes: one row per length, bytes growing with the tokens."""
+    from magnetar.agent.cli import main
+
+    assert main(["bench", "resume", "-m", str(tiny_models("q8")), "--lengths", "40,300", "--reps", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [int(r[0]) for r in rows] == [40, 300]
+    assert float(rows[0][5]) < float(rows[1][5])  # MB
+    assert all(r[-1].endswith("x") for r in rows)
+
+
+def test_bench_resume_bad_lengths_are_one_line(tiny_models, capsys):
+    from magnetar.agent.cli import main
+
+    assert main(["bench", "resume", "-m", str(tiny_models("q8")), "--lengths", "8k"]) == 2
+    err = capsys.readouterr().err
+    assert "--lengths must be comma-separated token counts" in err and "Traceback" not in err
