@@ -1,0 +1,327 @@
+"""The agent loop, independent of any UI: a turn is a stream of events.
+
+One turn: the user's text joins the conversation; then, step by step, the new
+part of the prompt is prefilled, the model's reply is sampled and parsed as it
+streams (reasoning, answer text, DSML tool calls), the calls run in order and
+their results go back as ``<tool_result>`` parts of the next user turn, until
+the model answers without calling a tool (spec/agent.md §5.3).
+
+The transcript truth is the engine's token list. Sampled tokens are never
+re-rendered: each step prefills only the rendering of what came after the
+model's last message (tool results, queued user text, the assistant opener).
+Only when the live tokens do not start the way this conversation renders
+(another session was live, or no model message exists yet) is the prompt
+rendered whole, and then the longest cached prefix is reused.
+
+Guards: a step cap; identical calls (same name and arguments) warn the model
+at ``repeat_warn`` and end the turn at ``repeat_stop``; a malformed DSML
+block is answered with the parse error up to ``malformed_retries`` times;
+``interrupt()`` stops generation (the partial reply is closed with EOS and
+kept) or a running tool (through ``ToolContext.extra["cancel"]``); text
+``queue``d while a turn runs joins the next step's user turn.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from magnetar.runtime import chat, dsml
+from magnetar.runtime.engine import ContextFull
+from magnetar.runtime.kvcache import PrefixCache
+from magnetar.tools.base import Tool, ToolContext, ToolResult
+
+
+@dataclass
+class LoopSettings:
+    mode: chat.Mode = "think"
+    max_steps: int = 40
+    max_tokens_per_step: int = 8192
+    temperature: float = 1.0  # DeepSeek's recommended sampling for V4
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    repeat_warn: int = 3
+    repeat_stop: int = 5
+    malformed_retries: int = 3
+
+
+# -- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prefill:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    text: str
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolStarted:
+    """A call's header was read (its arguments are still streaming)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolRunning:
+    call_id: str
+    name: str
+    arguments: dict
+
+
+@dataclass(frozen=True)
+class ToolFinished:
+    call_id: str
+    name: str
+    result: ToolResult
+
+
+@dataclass(frozen=True)
+class Notice:
+    level: str  # "info" | "warning" | "error"
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    answer: str
+    reason: str  # answered | step-cap | repeat-guard | malformed | interrupted | context-full
+    steps: int
+
+
+Event = Prefill | Reasoning | Text | ToolStarted | ToolRunning | ToolFinished | Notice | TurnEnd
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Step:
+    reasoning: str = ""
+    text: str = ""
+    calls: list[chat.ToolCall] = field(default_factory=list)
+    error: str | None = None
+    interrupted: bool = False
+
+
+class Agent:
+    def __init__(self, engine, tools: Sequence[Tool], ctx: ToolContext, system_prompt: str,
+                 settings: LoopSettings | None = None, cache: PrefixCache | None = None):
+        self.engine, self.ctx, self.settings, self.cache = engine, ctx, settings or LoopSettings(), cache
+        self.tools = {t.name: t for t in tools}
+        self.specs = [chat.ToolSpec(**t.spec()) for t in tools]
+        self.messages: list[chat.Message] = [chat.Message(role="system", content=system_prompt)]
+        self._queue: list[str] = []
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        ctx.extra["cancel"] = self._cancel
+        self._call_count = 0
+
+    # -- called from other threads (the UI) ----------------------------------------------------
+
+    def queue(self, text: str) -> None:
+        """A message typed while a turn runs: it joins the next step's user turn."""
+        with self._lock:
+            self._queue.append(text)
+
+    def interrupt(self) -> None:
+        """Stop the running generation or tool; the turn then ends as ``interrupted``."""
+        self._cancel.set()
+
+    def take_queue(self) -> list[str]:
+        with self._lock:
+            queued, self._queue = self._queue, []
+        return queued
+
+    # -- a turn ---------------------------------------------------------------------------------
+
+    def turn(self, user_text: str) -> Iterator[Event]:
+        """Run one user turn to its end; yields events, the last one a ``TurnEnd``."""
+        self._cancel.clear()
+        self.messages.append(chat.Message(role="user", content=user_text))
+        seen: Counter[str] = Counter()
+        malformed = 0
+        s = self.settings
+        for step in range(1, s.max_steps + 1):
+            try:
+                yield from self._sync_prompt()
+                result = _Step()
+                yield from self._sample(result)
+            except ContextFull as err:
+                yield Notice("error", str(err))
+                yield TurnEnd("", "context-full", step)
+                return
+            self._record(result)
+            if result.interrupted:
+                yield TurnEnd(result.text, "interrupted", step)
+                return
+            if result.error is not None:
+                malformed += 1
+                if malformed > s.malformed_retries:
+                    yield Notice("error", f"the model kept writing malformed tool calls: {result.error}")
+                    yield TurnEnd(result.text, "malformed", step)
+                    return
+                yield Notice("warning", f"malformed tool call ({result.error}); asking the model to retry")
+                self._add_user(f"Your tool call could not be parsed: {result.error}. Nothing was run. "
+                               "Write the call again in the exact DSML format, or answer without tools.")
+                continue
+            if not result.calls:
+                queued = self.take_queue()
+                if queued:  # typed while the model answered: they are the next thing to answer
+                    self._add_user("\n\n".join(queued))
+                    continue
+                yield TurnEnd(result.text, "answered", step)
+                return
+            stop = yield from self._run_calls(result.calls, seen)
+            if stop:
+                yield TurnEnd(result.text, stop, step)
+                return
+            queued = self.take_queue()
+            if queued:
+                self._add_user("\n\n".join(queued))
+        yield Notice("warning", f"stopped after {s.max_steps} steps (the step cap)")
+        yield TurnEnd("", "step-cap", s.max_steps)
+
+    def _add_user(self, text: str) -> None:
+        self.messages.append(chat.Message(role="user", content=text))
+
+    # -- prompt ---------------------------------------------------------------------------------
+
+    def _render(self, messages: Sequence[chat.Message], generation_prompt: bool = True) -> chat.Rendered:
+        return chat.render(messages, self.specs, self.settings.mode, add_generation_prompt=generation_prompt)
+
+    def _sync_prompt(self) -> Iterator[Event]:
+        """Make the engine's tokens the whole conversation plus the assistant opener."""
+        engine, tok = self.engine, self.engine.tokenizer
+        full = self._render(self.messages)
+        last_model = max((k for k, m in enumerate(self.messages) if m.role == "assistant"), default=None)
+        live = engine.tokens
+        if last_model is not None and live:
+            # Everything up to the model's last message is already live, as sampled.
+            head = self._render(self.messages[:last_model + 1])
+            if full.pieces[:len(head.pieces)] == head.pieces:
+                yield from self._prefill(tok.encode_pieces(full.pieces[len(head.pieces):]))
+                return
+        ids = tok.encode_pieces(full.pieces)
+        if live and ids[:len(live)] == live:
+            yield from self._prefill(ids[len(live):])
+            return
+        progress: list[tuple[int, int]] = []
+        if self.cache is not None:
+            self.cache.sync(engine, ids, lambda d, t: progress.append((d, t)))
+        else:
+            engine.reset()
+            engine.prefill(ids, lambda d, t: progress.append((d, t)))
+        for d, t in progress:
+            yield Prefill(d, t)
+
+    def _prefill(self, ids: list[int]) -> Iterator[Event]:
+        if not ids:
+            return
+        progress: list[tuple[int, int]] = []
+        self.engine.prefill(ids, lambda d, t: progress.append((d, t)))
+        for d, t in progress:
+            yield Prefill(d, t)
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def _sample(self, out: _Step) -> Iterator[Event]:
+        s, engine = self.settings, self.engine
+        parser = dsml.DsmlParser(thinking=s.mode != "nothink")
+        eos = engine.tokenizer.eos_id
+        ended = False
+        stream = engine.generate(max_tokens=s.max_tokens_per_step, temperature=s.temperature, top_p=s.top_p,
+                                 min_p=s.min_p, seed=s.seed)
+        try:
+            for ev in stream:
+                if ev.token == eos:
+                    ended = True
+                    break
+                yield from self._parsed(parser.feed(ev.text), out)
+                if self._cancel.is_set():
+                    out.interrupted = True
+                    break
+        finally:
+            stream.close()
+        yield from self._parsed(parser.finish(), out)
+        if not ended:  # interrupted or out of tokens: close the reply so the transcript stays well formed
+            engine.prefill([eos])
+            if not out.interrupted:
+                yield Notice("warning", f"the reply hit the {s.max_tokens_per_step}-token step limit")
+
+    def _parsed(self, events: list, out: _Step) -> Iterator[Event]:
+        for ev in events:
+            if isinstance(ev, dsml.ReasoningDelta):
+                out.reasoning += ev.text
+                yield Reasoning(ev.text)
+            elif isinstance(ev, dsml.TextDelta):
+                out.text += ev.text
+                yield Text(ev.text)
+            elif isinstance(ev, dsml.ToolCallStarted):
+                yield ToolStarted(ev.name)
+            elif isinstance(ev, dsml.ToolCallParsed):
+                self._call_count += 1
+                out.calls.append(ev.call.model_copy(update={"id": f"call_{self._call_count}"}))
+            elif isinstance(ev, dsml.DsmlError):
+                out.error = ev.message
+            elif isinstance(ev, dsml.DsmlInThinking):
+                yield Notice("warning", "the model wrote a tool call inside its reasoning; it was not run")
+
+    def _record(self, step: _Step) -> None:
+        """The model's message as sampled (its DSML block kept byte for byte for replay)."""
+        reasoning = step.reasoning if self.settings.mode != "nothink" else None
+        self.messages.append(chat.Message(role="assistant", content=step.text, reasoning=reasoning,
+                                          tool_calls=[] if step.error else step.calls))
+
+    # -- tools ----------------------------------------------------------------------------------
+
+    def _run_calls(self, calls: list[chat.ToolCall], seen: Counter) -> Iterator[Event]:
+        """Run the calls in order, each result a ``tool`` message; returns a stop reason or None."""
+        s, stop = self.settings, None
+        for call in calls:
+            key = json.dumps([call.name, call.arguments], sort_keys=True, ensure_ascii=False)
+            seen[key] += 1
+            if stop or self._cancel.is_set():
+                result = ToolResult("error: not run: the turn was stopped before this call", ok=False,
+                                    summary="not run")
+                stop = stop or "interrupted"
+            elif seen[key] >= s.repeat_stop:
+                result = ToolResult(f"error: not run: this identical call was made {seen[key]} times", ok=False,
+                                    summary="repeat guard")
+                stop = "repeat-guard"
+                yield Notice("error", f"stopped: {call.name} was called {seen[key]} times with the same arguments")
+            else:
+                yield ToolRunning(call.id, call.name, call.arguments)
+                result = self._run_one(call)
+                if seen[key] >= s.repeat_warn:
+                    result.text += (f"\n\nnote: this identical call has now been made {seen[key]} times and "
+                                    "gives the same result; try something different.")
+                    yield Notice("warning", f"{call.name} called {seen[key]} times with the same arguments")
+            yield ToolFinished(call.id, call.name, result)
+            self.messages.append(chat.Message(role="tool", content=result.text, tool_call_id=call.id))
+        return stop
+
+    def _run_one(self, call: chat.ToolCall) -> ToolResult:
+        tool = self.tools.get(call.name)
+        if tool is None:
+            names = ", ".join(sorted(self.tools))
+            return ToolResult(f"error: there is no tool named {call.name!r}; the tools are: {names}", ok=False,
+                              summary="unknown tool")
+        try:
+            return tool.call(call.arguments, self.ctx)
+        except Exception as err:  # a tool bug must not kill the session; the model and the user see it
+            return ToolResult(f"error: {call.name} failed: {type(err).__name__}: {err}", ok=False,
+                              summary="tool failed")

@@ -1,0 +1,55 @@
+"""A stand-in for ``runtime.Engine`` in agent-loop tests: it keeps a token list
+like the real engine, and each ``generate`` emits the next scripted reply
+(template text, so ``</think>`` and DSML markers become their control tokens),
+token by token, then EOS. Everything else the loop touches is real: the V4
+tokenizer, chat rendering and the DSML parser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from magnetar.runtime.engine import ContextFull, Event
+
+
+@dataclass
+class ScriptedStats:
+    prefill_tokens: int = 0
+    cache_hits: int = 0
+    restored_tokens: int = 0
+
+
+@dataclass
+class ScriptedEngine:
+    tokenizer: object
+    replies: list[str]
+    ctx: int = 1 << 20
+    prefill_chunk: int = 2048
+    tokens: list[int] = field(default_factory=list)
+    prefills: list[list[int]] = field(default_factory=list)  # every prefill call's ids
+    stats: ScriptedStats = field(default_factory=ScriptedStats)
+    on_token: object = None  # called after each generated token (tests interrupt from here)
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def prefill(self, ids, progress=None) -> None:
+        if len(self.tokens) + len(ids) > self.ctx:
+            raise ContextFull(f"{len(self.tokens)} + {len(ids)} tokens exceed the context of {self.ctx}")
+        self.tokens = self.tokens + list(ids)
+        self.prefills.append(list(ids))
+        self.stats.prefill_tokens += len(ids)
+        if progress and ids:
+            progress(len(ids), len(ids))
+
+    def generate(self, max_tokens=256, **_sampling):
+        if not self.replies:
+            raise AssertionError("the loop asked for more replies than the script has")
+        ids = self.tokenizer.encode_trusted(self.replies.pop(0)) + [self.tokenizer.eos_id]
+        decoder = self.tokenizer.stream_decoder()
+        for token in ids[:max_tokens]:
+            self.tokens.append(token)
+            if self.on_token:
+                self.on_token(token)
+            yield Event(token, decoder.feed(token))
+            if token == self.tokenizer.eos_id:
+                return
