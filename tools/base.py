@@ -73,10 +73,8 @@ class Tool:
     def spec(cls) -> dict[str, Any]:
         """``{"name", "description", "parameters"}``: the function schema the model sees."""
         schema = cls.Args.model_json_schema()
-        schema.pop("title", None)
-        for prop in schema.get("properties", {}).values():
-            prop.pop("title", None)
-        return {"name": cls.name, "description": cls.description, "parameters": schema}
+        return {"name": cls.name, "description": cls.description,
+                "parameters": _plain(schema, schema.pop("$defs", {}))}
 
     def call(self, arguments: dict[str, Any], ctx: ToolContext) -> ToolResult:
         """Validate ``arguments`` and run; every failure becomes a result the model can read."""
@@ -90,6 +88,17 @@ class Tool:
             return self.run(args, ctx)
         except ToolRefused as refusal:
             return ToolResult(f"error: {refusal}", ok=False, summary=str(refusal).split("\n")[0][:120])
+
+
+def _plain(node: Any, defs: dict[str, Any]) -> Any:
+    """The schema as a model reads it best: ``$ref``s inlined, pydantic's titles dropped."""
+    if isinstance(node, list):
+        return [_plain(v, defs) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        return _plain(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
+    return {k: _plain(v, defs) for k, v in node.items() if k != "title" or not isinstance(v, str)}
 
 
 def resolve_in_root(ctx: ToolContext, path: str) -> Path:
