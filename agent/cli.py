@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs-top-k", type=int, default=0, metavar="K")
     p.set_defaults(run=run_commands.generate)
 
+    p = sub.add_parser("sessions", help="list saved sessions (id, age, tokens, size, repository, title)")
+    p.set_defaults(run=_list_sessions)
+
     p = sub.add_parser("imatrix", help="collect an importance matrix for quantizing the routed experts")
     p.add_argument("-m", "--model", required=True, metavar="MODEL")
     p.add_argument("--prompts", required=True, metavar="FILE", help="text split by '---' lines, or .jsonl {\"text\"}")
@@ -119,6 +122,15 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--think-max", dest="mode", action="store_const", const="think-max",
                    help="reason with the Think-Max prefix")
     p.set_defaults(mode="think")
+
+
+def _list_sessions(args: argparse.Namespace) -> int:
+    from .models import data_dir
+    from .sessions import SessionStore, render_list
+
+    sessions = SessionStore(data_dir() / "sessions").all()
+    print(render_list(sessions) if sessions else f"no sessions yet in {data_dir() / 'sessions'}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

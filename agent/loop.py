@@ -151,6 +151,8 @@ class Agent:
     def turn(self, user_text: str) -> Iterator[Event]:
         """Run one user turn to its end; yields events, the last one a ``TurnEnd``."""
         self._cancel.clear()
+        if self.ctx.undo is not None:
+            self.ctx.undo.begin_turn()  # /undo restores what this turn changes
         self.messages.append(chat.Message(role="user", content=user_text))
         seen: Counter[str] = Counter()
         malformed = 0

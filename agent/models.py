@@ -1,6 +1,7 @@
-"""Which model file the agent runs: ``--model``, then ``$MAGNETAR_MODEL``, then the
-models folder (``$MAGNETAR_HOME/models``, else ``~/.cache/magnetar/models``),
-where the download command puts the files under these names."""
+"""Where things live. The model the agent runs: ``--model``, then
+``$MAGNETAR_MODEL``, then the models folder (``$MAGNETAR_HOME/models``, else
+``~/.cache/magnetar/models``), where the download command puts the files under
+the names below; sessions and caches: ``data_dir()``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def models_dir() -> Path:
         return Path(os.environ["MAGNETAR_HOME"]).expanduser() / "models"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "magnetar" / "models"
+
+
+def data_dir() -> Path:
+    """Sessions, logs and the prefix cache: ``$MAGNETAR_HOME/data``, else XDG's data home."""
+    if os.environ.get("MAGNETAR_HOME"):
+        return Path(os.environ["MAGNETAR_HOME"]).expanduser() / "data"
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base).expanduser() / "magnetar"
 
 
 def resolve_model(explicit: str | None = None) -> Path:

@@ -1,0 +1,167 @@
+"""Sessions are folders: ``<data>/sessions/<id>/`` holds
+
+* ``meta.json``: id, title, repository, model, token count, created/updated
+  (written atomically);
+* ``transcript.jsonl``: every message as it happened (the model's DSML blocks
+  byte for byte), one JSON object per line with a timestamp. Lines are
+  appended and fsynced; a line cut short by a crash is skipped on reading;
+* ``state.ckpt``: the engine's checkpoint after the last turn
+  (runtime/checkpoint.py), so a resume re-processes nothing.
+
+Resuming restores the checkpoint; when it is missing, damaged or made for
+another model, the transcript is rendered and prefilled instead (slower,
+never lost).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from magnetar.runtime import chat
+from magnetar.runtime.checkpoint import CheckpointError
+from magnetar.runtime.errors import MagnetarError
+from magnetar.runtime.fileio import atomic_write_bytes
+
+TITLE_CHARS = 70
+
+
+class SessionError(MagnetarError):
+    """A session cannot be found or opened."""
+
+
+@dataclass
+class SessionMeta:
+    id: str
+    title: str
+    repo: str
+    model: str
+    tokens: int
+    created: float
+    updated: float
+
+
+class Session:
+    def __init__(self, folder: Path, meta: SessionMeta):
+        self.folder, self.meta = folder, meta
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.folder / "state.ckpt"
+
+    @property
+    def transcript_path(self) -> Path:
+        return self.folder / "transcript.jsonl"
+
+    def append(self, message: chat.Message) -> None:
+        """Add one message to the transcript (flushed and fsynced before returning)."""
+        if not self.meta.title and message.role == "user":
+            self.meta.title = " ".join(message.content.split())[:TITLE_CHARS]
+        line = json.dumps({"ts": time.time(), "message": message.model_dump(exclude_none=True)}, ensure_ascii=False)
+        with open(self.transcript_path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def messages(self) -> list[chat.Message]:
+        """The transcript's messages in order; a torn last line (a crash mid-append) is skipped."""
+        if not self.transcript_path.exists():
+            return []
+        out = []
+        for line in self.transcript_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                out.append(chat.Message.model_validate(json.loads(line)["message"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
+
+    def save(self, engine) -> None:
+        """Checkpoint the engine and update the metadata (both atomic)."""
+        engine.checkpoint(self.checkpoint_path, note="session")
+        self.meta.tokens = len(engine.tokens)
+        self.write_meta()
+
+    def write_meta(self) -> None:
+        self.meta.updated = time.time()
+        atomic_write_bytes(self.folder / "meta.json", json.dumps(asdict(self.meta), indent=1).encode())
+
+    def resume(self, engine, render_ids, progress=None) -> str:
+        """Bring the engine to where the session ended: ``"restored"`` from the checkpoint,
+        else ``"replayed"`` by prefilling ``render_ids(messages)`` (the transcript rendered)."""
+        if self.checkpoint_path.exists():
+            try:
+                engine.restore(self.checkpoint_path)
+                return "restored"
+            except CheckpointError:
+                pass  # fall through to the transcript
+        engine.reset()
+        messages = self.messages()
+        if len(messages) > 1:
+            engine.prefill(render_ids(messages), progress)
+        return "replayed"
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+
+
+class SessionStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def create(self, repo: Path, model: str) -> Session:
+        now = time.time()
+        sid = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + "-" + secrets.token_hex(3)
+        folder = self.root / sid
+        folder.mkdir(parents=True)
+        session = Session(folder, SessionMeta(sid, "", str(repo.resolve()), model, 0, now, now))
+        session.write_meta()
+        return session
+
+    def all(self) -> list[Session]:
+        """Every readable session, most recently updated first."""
+        out = []
+        for folder in self.root.iterdir() if self.root.is_dir() else ():
+            try:
+                meta = SessionMeta(**json.loads((folder / "meta.json").read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError):
+                continue
+            out.append(Session(folder, meta))
+        return sorted(out, key=lambda s: s.meta.updated, reverse=True)
+
+    def open(self, prefix: str) -> Session:
+        """The session whose id starts with ``prefix`` (it must be unambiguous)."""
+        found = [s for s in self.all() if s.meta.id.startswith(prefix)]
+        if not found:
+            raise SessionError(f"no session id starts with {prefix!r}", "list them with `magnetar sessions`")
+        if len(found) > 1:
+            ids = ", ".join(s.meta.id for s in found[:5])
+            raise SessionError(f"{prefix!r} matches {len(found)} sessions ({ids})", "give more of the id")
+        return found[0]
+
+    def latest(self, repo: Path) -> Session:
+        repo_str = str(repo.resolve())
+        for s in self.all():
+            if s.meta.repo == repo_str:
+                return s
+        raise SessionError(f"no session for {repo_str} yet", "start one with `magnetar`")
+
+
+def age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def render_list(sessions: list[Session], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [f"{'id':<23} {'age':>5} {'tokens':>8} {'size':>9}  {'repo':<30} title"]
+    for s in sessions:
+        m = s.meta
+        lines.append(f"{m.id:<23} {age(now - m.updated):>5} {m.tokens:>8} {s.nbytes() / 1e6:>7.1f}MB  "
+                     f"{Path(m.repo).name[:30]:<30} {m.title or '(untitled)'}")
+    return "\n".join(lines)

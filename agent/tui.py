@@ -1,0 +1,293 @@
+"""The Textual TUI: the conversation, tool cards, a prefill bar, a status line and
+an input box; the agent loop runs in a worker thread so the UI never waits.
+
+Everything the model does arrives as loop events (agent/loop.py) and is drawn
+here; nothing in this file talks to the model. A tool that needs permission
+blocks its worker thread on ``confirm`` while a modal asks the user.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Collapsible, Input, Label, Markdown, ProgressBar, Static
+
+from magnetar.tools.base import MODES
+
+from .loop import Agent, Notice, Prefill, Reasoning, Text, ToolFinished, ToolRunning, TurnEnd
+
+HELP = """Commands:
+  /help            this list
+  /think /nothink  reason before answering, or answer directly
+  /mode MODE       what tools may do without asking: ask, auto-edit, yolo, read-only
+  /undo            restore the files the last turn changed
+  /diff            the repository's uncommitted changes
+  /sessions        saved sessions
+  /new             start a new conversation
+  /quit            leave (Ctrl+Q); Ctrl+C stops the model or a running tool"""
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """Asks before a write, command or commit: approve or deny."""
+
+    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape", "answer(False)", "no")]
+
+    def __init__(self, title: str, detail: str):
+        super().__init__()
+        self.title_text, self.detail = title, detail
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm"):
+            yield Label(self.title_text, id="confirm-title")
+            yield Static(self.detail, id="confirm-detail", markup=False)
+            with Horizontal():
+                yield Button("Allow (y)", variant="success", id="allow")
+                yield Button("Deny (n)", variant="error", id="deny")
+
+    def action_answer(self, ok: bool) -> None:
+        self.dismiss(ok)
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "allow")
+
+
+class MagnetarApp(App):
+    CSS = """
+    #log { height: 1fr; }
+    .user { color: $accent; margin: 1 0 0 0; }
+    .reasoning { color: $text-muted; }
+    .tool { border: round $secondary; padding: 0 1; margin: 0 0 0 2; }
+    .notice { color: $warning; }
+    #prefill { height: 1; }
+    #status { height: 1; background: $boost; }
+    #confirm { width: 80%; height: auto; border: thick $warning; background: $surface; padding: 1 2; }
+    """
+    BINDINGS = [Binding("ctrl+c", "interrupt", "stop", priority=True), Binding("ctrl+q", "quit", "quit")]
+
+    def __init__(self, agent: Agent, model_name: str = "", sessions=None, after_turn=None):
+        """``after_turn()`` runs in the worker after every turn (the session's autosave)."""
+        super().__init__()
+        self.agent, self.model_name, self.sessions, self.after_turn = agent, model_name, sessions, after_turn
+        self.agent.ctx.confirm = self._confirm
+        self.busy = False
+        self.history: list[str] = []
+        self._history_at = 0
+        self._answer: Markdown | None = None
+        self._answer_text = ""
+        self._reasoning: Static | None = None
+        self._reasoning_text = ""
+        self._cards: dict[str, Static] = {}
+
+    def compose(self) -> ComposeResult:
+        yield VerticalScroll(id="log")
+        yield ProgressBar(id="prefill", show_eta=False)
+        yield Static("", id="status")
+        yield Input(placeholder="Ask, or /help", id="prompt")
+
+    def on_mount(self) -> None:
+        self.query_one("#prefill").display = False
+        self._status()
+        self.query_one("#prompt").focus()
+
+    # -- input ------------------------------------------------------------------------------
+
+    @on(Input.Submitted, "#prompt")
+    def _submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        event.input.value = ""
+        if not text:
+            return
+        self.history.append(text)
+        self._history_at = len(self.history)
+        if text.startswith("/"):
+            self.command(text)
+        elif self.busy:
+            self.agent.queue(text)
+            self._say(f"(queued) {text}", "user")
+        else:
+            self._say(text, "user")
+            self.run_turn(text)
+
+    def on_key(self, event) -> None:
+        prompt = self.query_one("#prompt", Input)
+        if not prompt.has_focus or event.key not in ("up", "down") or not self.history:
+            return
+        self._history_at = max(0, min(len(self.history), self._history_at + (-1 if event.key == "up" else 1)))
+        prompt.value = self.history[self._history_at] if self._history_at < len(self.history) else ""
+        event.stop()
+
+    def command(self, line: str) -> None:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name == "/help":
+            self._say(HELP, "notice")
+        elif name in ("/think", "/nothink"):
+            self.agent.settings.mode = name[1:]
+            self._say(f"mode: {name[1:]}", "notice")
+        elif name == "/mode":
+            if arg not in MODES:
+                self._say(f"/mode takes one of: {', '.join(MODES)}", "notice")
+            else:
+                self.agent.ctx.mode = arg
+                self._say(f"permissions: {arg}", "notice")
+        elif name == "/undo":
+            undo = self.agent.ctx.undo
+            restored = undo.undo_last_turn() if undo is not None else []
+            self._say("restored: " + ", ".join(map(str, restored)) if restored else "nothing to undo", "notice")
+        elif name == "/diff":
+            self._say(_git_diff(self.agent.ctx.root), "notice")
+        elif name == "/sessions":
+            from .sessions import render_list
+            listed = self.sessions.all() if self.sessions is not None else []
+            self._say(render_list(listed) if listed else "no saved sessions", "notice")
+        elif name == "/new":
+            if self.busy:
+                self._say("wait for the turn to end (or Ctrl+C) before /new", "notice")
+                return
+            del self.agent.messages[1:]
+            self.query_one("#log").remove_children()
+            self._say("new conversation", "notice")
+        elif name == "/quit":
+            self.exit()
+        else:
+            self._say(f"unknown command {name}; /help lists them", "notice")
+        self._status()
+
+    # -- the turn (worker thread) -----------------------------------------------------------
+
+    @work(thread=True, exclusive=True)
+    def run_turn(self, text: str) -> None:
+        self.call_from_thread(self._set_busy, True)
+        try:
+            for event in self.agent.turn(text):
+                self.call_from_thread(self.show, event)
+            if self.after_turn:
+                self.after_turn()
+        except Exception as err:  # the session must survive a bug; show it, keep the UI
+            self.call_from_thread(self._say, f"error: {type(err).__name__}: {err}", "notice")
+        finally:
+            self.call_from_thread(self._set_busy, False)
+
+    def _confirm(self, title: str, detail: str) -> bool:
+        """Called from the worker: block it until the user answers the modal."""
+        done, answer = threading.Event(), []
+
+        def ask() -> None:
+            self.push_screen(ConfirmScreen(title, detail), lambda ok: (answer.append(bool(ok)), done.set()))
+
+        self.call_from_thread(ask)
+        done.wait()
+        return answer[0]
+
+    def action_interrupt(self) -> None:
+        if self.busy:
+            self.agent.interrupt()
+            self._say("stopping...", "notice")
+
+    # -- drawing ----------------------------------------------------------------------------
+
+    def show(self, event) -> None:
+        log = self.query_one("#log", VerticalScroll)
+        if isinstance(event, Prefill):
+            bar = self.query_one("#prefill", ProgressBar)
+            bar.display = event.done < event.total
+            bar.update(total=event.total, progress=event.done)
+        elif isinstance(event, Reasoning):
+            if self._reasoning is None:
+                self._reasoning, self._reasoning_text = Static("", classes="reasoning", markup=False), ""
+                log.mount(Collapsible(self._reasoning, title="reasoning", collapsed=False))
+            self._reasoning_text += event.text
+            self._reasoning.update(self._reasoning_text)
+        elif isinstance(event, Text):
+            self._collapse_reasoning()
+            if self._answer is None:
+                self._answer, self._answer_text = Markdown(""), ""
+                log.mount(self._answer)
+            self._answer_text += event.text
+            self._answer.update(self._answer_text)
+        elif isinstance(event, ToolRunning):
+            self._end_message()
+            args = ", ".join(f"{k}={v!r}"[:200] for k, v in event.arguments.items())
+            card = Static(f"{event.name}({args})  …", classes="tool", markup=False)
+            self._cards[event.call_id] = card
+            log.mount(card)
+        elif isinstance(event, ToolFinished):
+            self._end_message()
+            r = event.result
+            text = f"{event.name}: {'ok' if r.ok else 'refused'} — {r.summary or r.text.splitlines()[0][:200]}"
+            if r.diff:
+                text += "\n" + r.diff
+            card = self._cards.pop(event.call_id, None)
+            if card is None:
+                log.mount(Static(text, classes="tool", markup=False))
+            else:
+                card.update(text)
+        elif isinstance(event, Notice):
+            self._say(event.text, "notice")
+        elif isinstance(event, TurnEnd):
+            self._end_message()
+            if event.reason != "answered":
+                self._say(f"turn ended: {event.reason}", "notice")
+        log.scroll_end(animate=False)
+        self._status()
+
+    def _collapse_reasoning(self) -> None:
+        if self._reasoning is not None:
+            self._reasoning.parent.parent.collapsed = True  # Static -> Contents -> Collapsible
+            self._reasoning = None
+
+    def _end_message(self) -> None:
+        self._collapse_reasoning()
+        self._answer = None
+
+    def _say(self, text: str, kind: str) -> None:
+        log = self.query_one("#log", VerticalScroll)
+        log.mount(Static(text, classes=kind, markup=False))
+        log.scroll_end(animate=False)
+
+    def _set_busy(self, busy: bool) -> None:
+        self.busy = busy
+        self.query_one("#prefill").display = False
+        self._status()
+
+    def _status(self) -> None:
+        engine, s = self.agent.engine, self.agent.engine.stats
+        used, ctx = len(engine.tokens), getattr(engine, "ctx", 0)
+        pre = getattr(s, "prefill_tok_s", 0.0)
+        gen = getattr(s, "generate_tok_s", 0.0)
+        state = "busy" if self.busy else "ready"
+        self.query_one("#status", Static).update(
+            f" {state} │ ctx {used}/{ctx} │ prefill {pre:.1f} t/s │ gen {gen:.1f} t/s │ "
+            f"{self.agent.settings.mode} │ {self.agent.ctx.mode} │ {self.model_name} │ {time.strftime('%H:%M')}")
+
+
+class FirstRunApp(App):
+    """Shown instead of the agent when no model is found: what is missing and how to fix it."""
+
+    BINDINGS = [Binding("q,escape,enter,ctrl+q,ctrl+c", "quit", "quit")]
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        yield Static(self.text + "\n\nPress q to leave.", markup=False)
+
+
+def _git_diff(root) -> str:
+    try:
+        run = subprocess.run(["git", "diff", "--stat", "--patch"], cwd=root, capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"git diff failed: {err}"
+    if run.returncode:
+        return run.stderr.strip() or "not a git repository"
+    return run.stdout[:20000] or "no uncommitted changes"

@@ -1,0 +1,116 @@
+"""The TUI driven by Textual's Pilot against a scripted engine: a prompt streams a
+reply, a tool card appears, the permission modal allows and denies, slash
+commands work, and typing while busy queues."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import BaseModel, Field
+from textual.widgets import Markdown, Static
+
+from magnetar.agent.loop import Agent, LoopSettings
+from magnetar.agent.tui import ConfirmScreen, MagnetarApp
+from magnetar.tools.base import Tool, ToolContext, ToolResult
+from scripted_engine import ScriptedEngine
+
+D = "｜DSML｜"
+
+
+def write_call(path: str) -> str:
+    return (f"\n\n<{D}tool_calls>\n<{D}invoke name=\"touch\">\n<{D}parameter name=\"path\" string=\"true\">"
+            f"{path}</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>")
+
+
+class Touch(Tool):
+    name, description, access = "touch", "Create an empty file.", "edit"
+
+    class Args(BaseModel):
+        path: str = Field(description="file to create")
+
+    def run(self, args, ctx):
+        if not ctx.allowed("edit", "Create a file?", args.path):
+            return ToolResult("error: the user denied it", ok=False, summary="denied")
+        (ctx.root / args.path).write_text("")
+        return ToolResult(f"created {args.path}", summary=f"created {args.path}")
+
+
+def make_app(v4_tokenizer, tmp_path, replies, mode="ask"):
+    engine = ScriptedEngine(v4_tokenizer, list(replies))
+    agent = Agent(engine, [Touch()], ToolContext(root=tmp_path, mode=mode), "You are a test.", LoopSettings())
+    return MagnetarApp(agent, model_name="scripted"), engine
+
+
+async def until(pilot, condition, timeout=10.0):
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("the UI did not get there in time")
+
+
+def texts(app) -> str:
+    return "\n".join(str(w.render()) for w in app.query(Static))
+
+
+async def _type(pilot, text):
+    await pilot.click("#prompt")
+    for ch in text:
+        await pilot.press(ch if ch != " " else "space")
+    await pilot.press("enter")
+
+
+def test_a_prompt_streams_the_reply_into_markdown(v4_tokenizer, tmp_path):
+    async def go():
+        app, _ = make_app(v4_tokenizer, tmp_path, ["Thinking hard.</think>Hello **there**."])
+        async with app.run_test() as pilot:
+            await _type(pilot, "hi")
+            await until(pilot, lambda: not app.busy and app.query(Markdown))
+            md = app.query(Markdown).last()
+            assert "Hello **there**." in md.source
+            assert "Thinking hard." in texts(app)
+            assert "ctx" in str(app.query_one("#status", Static).render())
+    asyncio.run(go())
+
+
+def test_the_modal_allows_then_denies_and_cards_show_results(v4_tokenizer, tmp_path):
+    async def go():
+        replies = ["a</think>" + write_call("one.txt"), "b</think>made it",
+                   "c</think>" + write_call("two.txt"), "d</think>ok, not made"]
+        app, _ = make_app(v4_tokenizer, tmp_path, replies)
+        async with app.run_test() as pilot:
+            await _type(pilot, "make one")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("y")
+            await until(pilot, lambda: not app.busy)
+            assert (tmp_path / "one.txt").exists()
+            assert "touch: ok — created one.txt" in texts(app)
+            await _type(pilot, "make two")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.click("#deny")
+            await until(pilot, lambda: not app.busy)
+            assert not (tmp_path / "two.txt").exists()
+            assert "touch: refused — denied" in texts(app)
+    asyncio.run(go())
+
+
+def test_slash_commands(v4_tokenizer, tmp_path):
+    async def go():
+        app, _ = make_app(v4_tokenizer, tmp_path, ["x</think>" + write_call("y.txt"), "z</think>done"])
+        async with app.run_test() as pilot:
+            await _type(pilot, "/help")
+            assert "/nothink" in texts(app)
+            await _type(pilot, "/mode yolo")
+            assert app.agent.ctx.mode == "yolo"
+            await _type(pilot, "/mode sideways")
+            assert "takes one of" in texts(app) and app.agent.ctx.mode == "yolo"
+            await _type(pilot, "/nothink")
+            assert app.agent.settings.mode == "nothink"
+            await _type(pilot, "/think")
+            await _type(pilot, "go")  # yolo: no modal
+            await until(pilot, lambda: not app.busy and (tmp_path / "y.txt").exists())
+            await _type(pilot, "/bogus")
+            assert "unknown command /bogus" in texts(app)
+            await _type(pilot, "/new")
+            assert len(app.agent.messages) == 1
+    asyncio.run(go())
