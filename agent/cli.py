@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from magnetar.runtime.errors import MagnetarError
 
-from . import model_commands, run_commands
+from . import model_commands, models, run_commands
 
 PRESETS = ("tiny", "small", "mini-flash")
 RECIPES = ("f32", "f16", "q8", "q2", "q4")
@@ -21,6 +21,15 @@ RECIPES = ("f32", "f16", "q8", "q2", "q4")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="magnetar", description="A local coding agent running DeepSeek V4 Flash in-process.")
+    parser.add_argument("--model", "-m", dest="tui_model", default=None, metavar="MODEL",
+                        help="the TUI's model (default: $MAGNETAR_MODEL, then the models folder)")
+    parser.add_argument("--ctx", dest="tui_ctx", type=int, default=65536, help="the TUI's context in tokens")
+    parser.add_argument("--mode", dest="tui_mode", choices=("ask", "auto-edit", "yolo", "read-only"), default="ask",
+                        help="what tools may do without asking (default ask)")
+    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="ID",
+                        help="resume a session (by id prefix; no id: the latest for this repository)")
+    parser.add_argument("--continue", dest="continue_", action="store_true",
+                        help="resume the latest session of this repository")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("make-model", help="write a random-weight V4 GGUF for tests and benchmarks")
@@ -66,6 +75,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each generated token's logprob and the top alternatives")
     p.add_argument("--logprobs-top-k", type=int, default=0, metavar="K")
     p.set_defaults(run=run_commands.generate)
+
+    p = sub.add_parser("run", help="headless: run one task with the agent's tools, print the answer")
+    p.add_argument("-p", "--prompt", required=True, metavar="TEXT", help="the task")
+    p.add_argument("-m", "--model", default=None, metavar="MODEL",
+                   help="model file (default: $MAGNETAR_MODEL, then the models folder)")
+    p.add_argument("--mode", choices=("read-only", "auto-edit", "yolo", "ask"), default="read-only",
+                   help="what tools may do without asking; nothing can be asked headless (default read-only)")
+    p.add_argument("--json", action="store_true", help="print every loop event as a JSON line")
+    p.add_argument("--stream", action="store_true", help="print the answer text as it is generated")
+    p.add_argument("--cwd", default=None, metavar="DIR", help="the project (default: the current directory)")
+    p.add_argument("--ctx", type=int, default=65536, help="context size in tokens (default 65536)")
+    p.add_argument("--max-steps", type=int, default=40, help="tool-call steps before the turn stops")
+    p.add_argument("--max-tokens", type=int, default=8192, help="tokens the model may write per step")
+    p.add_argument("--temp", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--nothink", dest="think_mode", action="store_const", const="nothink")
+    g.add_argument("--think", dest="think_mode", action="store_const", const="think")
+    p.set_defaults(run=_run_headless, think_mode="think")
+
+    p = sub.add_parser("review", help="review code or a diff with read-only tools; markdown, JSON or SARIF")
+    p.add_argument("path", nargs="?", default=".", metavar="PATH", help="file or folder (default: the repository)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--diff", default=None, metavar="REF", help="review what changed since the branch left REF")
+    g.add_argument("--staged", action="store_true", help="review the staged changes")
+    g.add_argument("--uncommitted", action="store_true", help="review all uncommitted changes")
+    p.add_argument("--format", choices=("markdown", "json", "sarif"), default="markdown")
+    p.add_argument("-o", "--output", default=None, metavar="FILE", help="write the report here (default stdout)")
+    p.add_argument("--fail-on", dest="fail_on", choices=("high", "medium", "low"), default=None,
+                   help="exit 1 when a finding of this severity or worse exists")
+    p.add_argument("-m", "--model", default=None, metavar="MODEL")
+    p.add_argument("--ctx", type=int, default=65536)
+    p.add_argument("--max-steps", type=int, default=40, help="tool-call steps before the review stops")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temp", type=float, default=1.0)
+    p.set_defaults(run=_review)
+
+    p = sub.add_parser("download", help="download a DeepSeek V4 Flash GGUF into the models folder")
+    p.add_argument("name", choices=tuple(models.KNOWN), help="q2-imatrix is the one to start with")
+    p.add_argument("--dir", default=None, metavar="DIR", help="destination folder (default: the models folder)")
+    p.set_defaults(run=_download)
 
     p = sub.add_parser("sessions", help="list saved sessions (id, age, tokens, size, repository, title)")
     p.set_defaults(run=_list_sessions)
@@ -124,6 +174,12 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     p.set_defaults(mode="think")
 
 
+def _open_tui(args: argparse.Namespace) -> int:
+    from .launch import open_tui
+
+    return open_tui(args)
+
+
 def _list_sessions(args: argparse.Namespace) -> int:
     from .models import data_dir
     from .sessions import SessionStore, render_list
@@ -133,6 +189,24 @@ def _list_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _review(args: argparse.Namespace) -> int:
+    from .review_mode import run
+
+    return run(args)
+
+
+def _download(args: argparse.Namespace) -> int:
+    from .download import download
+
+    return download(args)
+
+
+def _run_headless(args: argparse.Namespace) -> int:
+    from .headless import run
+
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -140,8 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "command", None) == "bench" and args.prompt_tokens is None:
         args.prompt_tokens = 512 if args.mode == "prefill" else 128
     if run is None:
-        parser.print_help()
-        return 0
+        args.model, args.ctx, args.mode = args.tui_model, args.tui_ctx, args.tui_mode
+        run = _open_tui
     try:
         return run(args)
     except MagnetarError as err:

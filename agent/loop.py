@@ -24,9 +24,10 @@ kept) or a running tool (through ``ToolContext.extra["cancel"]``); text
 from __future__ import annotations
 
 import json
+import queue
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from magnetar.runtime import chat, dsml
@@ -98,7 +99,7 @@ class Notice:
 @dataclass(frozen=True)
 class TurnEnd:
     answer: str
-    reason: str  # answered | step-cap | repeat-guard | malformed | interrupted | context-full
+    reason: str  # answered | token-limit | step-cap | repeat-guard | malformed | interrupted | context-full
     steps: int
 
 
@@ -108,6 +109,27 @@ Event = Prefill | Reasoning | Text | ToolStarted | ToolRunning | ToolFinished | 
 # -- the loop ---------------------------------------------------------------------------------
 
 
+def _with_progress(work: Callable[[Callable[[int, int], None]], object]) -> Iterator[Prefill]:
+    """Run ``work(progress)`` (a prefill) on a helper thread and yield its progress as it
+    happens, so a UI can draw the bar while a long prompt is processed."""
+    updates: queue.SimpleQueue = queue.SimpleQueue()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work(lambda done, total: updates.put((done, total)))
+        except BaseException as err:  # raised again in the caller's thread
+            failure.append(err)
+        finally:
+            updates.put(None)
+
+    threading.Thread(target=run, name="magnetar-prefill", daemon=True).start()
+    while (update := updates.get()) is not None:
+        yield Prefill(*update)
+    if failure:
+        raise failure[0]
+
+
 @dataclass
 class _Step:
     reasoning: str = ""
@@ -115,6 +137,7 @@ class _Step:
     calls: list[chat.ToolCall] = field(default_factory=list)
     error: str | None = None
     interrupted: bool = False
+    cut: bool = False  # hit the per-step token limit
 
 
 class Agent:
@@ -185,7 +208,7 @@ class Agent:
                 if queued:  # typed while the model answered: they are the next thing to answer
                     self._add_user("\n\n".join(queued))
                     continue
-                yield TurnEnd(result.text, "answered", step)
+                yield TurnEnd(result.text, "token-limit" if result.cut else "answered", step)
                 return
             stop = yield from self._run_calls(result.calls, seen)
             if stop:
@@ -221,22 +244,15 @@ class Agent:
         if live and ids[:len(live)] == live:
             yield from self._prefill(ids[len(live):])
             return
-        progress: list[tuple[int, int]] = []
         if self.cache is not None:
-            self.cache.sync(engine, ids, lambda d, t: progress.append((d, t)))
+            yield from _with_progress(lambda progress: self.cache.sync(engine, ids, progress))
         else:
             engine.reset()
-            engine.prefill(ids, lambda d, t: progress.append((d, t)))
-        for d, t in progress:
-            yield Prefill(d, t)
+            yield from _with_progress(lambda progress: engine.prefill(ids, progress))
 
     def _prefill(self, ids: list[int]) -> Iterator[Event]:
-        if not ids:
-            return
-        progress: list[tuple[int, int]] = []
-        self.engine.prefill(ids, lambda d, t: progress.append((d, t)))
-        for d, t in progress:
-            yield Prefill(d, t)
+        if ids:
+            yield from _with_progress(lambda progress: self.engine.prefill(ids, progress))
 
     # -- sampling -------------------------------------------------------------------------------
 
@@ -262,6 +278,7 @@ class Agent:
         if not ended:  # interrupted or out of tokens: close the reply so the transcript stays well formed
             engine.prefill([eos])
             if not out.interrupted:
+                out.cut = True
                 yield Notice("warning", f"the reply hit the {s.max_tokens_per_step}-token step limit")
 
     def _parsed(self, events: list, out: _Step) -> Iterator[Event]:

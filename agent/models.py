@@ -16,6 +16,8 @@ KNOWN = {
     "q4-imatrix": ("deepseek-v4-flash-q4-imatrix.gguf", "165 GB (153 GiB)", "192 GB or more"),
     "q2": ("deepseek-v4-flash-q2.gguf", "87 GB (81 GiB)", "96 GB or more"),
     "q4": ("deepseek-v4-flash-q4.gguf", "165 GB (153 GiB)", "192 GB or more"),
+    # The optional multi-token-prediction head, used next to a model; never run on its own.
+    "mtp": ("deepseek-v4-flash-mtp.gguf", "3.5 GB", "3.5 GB more"),
 }
 PREFERENCE = ("q2-imatrix", "q4-imatrix", "q2", "q4")
 

@@ -10,9 +10,13 @@ pure function of its ids and never touches the live sequence. ``checkpoint`` /
 
 from __future__ import annotations
 
+import functools
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -96,7 +100,59 @@ class Snapshot:
     next_logits: np.ndarray | None
 
 
+class _EngineThread:
+    """The one thread every engine's MLX work runs on, whichever thread calls.
+
+    MLX streams belong to the thread that made them: an array built on one thread's
+    stream cannot be evaluated on another ("There is no Stream(cpu, 0) in current
+    thread"), and the agent drives the engine from UI worker threads. The thread is a
+    daemon that never ends: MLX aborts the process when a thread whose stream ran
+    compiled functions exits."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="magnetar-engine", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        mx.set_default_stream(mx.new_stream(mx.default_device()))
+        while True:
+            fn, args, kwargs, future = self._jobs.get()
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as err:  # handed to the caller, who raises it
+                future.set_exception(err)
+
+    def run(self, fn: Callable, *args, **kwargs):
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        future: Future = Future()
+        self._jobs.put((fn, args, kwargs, future))
+        return future.result()
+
+
+_engine_thread: _EngineThread | None = None
+_engine_thread_lock = threading.Lock()
+
+
+def on_engine_thread(fn: Callable, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)`` on the engine thread and return what it returns."""
+    global _engine_thread
+    with _engine_thread_lock:
+        if _engine_thread is None:
+            _engine_thread = _EngineThread()
+    return _engine_thread.run(fn, *args, **kwargs)
+
+
+def _engine_method(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        return on_engine_thread(method, self, *args, **kwargs)
+    return call
+
+
 class Engine:
+    @_engine_method
     def __init__(self, model_file: ModelFile, ctx: int = DEFAULT_CTX, precision: str = "official",
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, expand_budget: int | None = None,
                  kernels: Backend | None = None):
@@ -155,6 +211,7 @@ class Engine:
         """Every token of the live sequence, including one handed out but not yet run."""
         return self._live.state.tokens + self._live.pending
 
+    @_engine_method
     def reset(self) -> None:
         self._live = _Live(KVState.empty(self.config, self.ctx))
 
@@ -167,11 +224,13 @@ class Engine:
             self._identity = ckpt.model_identity(self.file, self.precision)
         return self._identity
 
+    @_engine_method
     def checkpoint(self, path: str | os.PathLike, note: str = "") -> int:
         """Write the live sequence to ``path`` atomically; returns its size in bytes."""
         self._flush_pending()
         return ckpt.write(path, self._live.state, self._live.next_logits, self.identity, self.prefill_chunk, note)
 
+    @_engine_method
     def restore(self, path: str | os.PathLike) -> None:
         """Make the checkpoint at ``path`` the live sequence, with zero re-processing.
         Raises ``CheckpointError`` (and keeps the current sequence) if it cannot."""
@@ -179,12 +238,14 @@ class Engine:
         self._live = _Live(loaded.state, loaded.logits)
         self.stats.restored_tokens += loaded.state.n_tokens
 
+    @_engine_method
     def snapshot(self) -> Snapshot:
         self._flush_pending()
         live = self._live
         logits = None if live.next_logits is None else live.next_logits.copy()
         return Snapshot(tuple(live.state.tokens), tuple(live.state.arrays()), logits)
 
+    @_engine_method
     def rewind(self, snap: Snapshot) -> None:
         """Go back to ``snap`` (any number of times): the next token continues from there."""
         state = KVState.empty(self.config, self.ctx)
@@ -211,6 +272,7 @@ class Engine:
                 progress(done, len(ids))
         return outs
 
+    @_engine_method
     def prefill(self, ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> None:
         """Extend the live sequence with ``ids`` (chunked, layer-major within a chunk)."""
         if not ids:
@@ -223,6 +285,7 @@ class Engine:
         self.stats.prefill_tokens += len(ids)
         self.stats.prefill_seconds += time.perf_counter() - t0
 
+    @_engine_method
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """(len(ids), vocab) float32 logits of ``ids`` from an empty state; the live state is untouched."""
         if not ids:
@@ -232,6 +295,7 @@ class Engine:
         outs = self._run_chunks(ids, state, True, None)
         return np.concatenate(outs, axis=0)
 
+    @_engine_method
     def next_logits(self) -> np.ndarray:
         """Logits for the token after the live sequence."""
         self._flush_pending()
@@ -252,6 +316,17 @@ class Engine:
                  min_p: float = 0.05, seed: int | None = None,
                  stop: Sequence[int | str] = (), logprobs: int = 0,
                  ignore_eos: bool = False) -> Iterator[Event]:
+        """Sample up to ``max_tokens`` tokens continuing the live sequence (see ``_generate``);
+        each step runs on the engine thread, in lockstep with the caller."""
+        steps = self._generate(max_tokens, temperature, top_k, top_p, min_p, seed, stop, logprobs, ignore_eos)
+        try:
+            while (event := on_engine_thread(next, steps, None)) is not None:
+                yield event
+        finally:
+            on_engine_thread(steps.close)
+
+    def _generate(self, max_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
+                  seed: int | None, stop: Sequence[int | str], logprobs: int, ignore_eos: bool) -> Iterator[Event]:
         """Sample up to ``max_tokens`` tokens continuing the live sequence.
 
         Stops after EOS (unless ``ignore_eos``, for benchmarks), a stop token id, or

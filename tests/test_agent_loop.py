@@ -165,3 +165,11 @@ def test_nothink_mode_parses_text_from_the_start(v4_tokenizer, tmp_path, mode):
     agent, _, _ = make(v4_tokenizer, ["Plain answer."], tmp_path, mode=mode)
     events = list(agent.turn("hi"))
     assert events[-1] == TurnEnd("Plain answer.", "answered", 1)
+
+
+def test_a_reply_cut_by_the_step_token_limit_is_not_an_answer(v4_tokenizer, tmp_path):
+    agent, engine, _ = make(v4_tokenizer, ["</think>" + "word " * 50], tmp_path, max_tokens_per_step=10)
+    events = list(agent.turn("hi"))
+    assert any(isinstance(e, Notice) and "10-token step limit" in e.text for e in events)
+    assert events[-1].reason == "token-limit" and events[-1].answer
+    assert engine.tokens[-1] == v4_tokenizer.eos_id  # closed, so the transcript stays well formed

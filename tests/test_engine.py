@@ -14,6 +14,9 @@ random model can amplify; the rounding steps themselves are tested exactly.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -190,6 +193,29 @@ def test_closing_the_stream_early_keeps_the_handed_out_token(q8):
     assert q8.tokens[-1] == first
     q8.prefill([5])  # runs the pending token first, then the new one
     assert q8.tokens[-2:] == [first, 5]
+
+
+def test_any_thread_can_drive_the_engine(q8, tiny_models):
+    """The TUI calls the engine from worker threads, a new one per turn; MLX streams
+    belong to threads, so the engine runs its MLX work on a thread of its own."""
+    expected = _run(q8, temperature=0)
+    q8.reset()
+    got: list[int] = []
+    prefill = threading.Thread(target=q8.prefill, args=(_ids(20, seed=4),))
+    prefill.start()
+    prefill.join()
+    sample = threading.Thread(target=lambda: got.extend(ev.token for ev in q8.generate(max_tokens=12,
+                                                                                       temperature=0)))
+    sample.start()
+    sample.join()
+    assert got == expected
+    # ... and the process still exits cleanly (a thread that ran compiled MLX code must never end)
+    script = ("import threading; from magnetar.runtime.engine import Engine\n"
+              f"e = Engine.load({str(tiny_models('q8'))!r}, ctx=256)\n"
+              "t = threading.Thread(target=lambda: (e.prefill([0, 5, 6]), list(e.generate(max_tokens=3))))\n"
+              "t.start(); t.join(); print('done')")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert (run.returncode, run.stdout) == (0, "done\n"), run.stderr
 
 
 def test_errors_are_one_line_usage_errors(tiny_models):

@@ -1,0 +1,56 @@
+"""``magnetar run -p TEXT``: one task to completion without a UI.
+
+Prints the final answer (or, with ``--json``, one JSON object per loop event),
+and exits 0 when the model answered, 1 when the turn ended otherwise (step cap,
+repeat guard, malformed calls, full context, interrupt). Nothing asks: in
+``ask`` mode every write, command and commit is refused, so headless runs
+use ``read-only`` (the default here), ``auto-edit`` or ``yolo``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from magnetar.prompts import load
+from magnetar.runtime.engine import Engine
+from magnetar.runtime.kvcache import PrefixCache
+from magnetar.tools.base import ToolContext
+
+from .loop import Agent, LoopSettings, Text, TurnEnd
+from .models import data_dir, resolve_model
+from .toolset import project_root, standard_tools, with_project_instructions
+
+
+def event_json(event) -> str:
+    body = dataclasses.asdict(event)
+    return json.dumps({"type": type(event).__name__, **body}, ensure_ascii=False, default=str)
+
+
+def run(args) -> int:
+    engine = Engine.load(resolve_model(args.model), ctx=args.ctx)
+    root = project_root(Path(args.cwd or "."))
+    ctx = ToolContext(root=root, mode=args.mode, confirm=None, data_dir=data_dir())
+    settings = LoopSettings(mode=args.think_mode, max_steps=args.max_steps, max_tokens_per_step=args.max_tokens,
+                            seed=args.seed, temperature=args.temp)
+    cache = PrefixCache(data_dir() / "kvcache")
+    agent = Agent(engine, standard_tools(), ctx, load("system"), settings, cache)
+    end = None
+    for event in agent.turn(with_project_instructions(root, args.prompt)):
+        if args.json:
+            print(event_json(event), flush=True)
+        elif isinstance(event, Text) and args.stream:
+            print(event.text, end="", flush=True)
+        if isinstance(event, TurnEnd):
+            end = event
+    if not args.json:
+        if not args.stream:
+            print(end.answer)
+        else:
+            print()
+        if end.reason != "answered":
+            print(f"magnetar: the task ended without an answer ({end.reason})", file=sys.stderr)
+    cache.save(engine, "shutdown")
+    return 0 if end.reason == "answered" else 1

@@ -1,0 +1,232 @@
+"""Changing the project: ``write_file``, ``edit_file`` and the per-turn undo journal.
+
+Edits keep every byte the model did not mean to change: the BOM, the encoding
+and each line's ending (a model writes ``\\n``; in a CRLF file its text is
+matched and written with ``\\r\\n``). An existing file must have been read
+first and must not have changed on disk since (its read stamp), so the model
+never overwrites a change it has not seen. Writes are atomic (temp file in the
+same folder, fsync, rename) and keep the file's permission bits; the journal
+holds each file's bytes from before the turn so ``/undo`` needs no git.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import threading
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from .base import Tool, ToolContext, ToolRefused, ToolResult, resolve_in_root
+from .files import TextCodec, relative, sniff, stamp
+
+MAX_DIFF_LINES = 400
+MAX_UNDO_TURNS = 100
+
+
+def replace_bytes(path: Path, data: bytes) -> None:
+    """Atomically make ``path`` hold ``data``, keeping an existing file's permission bits."""
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.magnetar-{os.getpid()}-{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask applies to new files
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class UndoJournal:
+    """Per turn, each changed file's bytes from before the turn (None: it did not exist)."""
+
+    def __init__(self) -> None:
+        self._turns: list[dict[Path, bytes | None]] = []
+
+    def begin_turn(self) -> None:
+        self._turns.append({})
+        del self._turns[:-MAX_UNDO_TURNS]
+
+    def record(self, path: Path, before: bytes | None) -> None:
+        if not self._turns:
+            self.begin_turn()
+        self._turns[-1].setdefault(path, before)  # the first change of the turn holds the original
+
+    def undo_last_turn(self) -> list[Path]:
+        """Restore the files the latest turn that changed anything changed; returns them."""
+        while self._turns and not self._turns[-1]:
+            self._turns.pop()
+        if not self._turns:
+            return []
+        changed = self._turns.pop()
+        for path, before in changed.items():
+            if before is None:
+                path.unlink(missing_ok=True)
+            else:
+                replace_bytes(path, before)
+        return sorted(changed)
+
+
+def unified_diff(rel: str, before: str, after: str) -> str:
+    lines = list(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
+                                      f"a/{rel}", f"b/{rel}"))
+    if len(lines) > MAX_DIFF_LINES:
+        lines = lines[:MAX_DIFF_LINES] + [f"... [{len(lines) - MAX_DIFF_LINES} more diff lines]\n"]
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
+def uses_crlf(text: str) -> bool:
+    """Whether most line ends are CRLF (then text the model writes with LF gets CRLF)."""
+    crlf = text.count("\r\n")
+    return crlf > 0 and crlf >= text.count("\n") - crlf
+
+
+def _current(ctx: ToolContext, path: Path, shown: str) -> tuple[bytes, TextCodec]:
+    """An existing file's bytes and codec, refused when the model has not read it or it changed since."""
+    seen = ctx.read_stamps.get(path)
+    if seen is None:
+        raise ToolRefused(f"read {shown} with read_file before changing it")
+    data = path.read_bytes()
+    now = stamp(path, data)
+    if now[2] != seen[2]:
+        raise ToolRefused(f"{shown} changed on disk since you read it; read it again before editing")
+    codec = sniff(data)
+    if codec is None:
+        raise ToolRefused(f"{shown} is a binary file; it cannot be edited as text")
+    return data, codec
+
+
+def _commit(ctx: ToolContext, path: Path, before: bytes | None, after: bytes, rel: str, diff: str) -> None:
+    """Ask where the mode says so, journal the old bytes, write, and re-stamp (the model knows this content)."""
+    verb = "create" if before is None else "edit"
+    if not ctx.allowed("edit", f"{verb} {rel}", diff):
+        if ctx.mode == "read-only":
+            raise ToolRefused(f"read-only mode: {rel} was not changed")
+        raise ToolRefused(f"the user declined the change to {rel}; ask them what they want instead")
+    if ctx.undo is not None:
+        ctx.undo.record(path, before)
+    replace_bytes(path, after)
+    ctx.read_stamps[path] = stamp(path, after)
+
+
+class WriteFile(Tool):
+    name = "write_file"
+    description = ("Create a file, or replace a whole file you have read, with the given content. "
+                   "For changes to part of a file use edit_file.")
+    access = "edit"
+
+    class Args(BaseModel):
+        path: str = Field(description="file path, relative to the project root")
+        content: str = Field(description="the complete new content")
+
+    def run(self, args: Args, ctx: ToolContext) -> ToolResult:
+        path = resolve_in_root(ctx, args.path)
+        rel = relative(ctx, path)
+        if path.is_dir():
+            raise ToolRefused(f"{rel} is a folder")
+        if path.exists():
+            before, codec = _current(ctx, path, rel)
+            old_text = codec.decode(before)
+        else:
+            before, codec, old_text = None, TextCodec(b"", "utf-8"), ""
+        content = args.content
+        if uses_crlf(old_text) and "\r\n" not in content:
+            content = content.replace("\n", "\r\n")
+        try:
+            after = codec.encode(content)
+        except UnicodeEncodeError as err:
+            raise ToolRefused(f"{rel} is {codec.encoding}; the new content has a character it cannot hold "
+                              f"({err.object[err.start:err.end]!r})") from None
+        if after == before:
+            return ToolResult(f"{rel} already has this content; nothing written", summary=f"{rel}: unchanged")
+        diff = unified_diff(rel, old_text, content)
+        _commit(ctx, path, before, after, rel, diff)
+        lines = content.count("\n") + (not content.endswith("\n") and bool(content))
+        verb = "created" if before is None else "wrote"
+        return ToolResult(f"{verb} {rel} ({lines} lines, {len(after)} bytes)", summary=f"{verb} {rel}", diff=diff)
+
+
+class EditFile(Tool):
+    name = "edit_file"
+    description = ("Replace an exact passage of a file you have read: old_text must match the file exactly "
+                   "(whitespace included) and only once, unless replace_all is set. Include enough "
+                   "surrounding lines to make it unique.")
+    access = "edit"
+
+    class Args(BaseModel):
+        path: str = Field(description="file path, relative to the project root")
+        old_text: str = Field(description="the exact text to replace (without read_file's line numbers)")
+        new_text: str = Field(description="the text to put in its place")
+        replace_all: bool = Field(False, description="replace every occurrence instead of exactly one")
+
+    def run(self, args: Args, ctx: ToolContext) -> ToolResult:
+        path = resolve_in_root(ctx, args.path)
+        rel = relative(ctx, path)
+        if not path.is_file():
+            raise ToolRefused(f"{rel} does not exist; create it with write_file")
+        if not args.old_text:
+            raise ToolRefused("old_text is empty; to write a whole file use write_file")
+        if args.old_text == args.new_text:
+            raise ToolRefused("old_text and new_text are the same; nothing would change")
+        before, codec = _current(ctx, path, rel)
+        text = codec.decode(before)
+        old, new = args.old_text, args.new_text
+        count = text.count(old)
+        if count == 0 and "\r\n" in text and "\r\n" not in old:  # the model's LF text against CRLF lines
+            old, new = old.replace("\n", "\r\n"), new.replace("\n", "\r\n")
+            count = text.count(old)
+        if count == 0:
+            raise ToolRefused(_not_found(text, args.old_text, rel))
+        if count > 1 and not args.replace_all:
+            at = _lines_of(text, old)
+            raise ToolRefused(f"old_text occurs {count} times in {rel} (lines {', '.join(map(str, at[:10]))}); "
+                              "add surrounding lines to make it unique, or set replace_all")
+        after_text = text.replace(old, new) if args.replace_all else text.replace(old, new, 1)
+        try:
+            after = codec.encode(after_text)
+        except UnicodeEncodeError as err:
+            raise ToolRefused(f"{rel} is {codec.encoding}; new_text has a character it cannot hold "
+                              f"({err.object[err.start:err.end]!r})") from None
+        diff = unified_diff(rel, text, after_text)
+        _commit(ctx, path, before, after, rel, diff)
+        first = _lines_of(text, old)[0]
+        n = count if args.replace_all else 1
+        return ToolResult(f"edited {rel}: {n} replacement{'s' * (n > 1)} (first at line {first})",
+                          summary=f"edited {rel}", diff=diff)
+
+
+def _lines_of(text: str, needle: str) -> list[int]:
+    at, start = [], text.find(needle)
+    while start >= 0:
+        at.append(text.count("\n", 0, start) + 1)
+        start = text.find(needle, start + len(needle))
+    return at
+
+
+def _not_found(text: str, old: str, rel: str) -> str:
+    """Why old_text did not match, pointing at a passage that differs only in whitespace when there is one."""
+    wanted = [line.strip() for line in old.strip("\r\n").splitlines()]
+    lines = [line.strip() for line in text.splitlines()]
+    for i in range(len(lines) - len(wanted) + 1):
+        if wanted and lines[i:i + len(wanted)] == wanted:
+            return (f"old_text was not found in {rel} exactly, but lines {i + 1}-{i + len(wanted)} match it "
+                    "apart from whitespace or indentation; copy them exactly from read_file")
+    return f"old_text was not found in {rel}; read the file again and copy the passage exactly"
+
+
+EDIT_TOOLS: tuple[type[Tool], ...] = (WriteFile, EditFile)

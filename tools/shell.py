@@ -1,0 +1,239 @@
+"""``shell``: one command in the project, in its own process group, with a timeout.
+
+stdin is closed (a command waiting for input gets EOF instead of hanging the
+agent); on timeout or interrupt the whole process group gets SIGTERM, then
+SIGKILL. The model sees the exit status and the head and tail of the output;
+the full output is logged under the data folder. Commands matching the deny
+list (``dangerous``) ask the user in every mode, yolo included, and are
+refused where nobody can answer (headless).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from itertools import count
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from .base import Tool, ToolContext, ToolRefused, ToolResult, resolve_in_root
+
+HEAD_LINES, TAIL_LINES = 60, 140
+MAX_LINE_CHARS = 500
+KILL_GRACE_S = 2.0
+_LOG_NUMBERS = count(1)
+SEGMENT_SPLIT = re.compile(r"\|\||&&|[;|&\n]")
+
+
+def dangerous(command: str, root: Path, cwd: Path | None = None) -> str | None:
+    """Why ``command`` must be confirmed by a person whatever the mode, or None."""
+    root, cwd = root.resolve(), (cwd or root).resolve()
+    flat = " ".join(command.split())
+    if re.search(r"\b(curl|wget|fetch)\b[^|]*\|\s*(sudo\s+)?(ba|z|da|k)?sh\b|\b(curl|wget)\b[^|]*\|\s*python", flat):
+        return "pipes a download into a shell"
+    if re.search(r":\s*\(\s*\)\s*\{", flat):
+        return "a fork bomb"
+    for target in re.findall(r">>?\s*([^\s;&|]+)", command):
+        if target in ("/dev/null", "/dev/stdout", "/dev/stderr") or target.startswith("&"):
+            continue
+        if target.startswith("/dev/"):
+            return f"writes to the device {target}"
+        if _outside(target, root, cwd):
+            return f"writes to {target}, outside the project"
+    for segment in SEGMENT_SPLIT.split(command):
+        try:
+            words = shlex.split(segment)
+        except ValueError:
+            words = segment.split()
+        while words and (words[0] in ("sudo", "doas", "env", "nohup", "time", "command", "exec")
+                         or re.fullmatch(r"\w+=.*", words[0])):
+            if words[0] in ("sudo", "doas"):
+                return "runs as root"
+            words = words[1:]
+        if not words:
+            continue
+        reason = _dangerous_words(words, root, cwd)
+        if reason:
+            return reason
+    return None
+
+
+def _dangerous_words(words: list[str], root: Path, cwd: Path) -> str | None:
+    program, args = Path(words[0]).name, words[1:]
+    flags = "".join(a[1:] for a in args if a.startswith("-") and not a.startswith("--"))
+    long_flags = {a for a in args if a.startswith("--")}
+    paths = [a for a in args if not a.startswith("-")]
+    if program == "rm" and ("r" in flags.lower() or "f" in flags or {"--recursive", "--force"} & long_flags):
+        for p in paths:
+            if _outside(p, root, cwd) or _absolute(p, cwd) == root:
+                return f"rm -r/-f of {p}, outside the project or the whole project"
+    if program in ("mkfs", "dd", "shutdown", "reboot", "halt", "poweroff") or program.startswith("mkfs."):
+        return f"{program} can destroy data or stop the machine"
+    if program in ("chmod", "chown") and ("R" in flags or "--recursive" in long_flags):
+        if any(_outside(p, root, cwd) for p in paths[1:]):
+            return f"recursive {program} outside the project"
+    if program in ("cp", "mv", "tee", "ln", "install", "rsync") and paths:
+        dest = paths if program == "tee" else paths[-1:]
+        for p in dest:
+            if _outside(p, root, cwd):
+                return f"{program} writes to {p}, outside the project"
+    if program == "git" and args:
+        sub = args[0]
+        if sub == "push" and ({"--force", "--force-with-lease", "--mirror", "--delete"} & long_flags
+                              or "f" in flags or "d" in flags or any(a.startswith("+") for a in paths[1:])
+                              or any(a.startswith("--force") for a in long_flags)):
+            return "git push that rewrites or deletes remote history"
+        if sub == "reset" and "--hard" in long_flags:
+            return "git reset --hard discards uncommitted work"
+        if sub == "clean" and "f" in flags:
+            return "git clean -f deletes untracked files"
+        if sub in ("checkout", "restore") and "." in paths[1:]:
+            return f"git {sub} . discards uncommitted work"
+    return None
+
+
+def _outside(path: str, root: Path, cwd: Path) -> bool:
+    """Whether a path named in a command lies outside the project (``~`` and variables count as outside)."""
+    if path.startswith(("~", "$")) or "$HOME" in path or "${HOME}" in path:
+        return True
+    full = _absolute(path, cwd)
+    return full != root and root not in full.parents
+
+
+def _absolute(path: str, cwd: Path) -> Path:
+    full = Path(os.path.normpath(Path(path) if os.path.isabs(path) else cwd / path))
+    try:
+        return full.resolve()
+    except OSError:
+        return full
+
+
+class Shell(Tool):
+    name = "shell"
+    description = ("Run a shell command (bash) in the project and return its exit status and output "
+                   "(stdout and stderr together; long output shows its head and tail). stdin is closed: "
+                   "never run interactive programs. Use a timeout that fits the command.")
+    access = "shell"
+
+    class Args(BaseModel):
+        command: str = Field(description="the command line")
+        timeout_s: int = Field(120, ge=1, le=3600, description="seconds before the command is killed")
+        cwd: str = Field(".", description="working folder, relative to the project root")
+
+    def run(self, args: Args, ctx: ToolContext) -> ToolResult:
+        cwd = resolve_in_root(ctx, args.cwd)
+        if not cwd.is_dir():
+            raise ToolRefused(f"{args.cwd} is not a folder")
+        if ctx.mode == "read-only":
+            raise ToolRefused("read-only mode: shell commands are not allowed")
+        warning = dangerous(args.command, ctx.root, cwd)
+        if warning:
+            approved = bool(ctx.confirm and ctx.confirm(f"run a risky command ({warning})", args.command))
+            if not approved:
+                raise ToolRefused(f"not run: {warning}; this needs the user's approval, which was not given")
+        elif not ctx.allowed("shell", "run a command", args.command):
+            raise ToolRefused("the user declined to run this command; ask them what they want instead")
+        return run_command(args.command, cwd, args.timeout_s, ctx)
+
+
+def run_command(command: str, cwd: Path, timeout_s: float, ctx: ToolContext) -> ToolResult:
+    log = _log_path(ctx)
+    env = {**os.environ, "PAGER": "cat", "GIT_PAGER": "cat", "GIT_TERMINAL_PROMPT": "0", "TERM": "dumb"}
+    started = time.monotonic()
+    with open(log, "wb") if log else open(os.devnull, "wb") as sink:
+        proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        capture = _Capture()
+        reader = threading.Thread(target=capture.drain, args=(proc.stdout, sink), daemon=True)
+        reader.start()
+        cancel = ctx.extra.get("cancel")
+        stopped = None
+        while proc.poll() is None:
+            if time.monotonic() - started > timeout_s:
+                stopped = f"killed after the {timeout_s:g} s timeout"
+            elif cancel is not None and cancel.is_set():
+                stopped = "interrupted by the user"
+            if stopped:
+                _kill_group(proc)
+                break
+            time.sleep(0.05)
+        reader.join(timeout=1.0)
+        if reader.is_alive():  # a background child still holds the output pipe
+            _kill_group(proc)
+            reader.join(timeout=KILL_GRACE_S)
+            stopped = stopped or "background processes it left running were stopped"
+    elapsed = time.monotonic() - started
+    status = f"exit status {proc.returncode}" if not stopped else f"{stopped} (exit status {proc.returncode})"
+    text = f"$ {command}\n[{status}, {elapsed:.1f} s, {capture.bytes} bytes of output]\n{capture.text(log)}".rstrip()
+    ok = proc.returncode == 0 and not stopped
+    return ToolResult(text, ok=ok, summary=f"{status}: {command[:80]}")
+
+
+class _Capture:
+    """The first and last lines of a command's output (bounded memory) and its totals."""
+
+    def __init__(self) -> None:
+        self.head: list[bytes] = []
+        self.tail: deque[bytes] = deque(maxlen=TAIL_LINES)
+        self.lines = self.bytes = 0
+
+    def drain(self, stream, sink) -> None:
+        for line in iter(stream.readline, b""):
+            sink.write(line)
+            self.lines += 1
+            self.bytes += len(line)
+            (self.head if len(self.head) < HEAD_LINES else self.tail).append(line[:MAX_LINE_CHARS * 4])
+        stream.close()
+
+    def text(self, log: Path | None) -> str:
+        omitted = self.lines - len(self.head) - len(self.tail)
+        parts = [_show(self.head)]
+        if omitted:
+            where = f"; the full output is in {log}" if log else ""
+            parts.append(f"... [{omitted} lines cut from the middle{where}]")
+        parts.append(_show(self.tail))
+        return "\n".join(p for p in parts if p)
+
+
+def _show(chunk) -> str:
+    out = []
+    for raw in chunk:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        out.append(line if len(line) <= MAX_LINE_CHARS else line[:MAX_LINE_CHARS] + " ... [line cut]")
+    return "\n".join(out)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, KILL_GRACE_S)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            if sig == signal.SIGTERM:
+                # the leader is gone; children that ignore SIGTERM still get SIGKILL
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+def _log_path(ctx: ToolContext) -> Path | None:
+    if ctx.data_dir is None:
+        return None
+    folder = ctx.data_dir / "shell-logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_LOG_NUMBERS)}.log"
+
+
+SHELL_TOOLS: tuple[type[Tool], ...] = (Shell,)
