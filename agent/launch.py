@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 from magnetar.prompts import load
-from magnetar.runtime import chat
 from magnetar.runtime.engine import Engine
 from magnetar.runtime.kvcache import PrefixCache
 from magnetar.tools.base import ToolContext
 
 from .loop import Agent, LoopSettings
 from .models import ModelNotFound, data_dir, missing_model_help, resolve_model
-from .sessions import SessionStore
+from .sessions import LiveSession, SessionStore
 from .toolset import project_root, standard_tools, undo_journal
 
 
@@ -36,30 +35,22 @@ def open_tui(args) -> int:
     engine = Engine.load(model, ctx=args.ctx)
     ctx = ToolContext(root=root, mode=args.mode, data_dir=data_dir(), undo=undo_journal())
     agent = Agent(engine, standard_tools(), ctx, load("system"), LoopSettings(), PrefixCache(data_dir() / "kvcache"))
-    store = SessionStore(data_dir() / "sessions")
+    live = LiveSession(SessionStore(data_dir() / "sessions"), agent, model.name)
     if args.resume is not None or args.continue_:
+        store = live.store
         session = store.latest(root) if args.continue_ or args.resume == "" else store.open(args.resume)
-        how = session.resume(engine, lambda messages: engine.tokenizer.encode_pieces(
-            chat.render(messages, agent.specs, agent.settings.mode, add_generation_prompt=False).pieces))
-        agent.messages[:] = session.messages() or agent.messages
+        how = live.open(session)
         print(f"session {session.meta.id}: {how}, {len(engine.tokens)} tokens", file=sys.stderr)
     else:
-        session = store.create(root, model.name)
-        session.append(agent.messages[0])
-    saved = [len(agent.messages) if args.resume is not None or args.continue_ else 1]
+        live.start(root)
 
-    def autosave() -> None:
-        for message in agent.messages[saved[0]:]:
-            session.append(message)
-        saved[0] = len(agent.messages)
-        session.save(engine)
-
-    app = MagnetarApp(agent, model.name, store, after_turn=autosave)
+    app = MagnetarApp(agent, model.name, live)
     previous = signal.signal(signal.SIGTERM, lambda *_: app.exit())
     try:
         app.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        autosave()
-        print(f"session saved: {session.meta.id} (magnetar --resume {session.meta.id})", file=sys.stderr)
+        agent.interrupt()  # a turn still running stops at its next token, then the save sees a whole state
+        live.save()
+        print(f"session saved: {live.id} (magnetar --resume {live.id})", file=sys.stderr)
     return 0

@@ -91,6 +91,13 @@ class ToolFinished:
 
 
 @dataclass(frozen=True)
+class PlanUpdated:
+    """The plan after an ``update_plan`` call: steps in order, each ``{"step", "status"}``."""
+
+    steps: list
+
+
+@dataclass(frozen=True)
 class Notice:
     level: str  # "info" | "warning" | "error"
     text: str
@@ -103,7 +110,8 @@ class TurnEnd:
     steps: int
 
 
-Event = Prefill | Reasoning | Text | ToolStarted | ToolRunning | ToolFinished | Notice | TurnEnd
+Event = (Prefill | Reasoning | Text | ToolStarted | ToolRunning | ToolFinished | PlanUpdated | Notice
+         | TurnEnd)
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -330,6 +338,8 @@ class Agent:
                                     "gives the same result; try something different.")
                     yield Notice("warning", f"{call.name} called {seen[key]} times with the same arguments")
             yield ToolFinished(call.id, call.name, result)
+            if call.name == "update_plan" and result.ok:
+                yield PlanUpdated(list(self.ctx.extra.get("plan", [])))
             self.messages.append(chat.Message(role="tool", content=result.text, tool_call_id=call.id))
         return stop
 

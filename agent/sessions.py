@@ -61,7 +61,10 @@ class Session:
         """Add one message to the transcript (flushed and fsynced before returning)."""
         if not self.meta.title and message.role == "user":
             self.meta.title = " ".join(message.content.split())[:TITLE_CHARS]
-        line = json.dumps({"ts": time.time(), "message": message.model_dump(exclude_none=True)}, ensure_ascii=False)
+        self._append({"ts": time.time(), "message": message.model_dump(exclude_none=True)})
+
+    def _append(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False)
         with open(self.transcript_path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
             fh.flush()
@@ -71,13 +74,22 @@ class Session:
         """The transcript's messages in order; a torn last line (a crash mid-append) is skipped."""
         if not self.transcript_path.exists():
             return []
-        out = []
+        out: list[chat.Message] = []
         for line in self.transcript_path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                out.append(chat.Message.model_validate(json.loads(line)["message"]))
+                record = json.loads(line)
+                if "replace" in record:  # a compaction: the conversation continues from these messages
+                    out = [chat.Message.model_validate(m) for m in record["replace"]]
+                else:
+                    out.append(chat.Message.model_validate(record["message"]))
             except (ValueError, KeyError, TypeError):
                 continue
         return out
+
+    def append_replacement(self, messages: list[chat.Message]) -> None:
+        """Record that the conversation now continues from ``messages`` (after a compaction);
+        the lines before stay, so the transcript still holds everything that was said."""
+        self._append({"ts": time.time(), "replace": [m.model_dump(exclude_none=True) for m in messages]})
 
     def save(self, engine) -> None:
         """Checkpoint the engine and update the metadata (both atomic)."""
@@ -165,3 +177,58 @@ def render_list(sessions: list[Session], now: float | None = None) -> str:
         lines.append(f"{m.id:<23} {age(now - m.updated):>5} {m.tokens:>8} {s.nbytes() / 1e6:>7.1f}MB  "
                      f"{Path(m.repo).name[:30]:<30} {m.title or '(untitled)'}")
     return "\n".join(lines)
+
+
+class LiveSession:
+    """The session a running agent writes to: after every turn its new messages are
+    appended and the engine is checkpointed; ``switch`` saves it and continues another
+    with its KV state restored (nothing re-processed)."""
+
+    def __init__(self, store: SessionStore, agent, model_name: str):
+        self.store, self.agent, self.model_name = store, agent, model_name
+        self.session: Session | None = None
+        self._saved = 0  # messages of agent.messages already in the transcript
+
+    @property
+    def id(self) -> str:
+        return self.session.meta.id if self.session else ""
+
+    def start(self, root: Path) -> None:
+        self.session, self._saved = self.store.create(root, self.model_name), 0
+        self.save()
+
+    def open(self, session: Session, progress=None) -> str:
+        """Continue ``session``: ``"restored"`` from its checkpoint or ``"replayed"`` from its transcript."""
+        agent = self.agent
+        how = session.resume(agent.engine, self._render_ids, progress)
+        messages = session.messages()
+        agent.messages[:] = messages or agent.messages[:1]
+        self.session, self._saved = session, len(messages)
+        return how
+
+    def save(self) -> None:
+        for message in self.agent.messages[self._saved:]:
+            self.session.append(message)
+        self._saved = len(self.agent.messages)
+        if self.agent.engine.tokens:
+            self.session.save(self.agent.engine)
+        else:
+            self.session.write_meta()
+
+    def replaced(self) -> None:
+        """The agent's messages were rewritten (a compaction): record the new list."""
+        self.session.append_replacement(self.agent.messages)
+        self._saved = len(self.agent.messages)
+        self.save()
+
+    def switch(self, prefix: str, progress=None) -> str:
+        target = self.store.open(prefix)
+        if self.session is not None and target.meta.id == self.session.meta.id:
+            return "already open"
+        if self.session is not None:
+            self.save()
+        return self.open(target, progress)
+
+    def _render_ids(self, messages: list[chat.Message]) -> list[int]:
+        rendered = chat.render(messages, self.agent.specs, self.agent.settings.mode, add_generation_prompt=False)
+        return self.agent.engine.tokenizer.encode_pieces(rendered.pieces)

@@ -21,17 +21,30 @@ from textual.widgets import Button, Collapsible, Input, Label, Markdown, Progres
 
 from magnetar.tools.base import MODES
 
-from .loop import Agent, Notice, Prefill, Reasoning, Text, ToolFinished, ToolRunning, TurnEnd
+from .loop import Agent, Notice, PlanUpdated, Prefill, Reasoning, Text, ToolFinished, ToolRunning, TurnEnd
 
 HELP = """Commands:
   /help            this list
   /think /nothink  reason before answering, or answer directly
   /mode MODE       what tools may do without asking: ask, auto-edit, yolo, read-only
+  /plan [TASK]     plan mode: the model investigates read-only and proposes a plan
+                   for you to approve, edit or reject before anything changes
   /undo            restore the files the last turn changed
   /diff            the repository's uncommitted changes
   /sessions        saved sessions
+  /switch ID       save this session and continue another (its KV state restored)
   /new             start a new conversation
   /quit            leave (Ctrl+Q); Ctrl+C stops the model or a running tool"""
+
+PLAN_MODE = ("[Plan mode] Investigate with read-only tools; change nothing. Then write the plan with "
+             "update_plan (every step pending) and explain it briefly. I will approve, edit or reject it "
+             "before any change is made.")
+PLAN_APPROVED = "The plan is approved. Carry it out step by step, keeping the plan updated with update_plan."
+MARKS = {"pending": "[ ]", "in_progress": "[>]", "done": "[x]"}
+
+
+def checklist(steps: list) -> str:
+    return "\n".join(f"{MARKS.get(s['status'], '[ ]')} {s['step']}" for s in steps)
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -59,6 +72,33 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(event.button.id == "allow")
 
 
+class PlanScreen(ModalScreen[str]):
+    """The proposed plan: approve (a), edit (e) or reject (r)."""
+
+    BINDINGS = [Binding("a", "answer('approve')", "approve"), Binding("e", "answer('edit')", "edit"),
+                Binding("r,escape", "answer('reject')", "reject")]
+
+    def __init__(self, steps: list):
+        super().__init__()
+        self.steps = steps
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm"):
+            yield Label("The proposed plan", id="confirm-title")
+            yield Static(checklist(self.steps), id="plan-steps", markup=False)
+            with Horizontal():
+                yield Button("Approve (a)", variant="success", id="approve")
+                yield Button("Edit (e)", variant="primary", id="edit")
+                yield Button("Reject (r)", variant="error", id="reject")
+
+    def action_answer(self, choice: str) -> None:
+        self.dismiss(choice)
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id)
+
+
 class MagnetarApp(App):
     CSS = """
     #log { height: 1fr; }
@@ -67,15 +107,16 @@ class MagnetarApp(App):
     .tool { border: round $secondary; padding: 0 1; margin: 0 0 0 2; }
     .notice { color: $warning; }
     #prefill { height: 1; }
+    #plan { height: auto; max-height: 12; border: round $secondary; padding: 0 1; }
     #status { height: 1; background: $boost; }
     #confirm { width: 80%; height: auto; border: thick $warning; background: $surface; padding: 1 2; }
     """
     BINDINGS = [Binding("ctrl+c", "interrupt", "stop", priority=True), Binding("ctrl+q", "quit", "quit")]
 
-    def __init__(self, agent: Agent, model_name: str = "", sessions=None, after_turn=None):
-        """``after_turn()`` runs in the worker after every turn (the session's autosave)."""
+    def __init__(self, agent: Agent, model_name: str = "", live=None):
+        """``live``: the ``sessions.LiveSession`` saved after every turn (None: nothing is saved)."""
         super().__init__()
-        self.agent, self.model_name, self.sessions, self.after_turn = agent, model_name, sessions, after_turn
+        self.agent, self.model_name, self.live = agent, model_name, live
         self.agent.ctx.confirm = self._confirm
         self.busy = False
         self.history: list[str] = []
@@ -85,17 +126,39 @@ class MagnetarApp(App):
         self._reasoning: Static | None = None
         self._reasoning_text = ""
         self._cards: dict[str, Static] = {}
+        self.planning = False  # plan mode: read-only turns that end in a plan to approve
+        self._mode_before_plan = agent.ctx.mode
+        self._revising = False  # the next message edits the proposed plan
 
     def compose(self) -> ComposeResult:
         yield VerticalScroll(id="log")
+        yield Static("", id="plan", markup=False)
         yield ProgressBar(id="prefill", show_eta=False)
         yield Static("", id="status")
         yield Input(placeholder="Ask, or /help", id="prompt")
 
     def on_mount(self) -> None:
         self.query_one("#prefill").display = False
+        self.query_one("#plan").display = False
+        self._replay_history()
         self._status()
         self.query_one("#prompt").focus()
+
+    def _replay_history(self) -> None:
+        """A resumed or switched-to conversation, drawn from its messages."""
+        log = self.query_one("#log", VerticalScroll)
+        log.remove_children()
+        for message in self.agent.messages[1:]:
+            if message.role == "user":
+                self._say(message.content, "user")
+            elif message.role == "assistant":
+                if message.content:
+                    log.mount(Markdown(message.content))
+                for call in message.tool_calls or []:
+                    args = ", ".join(f"{k}={v!r}"[:200] for k, v in call.arguments.items())
+                    log.mount(Static(f"{call.name}({args})", classes="tool", markup=False))
+        if self.live is not None:
+            self._say(f"session {self.live.id}", "notice")
 
     # -- input ------------------------------------------------------------------------------
 
@@ -114,7 +177,14 @@ class MagnetarApp(App):
             self._say(f"(queued) {text}", "user")
         else:
             self._say(text, "user")
-            self.run_turn(text)
+            self.run_turn(self._framed(text))
+
+    def _framed(self, text: str) -> str:
+        """What the model gets for a typed message: in plan mode, with the plan-mode rules."""
+        if self._revising:
+            self._revising = False
+            return f"[Plan mode] Revise the plan as follows, then write it again with update_plan: {text}"
+        return f"{PLAN_MODE}\n\n{text}" if self.planning else text
 
     def on_key(self, event) -> None:
         prompt = self.query_one("#prompt", Input)
@@ -138,6 +208,16 @@ class MagnetarApp(App):
             else:
                 self.agent.ctx.mode = arg
                 self._say(f"permissions: {arg}", "notice")
+        elif name == "/plan":
+            if self.busy:
+                self._say("wait for the turn to end (or Ctrl+C) before /plan", "notice")
+            elif self.planning and not arg:
+                self._leave_plan_mode("left plan mode")
+            else:
+                self._enter_plan_mode()
+                if arg:
+                    self._say(arg, "user")
+                    self.run_turn(self._framed(arg))
         elif name == "/undo":
             undo = self.agent.ctx.undo
             restored = undo.undo_last_turn() if undo is not None else []
@@ -146,13 +226,24 @@ class MagnetarApp(App):
             self._say(_git_diff(self.agent.ctx.root), "notice")
         elif name == "/sessions":
             from .sessions import render_list
-            listed = self.sessions.all() if self.sessions is not None else []
-            self._say(render_list(listed) if listed else "no saved sessions", "notice")
+            listed = self.live.store.all() if self.live is not None else []
+            self._say(render_list(listed) + f"\n(this one: {self.live.id})" if listed else "no saved sessions",
+                      "notice")
+        elif name == "/switch":
+            if self.busy or not arg or self.live is None:
+                self._say("/switch ID (see /sessions), when no turn is running", "notice")
+            else:
+                self.switch_session(arg)
         elif name == "/new":
             if self.busy:
                 self._say("wait for the turn to end (or Ctrl+C) before /new", "notice")
                 return
             del self.agent.messages[1:]
+            if self.live is not None:
+                self.live.save()
+                self.live.start(self.agent.ctx.root)
+            self.agent.ctx.extra.pop("plan", None)
+            self.query_one("#plan").display = False
             self.query_one("#log").remove_children()
             self._say("new conversation", "notice")
         elif name == "/quit":
@@ -161,18 +252,72 @@ class MagnetarApp(App):
             self._say(f"unknown command {name}; /help lists them", "notice")
         self._status()
 
+    # -- plan mode --------------------------------------------------------------------------
+
+    def _enter_plan_mode(self) -> None:
+        if not self.planning:
+            self.planning, self._mode_before_plan = True, self.agent.ctx.mode
+        self.agent.ctx.mode = "read-only"  # nothing is written or run until the plan is approved
+        self.agent.ctx.extra.pop("plan", None)
+        self._say("plan mode: the model investigates read-only and proposes a plan (/plan again to leave)",
+                  "notice")
+
+    def _leave_plan_mode(self, why: str) -> None:
+        self.planning, self._revising = False, False
+        self.agent.ctx.mode = self._mode_before_plan
+        self._say(f"{why}; permissions: {self.agent.ctx.mode}", "notice")
+        self._status()
+
+    def _plan_decided(self, choice: str | None) -> None:
+        if choice == "approve":
+            self._leave_plan_mode("plan approved")
+            self._say(PLAN_APPROVED, "user")
+            self.run_turn(PLAN_APPROVED)
+        elif choice == "edit":
+            self._revising = True
+            prompt = self.query_one("#prompt", Input)
+            prompt.placeholder = "How should the plan change?"
+            prompt.focus()
+        else:
+            self._leave_plan_mode("plan rejected")
+
+    def _turn_ended(self) -> None:
+        self._set_busy(False)
+        self.query_one("#prompt", Input).placeholder = "Ask, or /help"
+        steps = self.agent.ctx.extra.get("plan")
+        if self.planning and steps:
+            self.push_screen(PlanScreen(steps), self._plan_decided)
+
     # -- the turn (worker thread) -----------------------------------------------------------
 
     @work(thread=True, exclusive=True)
     def run_turn(self, text: str) -> None:
         self.call_from_thread(self._set_busy, True)
         try:
+            batch, flushed = [], time.monotonic()
             for event in self.agent.turn(text):
-                self.call_from_thread(self.show, event)
-            if self.after_turn:
-                self.after_turn()
+                batch.append(event)
+                # streamed text is drawn at most every 50 ms, so drawing never slows the model down
+                if not isinstance(event, (Reasoning, Text)) or time.monotonic() - flushed > 0.05:
+                    self.call_from_thread(self.show_all, batch)
+                    batch, flushed = [], time.monotonic()
+            self.call_from_thread(self.show_all, batch)
+            if self.live is not None:
+                self.live.save()
         except Exception as err:  # the session must survive a bug; show it, keep the UI
             self.call_from_thread(self._say, f"error: {type(err).__name__}: {err}", "notice")
+        finally:
+            self.call_from_thread(self._turn_ended)
+
+    @work(thread=True, exclusive=True)
+    def switch_session(self, prefix: str) -> None:
+        self.call_from_thread(self._set_busy, True)
+        try:
+            how = self.live.switch(prefix)
+            self.call_from_thread(self._replay_history)
+            self.call_from_thread(self._say, f"{how}: {len(self.agent.engine.tokens)} tokens", "notice")
+        except Exception as err:  # a bad id or a broken session: say so, stay in this one
+            self.call_from_thread(self._say, f"cannot switch: {err}", "notice")
         finally:
             self.call_from_thread(self._set_busy, False)
 
@@ -194,6 +339,17 @@ class MagnetarApp(App):
 
     # -- drawing ----------------------------------------------------------------------------
 
+    def show_all(self, events: list) -> None:
+        """Draw events, merging runs of streamed text into one update."""
+        merged: list = []
+        for event in events:
+            if merged and type(event) is type(merged[-1]) and isinstance(event, (Reasoning, Text)):
+                merged[-1] = type(event)(merged[-1].text + event.text)
+            else:
+                merged.append(event)
+        for event in merged:
+            self.show(event)
+
     def show(self, event) -> None:
         log = self.query_one("#log", VerticalScroll)
         if isinstance(event, Prefill):
@@ -208,11 +364,13 @@ class MagnetarApp(App):
             self._reasoning.update(self._reasoning_text)
         elif isinstance(event, Text):
             self._collapse_reasoning()
-            if self._answer is None:
-                self._answer, self._answer_text = Markdown(""), ""
+            if self._answer is None:  # made with its first text: an update before mounting would be lost
+                self._answer_text = event.text
+                self._answer = Markdown(self._answer_text)
                 log.mount(self._answer)
-            self._answer_text += event.text
-            self._answer.update(self._answer_text)
+            else:
+                self._answer_text += event.text
+                self._answer.update(self._answer_text)
         elif isinstance(event, ToolRunning):
             self._end_message()
             args = ", ".join(f"{k}={v!r}"[:200] for k, v in event.arguments.items())
@@ -230,6 +388,10 @@ class MagnetarApp(App):
                 log.mount(Static(text, classes="tool", markup=False))
             else:
                 card.update(text)
+        elif isinstance(event, PlanUpdated):
+            plan = self.query_one("#plan", Static)
+            plan.update(checklist(event.steps))
+            plan.display = bool(event.steps)
         elif isinstance(event, Notice):
             self._say(event.text, "notice")
         elif isinstance(event, TurnEnd):
@@ -263,7 +425,7 @@ class MagnetarApp(App):
         used, ctx = len(engine.tokens), getattr(engine, "ctx", 0)
         pre = getattr(s, "prefill_tok_s", 0.0)
         gen = getattr(s, "generate_tok_s", 0.0)
-        state = "busy" if self.busy else "ready"
+        state = ("busy" if self.busy else "ready") + (" │ PLAN" if self.planning else "")
         self.query_one("#status", Static).update(
             f" {state} │ ctx {used}/{ctx} │ prefill {pre:.1f} t/s │ gen {gen:.1f} t/s │ "
             f"{self.agent.settings.mode} │ {self.agent.ctx.mode} │ {self.model_name} │ {time.strftime('%H:%M')}")

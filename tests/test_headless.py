@@ -112,3 +112,13 @@ def test_the_real_engine_on_a_tiny_model(tiny_models, repo, tmp_path, capsys, mo
     assert any(e["type"] == "Prefill" for e in events)
     # the system prompt and tool schemas were saved for the next session to reuse
     assert list(Path(tmp_path / "home" / "data" / "kvcache").rglob("*.ckpt"))
+
+
+def test_the_plan_is_a_json_event(scripted, repo, capsys):
+    steps = json.dumps([{"step": "read app.py", "status": "in_progress"}, {"step": "answer", "status": "pending"}])
+    plan = (f'\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="update_plan">\n<｜DSML｜parameter name="steps" '
+            f'string="false">{steps}</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>')
+    model, _ = scripted(["plan</think>" + plan, "</think>done"])
+    assert main(["run", "-m", model, "--cwd", str(repo), "--json", "-p", "go"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {"type": "PlanUpdated", "steps": json.loads(steps)} in events

@@ -5,13 +5,15 @@ commands work, and typing while busy queues."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 from pydantic import BaseModel, Field
 from textual.widgets import Markdown, Static
 
 from magnetar.agent.loop import Agent, LoopSettings
-from magnetar.agent.tui import ConfirmScreen, MagnetarApp
+from magnetar.agent.tui import ConfirmScreen, MagnetarApp, PlanScreen
 from magnetar.tools.base import Tool, ToolContext, ToolResult
+from magnetar.tools.plan import UpdatePlan
 from scripted_engine import ScriptedEngine
 
 D = "｜DSML｜"
@@ -113,4 +115,56 @@ def test_slash_commands(v4_tokenizer, tmp_path):
             assert "unknown command /bogus" in texts(app)
             await _type(pilot, "/new")
             assert len(app.agent.messages) == 1
+    asyncio.run(go())
+
+
+def plan_call(*steps: str) -> str:
+    body = json.dumps([{"step": step, "status": "pending"} for step in steps])
+    return (f"\n\n<{D}tool_calls>\n<{D}invoke name=\"update_plan\">\n<{D}parameter name=\"steps\" "
+            f"string=\"false\">{body}</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>")
+
+
+def test_plan_mode_proposes_then_edits_then_approves(v4_tokenizer, tmp_path):
+    async def go():
+        replies = ["look</think>" + write_call("early.txt"), "a</think>" + plan_call("make a.txt"),
+                   "b</think>Plan: make a.txt.",
+                   "c</think>" + plan_call("make a.txt", "make b.txt"), "d</think>Plan revised.",
+                   "e</think>" + write_call("a.txt"), "f</think>done"]
+        engine = ScriptedEngine(v4_tokenizer, replies)
+        agent = Agent(engine, [Touch(), UpdatePlan()], ToolContext(root=tmp_path, mode="yolo"), "You are a test.",
+                      LoopSettings())
+        app = MagnetarApp(agent, model_name="scripted")
+        async with app.run_test() as pilot:
+            await _type(pilot, "/plan add files")
+            await until(pilot, lambda: isinstance(app.screen, PlanScreen))
+            assert not (tmp_path / "early.txt").exists()  # read-only while planning
+            assert "[ ] make a.txt" in str(app.query_one("#plan", Static).render())
+            assert "PLAN" in str(app.query_one("#status", Static).render())
+            await pilot.press("e")
+            await _type(pilot, "also b")
+            await until(pilot, lambda: isinstance(app.screen, PlanScreen) and len(app.screen.steps) == 2)
+            await pilot.press("a")
+            await until(pilot, lambda: not app.busy and (tmp_path / "a.txt").exists())
+            assert app.agent.ctx.mode == "yolo" and not app.planning
+            prompts = v4_tokenizer.decode([t for ids in engine.prefills for t in ids])
+            assert "[Plan mode] Investigate with read-only tools" in prompts and "add files" in prompts
+            assert "Revise the plan as follows, then write it again with update_plan: also b" in prompts
+            assert "The plan is approved." in prompts
+    asyncio.run(go())
+
+
+def test_a_rejected_plan_changes_nothing(v4_tokenizer, tmp_path):
+    async def go():
+        engine = ScriptedEngine(v4_tokenizer, ["a</think>" + plan_call("delete everything"), "b</think>Plan."])
+        agent = Agent(engine, [Touch(), UpdatePlan()], ToolContext(root=tmp_path, mode="auto-edit"), "t",
+                      LoopSettings())
+        app = MagnetarApp(agent, model_name="scripted")
+        async with app.run_test() as pilot:
+            await _type(pilot, "/plan")
+            assert app.agent.ctx.mode == "read-only"
+            await _type(pilot, "clean up")
+            await until(pilot, lambda: isinstance(app.screen, PlanScreen))
+            await pilot.press("r")
+            await until(pilot, lambda: not app.planning)
+            assert app.agent.ctx.mode == "auto-edit" and "plan rejected" in texts(app)
     asyncio.run(go())

@@ -1,0 +1,221 @@
+"""Conversation compaction: the older turns become one summary written by the model.
+
+``compact`` keeps the system message as it is (its tokens, with the tool schemas,
+are the KV prefix every session reuses), replaces everything before the last
+``keep_turns`` user turns with ONE user message (the model's summary plus the
+files touched, listed by code so the list is exact) and keeps the recent turns
+verbatim. ``needs_compaction`` says when the automatic one is due.
+
+Asking for the summary: the engine's live sequence holds the whole conversation
+up to the model's last message (what ``Agent._sync_prompt`` relies on), so the
+request is prefilled after it and nothing is processed twice; the model then
+also sees the recent turns, which only helps it describe the current state. Only
+when that would not fit in the context is the older part rendered alone and
+prefilled (through the prefix cache, as the loop does). The reply opens after
+``</think>``: a summary needs no reasoning, and the whole token budget goes to it.
+Either way the engine is reset afterwards: its tokens no longer match the
+messages, and the next turn renders the compacted conversation whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from magnetar.prompts import load
+from magnetar.runtime import chat
+from magnetar.runtime.errors import MagnetarError
+from magnetar.runtime.fileio import atomic_writer
+from magnetar.runtime.tokenizer import THINK, THINK_END, Piece, Special
+
+SUMMARY_HEADER = "Summary of the earlier conversation (compacted):"
+FILES_HEADER = "Files touched so far:"
+_ARCHIVED = re.compile(r"\w+\.before-compaction-(\d+)\.\w+")
+
+
+class CompactionError(MagnetarError):
+    """The conversation cannot be compacted (the conversation is left as it was)."""
+
+
+@dataclass
+class CompactionPolicy:
+    keep_turns: int = 2  # the most recent user turns kept verbatim, each with everything after it
+    threshold: float = 0.8  # fraction of engine.ctx at which the automatic compaction is due
+    max_summary_tokens: int = 2048
+    # Low, for a faithful record of paths, errors and numbers; not 0, because greedy
+    # decoding of a long text tends to fall into repetition loops.
+    temperature: float = 0.3
+
+
+@dataclass(frozen=True)
+class Compaction:
+    summary: str
+    removed_messages: int
+    kept_messages: int
+    tokens_before: int  # the live sequence before
+    tokens_after_estimate: int  # the compacted conversation rendered (the recent replies re-rendered)
+    files: list[str]
+    summary_tokens: int
+    kept_turns: int
+
+    def describe(self) -> str:
+        kept = (f"kept the last {self.kept_turns} turn{'s' if self.kept_turns != 1 else ''} verbatim"
+                if self.kept_turns else "kept no turn verbatim")
+        text = (f"compacted {self.removed_messages} messages into a {self.summary_tokens:,}-token summary "
+                f"(context {self.tokens_before:,} → about {self.tokens_after_estimate:,} tokens); {kept}")
+        return text + (f"; files: {', '.join(self.files)}" if self.files else "")
+
+
+def touched_files(messages: Sequence[chat.Message]) -> list[str]:
+    """Paths written or edited (``path``) or committed (``paths``) by calls that did not
+    fail, in first-touch order, after those an earlier compaction's summary lists."""
+    files: dict[str, None] = {}
+    for k, msg in enumerate(messages):
+        if msg.role == "user" and msg.content.startswith(SUMMARY_HEADER):
+            files.update(dict.fromkeys(_listed(msg.content)))
+        # A call's result follows it directly; matched by id within that run only,
+        # since ids start again at call_1 in a resumed session.
+        results = {r.tool_call_id: r.content
+                   for r in itertools.takewhile(lambda m: m.role == "tool", itertools.islice(messages, k + 1, None))}
+        for call in msg.tool_calls:
+            if not results.get(call.id, "").startswith("error:"):
+                files.update(dict.fromkeys(_call_paths(call)))
+    return list(files)
+
+
+def _call_paths(call: chat.ToolCall) -> list[str]:
+    key = {"write_file": "path", "edit_file": "path", "git_commit": "paths"}.get(call.name)
+    value = call.arguments.get(key) if key else None
+    return [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v]
+
+
+def _listed(summary_message: str) -> list[str]:
+    _, found, tail = summary_message.rpartition(f"\n\n{FILES_HEADER}\n")
+    return [line[2:] for line in tail.splitlines() if line.startswith("- ")] if found else []
+
+
+def _cut(messages: Sequence[chat.Message], keep_turns: int) -> int:
+    """Where the kept part starts: at the ``keep_turns``-th last user message that does not
+    follow a tool result (one that does was queued mid-turn; the next reply reads it
+    together with those results, so they stay together). 1 when nothing is older."""
+    if keep_turns <= 0:
+        return len(messages)
+    starts = [k for k in range(1, len(messages)) if messages[k].role == "user" and messages[k - 1].role != "tool"]
+    return starts[-keep_turns] if len(starts) >= keep_turns else 1
+
+
+def _has_older(messages: Sequence[chat.Message], keep_turns: int) -> bool:
+    # Without a model message there is nothing worth summarizing (at most an earlier summary).
+    return any(m.role == "assistant" for m in messages[1:_cut(messages, keep_turns)])
+
+
+def needs_compaction(agent, policy: CompactionPolicy) -> bool:
+    engine = agent.engine
+    return len(engine.tokens) >= policy.threshold * engine.ctx and _has_older(agent.messages, policy.keep_turns)
+
+
+def compact(agent, policy: CompactionPolicy, focus: str | None = None,
+            progress: Callable[[int, int], None] | None = None) -> Compaction:
+    """Summarize the older turns and replace ``agent.messages`` in place (see the module
+    docstring). Not while a turn runs. ``progress(done, total)`` follows the prefill."""
+    messages = agent.messages
+    if not _has_older(messages, policy.keep_turns):
+        raise CompactionError(f"nothing to compact: the conversation has no turn before the last "
+                              f"{policy.keep_turns} kept verbatim")
+    cut = _cut(messages, policy.keep_turns)
+    tokens_before = len(agent.engine.tokens)
+    summary = _summarize(agent, messages[:cut], policy, focus, progress)
+    files = touched_files(messages[:cut])
+    text = f"{SUMMARY_HEADER}\n\n{summary}"
+    if files:
+        text += f"\n\n{FILES_HEADER}\n" + "\n".join(f"- {path}" for path in files)
+    recent = messages[cut:]
+    messages[:] = [messages[0], chat.Message(role="user", content=text), *recent]
+    tok = agent.engine.tokenizer
+    after = len(tok.encode_pieces(chat.render(messages, agent.specs, agent.settings.mode).pieces))
+    return Compaction(summary, cut - 1, len(recent), tokens_before, after, files, len(tok.encode(summary)),
+                      policy.keep_turns)
+
+
+def _summarize(agent, older: list[chat.Message], policy: CompactionPolicy, focus: str | None,
+               progress: Callable[[int, int], None] | None) -> str:
+    engine, tok = agent.engine, agent.engine.tokenizer
+    request = load("compaction") + (f"\n\nFocus on: {focus}" if focus else "")
+    ask = chat.Message(role="user", content=request)
+    cancel = agent.ctx.extra["cancel"]  # Agent.interrupt() sets it
+    cancel.clear()
+    ids: list[int] = []
+    try:
+        tail = _request_after_live(agent, ask, policy)
+        if tail is not None:
+            engine.prefill(tail, progress)
+        else:
+            prompt = tok.encode_pieces(_request_pieces(agent, [*older, ask]))
+            if agent.cache is not None:
+                agent.cache.sync(engine, prompt, progress)
+            else:
+                engine.reset()
+                engine.prefill(prompt, progress)
+        stream = engine.generate(max_tokens=policy.max_summary_tokens, temperature=policy.temperature,
+                                 seed=agent.settings.seed)
+        with contextlib.closing(stream):
+            for event in stream:
+                if event.token == tok.eos_id:
+                    break
+                ids.append(event.token)
+                if cancel.is_set():
+                    raise CompactionError("compaction interrupted; the conversation is unchanged")
+    finally:
+        engine.reset()
+    # The reply opened after </think>; should the model reason anyway, only its answer counts.
+    summary = tok.decode(ids).rpartition(THINK_END)[2].strip()
+    if not summary:
+        raise CompactionError("the model wrote an empty summary; the conversation is unchanged")
+    return summary
+
+
+def _request_pieces(agent, messages: list[chat.Message]) -> list[Piece]:
+    """``messages`` (ending with the request) rendered, the reply opened after ``</think>``."""
+    pieces = chat.render(messages, agent.specs, agent.settings.mode).pieces
+    if pieces[-1] == Special(THINK):
+        pieces[-1] = Special(THINK_END)
+    return pieces
+
+
+def _request_after_live(agent, ask: chat.Message, policy: CompactionPolicy) -> list[int] | None:
+    """The ids that put the request after the live sequence (the technique of
+    ``Agent._sync_prompt``), or None when the rendering does not extend the live part
+    or the request and the summary would not fit in the context."""
+    messages, engine = agent.messages, agent.engine
+    last_model = max(k for k, m in enumerate(messages) if m.role == "assistant")
+    head = chat.render(messages[:last_model + 1], agent.specs, agent.settings.mode).pieces
+    full = _request_pieces(agent, [*messages, ask])
+    if not engine.tokens or full[:len(head)] != head:
+        return None
+    ids = engine.tokenizer.encode_pieces(full[len(head):])
+    return ids if len(engine.tokens) + len(ids) + policy.max_summary_tokens <= engine.ctx else None
+
+
+def keep_pre_compaction(session_folder: Path) -> Path:
+    """Copy the session's transcript and checkpoint (the names of agent/sessions.py) to
+    ``transcript.before-compaction-{n}.jsonl`` and ``state.before-compaction-{n}.ckpt``
+    (n = 1, 2, ...), each written atomically; copying them back restores the session as
+    it was. Call it after ``session.save(engine)``. Returns the transcript's copy."""
+    folder = Path(session_folder)
+    taken = [int(m.group(1)) for p in folder.iterdir() if (m := _ARCHIVED.fullmatch(p.name))]
+    n = max(taken, default=0) + 1
+    archived = folder / f"transcript.before-compaction-{n}.jsonl"
+    _copy(folder / "transcript.jsonl", archived)
+    if (folder / "state.ckpt").exists():  # a session never saved has none
+        _copy(folder / "state.ckpt", folder / f"state.before-compaction-{n}.ckpt")
+    return archived
+
+
+def _copy(source: Path, target: Path) -> None:
+    with open(source, "rb") as src, atomic_writer(target) as dst:
+        shutil.copyfileobj(src, dst)

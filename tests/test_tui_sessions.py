@@ -1,0 +1,56 @@
+"""Sessions in the TUI with the real engine on a tiny model (random weights: the
+replies are noise, capped at a few tokens): every turn is saved, /new starts a
+second session, /sessions lists both, /switch restores the first one's KV state
+without prefilling a token, and its conversation is drawn again."""
+
+from __future__ import annotations
+
+import asyncio
+
+from textual.widgets import Static
+
+from magnetar.agent.loop import Agent, LoopSettings
+from magnetar.agent.sessions import LiveSession, SessionStore
+from magnetar.agent.tui import MagnetarApp
+from magnetar.runtime.engine import Engine
+from magnetar.tools.base import ToolContext
+from test_tui import _type, texts, until
+
+
+def test_new_sessions_then_switch_back_with_zero_prefill(tiny_models, tmp_path):
+    engine = Engine.load(tiny_models("q8"), ctx=2048)
+    settings = LoopSettings(mode="nothink", max_tokens_per_step=3, seed=1)
+    agent = Agent(engine, [], ToolContext(root=tmp_path, mode="read-only"), "You are a test.", settings)
+    live = LiveSession(SessionStore(tmp_path / "sessions"), agent, "tiny-q8")
+    live.start(tmp_path)
+    first = live.id
+
+    async def go():
+        app = MagnetarApp(agent, "tiny-q8", live)
+        async with app.run_test() as pilot:
+            await _type(pilot, "first question")
+            await until(pilot, lambda: not app.busy and len(agent.messages) == 3, timeout=120)
+            first_tokens = list(engine.tokens)
+            await _type(pilot, "/new")
+            await until(pilot, lambda: live.id != first)
+            await _type(pilot, "second question")
+            await until(pilot, lambda: not app.busy and len(agent.messages) == 3, timeout=120)
+            await _type(pilot, "/sessions")
+            listing = texts(app)
+            assert "first question" in listing and "second question" in listing
+            prefilled, restored = engine.stats.prefill_tokens, engine.stats.restored_tokens
+            await _type(pilot, f"/switch {first[:17]}")
+            await until(pilot, lambda: not app.busy and live.id == first, timeout=60)
+            assert engine.tokens == first_tokens
+            assert engine.stats.prefill_tokens == prefilled  # nothing re-processed
+            assert engine.stats.restored_tokens == restored + len(first_tokens)
+            assert [m.content for m in agent.messages if m.role == "user"] == ["first question"]
+            shown = "\n".join(str(w.render()) for w in app.query(Static))
+            assert "first question" in shown and "second question" not in shown.split(f"session {first}")[-1]
+            await _type(pilot, "/switch nope")
+            await until(pilot, lambda: "cannot switch" in texts(app))
+    asyncio.run(go())
+    # both sessions are on disk with their transcripts and checkpoints
+    sessions = {s.meta.id: s for s in live.store.all()}
+    assert len(sessions) == 2 and all(s.checkpoint_path.exists() for s in sessions.values())
+    assert [m.content for m in sessions[first].messages() if m.role == "user"] == ["first question"]
