@@ -212,7 +212,8 @@ class LiveSession:
         self._saved = len(self.agent.messages)
         if self.agent.engine.tokens:
             self.session.save(self.agent.engine)
-        else:
+        else:  # e.g. just compacted: an older checkpoint would no longer match the messages
+            self.session.checkpoint_path.unlink(missing_ok=True)
             self.session.write_meta()
 
     def replaced(self) -> None:
@@ -230,5 +231,10 @@ class LiveSession:
         return self.open(target, progress)
 
     def _render_ids(self, messages: list[chat.Message]) -> list[int]:
-        rendered = chat.render(messages, self.agent.specs, self.agent.settings.mode, add_generation_prompt=False)
+        """The conversation up to the model's last message, as the live tokens held it: that
+        message complete with its EOS (the loop renders what follows at the next step)."""
+        last = max((k for k, m in enumerate(messages) if m.role == "assistant"), default=None)
+        if last is None:
+            return []
+        rendered = chat.render(messages[:last + 1], self.agent.specs, self.agent.settings.mode)
         return self.agent.engine.tokenizer.encode_pieces(rendered.pieces)

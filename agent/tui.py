@@ -19,8 +19,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Collapsible, Input, Label, Markdown, ProgressBar, Static
 
+from magnetar.runtime.errors import MagnetarError
 from magnetar.tools.base import MODES
 
+from .compaction import CompactionPolicy, compact, keep_pre_compaction, needs_compaction
 from .loop import Agent, Notice, PlanUpdated, Prefill, Reasoning, Text, ToolFinished, ToolRunning, TurnEnd
 
 HELP = """Commands:
@@ -31,6 +33,7 @@ HELP = """Commands:
                    for you to approve, edit or reject before anything changes
   /undo            restore the files the last turn changed
   /diff            the repository's uncommitted changes
+  /compact [FOCUS] summarize older turns to free context (automatic at 80% full)
   /sessions        saved sessions
   /switch ID       save this session and continue another (its KV state restored)
   /new             start a new conversation
@@ -117,6 +120,7 @@ class MagnetarApp(App):
         """``live``: the ``sessions.LiveSession`` saved after every turn (None: nothing is saved)."""
         super().__init__()
         self.agent, self.model_name, self.live = agent, model_name, live
+        self.compaction = CompactionPolicy()
         self.agent.ctx.confirm = self._confirm
         self.busy = False
         self.history: list[str] = []
@@ -218,6 +222,11 @@ class MagnetarApp(App):
                 if arg:
                     self._say(arg, "user")
                     self.run_turn(self._framed(arg))
+        elif name == "/compact":
+            if self.busy:
+                self._say("wait for the turn to end (or Ctrl+C) before /compact", "notice")
+            else:
+                self.compact_conversation(arg or None)
         elif name == "/undo":
             undo = self.agent.ctx.undo
             restored = undo.undo_last_turn() if undo is not None else []
@@ -304,10 +313,36 @@ class MagnetarApp(App):
             self.call_from_thread(self.show_all, batch)
             if self.live is not None:
                 self.live.save()
+            if needs_compaction(self.agent, self.compaction):
+                self.call_from_thread(self._say, "the context is filling up: compacting older turns", "notice")
+                self._compact(None)
         except Exception as err:  # the session must survive a bug; show it, keep the UI
             self.call_from_thread(self._say, f"error: {type(err).__name__}: {err}", "notice")
         finally:
             self.call_from_thread(self._turn_ended)
+
+    @work(thread=True, exclusive=True)
+    def compact_conversation(self, focus: str | None) -> None:
+        self.call_from_thread(self._set_busy, True)
+        try:
+            self._compact(focus)
+        except MagnetarError as err:  # nothing to compact, interrupted, or an empty summary
+            self.call_from_thread(self._say, f"not compacted: {err}", "notice")
+        finally:
+            self.call_from_thread(self._set_busy, False)
+
+    def _compact(self, focus: str | None) -> None:
+        """In the worker: keep the session as it was, then compact and record the result."""
+        if self.live is not None:
+            self.live.save()
+            kept = keep_pre_compaction(self.live.session.folder)
+        result = compact(self.agent, self.compaction, focus,
+                         progress=lambda done, total: self.call_from_thread(self.show, Prefill(done, total)))
+        if self.live is not None:
+            self.live.replaced()
+        self.call_from_thread(self._replay_history)
+        note = f"; the conversation before is kept in {kept.name}" if self.live is not None else ""
+        self.call_from_thread(self._say, result.describe() + note, "notice")
 
     @work(thread=True, exclusive=True)
     def switch_session(self, prefix: str) -> None:
