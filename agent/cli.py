@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=None, metavar="MODEL")
     p.add_argument("--ctx", type=int, default=65536)
     p.add_argument("--max-steps", type=int, default=40, help="tool-call steps before the review stops")
+    p.add_argument("--max-tokens", type=int, default=8192, help="tokens the model may write per step")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--temp", type=float, default=1.0)
     p.set_defaults(run=_review)

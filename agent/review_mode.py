@@ -271,7 +271,8 @@ def run(args) -> int:
     scope = scope_text(root, target, args.diff, args.staged, args.uncommitted)
     engine = Engine.load(resolve_model(args.model), ctx=args.ctx)
     cache = PrefixCache(data_dir() / "kvcache")
-    settings = LoopSettings(seed=args.seed, temperature=args.temp, max_steps=args.max_steps)
+    settings = LoopSettings(seed=args.seed, temperature=args.temp, max_steps=args.max_steps,
+                            max_tokens_per_step=args.max_tokens)
     findings, end = review(engine, root, with_project_instructions(root, scope), settings, cache=cache,
                            on_event=_progress)
     cache.save(engine, "shutdown")

@@ -53,3 +53,19 @@ class ScriptedEngine:
             yield Event(token, decoder.feed(token))
             if token == self.tokenizer.eos_id:
                 return
+
+
+class NoPrefixCache:
+    """``runtime.kvcache.PrefixCache``'s interface without checkpoints, which the
+    scripted engine cannot write: every sync prefills the whole prompt."""
+
+    def __init__(self, folder):
+        pass
+
+    def sync(self, engine, ids, progress=None):
+        engine.reset()
+        engine.prefill(ids, progress)
+        return 0
+
+    def save(self, engine, reason):
+        return None

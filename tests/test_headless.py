@@ -13,23 +13,8 @@ import pytest
 
 from magnetar.agent import headless
 from magnetar.agent.cli import main
-from scripted_engine import ScriptedEngine
+from scripted_engine import NoPrefixCache, ScriptedEngine
 from test_agent_loop import block, call
-
-
-class NoCache:
-    """The prefix cache's interface without checkpoints (the scripted engine cannot write them)."""
-
-    def __init__(self, folder):
-        pass
-
-    def sync(self, engine, ids, progress=None):
-        engine.reset()
-        engine.prefill(ids, progress)
-        return 0
-
-    def save(self, engine, reason):
-        return None
 
 
 @pytest.fixture
@@ -49,7 +34,7 @@ def scripted(v4_tokenizer, tmp_path, monkeypatch):
     model = tmp_path / "model.gguf"
     model.write_bytes(b"")
     monkeypatch.setenv("MAGNETAR_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(headless, "PrefixCache", NoCache)
+    monkeypatch.setattr(headless, "PrefixCache", NoPrefixCache)
 
     def use(replies):
         def load(path, ctx):

