@@ -14,6 +14,7 @@ from magnetar.runtime.kvcache import PrefixCache
 from magnetar.tools.base import ToolContext
 
 from .loop import Agent, LoopSettings
+from .model_commands import progress_bar
 from .models import ModelNotFound, data_dir, missing_model_help, resolve_model
 from .sessions import LiveSession, SessionStore
 from .toolset import project_root, standard_tools, undo_journal
@@ -39,7 +40,8 @@ def open_tui(args) -> int:
     if args.resume is not None or args.continue_:
         store = live.store
         session = store.latest(root) if args.continue_ or args.resume == "" else store.open(args.resume)
-        how = live.open(session)
+        with progress_bar("replaying the transcript") as report:  # shown only when there is no good checkpoint
+            how = live.open(session, report)
         print(f"session {session.meta.id}: {how}, {len(engine.tokens)} tokens", file=sys.stderr)
     else:
         live.start(root)

@@ -24,6 +24,7 @@ from magnetar.tools.base import MODES
 
 from .compaction import CompactionPolicy, compact, keep_pre_compaction, needs_compaction
 from .loop import Agent, Notice, PlanUpdated, Prefill, Reasoning, Text, ToolFinished, ToolRunning, TurnEnd
+from .toolset import with_project_instructions
 
 HELP = """Commands:
   /help            this list
@@ -184,11 +185,16 @@ class MagnetarApp(App):
             self.run_turn(self._framed(text))
 
     def _framed(self, text: str) -> str:
-        """What the model gets for a typed message: in plan mode, with the plan-mode rules."""
+        """What the model gets for a typed message: the project's instructions first in a
+        conversation's first message; in plan mode, the plan-mode rules."""
         if self._revising:
             self._revising = False
             return f"[Plan mode] Revise the plan as follows, then write it again with update_plan: {text}"
-        return f"{PLAN_MODE}\n\n{text}" if self.planning else text
+        if self.planning:
+            text = f"{PLAN_MODE}\n\n{text}"
+        if len(self.agent.messages) == 1:
+            text = with_project_instructions(self.agent.ctx.root, text)
+        return text
 
     def on_key(self, event) -> None:
         prompt = self.query_one("#prompt", Input)
@@ -348,7 +354,7 @@ class MagnetarApp(App):
     def switch_session(self, prefix: str) -> None:
         self.call_from_thread(self._set_busy, True)
         try:
-            how = self.live.switch(prefix)
+            how = self.live.switch(prefix, lambda done, total: self.call_from_thread(self.show, Prefill(done, total)))
             self.call_from_thread(self._replay_history)
             self.call_from_thread(self._say, f"{how}: {len(self.agent.engine.tokens)} tokens", "notice")
         except Exception as err:  # a bad id or a broken session: say so, stay in this one

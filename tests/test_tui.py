@@ -168,3 +168,20 @@ def test_a_rejected_plan_changes_nothing(v4_tokenizer, tmp_path):
             await until(pilot, lambda: not app.planning)
             assert app.agent.ctx.mode == "auto-edit" and "plan rejected" in texts(app)
     asyncio.run(go())
+
+
+def test_project_instructions_lead_the_first_message_only(v4_tokenizer, tmp_path):
+    (tmp_path / "AGENTS.md").write_text("Always answer in French.\n")
+
+    async def go():
+        app, engine = make_app(v4_tokenizer, tmp_path, ["a</think>oui", "b</think>encore"])
+        async with app.run_test() as pilot:
+            await _type(pilot, "hello")
+            await until(pilot, lambda: not app.busy and len(app.agent.messages) == 3)
+            await _type(pilot, "again")
+            await until(pilot, lambda: not app.busy and len(app.agent.messages) == 5)
+        users = [m.content for m in app.agent.messages if m.role == "user"]
+        assert users[0].startswith("Project instructions (AGENTS.md):\n\nAlways answer in French.")
+        assert users[0].endswith("hello") and users[1] == "again"
+        assert app.agent.messages[0].content == "You are a test."  # the system prefix never changes
+    asyncio.run(go())
