@@ -13,8 +13,9 @@ also sees the recent turns, which only helps it describe the current state. Only
 when that would not fit in the context is the older part rendered alone and
 prefilled (through the prefix cache, as the loop does). The reply opens after
 ``</think>``: a summary needs no reasoning, and the whole token budget goes to it.
-Either way the engine is reset afterwards: its tokens no longer match the
-messages, and the next turn renders the compacted conversation whole.
+Afterwards the engine is reset (its tokens no longer match the messages; the next
+turn renders the compacted conversation whole), or, when compaction fails, rewound
+to where it was, so a failed attempt costs no re-prefill.
 """
 
 from __future__ import annotations
@@ -150,6 +151,9 @@ def _summarize(agent, older: list[chat.Message], policy: CompactionPolicy, focus
     cancel = agent.ctx.extra["cancel"]  # Agent.interrupt() sets it
     cancel.clear()
     ids: list[int] = []
+    # On failure the conversation stays as it was, and so does the live state (no re-prefill).
+    before = engine.snapshot() if engine.tokens else None
+    done = False
     try:
         tail = _request_after_live(agent, ask, policy)
         if tail is not None:
@@ -170,13 +174,17 @@ def _summarize(agent, older: list[chat.Message], policy: CompactionPolicy, focus
                 ids.append(event.token)
                 if cancel.is_set():
                     raise CompactionError("compaction interrupted; the conversation is unchanged")
+        # The reply opened after </think>; should the model reason anyway, only its answer counts.
+        summary = tok.decode(ids).rpartition(THINK_END)[2].strip()
+        if not summary:
+            raise CompactionError("the model wrote an empty summary; the conversation is unchanged")
+        done = True
+        return summary
     finally:
-        engine.reset()
-    # The reply opened after </think>; should the model reason anyway, only its answer counts.
-    summary = tok.decode(ids).rpartition(THINK_END)[2].strip()
-    if not summary:
-        raise CompactionError("the model wrote an empty summary; the conversation is unchanged")
-    return summary
+        if done or before is None:
+            engine.reset()  # the next turn renders the compacted conversation whole
+        else:
+            engine.rewind(before)
 
 
 def _request_pieces(agent, messages: list[chat.Message]) -> list[Piece]:

@@ -32,6 +32,12 @@ class ScriptedEngine:
     def reset(self) -> None:
         self.tokens = []
 
+    def snapshot(self) -> tuple[int, ...]:
+        return tuple(self.tokens)
+
+    def rewind(self, snap: tuple[int, ...]) -> None:
+        self.tokens = list(snap)
+
     def prefill(self, ids, progress=None) -> None:
         if len(self.tokens) + len(ids) > self.ctx:
             raise ContextFull(f"{len(self.tokens)} + {len(ids)} tokens exceed the context of {self.ctx}")

@@ -173,7 +173,7 @@ def test_nothing_to_compact_is_an_error_and_changes_nothing(v4_tokenizer, tmp_pa
 
 def test_an_interrupted_or_empty_summary_leaves_the_conversation_as_it_was(v4_tokenizer, tmp_path):
     agent, engine = conversation(v4_tokenizer, tmp_path)
-    before = list(agent.messages)
+    before, live = list(agent.messages), list(engine.tokens)
     engine.on_token = lambda token: agent.interrupt()
     engine.replies.append("A summary that is cut short.")
     with pytest.raises(CompactionError, match="interrupted"):
@@ -182,8 +182,10 @@ def test_an_interrupted_or_empty_summary_leaves_the_conversation_as_it_was(v4_to
     engine.replies.append("  \n")
     with pytest.raises(CompactionError, match="empty summary"):
         compact(agent, CompactionPolicy(keep_turns=1))
-    assert agent.messages == before and engine.tokens == []
-    run(agent, engine, "still fine?", "y</think>Yes.")  # the next turn renders whole
+    # the live state is rewound, not dropped: the next turn prefills only its own message
+    assert agent.messages == before and engine.tokens == live
+    run(agent, engine, "still fine?", "y</think>Yes.")
+    assert engine.tokens[:len(live)] == live
 
 
 def test_needs_compaction_at_the_threshold_when_there_is_something_older(v4_tokenizer, tmp_path):
