@@ -43,7 +43,7 @@ def make_app(v4_tokenizer, tmp_path, replies, mode="ask"):
     return MagnetarApp(agent, model_name="scripted"), engine
 
 
-async def until(pilot, condition, timeout=10.0):
+async def until(pilot, condition, timeout=60.0):  # generous: CI machines can be slow and busy
     for _ in range(int(timeout / 0.05)):
         if condition():
             return

@@ -22,11 +22,14 @@ BINARY = Path(sys.executable).parent / "magnetar"
 
 class Terminal:
     def __init__(self, tmp_path: Path):
-        self.socket = f"magnetar-test-{os.getpid()}"
+        self.socket = f"magnetar-test-{os.getpid()}-{tmp_path.name}"  # a server per test: teardowns never race
         self.log = tmp_path / "screens.txt"
 
     def tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=True).stdout
+        done = subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True)
+        if done.returncode:
+            raise AssertionError(f"tmux {args[0]} failed: {done.stderr.strip()}")
+        return done.stdout
 
     def start(self, name: str, command: str) -> None:
         self.tmux("new-session", "-d", "-s", name, "-x", "140", "-y", "40", command)
