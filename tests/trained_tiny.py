@@ -156,8 +156,6 @@ def trained_tiny(cache: Path) -> TrainedTiny:
 
 
 def _train(config: dict, stream: torch.Tensor, bos: int, eval_ids: list[list[int]], out: Path) -> dict[str, Any]:
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-
     # One thread: with another process busy on one of the 2 cores, 2 threads ran a step 10-40x
     # slower (OpenMP workers waiting on a descheduled peer); 1 thread is steady at ~0.1 s per window.
     threads = torch.get_num_threads()
@@ -165,8 +163,8 @@ def _train(config: dict, stream: torch.Tensor, bos: int, eval_ids: list[list[int
     try:
         start = time.perf_counter()
         torch.manual_seed(SEED)
-        hf_config = DeepseekV4Config(**config)
-        model = DeepseekV4ForCausalLM(hf_config)
+        hf_config = transformers.DeepseekV4Config(**config)
+        model = transformers.DeepseekV4ForCausalLM(hf_config)
         randomize(model, hf_config, SEED)  # O(1) activations everywhere (transformers zeroes many weights)
 
         used = torch.unique(torch.cat([stream, torch.tensor([bos])]))
@@ -175,7 +173,9 @@ def _train(config: dict, stream: torch.Tensor, bos: int, eval_ids: list[list[int
         remap[used] = torch.arange(n)
         g = torch.Generator().manual_seed(SEED)
         d = hf_config.hidden_size
-        emb = torch.nn.Parameter(torch.cat([model.model.embed_tokens.weight.detach()[used], torch.randn(1, d, generator=g)]))
+        # The shared rows start like randomize's: N(0, 1) embedding, N(0, 1/d) head.
+        emb = torch.nn.Parameter(torch.cat([model.model.embed_tokens.weight.detach()[used],
+                                            torch.randn(1, d, generator=g)]))
         head = torch.nn.Parameter(torch.cat([model.lm_head.weight.detach()[used],
                                              torch.randn(1, d, generator=g) * d ** -0.5]))
         # The shared row stands for V4_VOCAB - n equal logits: exp(z) counted that many times.
@@ -186,7 +186,7 @@ def _train(config: dict, stream: torch.Tensor, bos: int, eval_ids: list[list[int
 
         params = [p for name, p in model.named_parameters() if name != "lm_head.weight"] + [head]
         opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=0.01)
-        warmup = STEPS // 10
+        warmup = STEPS // 10  # then a cosine from LR down to LR / 10
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.55 + 0.45 * math.cos(
             math.pi * max(s - warmup, 0) / (STEPS - warmup))))
         model.train()
@@ -218,26 +218,27 @@ def _train(config: dict, stream: torch.Tensor, bos: int, eval_ids: list[list[int
 @torch.no_grad()
 def _measure(model, eval_ids: list[list[int]]) -> dict[str, float]:
     """On the held-out prompts: loss, how peaked the predictions are, and how much the routed
-    experts matter (the logits with every routed expert's output zeroed)."""
-    def logprobs() -> list[torch.Tensor]:
-        return [F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1) for ids in eval_ids]
+    experts matter (the logits with every routed expert's output zeroed). Per-position numbers
+    only are kept: a prompt's [tokens, vocab] log-probabilities are 66 MB."""
+    nll, hit, top1, changed, kl = [], [], [], [], []
+    for ids in eval_ids:
+        x = torch.tensor([ids])
+        lp = F.log_softmax(model(input_ids=x).logits[0], -1)
+        hooks = [layer.mlp.experts.register_forward_hook(lambda mod, args, out: torch.zeros_like(out))
+                 for layer in model.model.layers]
+        try:
+            la = F.log_softmax(model(input_ids=x).logits[0], -1)
+        finally:
+            for h in hooks:
+                h.remove()
+        nll.append(-lp[:-1].gather(1, x[0, 1:, None])[:, 0])
+        hit.append(lp[:-1].argmax(-1) == x[0, 1:])
+        top1.append(lp.max(-1).values.exp())
+        changed.append(lp.argmax(-1) != la.argmax(-1))
+        kl.append((lp.exp() * (lp - la)).sum(-1))
 
-    full = logprobs()
-    hooks = [layer.mlp.experts.register_forward_hook(lambda mod, args, out: torch.zeros_like(out))
-             for layer in model.model.layers]
-    try:
-        ablated = logprobs()
-    finally:
-        for h in hooks:
-            h.remove()
-    lp, la = torch.cat(full), torch.cat(ablated)
-    nxt = torch.cat([torch.tensor(ids[1:]) for ids in eval_ids])
-    lp_next = torch.cat([x[:-1] for x in full])
-    return {
-        "eval_positions": len(lp),
-        "eval_loss": -lp_next.gather(1, nxt[:, None]).mean().item(),
-        "eval_top1_accuracy": (lp_next.argmax(-1) == nxt).float().mean().item(),
-        "eval_mean_top1_prob": lp.exp().max(-1).values.mean().item(),
-        "no_experts_top1_changed": (lp.argmax(-1) != la.argmax(-1)).float().mean().item(),
-        "no_experts_kl": (lp.exp() * (lp - la)).sum(-1).mean().item(),
-    }
+    def mean(parts: list[torch.Tensor]) -> float:
+        return torch.cat(parts).double().mean().item()
+
+    return {"eval_positions": sum(map(len, eval_ids)), "eval_loss": mean(nll), "eval_top1_accuracy": mean(hit),
+            "eval_mean_top1_prob": mean(top1), "no_experts_top1_changed": mean(changed), "no_experts_kl": mean(kl)}
