@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from magnetar.tools.base import ToolContext
-from magnetar.tools.shell import Shell, dangerous
+from magnetar.tools.shell import KEEP_LOGS, Shell, dangerous
 
 
 @pytest.fixture
@@ -145,3 +145,16 @@ def test_deny_list_catches(tmp_path, command, why):
 ])
 def test_deny_list_lets_ordinary_commands_through(tmp_path, command):
     assert dangerous(command, tmp_path) is None, command
+
+
+def test_only_the_newest_logs_are_kept(ctx):
+    folder = ctx.data_dir / "shell-logs"
+    folder.mkdir(parents=True)
+    for k in range(KEEP_LOGS + 5):
+        old = folder / f"old-{k:03d}.log"
+        old.write_text("x")
+        os.utime(old, (1_000_000 + k, 1_000_000 + k))
+    sh(ctx, "echo new")
+    logs = sorted(p.name for p in folder.glob("*.log"))
+    assert len(logs) == KEEP_LOGS and "old-005.log" not in logs and "old-006.log" in logs
+    assert sum(not name.startswith("old-") for name in logs) == 1

@@ -28,6 +28,7 @@ from .base import Tool, ToolContext, ToolRefused, ToolResult, resolve_in_root
 HEAD_LINES, TAIL_LINES = 60, 140
 MAX_LINE_CHARS = 500
 KILL_GRACE_S = 2.0
+KEEP_LOGS = 200  # full outputs kept on disk, newest first
 _LOG_NUMBERS = count(1)
 SEGMENT_SPLIT = re.compile(r"\|\||&&|[;|&\n]")
 
@@ -233,6 +234,9 @@ def _log_path(ctx: ToolContext) -> Path | None:
         return None
     folder = ctx.data_dir / "shell-logs"
     folder.mkdir(parents=True, exist_ok=True)
+    logs = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime)
+    for old in logs[:max(0, len(logs) - KEEP_LOGS + 1)]:  # the oldest go: the folder stays bounded
+        old.unlink(missing_ok=True)
     return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_LOG_NUMBERS)}.log"
 
 
