@@ -129,6 +129,7 @@ class MagnetarApp(App):
         self._answer: Markdown | None = None
         self._answer_text = ""
         self._reasoning: Static | None = None
+        self._reasoning_box: Collapsible | None = None
         self._reasoning_text = ""
         self._cards: dict[str, Static] = {}
         self.planning = False  # plan mode: read-only turns that end in a plan to approve
@@ -400,7 +401,8 @@ class MagnetarApp(App):
         elif isinstance(event, Reasoning):
             if self._reasoning is None:
                 self._reasoning, self._reasoning_text = Static("", classes="reasoning", markup=False), ""
-                log.mount(Collapsible(self._reasoning, title="reasoning", collapsed=False))
+                self._reasoning_box = Collapsible(self._reasoning, title="reasoning", collapsed=False)
+                log.mount(self._reasoning_box)
             self._reasoning_text += event.text
             self._reasoning.update(self._reasoning_text)
         elif isinstance(event, Text):
@@ -443,9 +445,9 @@ class MagnetarApp(App):
         self._status()
 
     def _collapse_reasoning(self) -> None:
-        if self._reasoning is not None:
-            self._reasoning.parent.parent.collapsed = True  # Static -> Contents -> Collapsible
-            self._reasoning = None
+        if self._reasoning_box is not None:
+            self._reasoning_box.collapsed = True  # held directly: it may not be mounted yet
+            self._reasoning, self._reasoning_box = None, None
 
     def _end_message(self) -> None:
         self._collapse_reasoning()

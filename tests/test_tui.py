@@ -8,9 +8,9 @@ import asyncio
 import json
 
 from pydantic import BaseModel, Field
-from textual.widgets import Markdown, Static
+from textual.widgets import Collapsible, Markdown, Static
 
-from magnetar.agent.loop import Agent, LoopSettings
+from magnetar.agent.loop import Agent, LoopSettings, Reasoning, Text
 from magnetar.agent.tui import ConfirmScreen, MagnetarApp, PlanScreen
 from magnetar.tools.base import Tool, ToolContext, ToolResult
 from magnetar.tools.plan import UpdatePlan
@@ -48,7 +48,8 @@ async def until(pilot, condition, timeout=60.0):  # generous: CI machines can be
         if condition():
             return
         await pilot.pause(0.05)
-    raise AssertionError("the UI did not get there in time")
+    shown = "\n".join(str(w.render()) for w in pilot.app.screen.query(Static))
+    raise AssertionError(f"the UI did not get there in time; the screen holds:\n{shown}")
 
 
 def texts(app) -> str:
@@ -184,4 +185,18 @@ def test_project_instructions_lead_the_first_message_only(v4_tokenizer, tmp_path
         assert users[0].startswith("Project instructions (AGENTS.md):\n\nAlways answer in French.")
         assert users[0].endswith("hello") and users[1] == "again"
         assert app.agent.messages[0].content == "You are a test."  # the system prefix never changes
+    asyncio.run(go())
+
+
+def test_reasoning_and_answer_drawn_in_one_batch(v4_tokenizer, tmp_path):
+    """Streamed text is drawn in batches: the answer can arrive before the reasoning's
+    box is even mounted, and must still collapse it."""
+    async def go():
+        app, _ = make_app(v4_tokenizer, tmp_path, [])
+        async with app.run_test() as pilot:
+            app.show_all([Reasoning("weighing it"), Reasoning(" up"), Text("The "), Text("answer.")])
+            await pilot.pause()
+            box = app.query_one(Collapsible)
+            assert box.collapsed and "weighing it up" in texts(app)
+            assert app.query(Markdown).last().source == "The answer."
     asyncio.run(go())
