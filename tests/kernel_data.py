@@ -58,3 +58,34 @@ def random_routing(rng: np.random.Generator, n_tokens: int, n_experts: int, k: i
         ids = np.argsort(rng.random((n_tokens, n_experts)), axis=1)[:, :k]
     w = rng.random((n_tokens, k)) + 0.1
     return ids.astype(np.int32), (1.5 * w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+WEIGHT_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.IQ2_XXS]
+EXPERT_TRIPLES = {  # (gate, up, down) as the recipes store them
+    "q2": (GGMLType.IQ2_XXS, GGMLType.IQ2_XXS, GGMLType.Q2_K),
+    "q4": (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q4_K),
+    "q8": (GGMLType.Q8_0, GGMLType.Q8_0, GGMLType.Q8_0),
+    "f16": (GGMLType.F16, GGMLType.F16, GGMLType.F16),
+    "f32": (GGMLType.F32, GGMLType.F32, GGMLType.F32),
+}
+
+
+def rel_err(actual, expected) -> float:
+    """Largest absolute error over the largest expected magnitude."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def random_moe_case(rng: np.random.Generator, recipe: str, n_tokens: int, k: int, n_experts: int, d_model: int,
+                    ffn: int, repeats: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[QTensor]]:
+    """Activations, routing and (gate, up, down) experts of ``recipe`` for one expert step."""
+    g, u, d = EXPERT_TRIPLES[recipe]
+    mats = [random_qtensor(rng, g, (n_experts, ffn, d_model)), random_qtensor(rng, u, (n_experts, ffn, d_model)),
+            random_qtensor(rng, d, (n_experts, d_model, ffn))]
+    x = (rng.standard_normal((n_tokens, d_model)) * 6).astype(np.float32)  # large: the clamp at 10 bites
+    ids, w = random_routing(rng, n_tokens, n_experts, k, repeats)
+    return x, ids, w, mats
+
+
+def reference_moe(x: np.ndarray, ids: np.ndarray, w: np.ndarray, mats: list[QTensor], limit: float) -> np.ndarray:
+    return reference.moe(x, ids, w, *[(m.data, m.ggml_type) for m in mats], limit)

@@ -14,15 +14,8 @@ import pytest
 
 from magnetar.kernels import BLOCK, GGMLType, reference
 from magnetar.kernels.backend import BACKENDS, BackendUnavailable, QTensor, backend, default_backend_name
-from kernel_data import random_qtensor, random_routing
+from kernel_data import WEIGHT_TYPES, random_moe_case, random_qtensor, reference_moe, rel_err
 
-WEIGHT_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.IQ2_XXS]
-EXPERT_TRIPLES = {  # (gate, up, down) as the recipes store them
-    "q2": (GGMLType.IQ2_XXS, GGMLType.IQ2_XXS, GGMLType.Q2_K),
-    "q4": (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q4_K),
-    "q8": (GGMLType.Q8_0, GGMLType.Q8_0, GGMLType.Q8_0),
-    "f32": (GGMLType.F32, GGMLType.F32, GGMLType.F32),
-}
 RTOL = 1e-5
 
 
@@ -47,11 +40,6 @@ def make(name: str):
 
 RUNNABLE = [n for n in runnable_backends() if n != "reference"]
 MOE_RUNNABLE = RUNNABLE + ["cpu-mlx"]  # the CPU backend's MoE has two paths; its other operations one
-
-
-def rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
 def test_cpu_backend_runs_here_and_auto_picks_it():
@@ -107,27 +95,17 @@ def test_matmul_matches_reference(name, ggml_type, n_tokens):
     assert rel_err(got, expected) < RTOL
 
 
-def _experts(rng, recipe: str, n_experts: int, d_model: int, ffn: int):
-    g, u, d = EXPERT_TRIPLES[recipe]
-    return (random_qtensor(rng, g, (n_experts, ffn, d_model)), random_qtensor(rng, u, (n_experts, ffn, d_model)),
-            random_qtensor(rng, d, (n_experts, d_model, ffn)))
-
-
 def _moe_case(rng, recipe, n_tokens, repeats, n_experts=12, k=6, d_model=512, ffn=256):
-    gate, up, down = _experts(rng, recipe, n_experts, d_model, ffn)
-    # Large activations, so the clamp at 10 really bites on some lanes.
-    x = (rng.standard_normal((n_tokens, d_model)) * 6).astype(np.float32)
-    ids, w = random_routing(rng, n_tokens, n_experts, k, repeats)
-    return x, ids, w, (gate, up, down)
+    return random_moe_case(rng, recipe, n_tokens, k, n_experts, d_model, ffn, repeats)
 
 
 @pytest.mark.parametrize("name", MOE_RUNNABLE)
-@pytest.mark.parametrize("recipe", list(EXPERT_TRIPLES))
+@pytest.mark.parametrize("recipe", ["q2", "q4", "q8", "f32"])
 @pytest.mark.parametrize("n_tokens,repeats", [(1, False), (1, True), (2, False), (33, False), (33, True)])
 def test_moe_matches_reference(name, recipe, n_tokens, repeats):
     rng = np.random.default_rng([n_tokens, repeats, len(recipe)])
     x, ids, w, mats = _moe_case(rng, recipe, n_tokens, repeats)
-    expected = reference.moe(x, ids, w, *[(m.data, m.ggml_type) for m in mats], 10.0)
+    expected = reference_moe(x, ids, w, mats, 10.0)
     as_mx = [QTensor(mx.array(m.data), m.ggml_type) for m in mats]
     got = make(name).moe(mx.array(x), mx.array(ids), mx.array(w), *as_mx, 10.0)
     assert got.shape == x.shape
@@ -167,5 +145,5 @@ def test_cpu_moe_one_token_traces_inside_compile():
     cpu = make("cpu-mlx")
     step = mx.compile(lambda a, i, r: cpu.moe(a, i, r, *as_mx, 10.0))
     got = step(mx.array(x), mx.array(ids), mx.array(w))
-    expected = reference.moe(x, ids, w, *[(m.data, m.ggml_type) for m in mats], 10.0)
+    expected = reference_moe(x, ids, w, mats, 10.0)
     assert rel_err(got, expected) < RTOL

@@ -30,7 +30,7 @@ from magnetar.kernels import GGMLType, reference
 from magnetar.kernels import cuda as kc
 from magnetar.kernels.backend import QTensor
 from cuda_emulator.emulator import CXX, Emulator, EmulatorError, host_has_fma, emulated_backend
-from kernel_data import random_qtensor, random_routing
+from kernel_data import WEIGHT_TYPES, random_moe_case, random_qtensor, reference_moe, rel_err
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,9 +38,6 @@ pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CUDA emulator's fibers need Linux (glibc)"),
 ]
 
-ALL_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.IQ2_XXS]
-RECIPES = {"q2": (GGMLType.IQ2_XXS, GGMLType.IQ2_XXS, GGMLType.Q2_K),
-           "q4": (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q4_K)}
 RTOL = 1e-5
 LIMIT = 10.0
 
@@ -51,16 +48,11 @@ def build_dir(request, tmp_path_factory):
     return cache.mkdir("cuda_emulator") if cache is not None else tmp_path_factory.mktemp("cuda_emulator")
 
 
-def rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
-
-
 # ---------------------------------------------------------------------------
 # dequantize
 
 
-@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", WEIGHT_TYPES, ids=lambda t: t.name)
 def test_dequantize_is_bit_exact(build_dir, ggml_type):
     emu = Emulator(build_dir)
     rng = np.random.default_rng(int(ggml_type))
@@ -117,24 +109,10 @@ def test_matmul_matches_reference(build_dir, ggml_type, n_tok, kernel):
 # moe
 
 
-def _moe_case(rng, recipe, n_tok, k, n_experts, d_model, ffn, repeats):
-    types = RECIPES[recipe]
-    mats = [random_qtensor(rng, types[0], (n_experts, ffn, d_model)),
-            random_qtensor(rng, types[1], (n_experts, ffn, d_model)),
-            random_qtensor(rng, types[2], (n_experts, d_model, ffn))]
-    x = (rng.standard_normal((n_tok, d_model)) * 6).astype(np.float32)  # large: the clamp at 10 bites
-    ids, w = random_routing(rng, n_tok, n_experts, k, repeats)
-    return x, ids, w, mats
-
-
 def _run_moe(emu, x, ids, w, mats):
     with emulated_backend(emu) as be:
         return be.moe(mx.array(x), mx.array(ids), mx.array(w), *[QTensor(mx.array(m.data), m.ggml_type) for m in mats],
                       LIMIT)
-
-
-def _reference_moe(x, ids, w, mats):
-    return reference.moe(x, ids, w, *[(m.data, m.ggml_type) for m in mats], LIMIT)
 
 
 # Decode: gate/up rows are 48 chunks wide, down rows 40, both more than a warp's 32 lanes.
@@ -145,36 +123,36 @@ PREFILL = dict(n_experts=8, d_model=512, ffn=256)
 @pytest.mark.parametrize("recipe,n_tok,repeats", [("q2", 1, False), ("q4", 2, True)])
 def test_moe_decode_kernels_match_reference(build_dir, recipe, n_tok, repeats):
     emu = Emulator(build_dir)
-    x, ids, w, mats = _moe_case(np.random.default_rng([n_tok, len(recipe)]), recipe, n_tok, 6, repeats=repeats,
+    x, ids, w, mats = random_moe_case(np.random.default_rng([n_tok, len(recipe)]), recipe, n_tok, 6, repeats=repeats,
                                 **DECODE)
     got = _run_moe(emu, x, ids, w, mats)
     assert [launch.kernel for launch in emu.launches] == ["moe_gate_up", "moe_down"]
-    assert rel_err(got, _reference_moe(x, ids, w, mats)) < RTOL
+    assert rel_err(got, reference_moe(x, ids, w, mats, LIMIT)) < RTOL
 
 
 def test_moe_prefill_tiles_match_reference(build_dir):
     emu = Emulator(build_dir)
     n_tok, k = 40, 6
-    x, ids, w, mats = _moe_case(np.random.default_rng(40), "q2", n_tok, k, repeats=True, **PREFILL)
+    x, ids, w, mats = random_moe_case(np.random.default_rng(40), "q2", n_tok, k, repeats=True, **PREFILL)
     # The cases the grouping must get right really occur: an expert with more
     # pairs than one tile holds, and a token that picked one expert twice.
     assert np.bincount(ids.ravel()).max() > kc.MOE_TILE_PAIRS
     assert any(len(set(row)) < k for row in ids.tolist())
     got = _run_moe(emu, x, ids, w, mats)
     assert [launch.kernel for launch in emu.launches] == ["moe_gate_up_tiled", "moe_down_tiled"]
-    assert rel_err(got, _reference_moe(x, ids, w, mats)) < RTOL
+    assert rel_err(got, reference_moe(x, ids, w, mats, LIMIT)) < RTOL
 
 
 @pytest.mark.parametrize("n_tok,shape", [(3, DECODE), (9, PREFILL)], ids=["decode", "prefill"])
 def test_moe_ignores_expert_ids_out_of_range(build_dir, n_tok, shape):
     emu = Emulator(build_dir)
-    x, ids, w, mats = _moe_case(np.random.default_rng([n_tok, 99]), "q2", n_tok, 6, repeats=True, **shape)
+    x, ids, w, mats = random_moe_case(np.random.default_rng([n_tok, 99]), "q2", n_tok, 6, repeats=True, **shape)
     bad = ids.copy()
     bad[0, 0], bad[-1, -1] = -1, shape["n_experts"]
     kept = w.copy()
     kept[0, 0] = kept[-1, -1] = 0.0  # the reference: those slots add nothing
     got = _run_moe(emu, x, bad, w, mats)
-    assert rel_err(got, _reference_moe(x, ids, kept, mats)) < RTOL
+    assert rel_err(got, reference_moe(x, ids, kept, mats, LIMIT)) < RTOL
 
 
 def test_moe_decode_on_wave64_through_the_hip_branch(build_dir):
@@ -182,12 +160,12 @@ def test_moe_decode_on_wave64_through_the_hip_branch(build_dir):
     rows 72 chunks wide, so lanes 32..63 carry real partial sums."""
     emu = Emulator(build_dir, platform="hip", warp=64)
     shape = dict(n_experts=8, d_model=2304, ffn=2304)
-    x, ids, w, mats = _moe_case(np.random.default_rng(64), "q2", 1, 6, repeats=False, **shape)
+    x, ids, w, mats = random_moe_case(np.random.default_rng(64), "q2", 1, 6, repeats=False, **shape)
     got = _run_moe(emu, x, ids, w, mats)
     gate_up, down = emu.launches
     assert gate_up.geometry == kc.warp_rows_geometry(shape["ffn"], 6, warp=64) != kc.warp_rows_geometry(shape["ffn"], 6)
     assert down.geometry == kc.warp_rows_geometry(shape["d_model"], 1, warp=64)
-    assert rel_err(got, _reference_moe(x, ids, w, mats)) < RTOL
+    assert rel_err(got, reference_moe(x, ids, w, mats, LIMIT)) < RTOL
 
 
 # ---------------------------------------------------------------------------

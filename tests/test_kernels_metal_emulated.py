@@ -36,7 +36,7 @@ from magnetar.kernels import metal as km
 from magnetar.kernels.backend import QTensor
 from gpu_emulator.harness import CXX, EmulatorError, host_has_fma
 from metal_emulator.emulator import Emulator, emulated_backend
-from kernel_data import random_qtensor, random_routing
+from kernel_data import WEIGHT_TYPES, random_moe_case, random_qtensor, reference_moe, rel_err
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,12 +44,6 @@ pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the Metal emulator's fibers need Linux (glibc)"),
 ]
 
-ALL_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.IQ2_XXS]
-RECIPES = {"q2": (GGMLType.IQ2_XXS, GGMLType.IQ2_XXS, GGMLType.Q2_K),
-           "q4": (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q4_K),
-           "q8": (GGMLType.Q8_0, GGMLType.Q8_0, GGMLType.Q8_0),
-           "f16": (GGMLType.F16, GGMLType.F16, GGMLType.F16),
-           "f32": (GGMLType.F32, GGMLType.F32, GGMLType.F32)}
 RTOL = 1e-5
 LIMIT = 10.0
 
@@ -60,16 +54,11 @@ def build_dir(request, tmp_path_factory):
     return cache.mkdir("metal_emulator") if cache is not None else tmp_path_factory.mktemp("metal_emulator")
 
 
-def rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
-
-
 # ---------------------------------------------------------------------------
 # dequantize
 
 
-@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", WEIGHT_TYPES, ids=lambda t: t.name)
 def test_dequantize_is_bit_exact(build_dir, ggml_type):
     emu = Emulator(build_dir)
     rng = np.random.default_rng(int(ggml_type))
@@ -134,24 +123,10 @@ def test_matmul_matches_reference(build_dir, ggml_type, n_tok, kernel):
 # moe
 
 
-def _moe_case(rng, recipe, n_tok, k, n_experts, d_model, ffn, repeats):
-    types = RECIPES[recipe]
-    mats = [random_qtensor(rng, types[0], (n_experts, ffn, d_model)),
-            random_qtensor(rng, types[1], (n_experts, ffn, d_model)),
-            random_qtensor(rng, types[2], (n_experts, d_model, ffn))]
-    x = (rng.standard_normal((n_tok, d_model)) * 6).astype(np.float32)  # large: the clamp at 10 bites
-    ids, w = random_routing(rng, n_tok, n_experts, k, repeats)
-    return x, ids, w, mats
-
-
 def _run_moe(emu, x, ids, w, mats):
     with emulated_backend(emu) as be:
         return be.moe(mx.array(x), mx.array(ids), mx.array(w), *[QTensor(mx.array(m.data), m.ggml_type) for m in mats],
                       LIMIT)
-
-
-def _reference_moe(x, ids, w, mats):
-    return reference.moe(x, ids, w, *[(m.data, m.ggml_type) for m in mats], LIMIT)
 
 
 # Decode: gate/up rows are 48 chunks wide, down rows 40, both more than a simdgroup's 32 lanes.
@@ -166,18 +141,18 @@ PREFILL = dict(n_experts=8, d_model=512, ffn=256)
 ], ids=lambda v: str(v))
 def test_moe_decode_kernels_match_reference(build_dir, recipe, n_tok, repeats):
     emu = Emulator(build_dir)
-    x, ids, w, mats = _moe_case(np.random.default_rng([n_tok, len(recipe)]), recipe, n_tok, 6, repeats=repeats,
+    x, ids, w, mats = random_moe_case(np.random.default_rng([n_tok, len(recipe)]), recipe, n_tok, 6, repeats=repeats,
                                 **DECODE)
     got = _run_moe(emu, x, ids, w, mats)
     assert [launch.kernel for launch in emu.launches] == ["moe_gate_up", "moe_down"]
-    assert rel_err(got, _reference_moe(x, ids, w, mats)) < RTOL
+    assert rel_err(got, reference_moe(x, ids, w, mats, LIMIT)) < RTOL
 
 
 @pytest.mark.parametrize("recipe,n_tok", [("q2", 40), ("f16", km.MOE_DECODE_MAX_TOKENS + 1)])
 def test_moe_prefill_tiles_match_reference(build_dir, recipe, n_tok):
     emu = Emulator(build_dir)
     k = 6
-    x, ids, w, mats = _moe_case(np.random.default_rng(n_tok), recipe, n_tok, k, repeats=True, **PREFILL)
+    x, ids, w, mats = random_moe_case(np.random.default_rng(n_tok), recipe, n_tok, k, repeats=True, **PREFILL)
     if n_tok == 40:
         # The cases the grouping must get right really occur: an expert with more
         # pairs than one tile holds, and a token that picked one expert twice.
@@ -185,19 +160,19 @@ def test_moe_prefill_tiles_match_reference(build_dir, recipe, n_tok):
         assert any(len(set(row)) < k for row in ids.tolist())
     got = _run_moe(emu, x, ids, w, mats)
     assert [launch.kernel for launch in emu.launches] == ["moe_gate_up_tiled", "moe_down_tiled"]
-    assert rel_err(got, _reference_moe(x, ids, w, mats)) < RTOL
+    assert rel_err(got, reference_moe(x, ids, w, mats, LIMIT)) < RTOL
 
 
 @pytest.mark.parametrize("recipe,n_tok,shape", [("q2", 3, DECODE), ("f32", 9, PREFILL)], ids=["decode", "prefill"])
 def test_moe_ignores_expert_ids_out_of_range(build_dir, recipe, n_tok, shape):
     emu = Emulator(build_dir)
-    x, ids, w, mats = _moe_case(np.random.default_rng([n_tok, 99]), recipe, n_tok, 6, repeats=True, **shape)
+    x, ids, w, mats = random_moe_case(np.random.default_rng([n_tok, 99]), recipe, n_tok, 6, repeats=True, **shape)
     bad = ids.copy()
     bad[0, 0], bad[-1, -1] = -1, shape["n_experts"]
     kept = w.copy()
     kept[0, 0] = kept[-1, -1] = 0.0  # the reference: those slots add nothing
     got = _run_moe(emu, x, bad, w, mats)
-    assert rel_err(got, _reference_moe(x, ids, kept, mats)) < RTOL
+    assert rel_err(got, reference_moe(x, ids, kept, mats, LIMIT)) < RTOL
 
 
 # ---------------------------------------------------------------------------
