@@ -29,7 +29,6 @@ the findings it had are still written, and one line on stderr says why.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +40,12 @@ from magnetar.runtime.errors import MagnetarError, UsageError
 from magnetar.runtime.fileio import atomic_write_bytes
 from magnetar.runtime.kvcache import PrefixCache
 from magnetar.tools.base import Tool, ToolContext
+from magnetar.tools.files import project_files
 from magnetar.tools.review import SEVERITIES, ReportFinding
 
 from .loop import Agent, LoopSettings, Notice, ToolRunning, TurnEnd
 from .models import data_dir, resolve_model
+from .toolset import project_root, read_only_tools, with_project_instructions
 
 DIFF_BUDGET = 120_000  # bytes of diff in the prompt (~35k tokens); the model can read the rest with its tools
 MAX_LISTED = 1000  # file names listed for a PATH review
@@ -134,15 +135,8 @@ def scope_text(root: Path, path: str | Path, diff_ref: str | None, staged: bool,
 def _path_scope(root: Path, target: Path, rel: str) -> str:
     if target.is_file():
         files = [rel]
-    elif _git_ok(root, "rev-parse", "--is-inside-work-tree"):
-        files = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", rel).split("\0")
-        files = sorted({f for f in files if f and (root / f).is_file()})  # a conflicted file is listed per stage
-    else:
-        files = []
-        for folder, dirs, names in os.walk(target):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .venv and the like
-            files += [(Path(folder) / n).relative_to(root).as_posix() for n in names]
-        files.sort()
+    else:  # what glob and grep see: git's files (.gitignore honoured), else a walk past build folders
+        files = [p.relative_to(root).as_posix() for p in project_files(ToolContext(root=root), target)]
     if not files:
         raise MagnetarError(f"nothing to review: no files under {rel}")
     shown = "\n".join(files[:MAX_LISTED])
@@ -154,15 +148,6 @@ def _path_scope(root: Path, target: Path, rel: str) -> str:
 
 
 # -- the run ----------------------------------------------------------------------------------
-
-
-def read_only_tools() -> list[Tool]:
-    # Imported here so scoping and rendering work without the file and git tool modules.
-    from magnetar.tools.files import Glob, Grep, ListDir, ReadFile
-    from magnetar.tools.git_tools import GitDiff, GitLog, GitShow, GitStatus
-    from magnetar.tools.repo_map import RepoMap
-
-    return [cls() for cls in (ReadFile, ListDir, Glob, Grep, RepoMap, GitStatus, GitDiff, GitLog, GitShow)]
 
 
 def sort_findings(findings: list[dict]) -> list[dict]:
@@ -263,8 +248,6 @@ def _progress(event) -> None:
 
 
 def run(args) -> int:
-    from .toolset import project_root, with_project_instructions  # imports every tool module
-
     target = Path(args.path).resolve()
     root = project_root(target if target.is_dir() else target.parent)
     # The scope first: an empty diff or a bad path fails before the model loads.

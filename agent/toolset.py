@@ -11,7 +11,7 @@ from pathlib import Path
 from magnetar.tools.base import Tool
 from magnetar.tools.edit import EDIT_TOOLS, UndoJournal
 from magnetar.tools.files import READ_TOOLS
-from magnetar.tools.git_tools import GIT_TOOLS
+from magnetar.tools.git_tools import GIT_TOOLS, READ_GIT_TOOLS
 from magnetar.tools.plan import UpdatePlan
 from magnetar.tools.repo_map import RepoMap
 from magnetar.tools.shell import SHELL_TOOLS
@@ -21,6 +21,11 @@ INSTRUCTION_FILES = ("AGENTS.md", "MAGNETAR.md")
 
 def standard_tools() -> list[Tool]:
     return [cls() for cls in (*READ_TOOLS, RepoMap, *EDIT_TOOLS, *SHELL_TOOLS, *GIT_TOOLS, UpdatePlan)]
+
+
+def read_only_tools() -> list[Tool]:
+    """What a review may use: reading, searching, the repo map and git's read side."""
+    return [cls() for cls in (*READ_TOOLS, RepoMap, *READ_GIT_TOOLS)]
 
 
 def undo_journal() -> UndoJournal:

@@ -21,6 +21,7 @@ from textual.widgets import Button, Collapsible, Input, Label, Markdown, Progres
 
 from magnetar.runtime.errors import MagnetarError
 from magnetar.tools.base import MODES
+from magnetar.tools.plan import checklist
 
 from .compaction import CompactionPolicy, compact, keep_pre_compaction, needs_compaction
 from .loop import Agent, Notice, PlanUpdated, Prefill, Reasoning, Text, ToolFinished, ToolRunning, TurnEnd
@@ -44,11 +45,6 @@ PLAN_MODE = ("[Plan mode] Investigate with read-only tools; change nothing. Then
              "update_plan (every step pending) and explain it briefly. I will approve, edit or reject it "
              "before any change is made.")
 PLAN_APPROVED = "The plan is approved. Carry it out step by step, keeping the plan updated with update_plan."
-MARKS = {"pending": "[ ]", "in_progress": "[>]", "done": "[x]"}
-
-
-def checklist(steps: list) -> str:
-    return "\n".join(f"{MARKS.get(s['status'], '[ ]')} {s['step']}" for s in steps)
 
 
 class ConfirmScreen(ModalScreen[bool]):

@@ -36,6 +36,10 @@ class UpdatePlan(Tool):
             raise ToolRefused("only one step can be in_progress at a time")
         ctx.extra["plan"] = [s.model_dump() for s in args.steps]
         done = sum(s.status == "done" for s in args.steps)
-        text = "\n".join(f"{MARKS[s.status]} {s.step}" for s in args.steps)
-        return ToolResult(f"plan updated ({done}/{len(args.steps)} done):\n{text}",
+        return ToolResult(f"plan updated ({done}/{len(args.steps)} done):\n{checklist(ctx.extra['plan'])}",
                           summary=f"plan: {done}/{len(args.steps)} done")
+
+
+def checklist(steps: list[dict]) -> str:
+    """The plan as the model and the UI show it: one ``[ ]``/``[>]``/``[x]`` line per step."""
+    return "\n".join(f"{MARKS[s['status']]} {s['step']}" for s in steps)
