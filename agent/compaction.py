@@ -196,17 +196,12 @@ def _request_pieces(agent, messages: list[chat.Message]) -> list[Piece]:
 
 
 def _request_after_live(agent, ask: chat.Message, policy: CompactionPolicy) -> list[int] | None:
-    """The ids that put the request after the live sequence (the technique of
-    ``Agent._sync_prompt``), or None when the rendering does not extend the live part
-    or the request and the summary would not fit in the context."""
-    messages, engine = agent.messages, agent.engine
-    last_model = max(k for k, m in enumerate(messages) if m.role == "assistant")
-    head = chat.render(messages[:last_model + 1], agent.specs, agent.settings.mode).pieces
-    full = _request_pieces(agent, [*messages, ask])
-    if not engine.tokens or full[:len(head)] != head:
+    """The ids that put the request after the live sequence (``Agent.tail_after_live``), or
+    None when the live part does not match or the request and the summary would not fit."""
+    ids = agent.tail_after_live(_request_pieces(agent, [*agent.messages, ask]))
+    if ids is None or len(agent.engine.tokens) + len(ids) + policy.max_summary_tokens > agent.engine.ctx:
         return None
-    ids = engine.tokenizer.encode_pieces(full[len(head):])
-    return ids if len(engine.tokens) + len(ids) + policy.max_summary_tokens <= engine.ctx else None
+    return ids
 
 
 def keep_pre_compaction(session_folder: Path) -> Path:

@@ -117,6 +117,11 @@ Event = (Prefill | Reasoning | Text | ToolStarted | ToolRunning | ToolFinished |
 # -- the loop ---------------------------------------------------------------------------------
 
 
+def last_reply(messages: Sequence[chat.Message]) -> int | None:
+    """Index of the model's last message: the live tokens hold the conversation up to it as sampled."""
+    return max((k for k, m in enumerate(messages) if m.role == "assistant"), default=None)
+
+
 def _with_progress(work: Callable[[Callable[[int, int], None]], object]) -> Iterator[Prefill]:
     """Run ``work(progress)`` (a prefill) on a helper thread and yield its progress as it
     happens, so a UI can draw the bar while a long prompt is processed."""
@@ -240,15 +245,12 @@ class Agent:
         """Make the engine's tokens the whole conversation plus the assistant opener."""
         engine, tok = self.engine, self.engine.tokenizer
         full = self._render(self.messages)
-        last_model = max((k for k, m in enumerate(self.messages) if m.role == "assistant"), default=None)
-        live = engine.tokens
-        if last_model is not None and live:
-            # Everything up to the model's last message is already live, as sampled.
-            head = self._render(self.messages[:last_model + 1])
-            if full.pieces[:len(head.pieces)] == head.pieces:
-                yield from self._prefill(tok.encode_pieces(full.pieces[len(head.pieces):]))
-                return
+        tail = self.tail_after_live(full.pieces)
+        if tail is not None:
+            yield from self._prefill(tail)
+            return
         ids = tok.encode_pieces(full.pieces)
+        live = engine.tokens
         if live and ids[:len(live)] == live:
             yield from self._prefill(ids[len(live):])
             return
@@ -257,6 +259,18 @@ class Agent:
         else:
             engine.reset()
             yield from _with_progress(lambda progress: engine.prefill(ids, progress))
+
+    def tail_after_live(self, pieces: list) -> list[int] | None:
+        """The ids that take the live tokens to ``pieces`` (a rendering of this conversation
+        and what follows it), or None. Everything up to the model's last message is live as
+        sampled, so only what follows that message is new; the rendering must agree up to it."""
+        last = last_reply(self.messages)
+        if last is None or not self.engine.tokens:
+            return None
+        head = self._render(self.messages[:last + 1]).pieces
+        if pieces[:len(head)] != head:
+            return None
+        return self.engine.tokenizer.encode_pieces(pieces[len(head):])
 
     def _prefill(self, ids: list[int]) -> Iterator[Event]:
         if ids:

@@ -27,6 +27,8 @@ from magnetar.runtime.checkpoint import CheckpointError
 from magnetar.runtime.errors import MagnetarError
 from magnetar.runtime.fileio import atomic_write_bytes
 
+from .loop import last_reply
+
 TITLE_CHARS = 70
 
 
@@ -233,7 +235,7 @@ class LiveSession:
     def _render_ids(self, messages: list[chat.Message]) -> list[int]:
         """The conversation up to the model's last message, as the live tokens held it: that
         message complete with its EOS (the loop renders what follows at the next step)."""
-        last = max((k for k, m in enumerate(messages) if m.role == "assistant"), default=None)
+        last = last_reply(messages)
         if last is None:
             return []
         rendered = chat.render(messages[:last + 1], self.agent.specs, self.agent.settings.mode)
