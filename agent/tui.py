@@ -47,6 +47,11 @@ PLAN_MODE = ("[Plan mode] Investigate with read-only tools; change nothing. Then
 PLAN_APPROVED = "The plan is approved. Carry it out step by step, keeping the plan updated with update_plan."
 
 
+def call_text(name: str, arguments: dict) -> str:
+    """A tool call as its card shows it: each argument cut to 200 characters."""
+    return f"{name}(" + ", ".join(f"{k}={v!r}"[:200] for k, v in arguments.items()) + ")"
+
+
 class ConfirmScreen(ModalScreen[bool]):
     """Asks before a write, command or commit: approve or deny."""
 
@@ -157,8 +162,7 @@ class MagnetarApp(App):
                 if message.content:
                     log.mount(Markdown(message.content))
                 for call in message.tool_calls or []:
-                    args = ", ".join(f"{k}={v!r}"[:200] for k, v in call.arguments.items())
-                    log.mount(Static(f"{call.name}({args})", classes="tool", markup=False))
+                    log.mount(Static(call_text(call.name, call.arguments), classes="tool", markup=False))
         if self.live is not None:
             self._say(f"session {self.live.id}", "notice")
 
@@ -412,8 +416,7 @@ class MagnetarApp(App):
                 self._answer.update(self._answer_text)
         elif isinstance(event, ToolRunning):
             self._end_message()
-            args = ", ".join(f"{k}={v!r}"[:200] for k, v in event.arguments.items())
-            card = Static(f"{event.name}({args})  …", classes="tool", markup=False)
+            card = Static(call_text(event.name, event.arguments) + "  …", classes="tool", markup=False)
             self._cards[event.call_id] = card
             log.mount(card)
         elif isinstance(event, ToolFinished):
