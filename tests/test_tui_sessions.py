@@ -18,12 +18,21 @@ from magnetar.tools.base import ToolContext
 from test_tui import _type, texts, until
 
 
-def test_new_sessions_then_switch_back_with_zero_prefill(tiny_models, tmp_path):
+def settings() -> LoopSettings:
+    return LoopSettings(mode="nothink", max_tokens_per_step=3, seed=1)  # replies are noise: keep them short
+
+
+def started(tiny_models, tmp_path):
+    """The real engine on the tiny model, an agent without tools, and a fresh live session."""
     engine = Engine.load(tiny_models("q8"), ctx=2048)
-    settings = LoopSettings(mode="nothink", max_tokens_per_step=3, seed=1)
-    agent = Agent(engine, [], ToolContext(root=tmp_path, mode="read-only"), "You are a test.", settings)
+    agent = Agent(engine, [], ToolContext(root=tmp_path, mode="read-only"), "You are a test.", settings())
     live = LiveSession(SessionStore(tmp_path / "sessions"), agent, "tiny-q8")
     live.start(tmp_path)
+    return engine, agent, live
+
+
+def test_new_sessions_then_switch_back_with_zero_prefill(tiny_models, tmp_path):
+    engine, agent, live = started(tiny_models, tmp_path)
     first = live.id
 
     async def go():
@@ -58,11 +67,7 @@ def test_new_sessions_then_switch_back_with_zero_prefill(tiny_models, tmp_path):
 
 
 def test_compaction_automatic_then_resumed_from_the_transcript(tiny_models, tmp_path):
-    engine = Engine.load(tiny_models("q8"), ctx=2048)
-    settings = LoopSettings(mode="nothink", max_tokens_per_step=3, seed=1)
-    agent = Agent(engine, [], ToolContext(root=tmp_path, mode="read-only"), "You are a test.", settings)
-    live = LiveSession(SessionStore(tmp_path / "sessions"), agent, "tiny-q8")
-    live.start(tmp_path)
+    engine, agent, live = started(tiny_models, tmp_path)
 
     async def go():
         app = MagnetarApp(agent, "tiny-q8", live)
@@ -85,7 +90,7 @@ def test_compaction_automatic_then_resumed_from_the_transcript(tiny_models, tmp_
     assert not live.session.checkpoint_path.exists()  # the engine was reset: no stale checkpoint
     # a new process resumes the compacted conversation by replaying its transcript
     fresh = Agent(Engine.load(tiny_models("q8"), ctx=2048), [], ToolContext(root=tmp_path), "You are a test.",
-                  settings)
+                  settings())
     again = LiveSession(live.store, fresh, "tiny-q8")
     assert again.open(live.store.open(live.id)) == "replayed"
     assert [m.content for m in fresh.messages] == [m.content for m in agent.messages]
