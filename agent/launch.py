@@ -12,12 +12,13 @@ from magnetar.prompts import load
 from magnetar.runtime.engine import Engine
 from magnetar.runtime.kvcache import PrefixCache
 from magnetar.tools.base import ToolContext
+from magnetar.tools.edit import UndoJournal
 
 from .loop import Agent, LoopSettings
 from .model_commands import progress_bar
 from .models import ModelNotFound, data_dir, missing_model_help, resolve_model
 from .sessions import LiveSession, SessionStore
-from .toolset import project_root, standard_tools, undo_journal
+from .toolset import project_root, standard_tools
 
 
 def open_tui(args) -> int:
@@ -34,7 +35,7 @@ def open_tui(args) -> int:
     root = project_root(Path.cwd())
     print(f"loading {model.name} ...", file=sys.stderr)
     engine = Engine.load(model, ctx=args.ctx)
-    ctx = ToolContext(root=root, mode=args.mode, data_dir=data_dir(), undo=undo_journal())
+    ctx = ToolContext(root=root, mode=args.mode, data_dir=data_dir(), undo=UndoJournal())
     agent = Agent(engine, standard_tools(), ctx, load("system"), LoopSettings(), PrefixCache(data_dir() / "kvcache"))
     live = LiveSession(SessionStore(data_dir() / "sessions"), agent, model.name)
     if args.resume is not None or args.continue_:

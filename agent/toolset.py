@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from magnetar.tools.base import Tool
-from magnetar.tools.edit import EDIT_TOOLS, UndoJournal
+from magnetar.tools.edit import EDIT_TOOLS
 from magnetar.tools.files import READ_TOOLS
 from magnetar.tools.git_tools import GIT_TOOLS, READ_GIT_TOOLS
 from magnetar.tools.plan import UpdatePlan
@@ -26,10 +26,6 @@ def standard_tools() -> list[Tool]:
 def read_only_tools() -> list[Tool]:
     """What a review may use: reading, searching, the repo map and git's read side."""
     return [cls() for cls in (*READ_TOOLS, RepoMap, *READ_GIT_TOOLS)]
-
-
-def undo_journal() -> UndoJournal:
-    return UndoJournal()
 
 
 def project_root(start: Path) -> Path:
