@@ -415,6 +415,47 @@ def _stderr_captured() -> Iterator[_Captured]:
             os.close(saved)
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            return any(line.startswith("flags") and " amx_int8" in line for line in fh)
+    except OSError:  # not Linux: no AMX repacking in llama.cpp's CPU backend there
+        return False
+
+
+@contextlib.contextmanager
+def _llama_model_params(llama_cpp: Any) -> Iterator[None]:
+    """Load llama.cpp models without its AMX weight repacking on CPUs that have AMX.
+
+    With llama-cpp-python 0.3.36 (built GGML_NATIVE on a Xeon with amx_int8) the AMX
+    repacked weights leave deepseek4 graph nodes with no backend, and context creation
+    aborts the whole process (``GGML_ASSERT(*cur_backend_id != -1)``). ``Llama`` has no
+    argument for ``use_extra_bufts``, so its default model params are swapped for the call.
+    Elsewhere the repacking stays on: it is part of llama.cpp's speed."""
+    low = getattr(llama_cpp, "llama_cpp", None)  # the ctypes layer Llama takes its defaults from
+    default = getattr(low, "llama_model_default_params", None)
+    if default is None or not _cpu_has_amx() or not hasattr(default(), "use_extra_bufts"):
+        yield
+        return
+
+    def without_repacking():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = without_repacking
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
+def llama_cpp_model(llama_cpp: Any, path: str | os.PathLike, **kwargs) -> Any:
+    """``llama_cpp.Llama(model_path=path, **kwargs)``, safe on AMX CPUs (see above)."""
+    with _llama_model_params(llama_cpp):
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+
+
 class LlamaCppPeer:
     """llama-cpp-python on the same GGUF (llama.cpp's ``deepseek4``), greedy one token per eval."""
 
@@ -435,7 +476,7 @@ class LlamaCppPeer:
         self._lc = llama_cpp
         with _stderr_captured() as log:  # llama.cpp logs to fd 2 even with verbose=False
             try:
-                self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_threads=threads,
+                self.llm = llama_cpp_model(llama_cpp, path, n_ctx=ctx, n_threads=threads,
                                            n_threads_batch=threads, n_batch=n_batch,
                                            n_ubatch=n_batch, logits_all=False, verbose=False)
             except ValueError as e:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from magnetar.runtime.bench_peers import llama_cpp_model
+
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional peer)")
 
 
 @pytest.mark.parametrize("recipe", ["f32", "q8", "q2", "q4"])
 def test_llama_cpp_loads_and_runs_our_tiny_model(tiny_models, v4_tokenizer, recipe):
-    llm = llama_cpp.Llama(model_path=str(tiny_models(recipe)), n_ctx=256, n_threads=2,
-                          n_batch=64, verbose=False)
+    llm = llama_cpp_model(llama_cpp, tiny_models(recipe), n_ctx=256, n_threads=2, n_batch=64, verbose=False)
     assert llm.n_vocab() == 129280
     ids = [v4_tokenizer.bos_id] + v4_tokenizer.encode("def main():\n    print('hello')\n" * 3)
     assert llm.tokenize(b"def main():", add_bos=False, special=False) == v4_tokenizer.encode("def main():")
@@ -25,8 +26,7 @@ def test_llama_cpp_loads_and_runs_our_tiny_model(tiny_models, v4_tokenizer, reci
 
 
 def _llama_logits(path, ids: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, n_batch=512, logits_all=True,
-                          verbose=False)
+    llm = llama_cpp_model(llama_cpp, path, n_ctx=512, n_threads=2, n_batch=512, logits_all=True, verbose=False)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float64)
 
