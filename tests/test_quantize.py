@@ -19,12 +19,12 @@ ids = lambda t: t.name  # noqa: E731
 
 # Relative RMS error sqrt(sum (x - q)^2 / sum x^2) on the 64 x 1024 matrices below.
 # Measured (seeds 0-3, with / without importance), bound = worst measured + ~20%:
-#   Gaussian:      F16 2e-4, Q8_0 .0054, Q4_K .0745, Q2_K .290, IQ2_XXS .404 (.337 without)
-#   Student-t df3: F16 2e-4, Q8_0 .0096, Q4_K .097,  Q2_K .343, IQ2_XXS .645 (outliers a
+#   Gaussian:      F16 2e-4, Q8_0 .0054, Q4_K .074, Q2_K .287, IQ2_XXS .405 (.337 without)
+#   Student-t df3: F16 2e-4, Q8_0 .0096, Q4_K .096,  Q2_K .335, IQ2_XXS .645 (outliers a
 #                  4-bit group scale and 3 grid levels cannot follow; seed 0 measures .51)
-GAUSS_BOUND = {GGMLType.F16: 3e-4, GGMLType.Q8_0: 0.0065, GGMLType.Q4_K: 0.09, GGMLType.Q2_K: 0.35,
+GAUSS_BOUND = {GGMLType.F16: 3e-4, GGMLType.Q8_0: 0.0065, GGMLType.Q4_K: 0.09, GGMLType.Q2_K: 0.345,
                GGMLType.IQ2_XXS: 0.48}
-HEAVY_BOUND = {GGMLType.F16: 3e-4, GGMLType.Q8_0: 0.012, GGMLType.Q4_K: 0.12, GGMLType.Q2_K: 0.41,
+HEAVY_BOUND = {GGMLType.F16: 3e-4, GGMLType.Q8_0: 0.012, GGMLType.Q4_K: 0.115, GGMLType.Q2_K: 0.40,
                GGMLType.IQ2_XXS: 0.62}
 
 
@@ -105,7 +105,7 @@ def test_importance_lowers_the_weighted_error(qtype):
     x, imp = _outlier_case(64, 2048, seed=4, shape=0.3)
     plain = _weighted_rel(x, _decode(quantize(x, qtype), qtype), imp)
     weighted = _weighted_rel(x, _decode(quantize(x, qtype, imp), qtype), imp)
-    # Measured ratios: Q4_K 0.80, Q2_K 0.62, IQ2_XXS 0.55.
+    # Measured ratios: Q4_K 0.72, Q2_K 0.55, IQ2_XXS 0.60.
     assert weighted < 0.9 * plain, (weighted, plain)
 
 
