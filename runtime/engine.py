@@ -344,7 +344,7 @@ class Engine:
         stop_ids = {s for s in stop if isinstance(s, int)} | (set() if ignore_eos else {self.tokenizer.eos_id})
         stop_texts = [s for s in stop if isinstance(s, str) and s]
         decoder, text = self.tokenizer.stream_decoder(), ""
-        for _ in range(max_tokens):
+        for step in range(max_tokens):
             if live.state.n_tokens >= self.ctx:
                 raise ContextFull(f"the context of {self.ctx} tokens is full", "start a new session or raise --ctx")
             t0 = time.perf_counter()
@@ -352,6 +352,9 @@ class Engine:
             live.pending.append(token)
             piece = decoder.feed(token)
             text += piece
+            last = step == max_tokens - 1 or token in stop_ids or any(text.endswith(s) for s in stop_texts)
+            if last:  # a stop can fall inside a UTF-8 character: hand its bytes out as U+FFFD
+                piece += decoder.flush()
             sampled = time.perf_counter()
             if logprobs:
                 yield Event(token, piece, float(log_softmax(live.next_logits)[token]),
@@ -363,6 +366,6 @@ class Engine:
             self.stats.last_step_seconds += sampled - t0
             self.stats.generated_tokens += 1
             self.stats.generate_seconds += self.stats.last_step_seconds
-            if token in stop_ids or any(text.endswith(s) for s in stop_texts):
+            if last:
                 break
 

@@ -51,12 +51,13 @@ class ScriptedEngine:
         if not self.replies:
             raise AssertionError("the loop asked for more replies than the script has")
         ids = self.tokenizer.encode_trusted(self.replies.pop(0)) + [self.tokenizer.eos_id]
-        decoder = self.tokenizer.stream_decoder()
-        for token in ids[:max_tokens]:
+        decoder, sent = self.tokenizer.stream_decoder(), ids[:max_tokens]
+        for i, token in enumerate(sent):
             self.tokens.append(token)
             if self.on_token:
                 self.on_token(token)
-            yield Event(token, decoder.feed(token))
+            # as the real engine: the last event carries a character cut by max_tokens
+            yield Event(token, decoder.feed(token) + (decoder.flush() if i == len(sent) - 1 else ""))
             if token == self.tokenizer.eos_id:
                 return
 

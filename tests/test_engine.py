@@ -14,6 +14,7 @@ random model can amplify; the rounding steps themselves are tested exactly.
 
 from __future__ import annotations
 
+import codecs
 import subprocess
 import sys
 import threading
@@ -173,6 +174,25 @@ def test_generate_greedy_follows_the_logits(q8):
     assert [int(r.argmax()) for r in full[19:-1]] == [ev.token for ev in events]
     text = "".join(ev.text for ev in events)
     assert text == q8.tokenizer.decode([ev.token for ev in events])
+
+
+def test_streamed_text_is_the_decoded_tokens_wherever_generation_stops(q8):
+    """A stop can fall inside a UTF-8 character (byte-level BPE): the last event then
+    carries the unfinished bytes as U+FFFD rather than dropping them."""
+    q8.reset()
+    q8.prefill(_ids(20, seed=7))  # its greedy tokens 7 and 8 split a character
+    start = q8.snapshot()
+    tokens = [ev.token for ev in q8.generate(max_tokens=16, temperature=0)]
+    cut_mid_character = []
+    for n in range(1, len(tokens) + 1):
+        q8.rewind(start)
+        events = list(q8.generate(max_tokens=n, temperature=0))
+        assert [ev.token for ev in events] == tokens[:n]
+        assert "".join(ev.text for ev in events) == q8.tokenizer.decode(tokens[:n])
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        utf8.decode(q8.tokenizer.decode_bytes(tokens[:n]))
+        cut_mid_character.append(utf8.getstate()[0] != b"")
+    assert any(cut_mid_character)  # the case this test is about did occur
 
 
 def test_generate_stops_on_a_stop_token_and_keeps_it(q8):

@@ -16,7 +16,7 @@ def _generate(capsys, model, *extra) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_greedy_generation_is_deterministic_and_dumps_logprobs(tiny_models, capsys, tmp_path):
+def test_greedy_generation_is_deterministic_and_dumps_logprobs(tiny_models, v4_tokenizer, capsys, tmp_path):
     model = tiny_models("q2")
     dump = tmp_path / "lp.json"
     code, first, err = _generate(capsys, model, "--temp", "0", "--dump-logprobs", str(dump), "--logprobs-top-k", "4")
@@ -27,7 +27,11 @@ def test_greedy_generation_is_deterministic_and_dumps_logprobs(tiny_models, caps
     for step in steps:  # greedy: the chosen token is the most likely one
         assert len(step["top"]) == 4 and step["top"][0]["token"] == step["token"]
         assert step["logprob"] == step["top"][0]["logprob"] <= 0
-    assert first.rstrip("\n") == "".join(s["text"] for s in steps)
+    for step in steps:  # each step's text is its token's own bytes
+        assert step["text"] == v4_tokenizer.decode([step["token"]])
+    # The printed answer is the steps' tokens decoded together (a character may span two
+    # tokens, or be cut by -n: then it prints as U+FFFD, as the dump's last step does).
+    assert first.rstrip("\n") == v4_tokenizer.decode([s["token"] for s in steps])
 
 
 def test_logprobs_match_the_engine(tiny_models, capsys, tmp_path):
