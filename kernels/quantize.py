@@ -318,15 +318,12 @@ def _k_quant(x, importance, sub, nmax, smax, sigma_mul, plain_rms):
 def _nudge_codes(x3, w3, sc, mn, d, dmin, nmax, smax):
     """Per sub-block, the scale and min codes within one step of (sc, mn) whose re-rounded
     values have the least weighted error under the block's (d, dmin)."""
-    best_sc, best_mn, best_err = sc, mn, None
+    best_sc, best_mn, best_err = sc, mn, np.inf
     for ds in (-1, 0, 1):
         for dm in (-1, 0, 1):
             s2, m2 = np.clip(sc + ds, 0, smax), np.clip(mn + dm, 0, smax)
             step, off = d[:, None] * s2, dmin[:, None] * m2
             err = (w3 * (step * _round_codes(x3, step, off, nmax) - off - x3) ** 2).sum(axis=0)
-            if best_err is None:
-                best_sc, best_mn, best_err = s2, m2, err
-                continue
             better = err < best_err
             best_sc, best_mn = np.where(better, s2, best_sc), np.where(better, m2, best_mn)
             best_err = np.where(better, err, best_err)

@@ -89,3 +89,9 @@ def random_moe_case(rng: np.random.Generator, recipe: str, n_tokens: int, k: int
 
 def reference_moe(x: np.ndarray, ids: np.ndarray, w: np.ndarray, mats: list[QTensor], limit: float) -> np.ndarray:
     return reference.moe(x, ids, w, *[(m.data, m.ggml_type) for m in mats], limit)
+
+
+def weighted_rel_err(x: np.ndarray, q: np.ndarray, imp: np.ndarray) -> float:
+    """spec/quant-kernels.md §3.4's metric: sum imp (x - q)^2 / sum imp x^2."""
+    x = x.astype(np.float64)
+    return float((imp * (x - q) ** 2).sum() / (imp * x * x).sum())

@@ -24,10 +24,9 @@ def test_greedy_generation_is_deterministic_and_dumps_logprobs(tiny_models, v4_t
     assert _generate(capsys, model, "--temp", "0")[1] == first
     steps = json.loads(dump.read_text())["steps"]
     assert len(steps) == 6
-    for step in steps:  # greedy: the chosen token is the most likely one
+    for step in steps:  # greedy: the chosen token is the most likely one; its text is its own bytes
         assert len(step["top"]) == 4 and step["top"][0]["token"] == step["token"]
         assert step["logprob"] == step["top"][0]["logprob"] <= 0
-    for step in steps:  # each step's text is its token's own bytes
         assert step["text"] == v4_tokenizer.decode([step["token"]])
     # The printed answer is the steps' tokens decoded together (a character may span two
     # tokens, or be cut by -n: then it prints as U+FFFD, as the dump's last step does).

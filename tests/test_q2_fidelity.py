@@ -124,7 +124,8 @@ def _requantized_by_ggml(subject: Subject, out: Path) -> Path:
         blocks = t.data.reshape(values.shape[0], -1)
         for e in range(values.shape[0]):
             imp = subject.imatrix.for_tensor(t.name, values.shape[-1], e, values.shape[0])
-            if imp is None or not imp.any():  # what convert does too: weigh by the weights' energy
+            if imp is None or not imp.any():  # never routed: ggml's IQ2_XXS needs importance; ours
+                # falls back to this column energy too (quantize._column_weights)
                 imp = np.einsum("rc,rc->c", values[e], values[e])
             blocks[e] = ggml_quantize(values[e], qtype, imp).reshape(-1)
         n_swapped += 1

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from ggml_peer import ggml_quantize, require_ggml
+from kernel_data import weighted_rel_err
 from magnetar.kernels import GGMLType, reference
 from magnetar.kernels.quantize import quantize
 
@@ -22,11 +23,6 @@ from magnetar.kernels.quantize import quantize
 @pytest.fixture(autouse=True)
 def _needs_ggml():
     require_ggml()
-
-
-def _weighted_rms(x: np.ndarray, q: np.ndarray, imp: np.ndarray) -> float:
-    x = x.astype(np.float64)
-    return float(np.sqrt((imp * (x - q) ** 2).sum() / (imp * x * x).sum()))
 
 
 def _matrix(kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -56,7 +52,7 @@ def test_error_is_at_most_ggml_error(qtype, importance, kind):
     ours = reference.dequantize(quantize(x, qtype, imp), qtype)
     theirs = reference.dequantize(ggml_quantize(x, qtype, imp), qtype)
     metric = np.ones(2048) if imp is None else imp  # no imatrix: plain RMS
-    mine, ref = _weighted_rms(x, ours, metric), _weighted_rms(x, theirs, metric)
+    mine, ref = (np.sqrt(weighted_rel_err(x, q, metric)) for q in (ours, theirs))  # weighted RMS
     assert ref < {GGMLType.Q4_K: 0.12, GGMLType.Q2_K: 0.4, GGMLType.IQ2_XXS: 0.6}[qtype]  # ggml really ran
     assert mine <= ref, f"{qtype.name} ours {mine:.4f} > ggml {ref:.4f}"
 
