@@ -1,18 +1,22 @@
-"""The shell tool: output, exit status, the head/tail cut with the full log on
-disk, timeouts and interrupts that kill the whole process tree, closed stdin,
-the working folder confined to the project, the modes and the deny list."""
+"""The shell tool: output, exit status, the head/tail cut with the log on disk
+(capped per log and in total), timeouts and interrupts that kill the whole
+process tree (setsid grandchildren included), closed stdin, the working folder
+confined to the project, the modes, the deny list, and what happens where no
+OS sandbox can be set up. What the sandbox confines: tests/test_sandbox.py."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from magnetar.tools.base import ToolContext
-from magnetar.tools.shell import KEEP_LOGS, Shell, dangerous
+from magnetar.tools.sandbox import unavailable
+from magnetar.tools.shell import KEEP_LOG_BYTES, KEEP_LOGS, LOG_HEAD_BYTES, LOG_TAIL_BYTES, Shell, dangerous
 
 
 @pytest.fixture
@@ -24,6 +28,32 @@ def ctx(tmp_path):
 
 def sh(ctx, command, **kw):
     return Shell().call({"command": command, **kw}, ctx)
+
+
+def running(marker: str) -> list[int]:
+    """Host pids whose command line holds ``marker`` (pids echoed inside the sandbox's
+    PID namespace mean nothing out here, so processes are found by a unique argument)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes() and alive(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def gone(marker: str, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while running(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not running(marker)
+
+
+def unique_sleep() -> str:
+    """``sleep`` with a unique duration, so its process can be found."""
+    return f"300.{uuid.uuid4().int % 10**9:09d}"
 
 
 def alive(pid: int) -> bool:
@@ -61,27 +91,27 @@ def test_long_output_keeps_head_and_tail_and_logs_everything(ctx):
 
 
 def test_timeout_kills_the_whole_process_tree(ctx):
-    pidfile = ctx.root / "child.pid"
+    nap = unique_sleep()
     started = time.monotonic()
-    result = sh(ctx, f"(sleep 300 & echo $! > {pidfile}; wait) ; echo END$((1+1))", timeout_s=1)
+    result = sh(ctx, f"(sleep {nap} & wait) ; echo END$((1+1))", timeout_s=1)
     assert time.monotonic() - started < 10
     assert not result.ok and "killed after the 1 s timeout" in result.text and "END2" not in result.text
-    child = int(pidfile.read_text())
-    deadline = time.monotonic() + 5
-    while alive(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(child)
+    assert gone(nap, within_s=5)
 
 
 def test_a_child_ignoring_sigterm_is_killed(ctx):
-    pidfile = ctx.root / "stubborn.pid"
-    result = sh(ctx, f"bash -c 'trap \"\" TERM; echo $$ > {pidfile}; sleep 300' ", timeout_s=1)
+    nap = unique_sleep()
+    result = sh(ctx, f"bash -c 'trap \"\" TERM; sleep {nap}' ", timeout_s=1)
     assert not result.ok
-    child = int(pidfile.read_text())
-    deadline = time.monotonic() + 8
-    while alive(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(child)
+    assert gone(nap, within_s=8)
+
+
+def test_a_setsid_grandchild_does_not_survive_the_timeout(ctx):
+    # setsid leaves our process group, so killing the group alone missed it (issue 14, 7.3)
+    nap = unique_sleep()
+    result = sh(ctx, f"setsid sleep {nap} > /dev/null 2>&1 < /dev/null & sleep 60", timeout_s=1)
+    assert not result.ok and "timeout" in result.text
+    assert gone(nap, within_s=5), "the setsid grandchild outlived the shell timeout"
 
 
 def test_interrupt_stops_a_running_command(ctx):
@@ -93,23 +123,37 @@ def test_interrupt_stops_a_running_command(ctx):
     assert time.monotonic() - started < 8 and "interrupted by the user" in result.text
 
 
-def test_background_process_holding_the_pipe_does_not_hang(ctx):
+@pytest.mark.parametrize("sandboxed", [True, False])
+def test_background_process_holding_the_pipe_does_not_hang(ctx, sandboxed):
+    ctx.sandbox = sandboxed
+    nap = unique_sleep()
     started = time.monotonic()
-    result = sh(ctx, "sleep 300 & echo started")
+    result = sh(ctx, f"sleep {nap} & echo started")
     assert time.monotonic() - started < 10
-    assert "started" in result.text and "background processes it left running were stopped" in result.text
+    assert "started" in result.text and gone(nap, within_s=5)
+    # Unsandboxed we stop it and say so; in the sandbox its PID namespace ends with the command.
+    assert sandboxed or "background processes it left running were stopped" in result.text
 
 
 def test_modes(tmp_path):
     root = tmp_path
     asked = []
-    for mode, answer, ok in (("read-only", True, False), ("ask", False, False), ("ask", True, True),
-                             ("auto-edit", True, True), ("yolo", False, True)):
+    # read-only runs a command only when the user says so, in a sandbox where nothing is writable
+    for mode, answer, ok in (("read-only", False, False), ("read-only", True, True), ("ask", False, False),
+                             ("ask", True, True), ("auto-edit", True, True), ("yolo", False, True)):
         ctx = ToolContext(root=root, mode=mode, confirm=lambda t, d: asked.append(d) or answer)
         assert sh(ctx, "true").ok == ok, mode
-    assert asked == ["true"] * 3  # ask twice, auto-edit once (commands are not edits); yolo never
+    assert asked == ["true"] * 5  # read-only twice, ask twice, auto-edit once (not edits); yolo never
     headless = ToolContext(root=root, mode="ask", confirm=None)
     assert "declined" in sh(headless, "true").text
+    assert not sh(ToolContext(root=root, mode="read-only", confirm=None), "true").ok
+
+
+def test_read_only_mode_writes_nothing(tmp_path):
+    ctx = ToolContext(root=tmp_path, mode="read-only", confirm=lambda t, d: True)
+    result = sh(ctx, "ls; echo x > made.txt")
+    assert not result.ok and not (tmp_path / "made.txt").exists()
+    assert "Read-only file system" in result.text
 
 
 def test_denied_commands_ask_even_in_yolo_and_are_refused_headless(tmp_path):
@@ -158,3 +202,52 @@ def test_only_the_newest_logs_are_kept(ctx):
     logs = sorted(p.name for p in folder.glob("*.log"))
     assert len(logs) == KEEP_LOGS and "old-005.log" not in logs and "old-006.log" in logs
     assert sum(not name.startswith("old-") for name in logs) == 1
+
+
+def test_one_log_is_capped_keeping_its_head_and_tail(ctx):
+    total = 3 * (LOG_HEAD_BYTES + LOG_TAIL_BYTES)
+    result = sh(ctx, f"python3 -c \"import sys; sys.stdout.write('a' * {total} + 'END')\"")
+    assert result.ok and f"{total + 3} bytes of output" in result.text
+    log = next((ctx.data_dir / "shell-logs").glob("*.log")).read_bytes()
+    assert LOG_HEAD_BYTES + LOG_TAIL_BYTES <= len(log) < LOG_HEAD_BYTES + LOG_TAIL_BYTES + 200
+    assert log.startswith(b"a" * LOG_HEAD_BYTES) and log.endswith(b"a" * (LOG_TAIL_BYTES - 3) + b"END")
+    cut = total + 3 - LOG_HEAD_BYTES - LOG_TAIL_BYTES
+    assert f"[... {cut} bytes cut from the middle ...]".encode() in log
+
+
+def test_the_logs_folder_is_capped_in_total_bytes(ctx):
+    folder = ctx.data_dir / "shell-logs"
+    folder.mkdir(parents=True)
+    for k in range(8):  # sparse files: their sizes count, the disk is not filled
+        old = folder / f"old-{k}.log"
+        with open(old, "wb") as f:
+            f.truncate(KEEP_LOG_BYTES // 4)
+        os.utime(old, (1_000_000 + k, 1_000_000 + k))
+    sh(ctx, "echo new")
+    logs = list(folder.glob("*.log"))
+    assert sum(p.stat().st_size for p in logs) <= KEEP_LOG_BYTES
+    kept = sorted(p.name for p in logs if p.name.startswith("old-"))
+    assert kept == [f"old-{k}.log" for k in range(8 - len(kept), 8)] and len(kept) < 4  # the oldest went
+
+
+def test_without_a_sandbox_every_mode_asks_and_headless_refuses(tmp_path, monkeypatch):
+    # /bin/false as the bwrap: the start-up probe really fails, so the shell knows no wall holds
+    monkeypatch.setenv("MAGNETAR_BWRAP", "/bin/false")
+    assert unavailable() and "failed" in unavailable()
+    for mode in ("yolo", "auto-edit", "ask"):
+        asked = []
+        ctx = ToolContext(root=tmp_path, mode=mode, confirm=lambda t, d: asked.append(t) or True)
+        assert sh(ctx, "echo ran > out.txt").ok and (tmp_path / "out.txt").exists()
+        assert len(asked) == 1 and "without an OS sandbox" in asked[0], mode
+        (tmp_path / "out.txt").unlink()
+        refused = sh(ToolContext(root=tmp_path, mode=mode, confirm=None), "echo ran > out.txt")
+        assert not refused.ok and "no OS sandbox" in refused.text and not (tmp_path / "out.txt").exists()
+
+
+def test_dangerously_no_sandbox_runs_unconfined_without_asking_in_yolo(tmp_path):
+    outside = tmp_path / "outside.txt"
+    root = tmp_path / "proj"
+    root.mkdir()
+    ctx = ToolContext(root=root, mode="yolo", confirm=None, sandbox=False)
+    assert sh(ctx, f"touch {outside}").ok and outside.exists()
+    assert not sh(ToolContext(root=root, mode="read-only", confirm=lambda t, d: True, sandbox=False), "true").ok

@@ -48,6 +48,10 @@ class ToolContext:
     read_stamps: dict[Path, tuple[int, int, str]] = field(default_factory=dict)
     undo: Any = None  # the per-turn undo journal (tools/files.py)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Shell commands run in an OS sandbox (tools/sandbox.py); the network is off inside it
+    # unless allowed, and only --dangerously-no-sandbox turns the sandbox off.
+    allow_network: bool = False
+    sandbox: bool = True
 
     def allowed(self, access: Access, title: str, detail: str = "") -> bool:
         """Whether ``access`` may go ahead now, asking the user where the mode says so."""

@@ -1,11 +1,16 @@
-"""``shell``: one command in the project, in its own process group, with a timeout.
+"""``shell``: one command in the project, inside the OS sandbox (tools/sandbox.py),
+in its own process group, with a timeout.
 
+The sandbox is the wall: writes outside the project (and a private temp dir)
+fail, ``.git/`` is read-only, the network is off unless allowed, and its PID
+namespace ends every process of the command on timeout (``setsid`` ones too).
 stdin is closed (a command waiting for input gets EOF instead of hanging the
-agent); on timeout or interrupt the whole process group gets SIGTERM, then
-SIGKILL. The model sees the exit status and the head and tail of the output;
-the full output is logged under the data folder. Commands matching the deny
-list (``dangerous``) ask the user in every mode, yolo included, and are
-refused where nobody can answer (headless).
+agent); on timeout or interrupt the process group gets SIGTERM, then SIGKILL.
+The model sees the exit status and the head and tail of the output; the output
+is logged under the data folder (each log and the folder capped in bytes).
+Commands matching the deny list (``dangerous``) are a courtesy: they ask the
+user in every mode, yolo included, and are refused where nobody can answer
+(headless). Where no sandbox can be set up, every command asks the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import os
 import re
 import shlex
 import signal
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
@@ -23,12 +30,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from . import sandbox
 from .base import Tool, ToolContext, ToolRefused, ToolResult, resolve_in_root
 
 HEAD_LINES, TAIL_LINES = 60, 140
 MAX_LINE_CHARS = 500
 KILL_GRACE_S = 2.0
-KEEP_LOGS = 200  # full outputs kept on disk, newest first
+KEEP_LOGS = 200  # outputs kept on disk, newest first
+KEEP_LOG_BYTES = 256 << 20  # and at most this much of them in all
+LOG_HEAD_BYTES, LOG_TAIL_BYTES = 4 << 20, 4 << 20  # a longer output's log keeps its ends
 _LOG_NUMBERS = count(1)
 SEGMENT_SPLIT = re.compile(r"\|\||&&|[;|&\n]")
 
@@ -120,7 +130,10 @@ class Shell(Tool):
     name = "shell"
     description = ("Run a shell command (bash) in the project and return its exit status and output "
                    "(stdout and stderr together; long output shows its head and tail). stdin is closed: "
-                   "never run interactive programs. Use a timeout that fits the command.")
+                   "never run interactive programs. Use a timeout that fits the command. It runs in a "
+                   "sandbox: only the project and $TMPDIR are writable, .git is read-only (commit with "
+                   "git_commit), the network is off unless the user allowed it, and background processes "
+                   "end with the command.")
     access = "shell"
 
     class Args(BaseModel):
@@ -132,24 +145,51 @@ class Shell(Tool):
         cwd = resolve_in_root(ctx, args.cwd)
         if not cwd.is_dir():
             raise ToolRefused(f"{args.cwd} is not a folder")
-        if ctx.mode == "read-only":
-            raise ToolRefused("read-only mode: shell commands are not allowed")
-        warning = dangerous(args.command, ctx.root, cwd)
-        if warning:
-            approved = bool(ctx.confirm and ctx.confirm(f"run a risky command ({warning})", args.command))
+        if ctx.mode == "read-only" and not ctx.sandbox:
+            raise ToolRefused("read-only mode without the sandbox: shell commands are not allowed")
+        no_wall = sandbox.unavailable() if ctx.sandbox else None
+        risks = [why for why in (dangerous(args.command, ctx.root, cwd),
+                                 no_wall and f"without an OS sandbox: {no_wall}") if why]
+        if risks:
+            approved = bool(ctx.confirm and ctx.confirm(f"run a risky command ({'; '.join(risks)})", args.command))
             if not approved:
-                raise ToolRefused(f"not run: {warning}; this needs the user's approval, which was not given")
+                reason = "; ".join(r.replace("without an OS sandbox", "no OS sandbox") for r in risks)
+                raise ToolRefused(f"not run: {reason}; this needs the user's approval, which was not given")
+        elif ctx.mode == "read-only":  # the sandbox makes nothing writable; still the user's call
+            if not (ctx.confirm and ctx.confirm("run a command (read-only sandbox)", args.command)):
+                raise ToolRefused("the user declined to run this command; ask them what they want instead")
         elif not ctx.allowed("shell", "run a command", args.command):
             raise ToolRefused("the user declined to run this command; ask them what they want instead")
-        return run_command(args.command, cwd, args.timeout_s, ctx)
+        return run_command(args.command, cwd, args.timeout_s, ctx, sandboxed=ctx.sandbox and not no_wall)
 
 
-def run_command(command: str, cwd: Path, timeout_s: float, ctx: ToolContext) -> ToolResult:
+def run_command(command: str, cwd: Path, timeout_s: float, ctx: ToolContext, *, sandboxed: bool) -> ToolResult:
     log = _log_path(ctx)
     env = {**os.environ, "PAGER": "cat", "GIT_PAGER": "cat", "GIT_TERMINAL_PROMPT": "0", "TERM": "dumb"}
+    argv = ["bash", "-c", command]
+    scratch = Path(tempfile.mkdtemp(prefix="magnetar-sh-")) if sandboxed else None
+    if scratch:
+        argv = sandbox.confine(argv, ctx.root, scratch, writable=ctx.mode != "read-only",
+                               network=ctx.allow_network, cwd=cwd)
     started = time.monotonic()
-    with open(log, "wb") if log else open(os.devnull, "wb") as sink:
-        proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+    try:
+        proc, capture, stopped = _watch(argv, cwd, env, log, timeout_s, ctx)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    status = f"exit status {proc.returncode}" if not stopped else f"{stopped} (exit status {proc.returncode})"
+    text = f"$ {command}\n[{status}, {elapsed:.1f} s, {capture.bytes} bytes of output]\n{capture.text(log)}".rstrip()
+    ok = proc.returncode == 0 and not stopped
+    return ToolResult(text, ok=ok, summary=f"{status}: {command[:80]}")
+
+
+def _watch(argv: list[str], cwd: Path, env: dict[str, str], log: Path | None, timeout_s: float,
+           ctx: ToolContext) -> tuple[subprocess.Popen, _Capture, str | None]:
+    """Run ``argv`` to its end, the timeout or an interrupt; its output goes to ``log``."""
+    started = time.monotonic()
+    with _CappedLog(log) as sink:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         capture = _Capture()
         reader = threading.Thread(target=capture.drain, args=(proc.stdout, sink), daemon=True)
@@ -170,11 +210,42 @@ def run_command(command: str, cwd: Path, timeout_s: float, ctx: ToolContext) -> 
             _kill_group(proc)
             reader.join(timeout=KILL_GRACE_S)
             stopped = stopped or "background processes it left running were stopped"
-    elapsed = time.monotonic() - started
-    status = f"exit status {proc.returncode}" if not stopped else f"{stopped} (exit status {proc.returncode})"
-    text = f"$ {command}\n[{status}, {elapsed:.1f} s, {capture.bytes} bytes of output]\n{capture.text(log)}".rstrip()
-    ok = proc.returncode == 0 and not stopped
-    return ToolResult(text, ok=ok, summary=f"{status}: {command[:80]}")
+    return proc, capture, stopped
+
+
+class _CappedLog:
+    """A command's log: its first LOG_HEAD_BYTES, a cut mark, its last LOG_TAIL_BYTES."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.file = open(path, "wb") if path else None
+        self.written = self.cut = self.tail_size = 0
+        self.tail: deque[bytes] = deque()
+
+    def write(self, data: bytes) -> None:
+        if self.file is None:
+            return
+        head = data[:max(0, LOG_HEAD_BYTES - self.written)]
+        self.file.write(head)
+        self.written += len(head)
+        if len(head) < len(data):
+            self.tail.append(data[len(head):])
+            self.tail_size += len(data) - len(head)
+            while self.tail_size - len(self.tail[0]) >= LOG_TAIL_BYTES:  # whole chunks the tail no longer needs
+                self.tail_size -= len(self.tail[0])
+                self.cut += len(self.tail.popleft())
+
+    def __enter__(self) -> _CappedLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is None:
+            return
+        tail = b"".join(self.tail)
+        extra = max(0, len(tail) - LOG_TAIL_BYTES)
+        if self.cut + extra:
+            self.file.write(f"\n[... {self.cut + extra} bytes cut from the middle ...]\n".encode())
+        self.file.write(tail[extra:])
+        self.file.close()
 
 
 class _Capture:
@@ -186,7 +257,8 @@ class _Capture:
         self.lines = self.bytes = 0
 
     def drain(self, stream, sink) -> None:
-        for line in iter(stream.readline, b""):
+        # bounded reads: one endless line must not fill our memory
+        for line in iter(lambda: stream.readline(1 << 16), b""):
             sink.write(line)
             self.lines += 1
             self.bytes += len(line)
@@ -235,8 +307,13 @@ def _log_path(ctx: ToolContext) -> Path | None:
     folder = ctx.data_dir / "shell-logs"
     folder.mkdir(parents=True, exist_ok=True)
     logs = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime)
-    for old in logs[:max(0, len(logs) - KEEP_LOGS + 1)]:  # the oldest go: the folder stays bounded
+    sizes = [p.stat().st_size for p in logs]
+    total, room = sum(sizes), KEEP_LOG_BYTES - LOG_HEAD_BYTES - LOG_TAIL_BYTES - 100  # for the new log
+    for k, old in enumerate(logs):  # the oldest go: the folder stays bounded in files and bytes
+        if len(logs) - k < KEEP_LOGS and total <= room:
+            break
         old.unlink(missing_ok=True)
+        total -= sizes[k]
     return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_LOG_NUMBERS)}.log"
 
 
