@@ -22,6 +22,7 @@ from textual.widgets import Button, Collapsible, Input, Label, Markdown, Progres
 from magnetar.runtime.errors import MagnetarError
 from magnetar.tools.base import MODES
 from magnetar.tools.plan import checklist
+from magnetar.tools.safegit import run_git
 
 from .compaction import CompactionPolicy, compact, keep_pre_compaction, needs_compaction
 from .loop import Agent, Notice, PlanUpdated, Prefill, Reasoning, Text, ToolFinished, ToolRunning, TurnEnd
@@ -488,10 +489,9 @@ class FirstRunApp(App):
 
 def _git_diff(root) -> str:
     try:
-        run = subprocess.run(["git", "diff", "--stat", "--patch"], cwd=root, capture_output=True, text=True,
-                             timeout=30)
+        run = run_git(root, "diff", "--stat", "--patch", timeout=30)  # the repository's config runs no program
     except (OSError, subprocess.SubprocessError) as err:
         return f"git diff failed: {err}"
     if run.returncode:
-        return run.stderr.strip() or "not a git repository"
-    return run.stdout[:20000] or "no uncommitted changes"
+        return run.stderr.decode(errors="replace").strip() or "not a git repository"
+    return run.stdout.decode(errors="replace")[:20000] or "no uncommitted changes"

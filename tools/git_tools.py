@@ -1,26 +1,41 @@
-"""Git through GitPython: ``git_status``, ``git_diff``, ``git_log``, ``git_show``, ``git_commit``.
+"""Git: ``git_status``, ``git_diff``, ``git_log``, ``git_show``, ``git_commit``.
 
 There is deliberately no push, reset, rebase or amend: history the user has
 not seen leaves the machine only by the user's hand. A commit asks first
 unless the mode is yolo. Refs and paths from the model are checked before they
 reach git (a ref may not start with ``-``, so it cannot become an option).
+Every call goes through ``safegit.run_git``: a repository's config runs no
+program (fsmonitor, hooks, filters, diff drivers...).
 """
 
 from __future__ import annotations
 
-import git
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
 from pydantic import BaseModel, Field
 
 from .base import Tool, ToolContext, ToolRefused, ToolResult, resolve_in_root
+from .safegit import run_git
 
 MAX_OUTPUT_CHARS = 40_000
 
 
-def open_repo(ctx: ToolContext) -> git.Repo:
+@dataclass(frozen=True)
+class Repo:
+    working_tree_dir: Path
+
+
+def open_repo(ctx: ToolContext) -> Repo:
     try:
-        return git.Repo(ctx.root, search_parent_directories=True)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        raise ToolRefused(f"{ctx.root} is not inside a git repository") from None
+        done = run_git(ctx.root, "rev-parse", "--show-toplevel")
+    except (OSError, subprocess.TimeoutExpired):
+        raise ToolRefused("git could not be run (is it installed?)") from None
+    top = done.stdout.decode("utf-8", "surrogateescape").rstrip("\n")
+    if done.returncode != 0 or not top:
+        raise ToolRefused(f"{ctx.root} is not inside a git repository")
+    return Repo(Path(top).resolve())
 
 
 def _ref(value: str) -> str:
@@ -29,7 +44,7 @@ def _ref(value: str) -> str:
     return value
 
 
-def _paths(ctx: ToolContext, repo: git.Repo, paths: list[str]) -> list[str]:
+def _paths(ctx: ToolContext, repo: Repo, paths: list[str]) -> list[str]:
     """Project paths as git wants them (relative to the work tree), refused outside the project."""
     top = repo.working_tree_dir
     out = []
@@ -39,12 +54,17 @@ def _paths(ctx: ToolContext, repo: git.Repo, paths: list[str]) -> list[str]:
     return out
 
 
-def _git(repo: git.Repo, sub: str, *args: str) -> str:
+def _git(repo: Repo, sub: str, *args: str) -> str:
     colourless = ["--no-color"] if sub in ("diff", "show", "log") else []
     try:
-        return repo.git.execute(["git", sub, *colourless, *args])
-    except git.GitCommandError as err:
-        raise ToolRefused(f"git {sub} failed: {(err.stderr or str(err)).strip()}") from None
+        done = run_git(repo.working_tree_dir, sub, *colourless, *args, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ToolRefused(f"git {sub} failed: {err}") from None
+    if done.returncode != 0:
+        message = done.stderr.decode("utf-8", "replace").strip() or f"exit status {done.returncode}"
+        raise ToolRefused(f"git {sub} failed: {message}")
+    text = done.stdout.decode("utf-8", "replace")
+    return text[:-1] if text.endswith("\n") else text  # no final newline, as the tools always showed it
 
 
 def _clip(text: str, what: str) -> str:
@@ -150,7 +170,7 @@ class GitCommit(Tool):
         if not _git(repo, "diff", "--cached", "--name-only"):
             raise ToolRefused("nothing is staged; pass paths or all=true")
         _git(repo, "commit", "--quiet", "-m", args.message)
-        sha = repo.head.commit.hexsha[:10]
+        sha = _git(repo, "rev-parse", "--short=10", "HEAD")
         stat = _git(repo, "show", "--stat", "--format=", "HEAD").strip()
         return ToolResult(f"committed {sha}: {args.message.splitlines()[0]}\n{stat}",
                           summary=f"committed {sha}")
