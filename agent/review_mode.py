@@ -29,7 +29,6 @@ the findings it had are still written, and one line on stderr says why.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import quote
@@ -42,6 +41,7 @@ from magnetar.runtime.kvcache import PrefixCache
 from magnetar.tools.base import Tool, ToolContext
 from magnetar.tools.files import project_files
 from magnetar.tools.review import SEVERITIES, ReportFinding
+from magnetar.tools.safegit import run_git
 
 from .loop import Agent, LoopSettings, Notice, ToolRunning, TurnEnd
 from .models import data_dir, resolve_model
@@ -60,8 +60,8 @@ EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's empty tree: the
 
 def _git(root: Path, *args: str) -> str:
     try:
-        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True)
-    except FileNotFoundError:
+        done = run_git(root, *args, timeout=600)  # the repository's config runs no program
+    except OSError:
         raise MagnetarError("git is not installed", "install git, or review a path without --diff/--staged/"
                             "--uncommitted") from None
     if done.returncode != 0:

@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from .base import Tool, ToolContext, ToolRefused, ToolResult, resolve_in_root
+from .safegit import run_git
 
 MAX_READ_LINES = 1000
 MAX_LINE_CHARS = 2000
@@ -102,8 +103,7 @@ def project_files(ctx: ToolContext, base: Path) -> list[Path]:
 
 def _git_files(base: Path) -> list[Path] | None:
     try:
-        out = subprocess.run(["git", "-C", str(base), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             capture_output=True, timeout=60)
+        out = run_git(base, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
