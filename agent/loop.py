@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from magnetar.runtime import chat, dsml
 from magnetar.runtime.engine import ContextFull
 from magnetar.runtime.kvcache import PrefixCache
-from magnetar.tools.base import Tool, ToolContext, ToolResult
+from magnetar.tools.base import Tool, ToolContext, ToolResult, utf8_safe
 
 
 @dataclass
@@ -366,5 +366,5 @@ class Agent:
         try:
             return tool.call(call.arguments, self.ctx)
         except Exception as err:  # a tool bug must not kill the session; the model and the user see it
-            return ToolResult(f"error: {call.name} failed: {type(err).__name__}: {err}", ok=False,
+            return ToolResult(utf8_safe(f"error: {call.name} failed: {type(err).__name__}: {err}"), ok=False,
                               summary="tool failed")

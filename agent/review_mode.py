@@ -38,8 +38,8 @@ from magnetar.runtime.engine import Engine
 from magnetar.runtime.errors import MagnetarError, UsageError
 from magnetar.runtime.fileio import atomic_write_bytes
 from magnetar.runtime.kvcache import PrefixCache
-from magnetar.tools.base import Tool, ToolContext
-from magnetar.tools.files import project_files
+from magnetar.tools.base import Tool, ToolContext, utf8_safe
+from magnetar.tools.files import project_files, relative
 from magnetar.tools.review import SEVERITIES, ReportFinding
 from magnetar.tools.safegit import run_git
 
@@ -129,14 +129,15 @@ def scope_text(root: Path, path: str | Path, diff_ref: str | None, staged: bool,
         parts += [f"Changed files (status, path):\n{changed}", f"```diff\n{_budgeted(diff, budget)}```"]
     if untracked:
         parts.append("New untracked files (not in the diff; read them whole):\n" + "\n".join(untracked))
-    return "\n\n".join(parts)
+    return utf8_safe("\n\n".join(parts))  # a non-UTF-8 PATH given by the user, shown as the tools show it
 
 
 def _path_scope(root: Path, target: Path, rel: str) -> str:
+    ctx = ToolContext(root=root)  # names as the file tools show them: non-UTF-8 bytes escaped
     if target.is_file():
-        files = [rel]
+        files = [relative(ctx, target)]
     else:  # what glob and grep see: git's files (.gitignore honoured), else a walk past build folders
-        files = [p.relative_to(root).as_posix() for p in project_files(ToolContext(root=root), target)]
+        files = [relative(ctx, p) for p in project_files(ctx, target)]
     if not files:
         raise MagnetarError(f"nothing to review: no files under {rel}")
     shown = "\n".join(files[:MAX_LISTED])

@@ -4,11 +4,18 @@ JSON schema goes into the DSML tools block) and ``run(args, ctx)``.
 ``tools`` never imports ``runtime``: the agent turns ``Tool.spec()`` into a
 ``runtime.chat.ToolSpec`` itself. A tool never raises for a bad call: it
 returns ``ToolResult(ok=False, text=...)`` with a message the model can act on
-(``ToolRefused`` is the short way to say that from inside ``run``).
+(``ToolRefused`` is the short way to say that from inside ``run``), and an
+``OSError`` becomes one too. Whatever a tool returns is valid UTF-8 text: file
+names that are not UTF-8 are shown with ``\\xNN`` escapes (``utf8_safe``), and
+``resolve_in_root`` takes that escaped spelling back.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,12 +93,49 @@ class Tool:
             args = self.Args.model_validate(arguments)
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in err.errors())
-            return ToolResult(f"error: invalid arguments for {self.name}: {problems}", ok=False,
-                              summary="invalid arguments")
+            return _utf8_result(ToolResult(f"error: invalid arguments for {self.name}: {problems}", ok=False,
+                                           summary="invalid arguments"))
         try:
-            return self.run(args, ctx)
+            result = self.run(args, ctx)
         except ToolRefused as refusal:
-            return ToolResult(f"error: {refusal}", ok=False, summary=str(refusal).split("\n")[0][:120])
+            result = ToolResult(f"error: {refusal}", ok=False, summary=str(refusal).split("\n")[0][:120])
+        except OSError as err:  # the file system said no (permissions, a file gone meanwhile...): say so, in one line
+            where = "" if err.filename is None else f"{_shown_filename(ctx, err.filename)}: "
+            reason = where + (err.strerror or str(err))
+            result = ToolResult(f"error: {reason}", ok=False, summary=reason[:120])
+        # The one door every result passes: a lone surrogate here would crash the tokenizer.
+        return _utf8_result(result)
+
+
+def _utf8_result(result: ToolResult) -> ToolResult:
+    return dataclasses.replace(result, text=utf8_safe(result.text), summary=utf8_safe(result.summary),
+                               diff=None if result.diff is None else utf8_safe(result.diff))
+
+
+def _shown_filename(ctx: ToolContext, filename: str | bytes) -> str:
+    """An OSError's file as the model knows it: relative to the root when inside it."""
+    full = Path(os.fsdecode(filename))
+    root = ctx.root.resolve()
+    return utf8_safe(full.relative_to(root).as_posix() if full.is_relative_to(root) else str(full))
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_BYTE_ESCAPE = re.compile(r"\\x([89a-fA-F][0-9a-fA-F])")
+NAME_MAX = 255  # bytes in one file name, on Linux and macOS file systems alike
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` with each lone surrogate spelled as an ASCII escape, so it always encodes as UTF-8.
+
+    A file name byte that is not UTF-8 reaches Python as a surrogate (``os.fsdecode``'s
+    surrogateescape: 0xff becomes U+DCFF); it is shown as ``\\xff``, which ``resolve_in_root``
+    reads back. Any other surrogate is shown as ``\\udXXX``. Text without one is unchanged."""
+    return _LONE_SURROGATE.sub(_surrogate_escape, text)
+
+
+def _surrogate_escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code - 0xdc00:02x}" if 0xdc80 <= code <= 0xdcff else f"\\u{code:04x}"
 
 
 def _plain(node: Any, defs: dict[str, Any]) -> Any:
@@ -107,10 +151,49 @@ def _plain(node: Any, defs: dict[str, Any]) -> Any:
 
 def resolve_in_root(ctx: ToolContext, path: str) -> Path:
     """``path`` (relative to the root, or absolute) resolved with symlinks followed;
-    refused unless it lies inside the project root."""
+    refused unless it lies inside the project root, and refused in one line where the
+    OS could not take it (a NUL, a name too long, a symlink loop, a file for a folder).
+
+    ``\\xNN`` escapes, as ``utf8_safe`` shows a name's non-UTF-8 bytes, name those bytes
+    when no file is spelled literally so (the literal name wins)."""
+    shown = utf8_safe(path)
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        raise ToolRefused(f"{shown} is not a valid file name") from None
+    if b"\0" in raw:
+        raise ToolRefused(f"{shown!r} contains a NUL byte, which no file name can")
+    if any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        raise ToolRefused(f"{shown[:80]}...: {os.strerror(errno.ENAMETOOLONG)}")
     root = ctx.root.resolve()
-    candidate = Path(path).expanduser()
-    full = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    try:
+        full = _in_root(root, path)
+        if not os.path.lexists(full) and (unescaped := _BYTE_ESCAPE.sub(_escaped_byte, path)) != path:
+            if os.path.lexists(escaped := _in_root(root, unescaped)):
+                full = escaped
+        full = full.resolve()
+    except RuntimeError:  # Python before 3.13 reports a symlink loop so
+        raise ToolRefused(f"{shown}: {os.strerror(errno.ELOOP)}") from None
+    except OSError as err:  # a whole path past PATH_MAX...
+        raise ToolRefused(f"{shown[:80]}: {err.strerror}") from None
     if full != root and root not in full.parents:
-        raise ToolRefused(f"{path} is outside the project ({root}); only files inside it can be used")
+        raise ToolRefused(f"{shown} is outside the project ({root}); only files inside it can be used")
+    try:
+        full.stat()
+    except FileNotFoundError:  # a file to create, or one the tool says is missing
+        pass
+    except OSError as err:  # a symlink loop, a file as a folder, no permission...
+        raise ToolRefused(f"{shown}: {err.strerror}") from None
     return full
+
+
+def _in_root(root: Path, path: str) -> Path:
+    try:
+        candidate = Path(path).expanduser()
+    except RuntimeError:  # ~name of no such user
+        raise ToolRefused(f"{utf8_safe(path)}: no such user, so no home folder") from None
+    return candidate if candidate.is_absolute() else root / candidate
+
+
+def _escaped_byte(match: re.Match[str]) -> str:
+    return chr(0xdc00 + int(match.group(1), 16))  # the surrogate os.fsencode turns into that byte

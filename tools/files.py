@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from .base import Tool, ToolContext, ToolRefused, ToolResult, resolve_in_root
+from .base import Tool, ToolContext, ToolRefused, ToolResult, resolve_in_root, utf8_safe
 from .safegit import run_git
 
 MAX_READ_LINES = 1000
@@ -75,8 +75,9 @@ def stamp(path: Path, data: bytes) -> tuple[int, int, str]:
 
 
 def relative(ctx: ToolContext, path: Path) -> str:
+    """``path`` as the model sees it and names it back: relative to the root, non-UTF-8 bytes escaped."""
     root = ctx.root.resolve()
-    return "." if path == root else path.relative_to(root).as_posix()
+    return "." if path == root else utf8_safe(path.relative_to(root).as_posix())
 
 
 # -- the project's files ----------------------------------------------------------------------
@@ -142,7 +143,8 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
 
 
 def matches_glob(rel: str, pattern: str) -> bool:
-    """A pattern without a slash matches the file name in any folder (as in .gitignore)."""
+    """A pattern without a slash matches the file name in any folder (as in .gitignore); ``rel``
+    is the name as shown (``utf8_safe``), so a pattern copied from a listing matches."""
     target = rel if "/" in pattern else rel.rsplit("/", 1)[-1]
     return glob_regex(pattern).match(target) is not None
 
@@ -212,11 +214,12 @@ class ListDir(Tool):
         for entry in entries:
             if entry.name == ".git":
                 continue
+            name = utf8_safe(entry.name)
             if entry.is_dir():
-                lines.append(f"{entry.name}/")
+                lines.append(f"{name}/")
             else:
                 size = entry.lstat().st_size
-                lines.append(f"{entry.name}  ({size} bytes)" + ("  -> symlink" if entry.is_symlink() else ""))
+                lines.append(f"{name}  ({size} bytes)" + ("  -> symlink" if entry.is_symlink() else ""))
         shown = lines[:1000]
         if len(lines) > len(shown):
             shown.append(f"[{len(lines) - len(shown)} more entries not shown]")
@@ -238,7 +241,7 @@ class Glob(Tool):
         if not base.is_dir():
             raise ToolRefused(f"{args.path} is not a folder")
         found = [relative(ctx, p) for p in project_files(ctx, base)
-                 if matches_glob(p.relative_to(base).as_posix(), args.pattern)]
+                 if matches_glob(utf8_safe(p.relative_to(base).as_posix()), args.pattern)]
         shown = found[:500]
         text = "\n".join(shown) or f"no files match {args.pattern!r}"
         if len(found) > len(shown):
@@ -272,7 +275,7 @@ class Grep(Tool):
         else:
             raise ToolRefused(f"{args.path} does not exist")
         if args.glob and base.is_dir():
-            files = [f for f in files if matches_glob(f.relative_to(base).as_posix(), args.glob)]
+            files = [f for f in files if matches_glob(utf8_safe(f.relative_to(base).as_posix()), args.glob)]
         out, matches, truncated = [], 0, False
         for path in files:
             text = _text_of(path)

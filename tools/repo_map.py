@@ -21,7 +21,7 @@ from tree_sitter_language_pack import get_language, get_parser
 
 from .base import Tool, ToolContext, ToolRefused, ToolResult, resolve_in_root
 from .edit import replace_bytes
-from .files import project_files
+from .files import project_files, relative
 
 FORMAT = 1  # bump whenever what _parse stores changes, so old cache entries stop matching
 MAX_FILE_BYTES = 1 << 20
@@ -72,7 +72,7 @@ class RepoMap(Tool):
                                  description="file paths (relative to the root) or symbol names to rank first")
 
     def run(self, args: Args, ctx: ToolContext) -> ToolResult:
-        root, base = ctx.root.resolve(), resolve_in_root(ctx, args.path)
+        base = resolve_in_root(ctx, args.path)
         if not base.exists():
             raise ToolRefused(f"{args.path} does not exist")
         cache_dir = ctx.data_dir / "repo_map" if ctx.data_dir is not None else None
@@ -87,8 +87,8 @@ class RepoMap(Tool):
             except OSError:  # vanished or unreadable since listed: map the rest
                 continue
             if b"\0" not in data[:8192]:  # else binary, whatever its name says
-                parsed[path.relative_to(root).as_posix()] = _symbols(data, lang, cache_dir)
-        ranked = _rank(parsed, _focus(root, args.focus))
+                parsed[relative(ctx, path)] = _symbols(data, lang, cache_dir)
+        ranked = _rank(parsed, _focus(ctx, args.focus))
         text, shown = _render(parsed, ranked, args.path, args.max_tokens * CHARS_PER_TOKEN, no_grammar)
         return ToolResult(text, summary=f"repo map: {shown} of {len(ranked)} definitions")
 
@@ -218,11 +218,18 @@ def _signature(node, data: bytes, name: str) -> str:
     return sig if len(sig) <= 160 else sig[:157] + "..."
 
 
-def _focus(root: Path, focus: list[str]) -> tuple[set[str], set[str]]:
-    """Split ``focus`` into project-relative paths (those that exist) and symbol names."""
-    paths = {item: (root / item).resolve() for item in focus}
-    paths = {item: full for item, full in paths.items() if full.exists() and root in (full, *full.parents)}
-    return {full.relative_to(root).as_posix() for full in paths.values()}, set(focus) - set(paths)
+def _focus(ctx: ToolContext, focus: list[str]) -> tuple[set[str], set[str]]:
+    """Split ``focus`` into project-relative paths (those that exist, as ``relative`` shows
+    them) and symbol names (everything else, however odd)."""
+    paths = {}
+    for item in focus:
+        try:
+            full = resolve_in_root(ctx, item)
+        except ToolRefused:
+            continue
+        if full.exists():
+            paths[item] = relative(ctx, full)
+    return set(paths.values()), set(focus) - set(paths)
 
 
 def _rank(parsed: dict[str, dict], focus: tuple[set[str], set[str]]) -> list[tuple[str, int]]:

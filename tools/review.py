@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from .base import Tool, ToolContext, ToolRefused, ToolResult, resolve_in_root
+from .files import relative
 
 SEVERITIES = ("high", "medium", "low")
 
@@ -47,7 +48,7 @@ class ReportFinding(Tool):
         if args.end_line > max(n_lines, 1):
             raise ToolRefused(f"{args.file} has {n_lines} lines; lines {args.start_line}-{args.end_line} are "
                               "outside it")
-        rel = path.relative_to(ctx.root.resolve()).as_posix()
+        rel = relative(ctx, path)  # as listed to the model, so reports name the file the same way
         findings = ctx.extra.setdefault("findings", [])
         if any(f["file"] == rel and f["start_line"] == args.start_line and f["title"] == args.title
                for f in findings):
