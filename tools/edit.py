@@ -111,10 +111,67 @@ def _current(ctx: ToolContext, path: Path, shown: str) -> tuple[bytes, TextCodec
     return data, codec
 
 
+def _git_dirs(root: Path) -> list[Path]:
+    """The git folders of the repository around ``root``: where a ``.git`` file (a worktree, a
+    separate git dir) points, and the common folder a worktree shares with its main repository."""
+    found = []
+    for folder in (root, *root.parents):
+        dot_git = folder / ".git"
+        if dot_git.is_dir():
+            found.append(dot_git)
+        elif dot_git.is_file():
+            text = dot_git.read_text(errors="replace").strip()
+            if text.startswith("gitdir:"):
+                git_dir = (folder / text[len("gitdir:"):].strip()).resolve()
+                found.append(git_dir)
+                common = git_dir / "commondir"
+                if common.is_file():
+                    found.append((git_dir / common.read_text(errors="replace").strip()).resolve())
+        else:
+            continue
+        break
+    return found
+
+
+def _is_git_name(part: str) -> bool:
+    """``.git`` as a case-insensitive file system (or Windows' trailing-dot rule, or its 8.3 name) sees it."""
+    name = part.casefold().rstrip(". ")
+    return name in (".git", "git~1")
+
+
+def inside_git_internals(ctx: ToolContext, path: Path) -> bool:
+    """Whether ``path`` (resolved) is, or is inside, a ``.git`` of the project or the repository's git folder:
+    its config and hooks name programs git runs, so writing there is running a command."""
+    root = ctx.root.resolve()
+    if any(_is_git_name(part) for part in path.relative_to(root).parts):
+        return True
+    git_ids = set()
+    for git_dir in _git_dirs(root):
+        try:
+            st = git_dir.stat()
+        except OSError:
+            continue
+        git_ids.add((st.st_dev, st.st_ino))
+    for folder in (path, *path.parents):  # by identity, so another spelling of the same folder matches too
+        try:
+            st = folder.stat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in git_ids:
+            return True
+    return False
+
+
 def _commit(ctx: ToolContext, path: Path, before: bytes | None, after: bytes, rel: str, diff: str) -> None:
     """Ask where the mode says so, journal the old bytes, write, and re-stamp (the model knows this content)."""
     verb = "create" if before is None else "edit"
-    if not ctx.allowed("edit", f"{verb} {rel}", diff):
+    if inside_git_internals(ctx, path):
+        # Never auto-approved, in any mode: the user is asked, and headless (no one to ask) means no.
+        title = f"{verb} {rel}: git's own files (config, hooks) can make git run programs"
+        if ctx.mode == "read-only" or not (ctx.confirm and ctx.confirm(title, diff)):
+            raise ToolRefused(f"{rel} is inside git's own folder, where config and hooks can run programs; it is "
+                              "changed only when the user confirms it, and they did not (or could not be asked)")
+    elif not ctx.allowed("edit", f"{verb} {rel}", diff):
         if ctx.mode == "read-only":
             raise ToolRefused(f"read-only mode: {rel} was not changed")
         raise ToolRefused(f"the user declined the change to {rel}; ask them what they want instead")
