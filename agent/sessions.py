@@ -16,7 +16,9 @@ never lost).
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +32,9 @@ from magnetar.runtime.fileio import atomic_write_bytes
 from .loop import last_reply
 
 TITLE_CHARS = 70
+# A name that is not UTF-8 reaches us surrogate-escaped; UTF-8 cannot hold a lone
+# surrogate, so the transcript keeps it as a JSON escape (read back exactly).
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SessionError(MagnetarError):
@@ -45,6 +50,30 @@ class SessionMeta:
     tokens: int
     created: float
     updated: float
+
+    @classmethod
+    def load(cls, folder: Path) -> "SessionMeta | None":
+        """The folder's ``meta.json``, or None when it is not a JSON object. Fields of the
+        wrong type (hand-edited, another version) get safe values, so one odd folder can
+        neither crash a listing nor hide the others; the folder name is the id."""
+        try:
+            data = json.loads((folder / "meta.json").read_bytes().decode("utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict):
+            return None
+
+        def field(name: str, kind: type, default):
+            value = data.get(name)
+            return value if isinstance(value, kind) and not isinstance(value, bool) else default
+
+        def moment(name: str, default: float) -> float:
+            value = float(field(name, (int, float), default))
+            return value if math.isfinite(value) else default
+
+        created = moment("created", 0.0)
+        return cls(folder.name, field("title", str, ""), field("repo", str, ""), field("model", str, ""),
+                   field("tokens", int, 0), created, moment("updated", created))
 
 
 class Session:
@@ -66,7 +95,7 @@ class Session:
         self._append({"ts": time.time(), "message": message.model_dump(exclude_none=True)})
 
     def _append(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False)
+        line = _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(record, ensure_ascii=False))
         with open(self.transcript_path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
             fh.flush()
@@ -139,11 +168,8 @@ class SessionStore:
         """Every readable session, most recently updated first."""
         out = []
         for folder in self.root.iterdir() if self.root.is_dir() else ():
-            try:
-                meta = SessionMeta(**json.loads((folder / "meta.json").read_text(encoding="utf-8")))
-            except (OSError, ValueError, TypeError):
-                continue
-            out.append(Session(folder, meta))
+            if (meta := SessionMeta.load(folder)) is not None:
+                out.append(Session(folder, meta))
         return sorted(out, key=lambda s: s.meta.updated, reverse=True)
 
     def open(self, prefix: str) -> Session:
