@@ -237,8 +237,12 @@ class MagnetarApp(App):
                 self.compact_conversation(arg or None)
         elif name == "/undo":
             undo = self.agent.ctx.undo
-            restored = undo.undo_last_turn() if undo is not None else []
-            self._say("restored: " + ", ".join(map(str, restored)) if restored else "nothing to undo", "notice")
+            outcome = undo.undo_last_turn() if undo is not None else None
+            if outcome is None or not (outcome.restored or outcome.refused):
+                self._say("nothing to undo", "notice")
+            else:  # files changed after the agent's edit are the user's now: kept, each with why
+                lines = ["restored: " + ", ".join(map(str, outcome.restored))] if outcome.restored else []
+                self._say("\n".join(lines + [f"not undone: {why}" for _, why in outcome.refused]), "notice")
         elif name == "/diff":
             self._say(_git_diff(self.agent.ctx.root), "notice")
         elif name == "/sessions":

@@ -240,6 +240,7 @@ def test_undo_restores_the_last_turn_byte_for_byte(ctx, repo):
     call(WriteFile, ctx, path="notes.txt", content="made this turn\n")
     ctx.undo.begin_turn()
     ctx.undo.begin_turn()  # turns that changed nothing are skipped
-    assert ctx.undo.undo_last_turn() == [repo / "notes.txt", core]
+    outcome = ctx.undo.undo_last_turn()
+    assert outcome.restored == [repo / "notes.txt", core] and outcome.refused == []
     assert core.read_bytes() == before and not (repo / "notes.txt").exists()
-    assert ctx.undo.undo_last_turn() == []
+    assert ctx.undo.undo_last_turn().restored == []

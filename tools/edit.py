@@ -5,15 +5,23 @@ and each line's ending (a model writes ``\\n``; in a CRLF file its text is
 matched and written with ``\\r\\n``). An existing file must have been read
 first and must not have changed on disk since (its read stamp), so the model
 never overwrites a change it has not seen. Writes are atomic (temp file in the
-same folder, fsync, rename) and keep the file's permission bits; the journal
-holds each file's bytes from before the turn so ``/undo`` needs no git.
+same folder, fsync, rename) and keep the file's permission bits, and one file's
+writes are serialised (a lock per path in this process, ``flock`` on its folder
+across processes) with the bytes re-checked under the lock, so of two edits
+racing on one file the second is refused instead of silently lost. The journal
+holds each file's bytes from before the turn and after the agent's last edit,
+so ``/undo`` needs no git and restores only files that are still the agent's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import fcntl
 import os
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -52,42 +60,98 @@ def replace_bytes(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
+_path_locks: dict[Path, threading.Lock] = {}
+_path_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def locked_file(path: Path) -> Iterator[None]:
+    """Hold the write lock of ``path``: a lock per path for this process's threads, then ``flock`` on
+    its folder (which a rename does not replace, unlike the file) for other processes."""
+    with _path_locks_guard:
+        lock = _path_locks.setdefault(path, threading.Lock())
+    with lock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(folder)  # closing the descriptor releases the flock
+
+
+def read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class UndoOutcome:
+    """What ``/undo`` did: the files restored, and those left alone with why (a diff of the user's change)."""
+
+    restored: list[Path] = field(default_factory=list)
+    refused: list[tuple[Path, str]] = field(default_factory=list)
+
+
 class UndoJournal:
-    """Per turn, each changed file's bytes from before the turn (None: it did not exist)."""
+    """Per turn, each changed file's bytes from before the turn and after the agent's last write of it
+    (None: the file did not exist)."""
 
     def __init__(self) -> None:
-        self._turns: list[dict[Path, bytes | None]] = []
+        self._turns: list[dict[Path, tuple[bytes | None, bytes]]] = []
 
     def begin_turn(self) -> None:
         self._turns.append({})
         del self._turns[:-MAX_UNDO_TURNS]
 
-    def record(self, path: Path, before: bytes | None) -> None:
+    def record(self, path: Path, before: bytes | None, after: bytes) -> None:
         if not self._turns:
             self.begin_turn()
-        self._turns[-1].setdefault(path, before)  # the first change of the turn holds the original
+        first = self._turns[-1].get(path, (before, after))[0]  # the first change of the turn holds the original
+        self._turns[-1][path] = (first, after)
 
-    def undo_last_turn(self) -> list[Path]:
-        """Restore the files the latest turn that changed anything changed; returns them."""
+    def undo_last_turn(self) -> UndoOutcome:
+        """Restore the files the latest turn that changed anything changed, each only while it still holds
+        what the agent wrote; a file the user changed since is left as it is and reported with a diff."""
         while self._turns and not self._turns[-1]:
             self._turns.pop()
+        outcome = UndoOutcome()
         if not self._turns:
-            return []
-        changed = self._turns.pop()
-        for path, before in changed.items():
-            if before is None:
-                path.unlink(missing_ok=True)
-            else:
-                replace_bytes(path, before)
-        return sorted(changed)
+            return outcome
+        for path, (before, agents) in sorted(self._turns.pop().items()):
+            with locked_file(path):
+                now = read_or_none(path)
+                if now != agents:
+                    outcome.refused.append((path, _undo_refusal(path, agents, now)))
+                    continue
+                if before is None:
+                    path.unlink()
+                else:
+                    replace_bytes(path, before)
+            outcome.restored.append(path)
+        return outcome
+
+
+def _undo_refusal(path: Path, agents: bytes, now: bytes | None) -> str:
+    if now is None:
+        return f"{path} was deleted after the agent changed it; not recreated"
+    diff = unified_diff(path.name, agents.decode("utf-8", "surrogateescape"), now.decode("utf-8", "surrogateescape"))
+    return f"{path} changed since the agent's edit; left as it is. Changes since the agent's edit:\n{diff}"
 
 
 def unified_diff(rel: str, before: str, after: str) -> str:
-    lines = list(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
-                                      f"a/{rel}", f"b/{rel}"))
+    lines = list(difflib.unified_diff(_shown(before).splitlines(keepends=True),
+                                      _shown(after).splitlines(keepends=True), f"a/{rel}", f"b/{rel}"))
     if len(lines) > MAX_DIFF_LINES:
         lines = lines[:MAX_DIFF_LINES] + [f"... [{len(lines) - MAX_DIFF_LINES} more diff lines]\n"]
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
+def _shown(text: str) -> str:
+    """Text as a diff shows it: a byte that is not UTF-8 (kept as a surrogate) spelled ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def uses_crlf(text: str) -> bool:
@@ -175,10 +239,13 @@ def _commit(ctx: ToolContext, path: Path, before: bytes | None, after: bytes, re
         if ctx.mode == "read-only":
             raise ToolRefused(f"read-only mode: {rel} was not changed")
         raise ToolRefused(f"the user declined the change to {rel}; ask them what they want instead")
-    if ctx.undo is not None:
-        ctx.undo.record(path, before)
-    replace_bytes(path, after)
-    ctx.read_stamps[path] = stamp(path, after)
+    with locked_file(path):
+        if read_or_none(path) != before:  # another edit landed while this one was prepared (or asked)
+            raise ToolRefused(f"{rel} changed on disk while this change was being made; read it again and redo it")
+        if ctx.undo is not None:
+            ctx.undo.record(path, before, after)
+        replace_bytes(path, after)
+        ctx.read_stamps[path] = stamp(path, after)
 
 
 class WriteFile(Tool):
@@ -243,16 +310,20 @@ class EditFile(Tool):
         before, codec = _current(ctx, path, rel)
         text = codec.decode(before)
         old, new = args.old_text, args.new_text
-        count = text.count(old)
-        if count == 0 and "\r\n" in text and "\r\n" not in old:  # the model's LF text against CRLF lines
+        starts = _starts(text, old)
+        if not starts and "\r\n" in text and "\r\n" not in old:  # the model's LF text against CRLF lines
             old, new = old.replace("\n", "\r\n"), new.replace("\n", "\r\n")
-            count = text.count(old)
+            starts = _starts(text, old)
+        count = len(starts)
         if count == 0:
             raise ToolRefused(_not_found(text, args.old_text, rel))
         if count > 1 and not args.replace_all:
-            at = _lines_of(text, old)
+            at = _lines_of(text, starts[:10])
             raise ToolRefused(f"old_text occurs {count} times in {rel} (lines {', '.join(map(str, at[:10]))}); "
                               "add surrounding lines to make it unique, or set replace_all")
+        if any(b - a < len(old) for a, b in zip(starts, starts[1:])):
+            raise ToolRefused(f"occurrences of old_text overlap in {rel} (e.g. 'aa' in 'aaa'), so replace_all is "
+                              "ambiguous; include the surrounding text")
         after_text = text.replace(old, new) if args.replace_all else text.replace(old, new, 1)
         try:
             after = codec.encode(after_text)
@@ -261,18 +332,23 @@ class EditFile(Tool):
                               f"({err.object[err.start:err.end]!r})") from None
         diff = unified_diff(rel, text, after_text)
         _commit(ctx, path, before, after, rel, diff)
-        first = _lines_of(text, old)[0]
+        first = _lines_of(text, starts)[0]
         n = count if args.replace_all else 1
         return ToolResult(f"edited {rel}: {n} replacement{'s' * (n > 1)} (first at line {first})",
                           summary=f"edited {rel}", diff=diff)
 
 
-def _lines_of(text: str, needle: str) -> list[int]:
+def _starts(text: str, needle: str) -> list[int]:
+    """Every offset where ``needle`` starts, overlapping ones too ('aa' is twice in 'aaa')."""
     at, start = [], text.find(needle)
     while start >= 0:
-        at.append(text.count("\n", 0, start) + 1)
-        start = text.find(needle, start + len(needle))
+        at.append(start)
+        start = text.find(needle, start + 1)
     return at
+
+
+def _lines_of(text: str, starts: list[int]) -> list[int]:
+    return [text.count("\n", 0, start) + 1 for start in starts]
 
 
 def _not_found(text: str, old: str, rel: str) -> str:

@@ -39,12 +39,17 @@ class TextCodec:
 
     bom: bytes
     encoding: str
+    errors: str = "strict"  # "surrogateescape": UTF-8 with a few stray bytes, each written back as it was
 
     def decode(self, data: bytes) -> str:
-        return data[len(self.bom):].decode(self.encoding)
+        return data[len(self.bom):].decode(self.encoding, self.errors)
 
     def encode(self, text: str) -> bytes:
-        return self.bom + text.encode(self.encoding)
+        return self.bom + text.encode(self.encoding, self.errors)
+
+    def show(self, data: bytes) -> str:
+        """The text as the model reads it: a stray byte spelled ``\\xNN``."""
+        return data[len(self.bom):].decode(self.encoding, "backslashreplace")
 
 
 def sniff(data: bytes) -> TextCodec | None:
@@ -63,6 +68,11 @@ def sniff(data: bytes) -> TextCodec | None:
         return TextCodec(b"", "utf-8")
     except UnicodeDecodeError:
         pass
+    # Mostly real UTF-8 characters and a few stray bytes: UTF-8, so new text is UTF-8 and the strays survive.
+    escaped = data.decode("utf-8", "surrogateescape")
+    stray = len(re.findall("[\udc80-\udcff]", escaped))
+    if len(re.findall("[^\x00-\x7f]", escaped)) - stray > stray:
+        return TextCodec(b"", "utf-8", "surrogateescape")
     # Not UTF-8: a legacy 8-bit text decodes losslessly as latin-1, unless it is mostly control bytes.
     sample = data[:8192]
     controls = sum(b < 32 and b not in (9, 10, 12, 13) for b in sample)
@@ -173,7 +183,7 @@ class ReadFile(Tool):
         if codec is None:
             raise ToolRefused(f"{args.path} is a binary file ({len(data)} bytes); it cannot be shown as text")
         ctx.read_stamps[path] = stamp(path, data)
-        lines = codec.decode(data).splitlines()
+        lines = codec.show(data).splitlines()
         if args.end_line is not None and args.end_line < args.start_line:
             raise ToolRefused("end_line must be >= start_line")
         if lines and args.start_line > len(lines):
@@ -312,7 +322,7 @@ def _text_of(path: Path) -> str | None:
     except OSError:
         return None
     codec = sniff(data)
-    return codec.decode(data) if codec else None
+    return codec.show(data) if codec else None
 
 
 READ_TOOLS: tuple[type[Tool], ...] = (ReadFile, ListDir, Glob, Grep)
