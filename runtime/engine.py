@@ -91,13 +91,23 @@ class _Live:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The live sequence at one moment, for ``Engine.rewind``. MLX arrays are values
-    (an update writes in place only into a buffer nothing else holds), so keeping
-    references costs no copy until the sequence moves on."""
+    """The live sequence at one moment, for ``Engine.rewind``. Its arrays are handles of
+    its own on the live buffers (see ``_own_arrays``): no copy until the sequence moves on."""
 
     tokens: tuple[int, ...]
     arrays: tuple[mx.array, ...]
     next_logits: np.ndarray | None
+
+
+def _own_arrays(arrays) -> tuple[mx.array, ...]:
+    """New handles on ``arrays``' buffers, copy-on-write. A prefill writes KV rows into the
+    live arrays in place (``a[idx] = rows`` rebinds the Python object that every holder of
+    it sees), so a snapshot holding the same objects would change with the live state.
+    ``stop_gradient`` makes a separate array sharing the buffer; MLX writes into a buffer in
+    place only when nothing else holds it, so the next write into the live state copies."""
+    owned = tuple(mx.stop_gradient(a) for a in arrays)
+    mx.eval(owned)
+    return owned
 
 
 class _EngineThread:
@@ -243,13 +253,13 @@ class Engine:
         self._flush_pending()
         live = self._live
         logits = None if live.next_logits is None else live.next_logits.copy()
-        return Snapshot(tuple(live.state.tokens), tuple(live.state.arrays()), logits)
+        return Snapshot(tuple(live.state.tokens), _own_arrays(live.state.arrays()), logits)
 
     @_engine_method
     def rewind(self, snap: Snapshot) -> None:
         """Go back to ``snap`` (any number of times): the next token continues from there."""
         state = KVState.empty(self.config, self.ctx)
-        state.replace(list(snap.arrays))
+        state.replace(list(_own_arrays(snap.arrays)))  # the snapshot stays as it is for the next rewind
         state.tokens = list(snap.tokens)
         self._live = _Live(state, None if snap.next_logits is None else snap.next_logits.copy())
 
