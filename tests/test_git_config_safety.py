@@ -155,3 +155,26 @@ def test_a_driver_name_with_odd_characters_is_still_blanked(planted):
     git(root, "config", f"filter.{odd}.clean", planted_script(root.parent / "tools", "odd-clean", markers))
     done = run_git(root, "status", "--porcelain")
     assert done.returncode == 0 and not list(markers.iterdir())
+
+
+def test_a_submodules_own_config_runs_no_program(tmp_path):
+    sub, top, markers = tmp_path / "sub", tmp_path / "top", tmp_path / "markers"
+    for folder in (sub, top, markers):
+        folder.mkdir()
+    git(sub, "init", "-q", "-b", "main")
+    (sub / "f.txt").write_text("hi\n")
+    git(sub, "add", ".")
+    git(sub, "commit", "-q", "-m", "sub")
+    git(top, "init", "-q", "-b", "main")
+    git(top, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(sub), "lib")
+    git(top, "commit", "-q", "-m", "top")
+    inner = top / "lib"
+    (inner / ".gitattributes").write_text("* filter=inner\n")
+    git(inner, "config", "filter.inner.clean", planted_script(tmp_path, "inner-clean", markers))
+    git(inner, "config", "core.fsmonitor", planted_script(tmp_path, "inner-fsmonitor", markers))
+    (inner / "f.txt").write_text("ho\n")  # same size, stale stat: only the contents can tell
+    os.utime(inner / "f.txt", (1_000_000_000, 1_000_000_000))
+    ctx = ToolContext(root=top, mode="yolo")
+    results = [GitStatus().call({}, ctx), GitDiff().call({}, ctx), Glob().call({"pattern": "*"}, ctx)]
+    assert all(r.ok for r in results), [r.text for r in results]
+    assert sorted(p.name for p in markers.iterdir()) == []

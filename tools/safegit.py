@@ -36,6 +36,10 @@ NEUTRAL_CONFIG = {
     "gpg.ssh.program": "false",
     "gpg.x509.program": "false",
     "gpg.ssh.defaultKeyCommand": "false",
+    # A submodule's work tree is looked at by a git run inside it, under the submodule's own config,
+    # whose filter drivers the blanking below cannot see: compare submodules by commit only.
+    "diff.ignoreSubmodules": "dirty",
+    "status.submoduleSummary": "false",
 }
 # Filter driver keys are per driver name, so each configured driver is blanked by name (an empty
 # clean/smudge/process means "no filter"; required=false keeps git from failing on the missing filter).
