@@ -27,7 +27,7 @@ from pathlib import Path
 from magnetar.runtime import chat
 from magnetar.runtime.checkpoint import CheckpointError
 from magnetar.runtime.errors import MagnetarError
-from magnetar.runtime.fileio import atomic_write_bytes
+from magnetar.runtime.fileio import atomic_write_bytes, sweep_stale_temps
 
 from .loop import last_reply
 
@@ -154,6 +154,7 @@ class Session:
 class SessionStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        sweep_stale_temps(self.root)  # what writers killed mid-write left in the session folders
 
     def create(self, repo: Path, model: str) -> Session:
         now = time.time()

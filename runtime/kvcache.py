@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .checkpoint import CheckpointError
+from .fileio import sweep_stale_temps
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -58,6 +59,7 @@ class PrefixCache:
     def __init__(self, folder: str | os.PathLike, budget_bytes: int = DEFAULT_BUDGET, min_tokens: int = 512,
                  trim: int = 32, continued_interval: int = 10_000):
         self.root = Path(folder)
+        sweep_stale_temps(self.root)  # checkpoints whose writer was killed mid-write
         self.budget, self.min_tokens, self.trim = budget_bytes, min_tokens, trim
         self.continued_interval = continued_interval
 
