@@ -223,3 +223,30 @@ def test_the_tui_undo_reports_the_files_it_left_alone(v4_tokenizer, repo):
             assert "restored: " in shown and "other.txt" in shown and "+user line" in shown
     asyncio.run(go())
     assert (repo / "made.txt").read_text() == "agent\nuser line\n" and not (repo / "other.txt").exists()
+
+
+def _edit_in_a_process(root, i, barrier, results):
+    ctx = ToolContext(root=root, mode="yolo")
+    call(ReadFile, ctx, path="shared.txt")
+    barrier.wait()
+    result = call(EditFile, ctx, path="shared.txt", old_text=f"line {i} = old", new_text=f"line {i} = new")
+    results.put((i, result.ok, result.text))
+
+
+def test_concurrent_edits_from_separate_processes_never_lose_an_ok_edit(repo):
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    workers, target = 4, repo / "shared.txt"
+    for _ in range(6):
+        target.write_text("".join(f"line {i} = old\n" for i in range(workers)))
+        barrier, results = fork.Barrier(workers), fork.Queue()
+        procs = [fork.Process(target=_edit_in_a_process, args=(repo, i, barrier, results)) for i in range(workers)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        final = target.read_text()
+        for i, ok, text in outcomes:
+            assert (f"line {i} = new" in final) if ok else ("changed on disk" in text), (i, text)
