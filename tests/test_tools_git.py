@@ -1,4 +1,4 @@
-"""The git tools (GitPython) on a temporary repository: status, diffs
+"""The git tools (git through safegit.run_git) on a temporary repository: status, diffs
 (unstaged, staged, against a ref), log, show, and commits with their refusals."""
 
 from __future__ import annotations
