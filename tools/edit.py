@@ -178,23 +178,24 @@ def _current(ctx: ToolContext, path: Path, shown: str) -> tuple[bytes, TextCodec
 def _git_dirs(root: Path) -> list[Path]:
     """The git folders of the repository around ``root``: where a ``.git`` file (a worktree, a
     separate git dir) points, and the common folder a worktree shares with its main repository."""
-    found = []
     for folder in (root, *root.parents):
         dot_git = folder / ".git"
-        if dot_git.is_dir():
-            found.append(dot_git)
-        elif dot_git.is_file():
+        try:
+            if dot_git.is_dir():
+                return [dot_git]
+            if not dot_git.is_file():
+                continue
             text = dot_git.read_text(errors="replace").strip()
-            if text.startswith("gitdir:"):
-                git_dir = (folder / text[len("gitdir:"):].strip()).resolve()
-                found.append(git_dir)
-                common = git_dir / "commondir"
-                if common.is_file():
-                    found.append((git_dir / common.read_text(errors="replace").strip()).resolve())
-        else:
+            if not text.startswith("gitdir:"):
+                return []
+            git_dir = (folder / text[len("gitdir:"):].strip()).resolve()
+            common = git_dir / "commondir"
+            if common.is_file():
+                return [git_dir, (git_dir / common.read_text(errors="replace").strip()).resolve()]
+            return [git_dir]
+        except OSError:  # an unreadable folder above the project: nothing of it to protect
             continue
-        break
-    return found
+    return []
 
 
 def _is_git_name(part: str) -> bool:
