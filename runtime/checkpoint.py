@@ -30,7 +30,7 @@ import numpy as np
 from .errors import MagnetarError
 from .fileio import atomic_writer
 from .gguf_read import ModelFile
-from .kv_state import KVState, LayerState, empty_frontier, lanes
+from .kv_state import GROW_QUANTUM, KVState, LayerState, empty_frontier, lanes
 
 MAGIC = b"MAGNETKV"
 VERSION = 1
@@ -38,6 +38,7 @@ _HEAD = struct.Struct("<8sII")  # magic, version, metadata byte count
 _DIGEST = 32  # trailing SHA-256
 _SAMPLED_TENSORS = ("token_embd.weight", "output.weight", "blk.0.attn_q_a.weight")
 _SAMPLE_BYTES = 1 << 16  # from each end of each sampled tensor
+_PLAN_KEYS = ("ratio", "raw_rows", "comp_rows", "comp_capacity")
 
 
 class CheckpointError(MagnetarError):
@@ -164,7 +165,10 @@ def read(path: str | os.PathLike, cfg, identity: dict, ctx: int) -> Checkpoint:
     _check_compatible(meta, cfg, identity, ctx, path)
     body = _Reader(data, _HEAD.size + n_meta, len(data) - _DIGEST, path)
     n = meta["n_tokens"]
-    tokens = body.take("<u4", (n,)).astype(np.int64).tolist()
+    ids = body.take("<u4", (n,))
+    if n and int(ids.max()) >= cfg.vocab_size:
+        raise CheckpointError(f"{path} holds token id {int(ids.max())}, outside the vocabulary (0..{cfg.vocab_size - 1})")
+    tokens = ids.astype(np.int64).tolist()
     logits = body.take("<f4", (cfg.vocab_size,)).copy() if meta["has_logits"] else None
     state = KVState.empty(cfg, ctx)
     state.tokens = tokens
@@ -184,8 +188,16 @@ def _sha256(data, end: int) -> bytes:
     return digest.digest()
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_compatible(meta: dict, cfg, identity: dict, ctx: int, path) -> None:
-    saved = meta.get("identity", {})
+    """Every header field the reader uses has the right type and fits this model and context
+    (a file with a recomputed checksum can hold anything): checked before any allocation."""
+    saved = meta.get("identity")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: damaged checkpoint header (no model identity)")
     for key, what in (("architecture", "architecture"), ("layout_sha256", "tensor layout"),
                       ("weights_sha256", "weights"), ("recipe", "quantization recipe")):
         if saved.get(key) != identity[key]:
@@ -194,14 +206,31 @@ def _check_compatible(meta: dict, cfg, identity: dict, ctx: int, path) -> None:
     if saved.get("precision") != identity["precision"]:
         raise CheckpointError(f"{path} holds {saved.get('precision')}-precision rows; this engine runs "
                               f"{identity['precision']}", f"load the model with precision={saved.get('precision')}")
-    shape = (meta.get("window"), meta.get("head_dim"), meta.get("indexer_dim"), meta.get("vocab"), len(meta["layers"]))
-    if shape != (cfg.window, cfg.head_dim, cfg.indexer_dim, cfg.vocab_size, cfg.n_layer):
+    shape = tuple(meta.get(k) for k in ("window", "head_dim", "indexer_dim", "vocab")) + (len(meta["layers"]),)
+    if not all(map(_is_int, shape)) or shape != (cfg.window, cfg.head_dim, cfg.indexer_dim, cfg.vocab_size, cfg.n_layer):
         raise CheckpointError(f"{path}: state shapes {shape} do not fit this model")
-    if not 0 <= meta.get("n_tokens", -1) <= ctx:
-        raise CheckpointError(f"{path} holds {meta.get('n_tokens')} tokens; the context is {ctx}",
-                              f"load with ctx of at least {meta.get('n_tokens')}")
-    if [p.get("ratio") for p in meta["layers"]] != [cfg.ratio(il) for il in range(cfg.n_layer)]:
+    n = meta.get("n_tokens")
+    if not _is_int(n) or n < 0:
+        raise CheckpointError(f"{path}: damaged checkpoint header (token count {n!r})")
+    if n > ctx:
+        raise CheckpointError(f"{path} holds {n} tokens; the context is {ctx}", f"load with ctx of at least {n}")
+    if not isinstance(meta.get("has_logits"), bool):
+        raise CheckpointError(f"{path}: damaged checkpoint header (has_logits {meta.get('has_logits')!r})")
+    plans = meta["layers"]
+    if not all(isinstance(p, dict) and all(_is_int(p.get(k)) for k in _PLAN_KEYS) for p in plans):
+        raise CheckpointError(f"{path}: damaged checkpoint header (a layer entry is not {'/'.join(_PLAN_KEYS)} integers)")
+    if [p["ratio"] for p in plans] != [cfg.ratio(il) for il in range(cfg.n_layer)]:
         raise CheckpointError(f"{path}: the layers' compression ratios differ from this model's")
+    for il, plan in enumerate(plans):
+        r = plan["ratio"]
+        if plan["raw_rows"] != min(n, cfg.window) or plan["comp_rows"] != (n // r if r else 0):
+            raise CheckpointError(f"{path}: row counts disagree with its token count")
+        # The most rows this engine could have allocated for n tokens (KVState.reserve grows
+        # geometrically up to ctx // ratio + 1; a writer with a longer context up to 2x need).
+        most = max(ctx // r + 1, 2 * (n // r + 1) + GROW_QUANTUM) if r else 0
+        if not plan["comp_rows"] <= plan["comp_capacity"] <= most:
+            raise CheckpointError(f"{path}: layer {il} claims a capacity of {plan['comp_capacity']} rows "
+                                  f"(this model and context allow {plan['comp_rows']}..{most})")
 
 
 class _Reader:
@@ -221,9 +250,7 @@ class _Reader:
 
 def _restore_layer(st: LayerState, plan: dict, body: _Reader, n_tokens: int, cfg) -> None:
     window, hd = cfg.window, cfg.head_dim
-    live = plan["raw_rows"]
-    if live != min(n_tokens, window) or plan["comp_rows"] != (n_tokens // st.ratio if st.ratio else 0):
-        raise CheckpointError(f"{body.path}: row counts disagree with its token count")
+    live = plan["raw_rows"]  # the plan was checked against the tokens (_check_compatible)
     raw = np.zeros((window, hd), np.float32)
     raw[[(p % window) for p in range(n_tokens - live, n_tokens)]] = body.take("<f4", (live, hd))
     st.raw = mx.array(raw)
@@ -231,7 +258,7 @@ def _restore_layer(st: LayerState, plan: dict, body: _Reader, n_tokens: int, cfg
         return
     # The same capacity as when saved: buffer shapes pick the compiled graph and the
     # BLAS blocking, and a bit-exact continuation needs both to be the same.
-    n, cap = plan["comp_rows"], max(plan["comp_capacity"], plan["comp_rows"])
+    n, cap = plan["comp_rows"], plan["comp_capacity"]
     st.comp = _rows(body.take("<f4", (n, hd)), cap)
     frontier = empty_frontier(st.ratio, lanes(st.ratio) * hd)[0].shape
     st.f_kv, st.f_sc = (mx.array(body.take("<f4", frontier)) for _ in range(2))

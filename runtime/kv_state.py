@@ -22,7 +22,7 @@ import mlx.core as mx
 from .config import ModelConfig
 
 EMPTY = -1e30
-_GROW_QUANTUM = 64  # compressed-row capacity grows in multiples of this
+GROW_QUANTUM = 64  # compressed-row capacity grows in multiples of this
 
 
 def frontier_rows(ratio: int) -> int:
@@ -107,7 +107,7 @@ class KVState:
                 continue
             limit = self.ctx // st.ratio + 1
             grown = max(need, min(2 * cap, limit))
-            grown = min(-(-grown // _GROW_QUANTUM) * _GROW_QUANTUM, max(limit, need))
+            grown = min(-(-grown // GROW_QUANTUM) * GROW_QUANTUM, max(limit, need))
             st.comp = _grow(st.comp, grown)
             if st.index is not None:
                 st.index = _grow(st.index, grown)
