@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="resume a session (by id prefix; no id: the latest for this repository)")
     parser.add_argument("--continue", dest="continue_", action="store_true",
                         help="resume the latest session of this repository")
+    _add_sandbox_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("make-model", help="write a random-weight V4 GGUF for tests and benchmarks")
@@ -90,10 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens the model may write per step")
     p.add_argument("--temp", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    _add_sandbox_flags(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--nothink", dest="think_mode", action="store_const", const="nothink")
     g.add_argument("--think", dest="think_mode", action="store_const", const="think")
     p.set_defaults(run=_run_headless, think_mode="think")
+
+    p = sub.add_parser("sandbox", help="run one command exactly as the agent's shell tool would (same OS "
+                                       "sandbox); exit with its code")
+    p.add_argument("--mode", choices=("ask", "auto-edit", "yolo", "read-only"), default="ask",
+                   help="read-only: nothing writable; the others: the project and $TMPDIR writable")
+    p.add_argument("--timeout-s", type=int, default=120, metavar="S", help="seconds before it is killed")
+    _add_sandbox_flags(p)
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
+                   help="one word is a bash command line; several are quoted as given")
+    p.set_defaults(run=_sandbox)
 
     p = sub.add_parser("review", help="review code or a diff with read-only tools; markdown, JSON or SARIF")
     p.add_argument("path", nargs="?", default=".", metavar="PATH", help="file or folder (default: the repository)")
@@ -173,6 +185,18 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--think-max", dest="mode", action="store_const", const="think-max",
                    help="reason with the Think-Max prefix")
     p.set_defaults(mode="think")
+
+
+def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-network", action="store_true", help="shell commands may use the network")
+    p.add_argument("--dangerously-no-sandbox", action="store_true",
+                   help="run shell commands outside the OS sandbox, with all of your rights")
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from .sandbox_command import run
+
+    return run(args)
 
 
 def _open_tui(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from magnetar.tools.base import ToolContext
 
 from .loop import Agent, LoopSettings, Text, TurnEnd
 from .models import data_dir, resolve_model
+from .sandbox_command import tool_options
 from .toolset import project_root, standard_tools, with_project_instructions
 
 
@@ -32,7 +33,7 @@ def event_json(event) -> str:
 def run(args) -> int:
     engine = Engine.load(resolve_model(args.model), ctx=args.ctx)
     root = project_root(Path(args.cwd or "."))
-    ctx = ToolContext(root=root, mode=args.mode, confirm=None, data_dir=data_dir())
+    ctx = ToolContext(root=root, mode=args.mode, confirm=None, data_dir=data_dir(), **tool_options(args))
     settings = LoopSettings(mode=args.think_mode, max_steps=args.max_steps, max_tokens_per_step=args.max_tokens,
                             seed=args.seed, temperature=args.temp)
     cache = PrefixCache(data_dir() / "kvcache")

@@ -17,6 +17,7 @@ from magnetar.tools.edit import UndoJournal
 from .loop import Agent, LoopSettings
 from .model_commands import progress_bar
 from .models import ModelNotFound, data_dir, missing_model_help, resolve_model
+from .sandbox_command import tool_options
 from .sessions import LiveSession, SessionStore
 from .toolset import project_root, standard_tools
 
@@ -35,7 +36,7 @@ def open_tui(args) -> int:
     root = project_root(Path.cwd())
     print(f"loading {model.name} ...", file=sys.stderr)
     engine = Engine.load(model, ctx=args.ctx)
-    ctx = ToolContext(root=root, mode=args.mode, data_dir=data_dir(), undo=UndoJournal())
+    ctx = ToolContext(root=root, mode=args.mode, data_dir=data_dir(), undo=UndoJournal(), **tool_options(args))
     agent = Agent(engine, standard_tools(), ctx, load("system"), LoopSettings(), PrefixCache(data_dir() / "kvcache"))
     live = LiveSession(SessionStore(data_dir() / "sessions"), agent, model.name)
     if args.resume is not None or args.continue_:

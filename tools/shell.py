@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
@@ -126,6 +127,11 @@ def _absolute(path: str, cwd: Path) -> Path:
         return full
 
 
+@dataclass
+class CommandResult(ToolResult):
+    exit_code: int | None = None  # the command's own; None when we stopped it
+
+
 class Shell(Tool):
     name = "shell"
     description = ("Run a shell command (bash) in the project and return its exit status and output "
@@ -181,7 +187,8 @@ def run_command(command: str, cwd: Path, timeout_s: float, ctx: ToolContext, *, 
     status = f"exit status {proc.returncode}" if not stopped else f"{stopped} (exit status {proc.returncode})"
     text = f"$ {command}\n[{status}, {elapsed:.1f} s, {capture.bytes} bytes of output]\n{capture.text(log)}".rstrip()
     ok = proc.returncode == 0 and not stopped
-    return ToolResult(text, ok=ok, summary=f"{status}: {command[:80]}")
+    return CommandResult(text, ok=ok, summary=f"{status}: {command[:80]}",
+                         exit_code=None if stopped else proc.returncode)
 
 
 def _watch(argv: list[str], cwd: Path, env: dict[str, str], log: Path | None, timeout_s: float,
