@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -25,9 +26,15 @@ from .sandbox_command import tool_options
 from .toolset import project_root, standard_tools, with_project_instructions
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def event_json(event) -> str:
     body = dataclasses.asdict(event)
-    return json.dumps({"type": type(event).__name__, **body}, ensure_ascii=False, default=str)
+    text = json.dumps({"type": type(event).__name__, **body}, ensure_ascii=False, default=str)
+    # The model may write a lone surrogate as a JSON escape (``"\\ud800"``); UTF-8 stdout cannot
+    # print it, so it goes out as that escape again and a JSON reader gets the same string back.
+    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def run(args) -> int:

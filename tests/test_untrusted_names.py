@@ -199,6 +199,24 @@ def test_os_errors_name_the_path_and_the_reason(hostile):
     assert "symbolic links" in run(ReadFile, ToolContext(root=hostile), path="loop").text
 
 
+def test_an_os_error_inside_a_tool_becomes_a_refusal(tmp_path):
+    """What resolve_in_root cannot foresee (a file gone meanwhile, a bad descriptor) reaches Tool.call."""
+    class Racy(Tool):
+        name, description = "racy", "Touches the file system."
+
+        class Args(BaseModel):
+            which: str
+
+        def run(self, args, ctx):
+            if args.which == "file":
+                (ctx.root / "gone" / "b\udcffd.txt").read_bytes()
+            os.close(-1)
+
+    gone = run(Racy, ToolContext(root=tmp_path), which="file")
+    assert gone.text == r"error: gone/b\xffd.txt: No such file or directory"
+    assert run(Racy, ToolContext(root=tmp_path), which="fd").text == "error: Bad file descriptor"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a mode-000 file anyway, so EACCES cannot happen here")
 def test_permission_denied_is_a_refusal(hostile):
     secret = hostile / "secret.txt"
@@ -220,3 +238,16 @@ def test_programming_errors_are_not_hidden(tmp_path):
 
     with pytest.raises(KeyError):
         Buggy().call({}, ToolContext(root=tmp_path))
+
+
+def test_headless_json_events_carry_a_model_written_surrogate(project, scripted, capsys):  # noqa: F811
+    """A JSON parameter may spell a lone surrogate (``"\\ud800"``); the event stream must still print."""
+    D = "｜DSML｜"
+    invoke = (f'<{D}invoke name="repo_map">\n<{D}parameter name="focus" string="false">["\\ud800x", "\\udcff"]'
+              f"</{D}parameter>\n</{D}invoke>")
+    model, _ = scripted([f"</think>\n\n<{D}tool_calls>\n{invoke}\n</{D}tool_calls>", "</think>Mapped."])
+    assert main(["run", "-m", model, "--cwd", str(project), "--json", "-p", "map it"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    running = next(e for e in events if e["type"] == "ToolRunning")
+    assert running["arguments"] == {"focus": ["\ud800x", "\udcff"]}  # JSON's own escapes: nothing lost
+    assert events[-1]["answer"] == "Mapped."
