@@ -27,7 +27,10 @@ def generate(args: argparse.Namespace) -> int:
     engine = Engine.load(args.model, ctx=args.ctx)
     messages = [Message(role="system", content=args.system)] if args.system else []
     messages.append(Message(role="user", content=read_prompt(args.prompt)))
-    ids = engine.render(messages, mode=args.mode)
+    mode, notice = engine.think_mode(args.mode)
+    if notice:
+        print(f"magnetar: {notice}", file=sys.stderr)
+    ids = engine.render(messages, mode=mode)
     with progress_bar("prefill") as report:
         engine.prefill(ids, progress=report)
 

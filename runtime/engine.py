@@ -38,8 +38,8 @@ from .tokenizer import Tokenizer
 DEFAULT_CTX = 32768
 MAX_CTX = 1_048_576
 DEFAULT_PREFILL_CHUNK = 2048
-THINK_MAX_MIN_CTX = 393216
-CPU_EXPAND_BUDGET = 1 << 30  # bytes of non-expert weights widened to f32 on the CPU (see Weights)  # the official template only asks for Think-Max with this much room
+THINK_MAX_MIN_CTX = 393216  # the official template only asks for Think-Max with this much room
+CPU_EXPAND_BUDGET = 1 << 30  # bytes of non-expert weights widened to f32 on the CPU (see Weights)
 
 
 class ContextFull(MagnetarError):
@@ -208,11 +208,17 @@ class Engine:
 
     def render(self, messages: Sequence[chat.Message], tools: Sequence[chat.ToolSpec] | None = None,
                mode: chat.Mode = "think") -> list[int]:
-        """Token ids of a conversation in the V4 chat format, ending with the assistant prompt."""
+        """Token ids of a conversation in the V4 chat format, ending with the assistant prompt
+        (in the mode ``think_mode`` picks: say its notice where the user will see it)."""
+        return self.tokenizer.encode_pieces(chat.render(messages, tools, self.think_mode(mode)[0]).pieces)
+
+    def think_mode(self, mode: chat.Mode) -> tuple[chat.Mode, str]:
+        """The mode this engine renders for ``mode``, and a one-line notice when it differs:
+        below THINK_MAX_MIN_CTX, Think-Max falls back to normal thinking (as ds4 does)."""
         if mode == "think-max" and self.ctx < THINK_MAX_MIN_CTX:
-            raise UsageError(f"think-max needs --ctx of at least {THINK_MAX_MIN_CTX}, this engine has {self.ctx}",
-                             "raise --ctx or use --think")
-        return self.tokenizer.encode_pieces(chat.render(messages, tools, mode).pieces)
+            return "think", (f"think-max needs --ctx of at least {THINK_MAX_MIN_CTX} (this engine has "
+                             f"{self.ctx}); thinking normally")
+        return mode, ""
 
     # -- the live sequence -----------------------------------------------------------------
 
