@@ -21,7 +21,7 @@ from magnetar.agent.loop import Agent, LoopSettings, ToolFinished, TurnEnd
 from magnetar.tools.base import Tool, ToolContext, ToolResult
 from magnetar.tools.edit import EditFile, UndoJournal, WriteFile
 from magnetar.tools.files import Glob, Grep, ListDir, ReadFile
-from magnetar.tools.git_tools import GitDiff, GitLog, GitShow
+from magnetar.tools.git_tools import GitDiff, GitLog, GitShow, GitStatus
 from magnetar.tools.repo_map import RepoMap
 from magnetar.tools.review import ReportFinding
 from scripted_engine import NoPrefixCache, ScriptedEngine
@@ -80,6 +80,18 @@ def test_the_shown_name_opens_reads_and_edits_the_file(project):
     written = run(WriteFile, ctx, path=name, content="x = 3\n")
     assert written.ok and (project / os.fsdecode(BAD)).read_bytes() == b"x = 3\n"
     assert not (project / SHOWN).exists()  # no file named with a literal backslash was made
+
+
+def test_a_name_as_git_quotes_it_opens_the_file_too(tmp_path):
+    """git_status and git_diff show the byte in octal (``"bad\\377 name.py"``), as git quotes names."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    with open(os.path.join(os.fsencode(tmp_path), BAD), "wb") as fh:
+        fh.write(SOURCE)
+    ctx = ToolContext(root=tmp_path)
+    status = run(GitStatus, ctx).text
+    assert r'"bad\377 name.py"' in status
+    quoted = status.splitlines()[-1].split('"')[1]
+    assert "def broken_thing" in run(ReadFile, ctx, path=quoted).text
 
 
 def test_a_literal_backslash_name_is_taken_as_written(tmp_path):

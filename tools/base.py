@@ -120,7 +120,8 @@ def _shown_filename(ctx: ToolContext, filename: str | bytes) -> str:
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_BYTE_ESCAPE = re.compile(r"\\x([89a-fA-F][0-9a-fA-F])")
+# A non-UTF-8 byte as utf8_safe shows it (\xff), or as git quotes it in its output (\377).
+_BYTE_ESCAPE = re.compile(r"\\x([89a-fA-F][0-9a-fA-F])|\\([23][0-7][0-7])")
 NAME_MAX = 255  # bytes in one file name, on Linux and macOS file systems alike
 
 
@@ -154,8 +155,8 @@ def resolve_in_root(ctx: ToolContext, path: str) -> Path:
     refused unless it lies inside the project root, and refused in one line where the
     OS could not take it (a NUL, a name too long, a symlink loop, a file for a folder).
 
-    ``\\xNN`` escapes, as ``utf8_safe`` shows a name's non-UTF-8 bytes, name those bytes
-    when no file is spelled literally so (the literal name wins)."""
+    ``\\xNN`` escapes, as ``utf8_safe`` shows a name's non-UTF-8 bytes (and git's octal
+    ``\\NNN``), name those bytes when no file is spelled literally so (the literal name wins)."""
     shown = utf8_safe(path)
     try:
         raw = os.fsencode(path)
@@ -196,4 +197,5 @@ def _in_root(root: Path, path: str) -> Path:
 
 
 def _escaped_byte(match: re.Match[str]) -> str:
-    return chr(0xdc00 + int(match.group(1), 16))  # the surrogate os.fsencode turns into that byte
+    byte = int(match.group(1), 16) if match.group(1) else int(match.group(2), 8)
+    return chr(0xdc00 + byte)  # the surrogate os.fsencode turns into that byte
