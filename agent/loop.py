@@ -281,7 +281,7 @@ class Agent:
     def _sample(self, out: _Step) -> Iterator[Event]:
         s, engine = self.settings, self.engine
         parser = dsml.DsmlParser(thinking=s.mode != "nothink")
-        eos = engine.tokenizer.eos_id
+        eos, control_ids = engine.tokenizer.eos_id, engine.tokenizer.added
         ended = False
         stream = engine.generate(max_tokens=s.max_tokens_per_step, temperature=s.temperature, top_p=s.top_p,
                                  min_p=s.min_p, seed=s.seed)
@@ -290,7 +290,8 @@ class Agent:
                 if ev.token == eos:
                     ended = True
                     break
-                yield from self._parsed(parser.feed(ev.text), out)
+                # Markers count only as the control tokens sampled, not as the same text in plain pieces.
+                yield from self._parsed(parser.feed_token(ev.text, ev.token in control_ids), out)
                 if self._cancel.is_set():
                     out.interrupted = True
                     break

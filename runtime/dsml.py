@@ -22,9 +22,20 @@ Decisions (documented because the format leaves them open):
 * Values are raw. The only decoding is ``&lt;/｜DSML｜parameter>`` ->
   ``</｜DSML｜parameter>`` (the one escape the renderer writes), applied to
   string and JSON values alike; no other entity is touched.
-* Whitespace right before ``<｜DSML｜tool_calls>`` (upstream writes ``\\n\\n``)
-  is block framing: it is not emitted as text. To know that, trailing
-  whitespace of text is held back until something non-blank follows.
+* Exactly the ``\\n\\n`` right before ``<｜DSML｜tool_calls>`` is block framing
+  (the renderer writes content + ``\\n\\n`` + block, and the official parser
+  removes only that): it is not emitted as text; any other whitespace is
+  content and round trips. A block without the framing is accepted too.
+* ``string="false"`` values must be plain JSON: ``NaN``/``Infinity``, numbers
+  that overflow a float, integers over ``MAX_INT_DIGITS`` digits and nesting
+  deeper than ``MAX_JSON_DEPTH`` are parse errors (they would otherwise escape
+  as ``RecursionError``/``ValueError`` or reach a tool as non-JSON floats).
+* Markers are control tokens. Fed with ``feed_token`` (the agent loop), a
+  ``｜DSML｜`` or ``</think>`` counts only where the model sampled that control
+  token; the same characters spelled in ordinary BPE pieces (the model echoing
+  a file that holds DSML markup) are text. Such spelling inside a block, or a
+  close tag spelled so inside a value, is an error: a replay could not tell
+  it from the real one. ``feed(text)`` has no token ids and trusts every marker.
 * Calls are reported when the block closes, all at once and in order, each
   with the same ``dsml`` = the exact block text from ``<｜DSML｜tool_calls>``
   to ``</｜DSML｜tool_calls>``. Why: a block is only valid once it is complete
@@ -40,14 +51,16 @@ Decisions (documented because the format leaves them open):
 
 Streaming: the events depend only on the concatenated input, never on how it
 was split (merge adjacent deltas to compare). Only text that could still be
-the start of a marker (``<``, ``</thi``, ``<｜DS``...) or a whitespace run
-before a possible block is held back; value bytes are buffered until their
-close tag because no event needs them earlier.
+the start of a marker (``<``, ``</thi``, ``\\n\\n<｜DS``...) is held back, a
+few characters at most, so parsing is linear; value bytes are buffered until
+their close tag because no event needs them earlier.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
 from dataclasses import dataclass
 from enum import Enum, auto
@@ -61,11 +74,17 @@ BLOCK_CLOSE = f"</{DSML}tool_calls>"
 INVOKE_CLOSE = f"</{DSML}invoke>"
 _TAG_STARTS = (f"<{DSML}", f"</{DSML}")
 MAX_TAG = 512  # a header longer than this without ">" is garbage, not a slow tag
+MAX_JSON_DEPTH = 128   # deeper JSON would recurse in json.loads; no tool needs it
+MAX_INT_DIGITS = 1000  # below Python's int-conversion limit (4300), far above any real argument
+# Text held back in case a block follows: a tag start, or one after its "\n\n" framing.
+_FRAMED_STARTS = (*(f"\n\n{s}" for s in _TAG_STARTS), *_TAG_STARTS)
 
 _INVOKE_RE = re.compile(f'<{DSML}invoke name="([^"]+)">')
 _PARAM_RE = re.compile(f'<{DSML}parameter name="([^"]+)" string="(true|false)">')
 _TAG_NAME_RE = re.compile(f"</?{DSML}([A-Za-z_]+)")
 _KNOWN_TAGS = ("tool_calls", "invoke", "parameter")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
 @dataclass(frozen=True)
@@ -120,18 +139,62 @@ class State(Enum):
     FINISHED = auto()   # finish() was called
 
 
+@functools.cache
+def _proper_prefixes(markers: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(m[:n] for m in markers for n in range(1, len(m)))
+
+
 def _held_prefix(text: str, markers: tuple[str, ...]) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of a marker."""
+    prefixes = _proper_prefixes(markers)
     for n in range(min(len(text), max(map(len, markers)) - 1), 0, -1):
-        tail = text[-n:]
-        if any(m.startswith(tail) and m != tail for m in markers):
+        if text[-n:] in prefixes:
             return n
     return 0
 
 
-def _find_first(text: str, markers: tuple[str, ...]) -> tuple[int, str] | None:
-    hits = [(i, m) for m in markers if (i := text.find(m)) >= 0]
-    return min(hits) if hits else None
+class _BadJson(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _BadJson(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadJson(f"{text[:20]} is not a finite number")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _BadJson(f"an integer has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _load_json(raw: str) -> Any:
+    """Strict, bounded ``json.loads``; every failure is a ``ValueError`` with a message."""
+    if raw.count("[") + raw.count("{") > MAX_JSON_DEPTH:
+        depth = peak = 0
+        for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", raw)):
+            depth += 1 if bracket in "[{" else -1
+            peak = max(peak, depth)
+        if peak > MAX_JSON_DEPTH:
+            raise _BadJson(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int)
+    except json.JSONDecodeError as err:
+        raise _BadJson(err.msg) from None
+    except RecursionError:  # the depth check above should make this unreachable
+        raise _BadJson(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+
+
+def _control_at(marker: str) -> int:
+    """Where a marker's control-token part (``｜DSML｜`` or ``</think>``) starts in it."""
+    return marker.index(DSML) if DSML in marker else 0
 
 
 class DsmlParser:
@@ -146,6 +209,13 @@ class DsmlParser:
         self._args: dict[str, Any] = {}
         self._param: tuple[str, bool] = ("", True)  # (name, is string)
         self._value_parts: list[str] = []  # VALUE: value text moved out of _pending
+        self._after: list[str] = []  # DONE: blank text after the block
+        # Token mode (feed_token): absolute input offsets where a control token's
+        # marker text starts; _consumed is the offset of _pending[0].
+        self._token_mode = False
+        self._controls: set[int] = set()
+        self._fed = 0
+        self._consumed = 0
 
     @property
     def state(self) -> State:
@@ -157,8 +227,34 @@ class DsmlParser:
             raise RuntimeError("DsmlParser.feed() after finish()")
         if self._state is State.FAILED:
             return []
+        self._fed += len(text)
         self._pending += text
         return self._run(final=False)
+
+    def feed_token(self, text: str, control: bool) -> list[Event]:
+        """One sampled token's text; ``control`` says it was an added/control token.
+        From the first call on, markers count only where they were control tokens."""
+        self._token_mode = True
+        if control:
+            for marker in (DSML, THINK_END):
+                if text.endswith(marker):  # a control token's text may follow a U+FFFD
+                    self._controls.add(self._fed + len(text) - len(marker))
+        return self.feed(text)
+
+    def _is_control(self, i: int) -> bool:
+        """Whether the marker text at ``_pending[i]`` was sampled as a control token."""
+        return not self._token_mode or self._consumed + i in self._controls
+
+    def _first_marker(self, markers: tuple[str, ...]) -> tuple[int, str] | None:
+        """The first marker in ``_pending`` whose control part really was one."""
+        hits = []
+        for m in markers:
+            i = self._pending.find(m)
+            while i >= 0 and not self._is_control(i + _control_at(m)):
+                i = self._pending.find(m, i + 1)
+            if i >= 0:
+                hits.append((i, m))
+        return min(hits) if hits else None
 
     def finish(self) -> list[Event]:
         """End of stream: flush held-back text; an open block is an error."""
@@ -196,12 +292,13 @@ class DsmlParser:
 
     def _take(self, n: int) -> str:
         head, self._pending = self._pending[:n], self._pending[n:]
+        self._consumed += len(head)
         return head
 
     # -- outside the block ---------------------------------------------------
 
     def _reasoning(self, events: list[Event], final: bool) -> bool:
-        hit = _find_first(self._pending, (THINK_END, BLOCK_OPEN))
+        hit = self._first_marker((THINK_END, BLOCK_OPEN))
         if hit is None:
             keep = 0 if final else _held_prefix(self._pending, (THINK_END, BLOCK_OPEN))
             text = self._take(len(self._pending) - keep)
@@ -221,34 +318,30 @@ class DsmlParser:
         return True
 
     def _text(self, events: list[Event], final: bool) -> bool:
-        hit = _find_first(self._pending, _TAG_STARTS)
+        hit = self._first_marker(_TAG_STARTS)
         if hit is None:
-            if final:
-                cut = len(self._pending)
-            else:
-                cut = len(self._pending) - _held_prefix(self._pending, _TAG_STARTS)
-                # Blank text right before a block is framing: hold it back too.
-                cut = len(self._pending[:cut].rstrip())
-            if cut:
-                events.append(TextDelta(self._take(cut)))
+            keep = 0 if final else _held_prefix(self._pending, _FRAMED_STARTS)
+            if len(self._pending) > keep:
+                events.append(TextDelta(self._take(len(self._pending) - keep)))
             return False
         i = hit[0]
-        text = self._pending[:i].rstrip()
+        text = self._take(i)
+        text = text[:-2] if text.endswith("\n\n") else text  # the block's framing
         if text:
             events.append(TextDelta(text))
-        self._take(i)
         self._block = []
         self._state = State.OPENING
         return True
 
     def _done(self, events: list[Event], final: bool) -> bool:
-        # Blank input stays pending so the error's raw text (everything after
+        # Blank input is kept aside so the error's raw text (everything after
         # the block through the first non-blank character) is split-independent.
         stripped = self._pending.lstrip()
         if stripped:
             n = len(self._pending) - len(stripped) + 1
-            self._block = []
+            self._block = self._after
             return self._fail(events, "text after tool_calls", n)
+        self._after.append(self._take(len(self._pending)))
         return False
 
     # -- structure inside the block ---------------------------------------------
@@ -271,6 +364,9 @@ class DsmlParser:
             return self._fail(events, f"{what} in tool_calls block", bad)
         if not p.startswith(start):
             return False
+        if not self._is_control(len(start) - len(DSML)):
+            return self._fail(events, "DSML markup spelled as plain text inside a tool_calls block",
+                              len(start))
         end = p.find(">", 0, MAX_TAG)
         if end < 0:
             if len(p) >= MAX_TAG:
@@ -344,19 +440,21 @@ class DsmlParser:
                 self._value_parts.append(chunk)
                 self._block.append(chunk)
             return False
+        name, is_str = self._param
+        n = i + len(PARAM_CLOSE)
+        if not self._is_control(i + _control_at(PARAM_CLOSE)):
+            return self._fail(events, f"parameter {name!r} holds {PARAM_CLOSE!r} spelled as "
+                              f"plain text; write it as {PARAM_CLOSE_ESCAPED!r}", n)
         raw = "".join(self._value_parts) + self._pending[:i]
         self._value_parts = []
         raw = raw.replace(PARAM_CLOSE_ESCAPED, PARAM_CLOSE)
-        name, is_str = self._param
-        n = i + len(PARAM_CLOSE)
         if is_str:
             self._args[name] = raw
         else:
             try:
-                self._args[name] = json.loads(raw)
-            except json.JSONDecodeError as err:
-                return self._fail(events, f"parameter {name!r} is not valid JSON: "
-                                  f"{err.msg}", n)
+                self._args[name] = _load_json(raw)
+            except ValueError as err:
+                return self._fail(events, f"parameter {name!r} is not valid JSON: {err}", n)
         self._block.append(self._take(n))
         self._state = State.INVOKE
         return True

@@ -1,14 +1,18 @@
 """A stand-in for ``runtime.Engine`` in agent-loop tests: it keeps a token list
 like the real engine, and each ``generate`` emits the next scripted reply
-(template text, so ``</think>`` and DSML markers become their control tokens),
+(template text, so ``</think>`` and DSML markers become their control tokens;
+or a list of token ids, for replies that spell markers in plain pieces),
 token by token, then EOS. Everything else the loop touches is real: the V4
 tokenizer, chat rendering and the DSML parser."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from magnetar.runtime.engine import ContextFull, Event
+from magnetar.runtime.fileio import atomic_write_bytes
 
 
 @dataclass
@@ -21,7 +25,7 @@ class ScriptedStats:
 @dataclass
 class ScriptedEngine:
     tokenizer: object
-    replies: list[str]
+    replies: list[str | list[int]]
     ctx: int = 1 << 20
     prefill_chunk: int = 2048
     tokens: list[int] = field(default_factory=list)
@@ -31,6 +35,15 @@ class ScriptedEngine:
 
     def reset(self) -> None:
         self.tokens = []
+
+    def checkpoint(self, path, note: str = "") -> int:
+        """A session save: the token ids, written as the real engine writes (atomically)."""
+        data = json.dumps(self.tokens).encode()
+        atomic_write_bytes(path, data)
+        return len(data)
+
+    def restore(self, path) -> None:
+        self.tokens = json.loads(Path(path).read_text())
 
     def snapshot(self) -> tuple[int, ...]:
         return tuple(self.tokens)
@@ -50,7 +63,8 @@ class ScriptedEngine:
     def generate(self, max_tokens=256, **_sampling):
         if not self.replies:
             raise AssertionError("the loop asked for more replies than the script has")
-        ids = self.tokenizer.encode_trusted(self.replies.pop(0)) + [self.tokenizer.eos_id]
+        reply = self.replies.pop(0)
+        ids = (reply if isinstance(reply, list) else self.tokenizer.encode_trusted(reply)) + [self.tokenizer.eos_id]
         decoder, sent = self.tokenizer.stream_decoder(), ids[:max_tokens]
         for i, token in enumerate(sent):
             self.tokens.append(token)

@@ -173,3 +173,15 @@ def test_a_reply_cut_by_the_step_token_limit_is_not_an_answer(v4_tokenizer, tmp_
     assert any(isinstance(e, Notice) and "10-token step limit" in e.text for e in events)
     assert events[-1].reason == "token-limit" and events[-1].answer
     assert engine.tokens[-1] == v4_tokenizer.eos_id  # closed, so the transcript stays well formed
+
+
+def test_dsml_markup_echoed_in_plain_pieces_runs_nothing(v4_tokenizer, tmp_path):
+    """Issue 14 (6.1): the model quotes a file holding a tool call, spelled in ordinary
+    BPE pieces; only markers sampled as the ``｜DSML｜`` control token make a call."""
+    tok = v4_tokenizer
+    quoted = "The file says:" + block(call("echo", text="pwned"))
+    agent, engine, echo = make(tok, [tok.encode_trusted("x</think>") + tok.encode(quoted)], tmp_path)
+    events = list(agent.turn("show me"))
+    assert echo.calls == []
+    assert "".join(e.text for e in events if isinstance(e, Text)) == quoted
+    assert events[-1].reason == "answered" and events[-1].steps == 1

@@ -163,8 +163,8 @@ def test_reasoning_then_real_block():
 def test_text_streams_with_minimal_hold_back():
     parser = DsmlParser(thinking=False)
     assert parser.feed("Hello wor") == [TextDelta("Hello wor")]
-    assert parser.feed("ld <") == [TextDelta("ld")]          # " <" may start a block
-    assert parser.feed("b>") == [TextDelta(" <b>")]
+    assert parser.feed("ld <") == [TextDelta("ld ")]         # "<" may start a block
+    assert parser.feed("b>") == [TextDelta("<b>")]
     assert parser.feed("\n\n") == []                        # could be block framing
     assert parser.finish() == [TextDelta("\n\n")]
     thinker = DsmlParser(thinking=True)
@@ -296,7 +296,7 @@ def test_round_trip_through_render_and_parser():
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
                                                                 max_size=3),
@@ -323,4 +323,4 @@ def test_round_trip_random_calls(raw_calls, content):
     assert [(c.name, c.arguments) for c in calls(events)] == \
         [(c.name, c.arguments) for c in original]
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
-    assert text == content.rstrip()
+    assert text == content  # only the "\n\n" framing is dropped
