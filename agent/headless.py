@@ -1,8 +1,10 @@
 """``magnetar run -p TEXT``: one task to completion without a UI.
 
 Prints the final answer (or, with ``--json``, one JSON object per loop event),
-and exits 0 when the model answered, 1 when the turn ended otherwise (step cap,
-repeat guard, malformed calls, full context, interrupt). Nothing asks: in
+saves the run as a session like the TUI does (``magnetar --resume ID`` continues
+it; the id goes to stderr and into the ``--json`` TurnEnd event), and exits 0
+when the model answered, 1 when the turn ended otherwise (step cap, repeat
+guard, malformed calls, full context, interrupt). Nothing asks: in
 ``ask`` mode every write, command and commit is refused, so headless runs
 use ``read-only`` (the default here), ``auto-edit`` or ``yolo``.
 """
@@ -23,14 +25,15 @@ from magnetar.tools.base import ToolContext
 from .loop import Agent, LoopSettings, Text, TurnEnd
 from .models import data_dir, resolve_model
 from .sandbox_command import tool_options
+from .sessions import LiveSession, SessionStore
 from .toolset import project_root, standard_tools, with_project_instructions
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def event_json(event) -> str:
-    body = dataclasses.asdict(event)
+def event_json(event, **extra) -> str:
+    body = {**dataclasses.asdict(event), **extra}
     text = json.dumps({"type": type(event).__name__, **body}, ensure_ascii=False, default=str)
     # The model may write a lone surrogate as a JSON escape (``"\\ud800"``); UTF-8 stdout cannot
     # print it, so it goes out as that escape again and a JSON reader gets the same string back.
@@ -38,21 +41,27 @@ def event_json(event) -> str:
 
 
 def run(args) -> int:
-    engine = Engine.load(resolve_model(args.model), ctx=args.ctx)
+    model = resolve_model(args.model)
+    engine = Engine.load(model, ctx=args.ctx)
     root = project_root(Path(args.cwd or "."))
     ctx = ToolContext(root=root, mode=args.mode, confirm=None, data_dir=data_dir(), **tool_options(args))
     settings = LoopSettings(mode=args.think_mode, max_steps=args.max_steps, max_tokens_per_step=args.max_tokens,
                             seed=args.seed, temperature=args.temp)
     cache = PrefixCache(data_dir() / "kvcache")
     agent = Agent(engine, standard_tools(), ctx, load("system"), settings, cache)
+    live = LiveSession(SessionStore(data_dir() / "sessions"), agent, model.name)
+    live.start(root)
     end = None
     for event in agent.turn(with_project_instructions(root, args.prompt)):
-        if args.json:
-            print(event_json(event), flush=True)
-        elif isinstance(event, Text) and args.stream:
-            print(event.text, end="", flush=True)
+        extra = {}
         if isinstance(event, TurnEnd):
             end = event
+            live.save()  # before the event goes out: whoever reads it can resume at once
+            extra["session"] = live.id
+        if args.json:
+            print(event_json(event, **extra), flush=True)
+        elif isinstance(event, Text) and args.stream:
+            print(event.text, end="", flush=True)
     if not args.json:
         if not args.stream:
             print(end.answer)
@@ -60,5 +69,6 @@ def run(args) -> int:
             print()
         if end.reason != "answered":
             print(f"magnetar: the task ended without an answer ({end.reason})", file=sys.stderr)
+    print(f"magnetar: session saved: {live.id} (magnetar --resume {live.id})", file=sys.stderr)
     cache.save(engine, "shutdown")
     return 0 if end.reason == "answered" else 1
