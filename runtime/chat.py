@@ -25,8 +25,12 @@ Rules that follow the official encoder:
   of the assistant message before them (by ``tool_call_id``; a result without
   an id sorts like the first call, as upstream does).
 * The ``<｜Assistant｜>`` + ``<think>``/``</think>`` opener is written after a
-  user (or system) turn that is followed by an assistant message, or that is
-  last and ``add_generation_prompt`` is set.
+  user turn that is followed by an assistant message, or that is last and
+  ``add_generation_prompt`` is set; never after a system message (so
+  ``[system]`` renders as ``BOS + system`` and ``[system, assistant]`` has no
+  opener).
+* Tool schemas are dumped as given: the keys of the function dict, in their
+  order, extra keys such as ``strict`` included, nothing added.
 * Thinking modes without tools drop the reasoning of assistant turns before
   the last user turn: those turns open with ``</think>`` and carry no
   reasoning. With tools, every turn keeps ``<think>reasoning</think>``.
@@ -40,8 +44,10 @@ Our choices where the official encoder is silent or we deviate on purpose:
   exactly that one escape and nothing else.
 * Exact replay: the DSML parser gives every call of a block the same ``dsml``
   (the whole block). If every call of a message carries the same ``dsml``, that
-  text is written instead of a re-rendering. It was sampled by the model, so
-  the control strings in it are split out as ``Special`` pieces.
+  text is written instead of a re-rendering. Its tags were sampled with the
+  ``｜DSML｜`` control token (``runtime.dsml`` accepts no other), so in the tags
+  that string becomes a ``Special``; its values are content, plain text however
+  they are spelled (a value ends at its first close tag, as the parser read it).
 * A last assistant message with ``add_generation_prompt=False`` is a prefill
   to continue: it is written without EOS (upstream's ``wo_eos``). In thinking
   modes its reasoning part is still closed by ``</think>``, as upstream does.
@@ -60,7 +66,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from .errors import ChatError
 from .tokenizer import (ASSISTANT, BOS, CONTROL_STRINGS, DSML, EOS, THINK, THINK_END,
@@ -113,21 +119,32 @@ TOOL_RESULT_CLOSE_ESCAPED = "&lt;/tool_result>"
 PARAM_CLOSE = f"</{DSML}parameter>"
 PARAM_CLOSE_ESCAPED = f"&lt;/{DSML}parameter>"
 
+_PARAM_OPEN_RE = re.compile(f'<{DSML}parameter name="[^"]*" string="(?:true|false)">')
 _CONTROL_RE = re.compile("|".join(re.escape(s) for s in sorted(CONTROL_STRINGS, key=len,
                                                                reverse=True)))
 
 
 class ToolSpec(BaseModel):
-    """An OpenAI-style function (the unwrapped ``function`` object)."""
+    """An OpenAI-style function (the unwrapped ``function`` object), kept as given."""
+
+    model_config = ConfigDict(extra="allow")
 
     name: str
     description: str = ""
     parameters: dict[str, Any] = Field(default_factory=dict)
+    _given: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_given(cls, data: Any, handler: Any) -> "ToolSpec":
+        spec = handler(data)
+        if isinstance(data, dict):
+            spec._given = dict(data)
+        return spec
 
     def schema_line(self) -> str:
-        # Default separators and this key order: what the official encoder dumps.
-        return json.dumps({"name": self.name, "description": self.description,
-                           "parameters": self.parameters}, ensure_ascii=False)
+        # The official encoder json.dumps the function dict as given (default separators).
+        return json.dumps(self._given or self.model_dump(), ensure_ascii=False)
 
 
 class ToolCall(BaseModel):
@@ -295,8 +312,9 @@ def render(messages: Sequence[Message], tools: Sequence[ToolSpec] | None = None,
                 _tools_block(out, tools)
         else:
             _user(out, turn)
-        opens = (last and add_generation_prompt) or (
-            not last and isinstance(turns[k + 1], _Assistant))
+        # Only a user turn hands over to the assistant (the official encoder's rule).
+        opens = isinstance(turn, _User) and (
+            (last and add_generation_prompt) or (not last and isinstance(turns[k + 1], _Assistant)))
         if opens:
             out.special(ASSISTANT)
             out.special(THINK if thinking and (not drop or k >= last_user) else THINK_END)
@@ -337,14 +355,35 @@ def _assistant(out: _Out, msg: Message, keep_reasoning: bool, eos: bool) -> None
         out.special(EOS)
 
 
+def _replay_block(out: _Out, dsml: str) -> None:
+    """A sampled block: ``｜DSML｜`` in its tags was the control token, values are content."""
+    pos = 0
+    while (head := _PARAM_OPEN_RE.search(dsml, pos)) is not None:
+        end = dsml.find(PARAM_CLOSE, head.end())
+        if end < 0:
+            break
+        _markup(out, dsml[pos:head.end()])
+        out.c(dsml[head.end():end])
+        pos = end
+    _markup(out, dsml[pos:])
+
+
+def _markup(out: _Out, text: str) -> None:
+    # Only the DSML marker is a control token in sampled tags; a name spelling
+    # <｜User｜> or EOS stays plain text.
+    for k, part in enumerate(text.split(DSML)):
+        if k:
+            out.special(DSML)
+        out.c(part)
+
+
 def _tool_calls(out: _Out, calls: list[ToolCall]) -> None:
     replay = {c.dsml for c in calls}
     if None not in replay:
         if len(replay) != 1:
             raise ChatError("the tool calls of one assistant message carry different "
                             "dsml blocks")
-        # Sampled by the model: its control strings were control tokens.
-        out.t(replay.pop())  # type: ignore[arg-type]
+        _replay_block(out, replay.pop())  # type: ignore[arg-type]
         return
     out.t(f"<{DSML}tool_calls>\n")
     for k, call in enumerate(calls):
