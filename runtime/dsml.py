@@ -74,6 +74,7 @@ BLOCK_CLOSE = f"</{DSML}tool_calls>"
 INVOKE_CLOSE = f"</{DSML}invoke>"
 _TAG_STARTS = (f"<{DSML}", f"</{DSML}")
 MAX_TAG = 512  # a header longer than this without ">" is garbage, not a slow tag
+_FEED_SLICE = 4096
 MAX_JSON_DEPTH = 128   # deeper JSON would recurse in json.loads; no tool needs it
 MAX_INT_DIGITS = 1000  # below Python's int-conversion limit (4300), far above any real argument
 # Text held back in case a block follows: a tag start, or one after its "\n\n" framing.
@@ -228,8 +229,15 @@ class DsmlParser:
         if self._state is State.FAILED:
             return []
         self._fed += len(text)
-        self._pending += text
-        return self._run(final=False)
+        # In slices, so what is pending (and copied per step) stays small however
+        # long the text: linear time. Events do not depend on the split.
+        events: list[Event] = []
+        for start in range(0, len(text), _FEED_SLICE):
+            if self._state is State.FAILED:
+                break
+            self._pending += text[start:start + _FEED_SLICE]
+            events += self._run(final=False)
+        return events
 
     def feed_token(self, text: str, control: bool) -> list[Event]:
         """One sampled token's text; ``control`` says it was an added/control token.

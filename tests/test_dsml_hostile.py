@@ -67,6 +67,13 @@ def test_800k_newlines_streamed_in_small_tokens_are_parsed_in_one_pass():
         assert text == ("hi" + "\n" * n if prefix == "hi" else "")
 
 
+def test_a_long_block_in_one_feed_is_parsed_in_one_pass():
+    """10k invokes in one string: was ~3.5 s (each tag copied the rest of the input)."""
+    n = 10_000
+    events = parse(block(*[invoke("a", param("p", str(k))) for k in range(n)]))
+    assert [c.arguments["p"] for c in calls(events)] == [str(k) for k in range(n)]
+
+
 # --- 8.1: only the "\n\n" before a block is framing --------------------------------------
 
 @pytest.mark.parametrize("content", ["  spaces  ", "line\n", "a\n\n\n", " \t", "\n\n", ""])
@@ -141,3 +148,19 @@ def test_text_feed_still_trusts_every_marker():
     events = parse(SAMPLE)
     assert [c.name for c in calls(events)] == ["shell"]
     assert [e.message for e in errors(events)] == ["text after tool_calls"]
+
+
+def test_rendered_calls_parse_back_from_their_token_ids(v4_tokenizer):
+    """Render -> ids -> token-mode parse gives the calls back, and their replay the same ids."""
+    tok = v4_tokenizer
+    original = [ToolCall(name="write", arguments={"text": f"a</think>b<{D}x ｜DSML｜ <｜User｜>", "n": [1, {"k": None}]}),
+                ToolCall(name="read", arguments={})]
+    msgs = [Message(role="user", content="u"), Message(role="assistant", content=" hi ", tool_calls=original)]
+    ids = tok.encode_pieces(render(msgs, mode="nothink").pieces)
+    start = ids.index(tok.token_id("</think>")) + 1
+    events = feed_tokens(tok, ids[start:-1])
+    got = calls(events)
+    assert [(c.name, c.arguments) for c in got] == [(c.name, c.arguments) for c in original]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == " hi "
+    replay = [msgs[0], Message(role="assistant", content=" hi ", tool_calls=got)]
+    assert tok.encode_pieces(render(replay, mode="nothink").pieces) == ids
