@@ -12,8 +12,6 @@ use ``read-only`` (the default here), ``auto-edit`` or ``yolo``.
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 import sys
 from pathlib import Path
 
@@ -25,19 +23,13 @@ from magnetar.tools.base import ToolContext
 from .loop import Agent, LoopSettings, Text, TurnEnd
 from .models import data_dir, resolve_model
 from .sandbox_command import tool_options
-from .sessions import LiveSession, SessionStore
+from .sessions import LiveSession, SessionStore, json_utf8
 from .toolset import project_root, standard_tools, with_project_instructions
-
-
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def event_json(event, **extra) -> str:
     body = {**dataclasses.asdict(event), **extra}
-    text = json.dumps({"type": type(event).__name__, **body}, ensure_ascii=False, default=str)
-    # The model may write a lone surrogate as a JSON escape (``"\\ud800"``); UTF-8 stdout cannot
-    # print it, so it goes out as that escape again and a JSON reader gets the same string back.
-    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return json_utf8({"type": type(event).__name__, **body}, default=str)
 
 
 def run(args) -> int:

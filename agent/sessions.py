@@ -32,9 +32,15 @@ from magnetar.runtime.fileio import atomic_write_bytes, sweep_stale_temps
 from .loop import last_reply
 
 TITLE_CHARS = 70
-# A name that is not UTF-8 reaches us surrogate-escaped; UTF-8 cannot hold a lone
-# surrogate, so the transcript keeps it as a JSON escape (read back exactly).
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_utf8(value, default=None) -> str:
+    """``value`` as one line of JSON that UTF-8 can hold. A name that is not UTF-8 reaches us
+    surrogate-escaped, and the model may write a lone surrogate as a JSON escape; UTF-8 cannot
+    hold one, so each goes out as a ``\\uXXXX`` escape and a JSON reader gets the same string back."""
+    text = json.dumps(value, ensure_ascii=False, default=default)
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 class SessionError(MagnetarError):
@@ -95,7 +101,7 @@ class Session:
         self._append({"ts": time.time(), "message": message.model_dump(exclude_none=True)})
 
     def _append(self, record: dict) -> None:
-        line = _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(record, ensure_ascii=False))
+        line = json_utf8(record)
         with open(self.transcript_path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
             fh.flush()

@@ -82,9 +82,12 @@ def test_the_shown_name_opens_reads_and_edits_the_file(project):
     assert not (project / SHOWN).exists()  # no file named with a literal backslash was made
 
 
-def test_a_name_as_git_quotes_it_opens_the_file_too(tmp_path):
-    """git_status and git_diff show the byte in octal (``"bad\\377 name.py"``), as git quotes names."""
+@pytest.mark.parametrize("quote_path", ["true", "false"])
+def test_a_name_as_git_quotes_it_opens_the_file_too(tmp_path, quote_path):
+    """git_status and git_diff show the byte in octal (``"bad\\377 name.py"``), as git quotes names,
+    even where the repository's config says core.quotePath=false (raw bytes would open nothing)."""
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "config", "core.quotePath", quote_path], check=True)
     with open(os.path.join(os.fsencode(tmp_path), BAD), "wb") as fh:
         fh.write(SOURCE)
     ctx = ToolContext(root=tmp_path)

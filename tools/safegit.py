@@ -40,6 +40,9 @@ NEUTRAL_CONFIG = {
     # whose filter drivers the blanking below cannot see: compare submodules by commit only.
     "diff.ignoreSubmodules": "dirty",
     "status.submoduleSummary": "false",
+    # Names that are not UTF-8 come out octal-quoted (\377), which resolve_in_root reads back;
+    # a user's quotePath=false would print raw bytes that decode to U+FFFD and open nothing.
+    "core.quotePath": "true",
 }
 # Filter driver keys are per driver name, so each configured driver is blanked by name (an empty
 # clean/smudge/process means "no filter"; required=false keeps git from failing on the missing filter).
