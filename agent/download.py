@@ -1,11 +1,14 @@
 """``magnetar download NAME``: fetch a DeepSeek V4 Flash GGUF from the Hugging Face hub.
 
 The files are the ones antirez/ds4's download_model.sh fetches. huggingface_hub
-finds each file (size, sha256, signed download URL); the transfer is ours because
-recent hf_hub_download versions throw a partial file away when a run stops, and
-these files are 80-170 GB. An interrupted run leaves ``<file>.part`` in the models folder and the
-next run continues it with an HTTP Range request. The bytes are hashed as they
-arrive, and the file gets its final name only once its size and sha256 match.
+finds each file (size, sha256, signed download URL) and moves the bytes with
+``http_get``, the transfer ``hf_hub_download`` runs (retries, HTTP Range resume,
+redirects, proxies and certificates). ``hf_hub_download`` itself is not called
+because it deletes its partial file when a run stops (huggingface_hub 2.x,
+``_download_to_tmp_and_move``), and these files are 80-170 GB. What is ours: the
+disk-space check before the first byte, ``<file>.part`` kept in the models folder
+so the next run continues it, the sha256 computed as the bytes arrive, a lock so
+two runs never append to one file, and the progress bar.
 """
 
 from __future__ import annotations
@@ -13,22 +16,19 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
-import http.client
 import os
 import re
 import shutil
-import ssl
 import sys
-import time
-import urllib.request
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from huggingface_hub import get_hf_file_metadata, hf_hub_url
+from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import (EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError,
-                                   build_hf_headers)
+                                   build_hf_headers, silent_tqdm)
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
@@ -48,9 +48,6 @@ REMOTE = {
 CHOICES = tuple(REMOTE)
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20
-TIMEOUT = 30.0      # seconds without a byte before a connection counts as dead
-RETRIES = 5         # consecutive attempts that bring no new byte before we give up
-RETRY_DELAY = 2.0   # seconds, doubled after each such attempt
 
 
 @dataclass
@@ -86,23 +83,12 @@ def _locate(endpoint: str, filename: str) -> Remote:
     return Remote(meta.location, meta.size, sha, headers)
 
 
-def _ssl_context() -> ssl.SSLContext:
-    # Python's own CA paths are empty on some macOS builds. huggingface_hub's HTTP stack
-    # brings truststore (the OS store) or certifi, depending on its version.
-    try:
-        import truststore
-        return truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    except ImportError:
-        pass
-    try:
-        import certifi
-        return ssl.create_default_context(cafile=certifi.where())
-    except ImportError:
-        return ssl.create_default_context()
-
-
 class Part:
-    """The ``.part`` file, opened for appending, and the sha256 of what it holds."""
+    """The ``.part`` file, opened for appending, and the sha256 of what it holds.
+
+    ``http_get`` writes to it like a file; when a server ignores the Range request it
+    rewinds to where the download began (0: the file holds only this download) and
+    truncates, which starts the hash over too."""
 
     def __init__(self, file, advance):
         self.file, self.advance = file, advance
@@ -113,46 +99,37 @@ class Part:
             self.done += len(block)
             advance(len(block))
 
-    def add(self, block: bytes) -> None:
+    def write(self, block: bytes) -> None:
         self.file.write(block)
         self.sha.update(block)
         self.done += len(block)
         self.advance(len(block))
 
-    def restart(self) -> None:
+    def tell(self) -> int:
+        return self.done
+
+    def seek(self, offset: int) -> None:
+        if offset != 0:  # http_get only rewinds to where this download began
+            raise ValueError(f"cannot rewind a hashed download to {offset}")
+
+    def truncate(self) -> None:
         self.advance(-self.done)
         self.file.truncate(0)
         self.sha, self.done = hashlib.sha256(), 0
 
 
-def _get(remote: Remote, part: Part, context: ssl.SSLContext) -> None:
-    headers = dict(remote.headers, Range=f"bytes={part.done}-") if part.done else remote.headers
-    request = urllib.request.Request(remote.url, headers=headers)
-    with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as response:
-        if part.done and response.status != 206:  # the server ignored the Range
-            part.restart()
-        while block := response.read(CHUNK):
-            part.add(block)
-
-
-def _transfer(part: Part, remote: Remote, locate) -> None:
-    """Append to ``part`` until it holds ``remote.size`` bytes, retrying what can be retried."""
-    context, attempts, failures, last = _ssl_context(), 0, 0, "the server sent no data"
-    while part.done < remote.size:
-        before = part.done
-        try:
-            if attempts:  # signed URLs expire: ask the hub for a fresh one
-                remote = locate()
-            attempts += 1
-            _get(remote, part, context)
-        except (MagnetarError, OSError, http.client.HTTPException) as err:
-            last = str(err) or type(err).__name__
-        failures = 0 if part.done > before else failures + 1
-        if failures >= RETRIES:
-            raise MagnetarError(f"download stopped at {part.done:,} of {remote.size:,} bytes: {last}",
-                                "run the same command again to resume")
-        if failures:
-            time.sleep(RETRY_DELAY * 2 ** (failures - 1))
+def _transfer(part: Part, remote: Remote) -> None:
+    """Append to ``part`` until it holds the file; http_get retries a dropped connection
+    from the byte it stopped at. Its ``expected_size`` stays unset: given a size over 50 GB it
+    refuses plain HTTP up front (pointing at hf_xet, which cannot continue a partial file);
+    size and hash are checked by the caller."""
+    try:
+        # silent_tqdm: our bar is driven by Part's writes
+        http_get(remote.url, part, resume_size=part.done, headers=remote.headers, tqdm_class=silent_tqdm)
+    except Exception as err:  # httpx, HTTP status and size errors all end the same way: resume later
+        last = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise MagnetarError(f"download stopped at {part.done:,} of {remote.size:,} bytes: {last}",
+                            "run the same command again to resume") from None
 
 
 def _gb(n: int) -> str:
@@ -202,9 +179,9 @@ def download(args: argparse.Namespace) -> int:
         task = bar.add_task(name, total=remote.size) if bar else None
         part = Part(file, lambda n: bar.advance(task, n) if bar else None)
         if part.done > remote.size:  # not a prefix of this file
-            part.restart()
+            part.truncate()
         try:
-            _transfer(part, remote, lambda: _locate(endpoint, filename))
+            _transfer(part, remote)
         except KeyboardInterrupt:
             print(f"\nstopped; {_gb(part.done)} kept in {part_path}: run the same command to resume",
                   file=sys.stderr)

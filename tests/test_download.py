@@ -1,8 +1,8 @@
 """`magnetar download` against a local imitation of the Hugging Face hub.
 
-The fake hub answers what huggingface_hub asks (HEAD on /{repo}/resolve/{rev}/{file},
-redirected to a "CDN" host the way the real hub does for LFS files) and serves the
-bytes with Range support. Nothing leaves the machine.
+The fake hub, served on loopback, answers what huggingface_hub asks (HEAD on
+/{repo}/resolve/{rev}/{file}, redirected to a "CDN" host the way the real hub does for
+LFS files) and serves the bytes with Range support. Nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 import pytest
+from huggingface_hub import constants as hf_constants
 
 from magnetar.agent import download as dl
 from magnetar.agent.models import KNOWN
@@ -100,7 +101,9 @@ def hub(monkeypatch):
     for var in ("HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HTTP_PROXY", "http_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setattr(dl, "RETRY_DELAY", 0.0)
+    # huggingface_hub writes what arrives in 10 MB chunks and drops a cut chunk; at 1000 bytes this
+    # 6000-byte file streams in several chunks, as a real 80 GB file does in 10 MB ones.
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 1000)
     fake = FakeHub()
     thread = threading.Thread(target=fake.server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
