@@ -8,7 +8,7 @@ offers the same three operations on a ``QTensor``:
     moe(x [T, D], ids [T, K], weights [T, K], gate, up, down, limit)
                                           -> f32 [T, D]
 
-``moe`` is the routed-expert step of spec/v4-model.md §3.8 for a batch of
+``moe`` is the routed-expert step of docs/spec/v4-model.md §3.8 for a batch of
 tokens, each with its K selected experts: per (token, slot) pair
 ``mid = silu(min(g, limit)) * clip(u, -limit, limit) * weight`` with
 ``g = x @ gate[e].T`` and ``u = x @ up[e].T``, then ``sum over slots of

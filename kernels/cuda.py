@@ -1,6 +1,6 @@
 """The CUDA backend: ``kernels/cuda/*.cu`` run through ``mx.fast.cuda_kernel``.
 
-Layout of the sources (spec/quant-kernels.md §2.4, §2.5, §4.2):
+Layout of the sources (docs/spec/quant-kernels.md §2.4, §2.5, §4.2):
 
 * ``cuda/portable.cuh`` maps what differs between CUDA and HIP (headers,
   warp shuffles, the warp width ``MG_WARP``); ``cuda/blocks.cuh`` holds the

@@ -1,6 +1,6 @@
 """The Metal backend: ``kernels/metal/*.metal`` run through ``mx.fast.metal_kernel``.
 
-Layout of the sources (spec/quant-kernels.md §2.2, §2.3, §2.5, §4.1):
+Layout of the sources (docs/spec/quant-kernels.md §2.2, §2.3, §2.5, §4.1):
 
 * ``metal/blocks.metal`` holds the per-type block decoders (F32, F16, Q8_0,
   Q2_K, Q4_K, IQ2_XXS) as ``MgChunk<QT>`` and the staging of the IQ2_XXS

@@ -2,7 +2,7 @@
 
 ``quantize(values [rows, cols], type, importance [cols] | None)`` returns raw GGUF
 blocks that ``reference.dequantize`` and ``gguf.quants.dequantize`` decode. The
-algorithms follow the prose of spec/quant-kernels.md §3 (ds4/ggml's choices),
+algorithms follow the prose of docs/spec/quant-kernels.md §3 (ds4/ggml's choices),
 re-derived here; where this code departs from ds4 it says so, and why.
 
 Error weights. Inside a 256-value block, element ``i`` of column ``c`` weighs

@@ -1,6 +1,6 @@
 """Numpy dequantization of raw GGUF rows: the readable oracle.
 
-Block layouts follow spec/v4-model.md §2.4 and spec/quant-kernels.md §1.
+Block layouts follow docs/spec/v4-model.md §2.4 and docs/spec/quant-kernels.md §1.
 Arithmetic is float32 in gguf-py's order, though the order cannot matter: a
 scale is an f16 (at most 11 significant bits) times small integers, so every
 product here is exact in float32 and only the final K-quant subtraction

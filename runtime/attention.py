@@ -1,4 +1,4 @@
-"""The V4 attention sublayer (spec/v4-model.md §3.4-3.7), prefill and decode.
+"""The V4 attention sublayer (docs/spec/v4-model.md §3.4-3.7), prefill and decode.
 
 One layer holds: the q low-rank path, the single shared 512-wide K=V head, the
 raw window ring, and on compressed layers a compressor (ratio 4: two

@@ -1,6 +1,6 @@
 """Checkpoints: a sequence's KV state in a file, to continue it with zero re-processing.
 
-A checkpoint holds what spec/v4-model.md §5.1 lists (the token ids, the
+A checkpoint holds what docs/spec/v4-model.md §5.1 lists (the token ids, the
 next-token logits, per layer the raw window rows in position order, the closed
 compressed and indexer rows and the compressor frontiers) and who may load it:
 the model's identity, the precision its rows were made with, the context and

@@ -4,7 +4,7 @@ One table (``FIELDS``) names every key ds4 validates plus the few llama.cpp
 requires, with the Python field it fills and the GGUF value type we write.
 Dimensions are read from metadata, never hard-coded, so small test models of
 the Flash layout load through the same code; ``check()`` then enforces the
-structural rules every size must obey (spec/v4-model.md §1-§2).
+structural rules every size must obey (docs/spec/v4-model.md §1-§2).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Incremental parser for DeepSeek V4 output: reasoning, text and DSML tool calls.
 
-Feed decoded text as it is sampled; get events back. The grammar (spec/agent.md
+Feed decoded text as it is sampled; get events back. The grammar (docs/spec/agent.md
 1.4, 1.7)::
 
     [reasoning "</think>"] text [ws] "<｜DSML｜tool_calls>" ws

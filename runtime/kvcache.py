@@ -9,7 +9,7 @@ file, and it verifies the checksum; a damaged entry is deleted and the request
 falls back to a shorter prefix or a plain prefill. Recency is the file's mtime
 (touched on every hit); past the byte budget the least recently used go first.
 
-When to save (after ds4's policy, spec/v4-model.md §5.3):
+When to save (after ds4's policy, docs/spec/v4-model.md §5.3):
 
 * ``cold``: a prompt that hit nothing is saved at its length minus ``trim``
   tail tokens (the tail is usually the turn's own text), rounded down to a

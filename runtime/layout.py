@@ -1,7 +1,7 @@
 """The ds4 tensor layout: every tensor's name, GGUF shape and storage role.
 
 Shapes are in GGUF order (``ne``: innermost first, so a weight is ``[in,
-out]``), matching spec/v4-model.md §2.3 with Flash's numbers replaced by the
+out]``), matching docs/spec/v4-model.md §2.3 with Flash's numbers replaced by the
 config's. A *role* says how a tensor may be stored; a *recipe* maps roles to
 GGML types. The reader, ``make-model`` and ``convert`` all use this one table,
 so a file we write is by construction a file we accept.

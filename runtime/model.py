@@ -1,4 +1,4 @@
-"""The DeepSeek V4 forward pass in MLX; read beside spec/v4-model.md §3.
+"""The DeepSeek V4 forward pass in MLX; read beside docs/spec/v4-model.md §3.
 
     X = hc copies of embed(t)                          §3.2
     for each layer:

@@ -1,4 +1,4 @@
-"""Small numeric building blocks of the V4 graph (spec/v4-model.md §3.1, §3.3).
+"""Small numeric building blocks of the V4 graph (docs/spec/v4-model.md §3.1, §3.3).
 
 All math is f32. Every function works on any leading dims, so the same code
 serves a prefill chunk ``[T, ...]`` and a single decode token ``[1, ...]``.
@@ -26,7 +26,7 @@ def matmul(a: mx.array, b: mx.array) -> mx.array:
     """``a @ b`` for a 2-D ``a``; on the CPU a product with many rows runs in numpy.
 
     The ``mlx[cpu]`` wheel links the reference BLAS, which multiplies a prefill chunk
-    20-50x slower than numpy's OpenBLAS (spec/quant-kernels.md §5.2). The hand-off
+    20-50x slower than numpy's OpenBLAS (docs/spec/quant-kernels.md §5.2). The hand-off
     evaluates ``a`` and ``b``, so only host-paced code (prefill) may call this; the
     compiled decode step multiplies in MLX.
     """

@@ -1,4 +1,4 @@
-"""The official model's low-precision round trips (spec/v4-model.md §3.1).
+"""The official model's low-precision round trips (docs/spec/v4-model.md §3.1).
 
 DeepSeek V4 was trained with its KV cache stored as FP8 and its indexer
 activations as FP4, so the "official" precision simulates both: values are

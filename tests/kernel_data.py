@@ -92,6 +92,6 @@ def reference_moe(x: np.ndarray, ids: np.ndarray, w: np.ndarray, mats: list[QTen
 
 
 def weighted_rel_err(x: np.ndarray, q: np.ndarray, imp: np.ndarray) -> float:
-    """spec/quant-kernels.md §3.4's metric: sum imp (x - q)^2 / sum imp x^2."""
+    """docs/spec/quant-kernels.md §3.4's metric: sum imp (x - q)^2 / sum imp x^2."""
     x = x.astype(np.float64)
     return float((imp * (x - q) ** 2).sum() / (imp * x * x).sum())

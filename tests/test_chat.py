@@ -9,7 +9,7 @@ from magnetar.runtime.chat import (Message, Rendered, ToolCall, ToolSpec, render
 from magnetar.runtime.errors import ChatError, MagnetarError
 from magnetar.runtime.tokenizer import Special
 
-# Control tokens spelled out by hand (spec/v4-model.md 6.2), not imported.
+# Control tokens spelled out by hand (docs/spec/v4-model.md 6.2), not imported.
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 U = "<｜User｜>"

@@ -1,4 +1,4 @@
-"""The official precision round trips (spec/v4-model.md §3.1) against an
+"""The official precision round trips (docs/spec/v4-model.md §3.1) against an
 independent numpy reference that enumerates every FP8/FP4 code."""
 
 from __future__ import annotations

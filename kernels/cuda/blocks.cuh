@@ -1,4 +1,4 @@
-// blocks.cuh: per-type decoders for GGUF weight blocks (spec/quant-kernels.md §1).
+// blocks.cuh: per-type decoders for GGUF weight blocks (docs/spec/quant-kernels.md §1).
 //
 // Every kernel sees a weight row as a run of 32-value chunks:
 //   F32, F16   one chunk = 32 plain values (128 or 64 bytes);

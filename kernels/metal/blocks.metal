@@ -1,4 +1,4 @@
-// blocks.metal: decoders of GGUF weight blocks (spec/quant-kernels.md section 1).
+// blocks.metal: decoders of GGUF weight blocks (docs/spec/quant-kernels.md section 1).
 //
 // Pasted into every kernel's header by kernels/metal.py, after the IQ2_XXS
 // tables mg_iq2_grid / mg_iq2_signs (generated there from kernels.reference).

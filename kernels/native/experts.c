@@ -5,7 +5,7 @@
  * K/IQ block, or up to 256 values of Q8_0/F16/F32) is decoded into a small
  * f32 buffer, bit-exact with kernels/reference.py, and then dotted with every
  * activation row that needs it, so a weight row is read once per call.
- * Block layouts: spec/quant-kernels.md section 1.
+ * Block layouts: docs/spec/quant-kernels.md section 1.
  *
  * Exported (all return 0, or a negative code on bad input / no memory):
  *   mg_init        IQ2_XXS tables from Python (grid [256][8], signs [128])
