@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from magnetar.console import progress_bar
 from magnetar.prompts import load
 from magnetar.runtime.engine import Engine
 from magnetar.runtime.kvcache import PrefixCache
@@ -15,7 +16,6 @@ from magnetar.tools.base import ToolContext
 from magnetar.tools.edit import UndoJournal
 
 from .loop import Agent, LoopSettings
-from .model_commands import progress_bar
 from .models import ModelNotFound, data_dir, missing_model_help, resolve_model
 from .sandbox_command import tool_options
 from .sessions import LiveSession, SessionStore

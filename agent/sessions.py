@@ -273,3 +273,12 @@ class LiveSession:
             return []
         rendered = chat.render(messages[:last + 1], self.agent.specs, self.agent.settings.mode)
         return self.agent.engine.tokenizer.encode_pieces(rendered.pieces)
+
+
+def list_command(args) -> int:
+    """``magnetar sessions``."""
+    from .models import data_dir
+
+    sessions = SessionStore(data_dir() / "sessions").all()
+    print(render_list(sessions) if sessions else f"no sessions yet in {data_dir() / 'sessions'}")
+    return 0

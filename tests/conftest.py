@@ -15,8 +15,8 @@ import pytest
 _ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
-from magnetar.runtime.gguf_write import v4_tokenizer_meta
-from magnetar.runtime.make_model import make_model
+from magnetar.runtime.lab.gguf_write import v4_tokenizer_meta
+from magnetar.runtime.lab.make_model import make_model
 from magnetar.runtime.tokenizer import Tokenizer
 
 

@@ -12,9 +12,9 @@ from typing import Callable
 import numpy as np
 
 from magnetar.runtime.config import ModelConfig
-from magnetar.runtime.gguf_write import TokenizerMeta, write_gguf
+from magnetar.runtime.lab.gguf_write import TokenizerMeta, write_gguf
 from magnetar.runtime.layout import GGMLType, TensorSpec, expected_tensors, tensor_nbytes, type_for
-from magnetar.runtime.make_model import random_tensor
+from magnetar.runtime.lab.make_model import random_tensor
 from magnetar.runtime.tokenizer import CONTROL_STRINGS, byte_to_unicode
 
 MICRO = dict(

@@ -17,13 +17,13 @@ import time
 
 import pytest
 
-from magnetar.runtime import bench
-from magnetar.runtime.bench import Sample, order_for, render_table, run, summarize, write_csv
-from magnetar.runtime.bench_peers import (INSTALL, LlamaCppPeer, MlxLmPeer, TransformersPeer,
+from magnetar.runtime.lab import bench
+from magnetar.runtime.lab.bench import Sample, order_for, render_table, run, summarize, write_csv
+from magnetar.runtime.lab.bench_peers import (INSTALL, LlamaCppPeer, MlxLmPeer, TransformersPeer,
                                           hf_config_kwargs, make_peers, parse_names, v41_schedule)
 from magnetar.runtime.config import ModelConfig
 from magnetar.runtime.errors import UsageError
-from magnetar.runtime.make_model import PRESETS
+from magnetar.runtime.lab.make_model import PRESETS
 
 HAVE_HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "torch"))
 HAVE_MLX_LM = importlib.util.find_spec("mlx_lm") is not None
@@ -331,7 +331,7 @@ def test_render_warns_when_other_processes_were_busy():
 
 
 def test_bench_kernels_times_every_variant_on_the_bytes_it_reads():
-    from magnetar.runtime import bench_kernels
+    from magnetar.runtime.lab import bench_kernels
 
     cases = bench_kernels.run("q2", "cpu", n_experts=8, d_model=256, ffn=256, k=3, prefill_tokens=20, reps=2)
     per_expert = 2 * 256 * 256 * 66 // 256 + 256 * 256 * 84 // 256  # IQ2_XXS gate/up + Q2_K down
@@ -348,7 +348,7 @@ def test_bench_kernels_times_every_variant_on_the_bytes_it_reads():
 def test_bench_resume_restores_what_it_prefilled(tiny_models, capsys):
     """The command checks each restore against the prefill's logits itself; here its
     table and sizes: one row per length, bytes growing with the tokens."""
-    from magnetar.agent.cli import main
+    from magnetar.cli import main
 
     assert main(["bench", "resume", "-m", str(tiny_models("q8")), "--lengths", "40,300", "--reps", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
@@ -358,7 +358,7 @@ def test_bench_resume_restores_what_it_prefilled(tiny_models, capsys):
 
 
 def test_bench_resume_bad_lengths_are_one_line(tiny_models, capsys):
-    from magnetar.agent.cli import main
+    from magnetar.cli import main
 
     assert main(["bench", "resume", "-m", str(tiny_models("q8")), "--lengths", "8k"]) == 2
     err = capsys.readouterr().err

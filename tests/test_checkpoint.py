@@ -17,7 +17,7 @@ import pytest
 
 from magnetar.runtime import checkpoint as ckpt
 from magnetar.runtime.engine import Engine
-from magnetar.runtime.make_model import make_model
+from magnetar.runtime.lab.make_model import make_model
 
 CTX = 1024
 

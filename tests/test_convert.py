@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_tiny import TinyHF, build_tiny_hf
 from magnetar.runtime.config import ModelConfig
-from magnetar.runtime.convert import convert, model_config_from_hf
+from magnetar.runtime.lab.convert import convert, model_config_from_hf
 from magnetar.runtime.errors import ConvertError
 from magnetar.runtime.gguf_read import ModelFile, open_model
 from magnetar.runtime.layout import expected_tensors, type_for
@@ -213,7 +213,7 @@ def test_low_bit_recipes_quantize_each_expert(wide, tmp_path, recipe):
     imatrix, the importance of that expert's slice (packed as ds4 packs it)."""
     from magnetar.kernels import GGMLType
     from magnetar.kernels.quantize import quantize
-    from magnetar.runtime.imatrix import Imatrix, write_dat
+    from magnetar.runtime.lab.imatrix import Imatrix, write_dat
 
     cfg = open_model(convert(wide.folder, tmp_path / "f32.gguf", "f32")).config
     name = "blk.3.ffn_gate_exps.weight"
@@ -291,7 +291,7 @@ def test_yarn_magnitude_scaling_refused(tiny):
 
 
 def test_convert_command_writes_a_loadable_model(tiny, tmp_path, capsys):
-    from magnetar.agent.cli import main
+    from magnetar.cli import main
 
     out = tmp_path / "cli.gguf"
     assert main(["convert", str(tiny.folder), "-o", str(out), "--recipe", "f16"]) == 0

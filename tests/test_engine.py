@@ -28,7 +28,7 @@ from magnetar.kernels import reference, row_bytes
 from magnetar.runtime.engine import ContextFull, Engine
 from magnetar.runtime.errors import UsageError
 from magnetar.runtime.gguf_read import open_model
-from magnetar.runtime.gguf_write import v4_tokenizer_meta, write_gguf
+from magnetar.runtime.lab.gguf_write import v4_tokenizer_meta, write_gguf
 from magnetar.runtime.layout import GGMLType, expected_tensors, type_for
 from magnetar.runtime.precision import f16_round, fp8_kv_round_trip
 

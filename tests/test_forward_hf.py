@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from hf_tiny import TinyHF, build_tiny_hf
-from magnetar.runtime.convert import convert
+from magnetar.runtime.lab.convert import convert
 from magnetar.runtime.engine import Engine
 
 WINDOW = 128

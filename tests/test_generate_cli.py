@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from magnetar.agent.cli import main
+from magnetar.cli import main
 from magnetar.runtime.engine import Engine
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from magnetar.agent import headless
-from magnetar.agent.cli import main
+from magnetar.cli import main
 from scripted_engine import NoPrefixCache, ScriptedEngine
 from test_agent_loop import block, call
 

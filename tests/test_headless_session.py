@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from magnetar.agent.cli import main
+from magnetar.cli import main
 from magnetar.agent.loop import Agent, LoopSettings
 from magnetar.agent.sessions import LiveSession, SessionStore
 from magnetar.runtime.engine import Engine

@@ -10,7 +10,7 @@ import pytest
 
 from magnetar.kernels import reference
 from magnetar.runtime.engine import Engine
-from magnetar.runtime.imatrix import Collector, Imatrix, ImatrixError, write_dat
+from magnetar.runtime.lab.imatrix import Collector, Imatrix, ImatrixError, write_dat
 
 
 def _parse_dat(data: bytes) -> dict[str, tuple[int, np.ndarray]]:
@@ -117,7 +117,7 @@ def test_collected_file_has_every_expert_tensor(tiny_models, tmp_path):
 
 
 def test_imatrix_command_end_to_end(tiny_models, tmp_path):
-    from magnetar.agent.cli import main
+    from magnetar.cli import main
 
     prompts = tmp_path / "calib.txt"
     prompts.write_text("def add(a, b):\n    return a + b\n---\nThe cache holds the keys.\n---\n\n")
@@ -132,7 +132,7 @@ def test_imatrix_command_end_to_end(tiny_models, tmp_path):
 
 def test_prompt_files(tmp_path):
     from magnetar.runtime.errors import UsageError
-    from magnetar.runtime.prompt_file import read_prompts
+    from magnetar.runtime.lab.prompt_file import read_prompts
 
     text = tmp_path / "p.txt"
     text.write_text("one\nline two\n---\n\n---\nthree\n")

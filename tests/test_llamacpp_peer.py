@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from magnetar.runtime.bench_peers import llama_cpp_model
+from magnetar.runtime.lab.bench_peers import llama_cpp_model
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional peer)")
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from magnetar.agent.cli import main
+from magnetar.cli import main
 from magnetar.runtime.gguf_read import open_model
 from magnetar.runtime.layout import GGMLType
 
@@ -105,7 +105,7 @@ def test_inspect_shows_schedule_quant_mix_and_kv(tiny_models, capsys):
 def test_bad_model_through_the_installed_command_exits_nonzero_without_traceback(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
-    proc = subprocess.run([sys.executable, "-m", "magnetar.agent.cli", "inspect", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "magnetar.cli", "inspect", str(bad)],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

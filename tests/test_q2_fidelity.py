@@ -46,10 +46,10 @@ import pytest
 from ggml_peer import ggml_quantize, require_ggml
 from hf_tiny import TINY_HF
 from magnetar.kernels import GGMLType
-from magnetar.runtime import quality
-from magnetar.runtime.convert import convert
+from magnetar.runtime.lab import quality
+from magnetar.runtime.lab.convert import convert
 from magnetar.runtime.engine import Engine
-from magnetar.runtime.imatrix import Collector, Imatrix, write_dat
+from magnetar.runtime.lab.imatrix import Collector, Imatrix, write_dat
 from trained_tiny import SEQ, TrainedTiny, trained_tiny
 
 BAR = 0.90

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from magnetar.agent.cli import main
-from magnetar.runtime import quality
+from magnetar.cli import main
+from magnetar.runtime.lab import quality
 from magnetar.runtime.errors import UsageError
 from magnetar.runtime.gguf_read import open_model
-from magnetar.runtime.prompt_file import read_prompts
+from magnetar.runtime.lab.prompt_file import read_prompts
 
 FIB = "def fibonacci(n):\n    if n < 2:\n        return n\n\n    return fibonacci(n - 1) + fibonacci(n - 2)"
 FOX = "The quick brown fox jumps over the lazy dog while the cache warms up."
@@ -184,7 +184,7 @@ def test_command_errors_are_one_line(tiny_models, tmp_path, capsys):
 
 
 def test_models_with_another_architecture_are_refused(tiny_models, tmp_path, capsys, monkeypatch):
-    from magnetar.runtime import make_model as mm
+    from magnetar.runtime.lab import make_model as mm
 
     monkeypatch.setitem(mm.PRESETS, "tiny-3", lambda: mm.PRESETS["tiny"]().model_copy(
         update={"n_layer": 3, "compress_ratios": [0, 0, 4], "swiglu_clamp": [10.0] * 3}))

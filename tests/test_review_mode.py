@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 
 from magnetar.agent import review_mode
-from magnetar.agent.cli import build_parser, main
+from magnetar.cli import build_parser, main
 from magnetar.agent.loop import LoopSettings, ToolFinished
 from magnetar.agent.review_mode import (exit_code, review, scope_text, sort_findings, to_json, to_markdown,
                                         to_sarif, write_report)

@@ -79,7 +79,7 @@ class World:
 
     def sandbox(self, *argv: str, mode: str = "yolo", network: bool = False) -> subprocess.CompletedProcess:
         flags = ["--mode", mode] + (["--allow-network"] if network else [])
-        return subprocess.run([sys.executable, "-m", "magnetar.agent.cli", "sandbox", *flags, "--", *argv],
+        return subprocess.run([sys.executable, "-m", "magnetar.cli", "sandbox", *flags, "--", *argv],
                               cwd=self.project, env=self.env, capture_output=True, text=True, timeout=120)
 
 
@@ -170,14 +170,14 @@ def test_unix_sockets_in_tmp_and_run_are_out_of_reach(world):
             probe = f"import socket; socket.socket(socket.AF_UNIX).connect({path!r}); print('connected')"
             done = world.sandbox("python3", "-c", probe)
             assert done.returncode != 0 and done.stdout.splitlines()[-1] != "connected", done.stdout + done.stderr
-            unconfined = subprocess.run([sys.executable, "-m", "magnetar.agent.cli", "sandbox", "--dangerously-no-sandbox",
+            unconfined = subprocess.run([sys.executable, "-m", "magnetar.cli", "sandbox", "--dangerously-no-sandbox",
                                          "--", "python3", "-c", probe], cwd=world.project, env=world.env,
                                         capture_output=True, text=True, timeout=120)
             assert unconfined.stdout.splitlines()[-1] == "connected", unconfined.stdout + unconfined.stderr
 
 
 def test_dangerously_no_sandbox_says_so_loudly(world):
-    done = subprocess.run([sys.executable, "-m", "magnetar.agent.cli", "sandbox", "--dangerously-no-sandbox",
+    done = subprocess.run([sys.executable, "-m", "magnetar.cli", "sandbox", "--dangerously-no-sandbox",
                            "--", "touch", str(world.outside / "made")], cwd=world.project, env=world.env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "WARNING: --dangerously-no-sandbox" in done.stderr

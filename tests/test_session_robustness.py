@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from magnetar.agent.cli import main
+from magnetar.cli import main
 from magnetar.agent.sessions import SessionStore
 from magnetar.runtime import chat
 

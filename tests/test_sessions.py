@@ -86,7 +86,7 @@ def test_list_open_and_latest(saved, tmp_path):
 
 
 def test_sessions_command_lists_them(saved, tmp_path, monkeypatch, capsys):
-    from magnetar.agent.cli import main
+    from magnetar.cli import main
 
     store, session, _ = saved
     monkeypatch.setenv("MAGNETAR_HOME", str(tmp_path / "home"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from magnetar.agent.cli import main
+from magnetar.cli import main
 from magnetar.runtime import chat
 from magnetar.runtime.engine import THINK_MAX_MIN_CTX, Engine
 

@@ -79,7 +79,7 @@ def test_tokenizer_loads_from_model_metadata(tiny_models, v4_tokenizer):
 
 def test_without_token_types_added_tokens_are_found_by_shape(v4_tokenizer):
     """ds4 reads only tokens and merges; we must still find every added token."""
-    from magnetar.runtime.gguf_write import v4_tokenizer_meta
+    from magnetar.runtime.lab.gguf_write import v4_tokenizer_meta
 
     meta = v4_tokenizer_meta()
     untyped = Tokenizer(meta.tokens, meta.merges, None)

@@ -16,7 +16,7 @@ import pytest
 from pydantic import BaseModel
 
 from magnetar.agent import review_mode
-from magnetar.agent.cli import build_parser, main
+from magnetar.cli import build_parser, main
 from magnetar.agent.loop import Agent, LoopSettings, ToolFinished, TurnEnd
 from magnetar.tools.base import Tool, ToolContext, ToolResult
 from magnetar.tools.edit import EditFile, UndoJournal, WriteFile

@@ -66,7 +66,7 @@ class TrainedTiny:
 
 
 def _tokenizer():
-    from magnetar.runtime.gguf_write import v4_tokenizer_meta
+    from magnetar.runtime.lab.gguf_write import v4_tokenizer_meta
     from magnetar.runtime.tokenizer import Tokenizer
 
     meta = v4_tokenizer_meta()  # the table convert writes into the GGUF, so the engine encodes alike

@@ -38,8 +38,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
-from .errors import UsageError
-from .fileio import atomic_writer
+from ..errors import UsageError
+from ..fileio import atomic_writer
 
 MODES = ("decode", "prefill")
 

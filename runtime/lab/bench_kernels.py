@@ -28,7 +28,7 @@ import numpy as np
 from magnetar.kernels import GGMLType, reference
 from magnetar.kernels.backend import QTensor, backend
 
-from .layout import EXPERT_TRIPLES
+from ..layout import EXPERT_TRIPLES
 from .make_model import random_blocks
 
 LIMIT = 10.0

@@ -7,12 +7,12 @@ users never see a traceback for a problem they can fix.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable, Sequence
 
+from magnetar.agent import models
 from magnetar.runtime.errors import MagnetarError
-
-from . import model_commands, models, run_commands
 
 PRESETS = ("tiny", "small", "mini-flash")
 RECIPES = ("f32", "f16", "q8", "q2", "q4")
@@ -38,14 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=RECIPES, default="q8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, metavar="PATH")
-    p.set_defaults(run=model_commands.make_model)
+    p.set_defaults(run=_command("runtime.lab.commands", "make_model"))
 
     p = sub.add_parser("convert", help="convert a transformers DeepseekV4 checkpoint to a ds4-layout GGUF")
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("-o", "--output", required=True, metavar="OUT.gguf")
     p.add_argument("--recipe", choices=RECIPES, default="q8")
     p.add_argument("--imatrix", metavar="FILE.dat", help="importance matrix for the q2/q4 experts (magnetar imatrix)")
-    p.set_defaults(run=model_commands.convert)
+    p.set_defaults(run=_command("runtime.lab.commands", "convert"))
 
     p = sub.add_parser("tokenize", help="print the token ids of a text or a rendered chat prompt")
     p.add_argument("-m", "--model", required=True, metavar="MODEL")
@@ -54,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="render as a chat prompt (BOS, user turn, assistant opener)")
     p.add_argument("--system", default=None, metavar="TEXT", help="system text for --chat")
     _add_mode_flags(p)
-    p.set_defaults(run=model_commands.tokenize)
+    p.set_defaults(run=_command("runtime.lab.commands", "tokenize"))
 
     p = sub.add_parser("inspect", help="summarize a model file")
     p.add_argument("model", metavar="MODEL")
-    p.set_defaults(run=model_commands.inspect)
+    p.set_defaults(run=_command("runtime.lab.commands", "inspect"))
 
     p = sub.add_parser("generate", help="chat-render a prompt and stream the model's answer")
     p.add_argument("-m", "--model", required=True, metavar="MODEL")
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-logprobs", default=None, metavar="OUT.json",
                    help="write each generated token's logprob and the top alternatives")
     p.add_argument("--logprobs-top-k", type=int, default=0, metavar="K")
-    p.set_defaults(run=run_commands.generate)
+    p.set_defaults(run=_command("agent.generate_command", "generate"))
 
     p = sub.add_parser("run", help="headless: run one task with the agent's tools, print the answer")
     p.add_argument("-p", "--prompt", required=True, metavar="TEXT", help="the task")
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--nothink", dest="think_mode", action="store_const", const="nothink")
     g.add_argument("--think", dest="think_mode", action="store_const", const="think")
-    p.set_defaults(run=_run_headless, think_mode="think")
+    p.set_defaults(run=_command("agent.headless", "run"), think_mode="think")
 
     p = sub.add_parser("sandbox", help="run one command exactly as the agent's shell tool would (same OS "
                                        "sandbox); exit with its code")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sandbox_flags(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
                    help="one word is a bash command line; several are quoted as given")
-    p.set_defaults(run=_sandbox)
+    p.set_defaults(run=_command("agent.sandbox_command", "run"))
 
     p = sub.add_parser("review", help="review code or a diff with read-only tools; markdown, JSON or SARIF")
     p.add_argument("path", nargs="?", default=".", metavar="PATH", help="file or folder (default: the repository)")
@@ -123,15 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens the model may write per step")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--temp", type=float, default=1.0)
-    p.set_defaults(run=_review)
+    p.set_defaults(run=_command("agent.review_mode", "run"))
 
     p = sub.add_parser("download", help="download a DeepSeek V4 Flash GGUF into the models folder")
     p.add_argument("name", choices=tuple(models.KNOWN), help="q2-imatrix is the one to start with")
     p.add_argument("--dir", default=None, metavar="DIR", help="destination folder (default: the models folder)")
-    p.set_defaults(run=_download)
+    p.set_defaults(run=_command("agent.download", "download"))
 
     p = sub.add_parser("sessions", help="list saved sessions (id, age, tokens, size, repository, title)")
-    p.set_defaults(run=_list_sessions)
+    p.set_defaults(run=_command("agent.sessions", "list_command"))
 
     p = sub.add_parser("imatrix", help="collect an importance matrix for quantizing the routed experts")
     p.add_argument("-m", "--model", required=True, metavar="MODEL")
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT.dat")
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens per prompt (longer ones are cut)")
     p.add_argument("--ctx", type=int, default=4096)
-    p.set_defaults(run=run_commands.imatrix)
+    p.set_defaults(run=_command("runtime.lab.commands", "imatrix"))
 
     p = sub.add_parser("quality", help="KL divergence and top-k agreement of a quantized model vs a reference")
     p.add_argument("-m", "--model", required=True, metavar="QUANT", help="the quantized model")
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None, metavar="N",
                    help="the engines' context in tokens (default: --max-tokens)")
     p.add_argument("--json", metavar="OUT.json", help="also write per-prompt and overall numbers as JSON")
-    p.set_defaults(run=run_commands.quality)
+    p.set_defaults(run=_command("runtime.lab.commands", "quality"))
 
     p = sub.add_parser("bench", help="decode/prefill speed side by side with optional peers; kernels vs the "
                                      "memory floor; checkpoint resume vs re-prefill")
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", type=int, default=256, help="kernels: experts in the stack")
     p.add_argument("--lengths", default="8192,32768", metavar="N,N",
                    help="resume: sequence lengths in tokens (default 8192,32768)")
-    p.set_defaults(run=run_commands.bench)
+    p.set_defaults(run=_command("runtime.lab.commands", "bench"))
     return parser
 
 
@@ -193,43 +193,12 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
                    help="run shell commands outside the OS sandbox, with all of your rights")
 
 
-def _sandbox(args: argparse.Namespace) -> int:
-    from .sandbox_command import run
+def _command(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A room's command, imported when it runs: ``magnetar sandbox`` need not load MLX."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f"magnetar.{module}"), function)(args)
 
-    return run(args)
-
-
-def _open_tui(args: argparse.Namespace) -> int:
-    from .launch import open_tui
-
-    return open_tui(args)
-
-
-def _list_sessions(args: argparse.Namespace) -> int:
-    from .models import data_dir
-    from .sessions import SessionStore, render_list
-
-    sessions = SessionStore(data_dir() / "sessions").all()
-    print(render_list(sessions) if sessions else f"no sessions yet in {data_dir() / 'sessions'}")
-    return 0
-
-
-def _review(args: argparse.Namespace) -> int:
-    from .review_mode import run
-
-    return run(args)
-
-
-def _download(args: argparse.Namespace) -> int:
-    from .download import download
-
-    return download(args)
-
-
-def _run_headless(args: argparse.Namespace) -> int:
-    from .headless import run
-
-    return run(args)
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.prompt_tokens = 512 if args.mode == "prefill" else 128
     if run is None:
         args.model, args.ctx, args.mode = args.tui_model, args.tui_ctx, args.tui_mode
-        run = _open_tui
+        run = _command("agent.launch", "open_tui")
     try:
         return run(args)
     except MagnetarError as err:

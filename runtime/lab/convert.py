@@ -53,11 +53,11 @@ from pydantic import ValidationError
 
 from magnetar.kernels.quantize import quantize
 
-from .config import RATIOS, ModelConfig
-from .errors import ConvertError, GGUFError
+from ..config import RATIOS, ModelConfig
+from ..errors import ConvertError, GGUFError
+from ..layout import BLOCK, GGMLType, TensorSpec, expected_tensors, type_for
 from .gguf_write import TokenizerMeta, v4_tokenizer_meta, write_gguf
 from .imatrix import Imatrix
-from .layout import BLOCK, GGMLType, TensorSpec, expected_tensors, type_for
 
 CONVERT_RECIPES = ("f32", "f16", "q8", "q2", "q4")
 

@@ -34,10 +34,10 @@ import numpy as np
 
 from magnetar.kernels.quantize import quantize
 
-from .config import ModelConfig
-from .errors import UsageError
+from ..config import ModelConfig
+from ..errors import UsageError
+from ..layout import BLOCK, EXPERT_ROLES, RECIPES, GGMLType, TensorSpec, expected_tensors, type_for
 from .gguf_write import v4_tokenizer_meta, write_gguf
-from .layout import BLOCK, EXPERT_ROLES, RECIPES, GGMLType, TensorSpec, expected_tensors, type_for
 
 V4_VOCAB = 129280
 FLASH_SCHEDULE = [0, 0] + [4 if il % 2 == 0 else 128 for il in range(2, 43)]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import ModelConfig
-from .gguf_read import ModelFile
+from ..config import ModelConfig
+from ..gguf_read import ModelFile
 
 # Groups as in spec/v4-model.md §7.1, matched on tensor name pieces in order.
 _GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (

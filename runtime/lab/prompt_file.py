@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 SEPARATOR = "---"
 _FIX = "separate prompts with '---' lines, or use a .jsonl file of {\"text\": ...} objects"

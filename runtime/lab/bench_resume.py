@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import Engine
+from ..engine import Engine
 
 
 @dataclass

@@ -26,8 +26,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import MagnetarError
-from .fileio import atomic_write_bytes
+from ..errors import MagnetarError
+from ..fileio import atomic_write_bytes
 
 
 class ImatrixError(MagnetarError):

@@ -41,10 +41,10 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 import numpy as np
 
-from .engine import Engine
-from .errors import MagnetarError, UsageError
-from .fileio import atomic_write_bytes
-from .gguf_read import ModelFile, open_model
+from ..engine import Engine
+from ..errors import MagnetarError, UsageError
+from ..fileio import atomic_write_bytes
+from ..gguf_read import ModelFile, open_model
 
 CHUNK_ROWS = 32  # rows of float64 [rows, vocab] work arrays: 33 MB each at V4's vocabulary
 TOKENIZER_KEYS = ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id")

@@ -19,9 +19,9 @@ from typing import Any, Callable, Sequence
 import gguf
 import numpy as np
 
-from .config import ARCH, GATING_SQRT_SOFTPLUS, ModelConfig
-from .fileio import fsync_dir
-from .layout import BLOCK, NUMPY_DTYPE, GGMLType, TensorSpec, tensor_nbytes
+from ..config import ARCH, GATING_SQRT_SOFTPLUS, ModelConfig
+from ..fileio import fsync_dir
+from ..layout import BLOCK, NUMPY_DTYPE, GGMLType, TensorSpec, tensor_nbytes
 
 
 @dataclass

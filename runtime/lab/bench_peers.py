@@ -31,11 +31,13 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import mlx.core as mx
 import numpy as np
 
+from ..config import ModelConfig
+from ..engine import Engine
+from ..errors import UsageError
 from .bench import Peer
-from .config import ModelConfig
-from .errors import UsageError
 
 LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention",
               128: "heavily_compressed_attention"}
@@ -285,7 +287,6 @@ class MlxLmPeer:
         except ImportError:
             raise UsageError(f"mlx-lm {getattr(mlx_lm, '__version__', '?')} has no deepseek_v41 model",
                              INSTALL["mlx-lm"]) from None
-        import mlx.core as mx
         from mlx.utils import tree_flatten, tree_unflatten
         from mlx_lm.generate import generate_step
         from mlx_lm.models.cache import make_prompt_cache
@@ -468,7 +469,7 @@ class LlamaCppPeer:
         if _version_tuple(version) < (0, 3, 36):
             raise UsageError(f"llama-cpp-python {version} predates llama.cpp's deepseek4 architecture",
                              INSTALL["llama.cpp"])
-        from .gguf_read import open_model
+        from ..gguf_read import open_model
 
         path = Path(path)
         mf = open_model(path)  # our own checks first: a clear error for a bad file
@@ -570,7 +571,7 @@ def make_peers(names: str | Sequence[str], model_path: str | os.PathLike,
     """
     wanted = parse_names(names)
     if cfg is None:
-        from .gguf_read import open_model
+        from ..gguf_read import open_model
 
         cfg = open_model(model_path).config
     peers = []
@@ -581,3 +582,35 @@ def make_peers(names: str | Sequence[str], model_path: str | os.PathLike,
             progress(name, time.perf_counter() - t0)
         peers.append(peer)
     return peers
+
+
+class EnginePeer:
+    """Our engine as a bench peer: greedy decode through ``Engine.generate``."""
+
+    name = "magnetar"
+
+    def __init__(self, path: str, ctx: int):
+        self.engine = Engine.load(path, ctx=ctx)
+        cfg = self.engine.config
+        self.detail = (f"MLX {mx.__version__} ({mx.default_device()}), {cfg.n_layer} layers, d {cfg.d_model}, "
+                       f"{self.engine.file.recipe} file, precision {self.engine.precision}")
+        self._host: list[float] = []
+
+    def prefill(self, ids: list[int]) -> None:
+        self.engine.reset()
+        self.engine.prefill(ids)
+
+    def decode(self, n: int) -> list[float]:
+        times, self._host = [], []
+        stream = self.engine.generate(max_tokens=n, temperature=0, ignore_eos=True)
+        t0 = time.perf_counter()
+        for _ in stream:
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            self._host.append(self.engine.stats.last_step_host_seconds)
+            t0 = t1
+        return times
+
+    def extra(self) -> dict[str, float]:
+        """Median host time per token: building and dispatching the step graph, and sampling."""
+        return {"host_ms": 1e3 * sorted(self._host)[len(self._host) // 2]} if self._host else {}

@@ -1,0 +1,35 @@
+"""Terminal helpers every room's commands share: a progress bar on stderr and
+``@FILE`` prompt arguments. No room's logic lives here."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from magnetar.runtime.errors import UsageError
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    console = Console(stderr=True)
+    if not console.is_terminal:  # logs and pipes get the final line only
+        yield lambda done, total: None
+        return
+    with Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def read_prompt(value: str) -> str:
+    if not value.startswith("@"):
+        return value
+    path = Path(value[1:])
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as err:
+        raise UsageError(f"cannot read prompt file {path}: {err.strerror}") from None

@@ -1,0 +1,206 @@
+"""The lab's commands: make-model, convert, tokenize, inspect, imatrix, quality, bench."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from magnetar.console import progress_bar, read_prompt
+
+from ..engine import Engine
+from ..errors import UsageError
+from ..gguf_read import open_model
+from .summary import layer_ranges, summarize
+
+RATIO_NAMES = {0: "sliding window only", 4: "CSA: ratio 4 + lightning indexer", 128: "HCA: ratio 128"}
+
+
+def make_model(args: argparse.Namespace) -> int:
+    from .make_model import make_model as build
+
+    start = time.perf_counter()
+    with progress_bar(f"writing {args.preset}/{args.recipe}") as report:
+        path = build(args.preset, args.recipe, args.seed, args.output, progress=report)
+    size = path.stat().st_size
+    print(f"wrote {path} ({_bytes(size)}, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from .convert import convert as run_convert
+    from .imatrix import Imatrix
+
+    imatrix = Imatrix.read(args.imatrix) if args.imatrix else None
+    start = time.perf_counter()
+    with progress_bar(f"converting to {args.recipe}") as report:
+        path = run_convert(args.hf_dir, args.output, args.recipe, progress=report, imatrix=imatrix)
+    print(f"wrote {path} ({_bytes(path.stat().st_size)}, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def tokenize(args: argparse.Namespace) -> int:
+    from ..chat import Message, render
+
+    tok = open_model(args.model).tokenizer
+    text = read_prompt(args.prompt)
+    if args.chat:
+        messages = [Message(role="system", content=args.system)] if args.system else []
+        messages.append(Message(role="user", content=text))
+        ids = tok.encode_pieces(render(messages, mode=args.mode).pieces)
+    else:
+        if args.system is not None:
+            raise UsageError("--system only applies with --chat")
+        ids = tok.encode(text)
+    print(" ".join(map(str, ids)))
+    print(f"{len(ids)} tokens")
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    s = summarize(open_model(args.model))
+    cfg = s.config
+    console = Console()
+    console.print(f"[bold]{s.name}[/bold]  architecture [cyan]{s.architecture}[/cyan]  "
+                  f"recipe [cyan]{s.recipe}[/cyan]  {_bytes(s.file_bytes)} on disk, "
+                  f"{s.n_tensors} tensors")
+    console.print(
+        f"{cfg.n_layer} layers, hidden {cfg.d_model}, {cfg.n_head} heads x {cfg.head_dim} "
+        f"(RoPE {cfg.rope_dim}), q_lora {cfg.q_lora_rank}, output {cfg.o_groups} groups x "
+        f"{cfg.o_lora_rank}, vocab {cfg.vocab_size}")
+    console.print(
+        f"experts {cfg.n_expert} x {cfg.expert_ffn} (top {cfg.n_expert_used}, "
+        f"{cfg.n_expert_shared} shared, scale {cfg.expert_weights_scale:g}), hash-routed layers "
+        f"0-{cfg.hash_layers - 1}, window {cfg.window}, indexer {cfg.indexer_heads} x "
+        f"{cfg.indexer_dim} top {cfg.indexer_top_k}, HC {cfg.hc} streams")
+
+    sched = Table(title="Layer schedule", title_justify="left")
+    sched.add_column("layers")
+    sched.add_column("attention")
+    for ratio, layers in s.schedule.items():
+        sched.add_row(layer_ranges(layers), RATIO_NAMES[ratio])
+    console.print(sched)
+
+    quant = Table(title="Weights by group", title_justify="left")
+    quant.add_column("group")
+    quant.add_column("types")
+    quant.add_column("bytes", justify="right")
+    quant.add_column("share", justify="right")
+    for g in sorted(s.groups, key=lambda g: -g.nbytes):
+        types = ", ".join(f"{t} {_bytes(b)}" if len(g.types) > 1 else t for t, b in g.types.items())
+        quant.add_row(g.name, types, _bytes(g.nbytes), f"{100 * g.nbytes / s.tensor_bytes:.1f}%")
+    quant.add_row("[bold]total[/bold]", "", f"[bold]{_bytes(s.tensor_bytes)}[/bold]", "100%")
+    console.print(quant)
+
+    per_token = s.kv_elems_per_token
+    console.print(
+        f"KV cache: {per_token * 2:,.0f} B/token as f16 ({per_token * 4:,.0f} B/token in ds4's f32 "
+        f"layout) + a fixed raw window of {_bytes(s.raw_window_elems * 2)} (f16); "
+        f"at {cfg.context_length:,} tokens ~{_bytes(per_token * 2 * cfg.context_length)}")
+    return 0
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def bench(args: argparse.Namespace) -> int:
+    from . import bench as harness
+    from .bench_peers import EnginePeer, make_peers
+
+    if args.mode == "kernels":
+        return bench_kernels(args)
+    if args.mode == "resume":
+        return bench_resume(args)
+    if not args.model:
+        raise UsageError(f"bench {args.mode} needs a model", "pass -m MODEL")
+    if args.tokens < 1 or args.reps < 1 or args.prompt_tokens < 1:
+        raise UsageError("--tokens, --reps and --prompt-tokens must be positive")
+    cfg = open_model(args.model).config
+    console = Console(stderr=True)
+    peers = [EnginePeer(args.model, ctx=args.ctx)]
+    peers += make_peers(args.peers, args.model, cfg, ctx=args.ctx,
+                        progress=lambda name, s: console.print(f"[dim]built {name} in {s:.1f} s[/]", highlight=False))
+    prompt = [0] + [(7919 * i) % (cfg.vocab_size - 2) + 2 for i in range(1, args.prompt_tokens)]
+    samples = harness.run(peers, args.mode, prompt, args.tokens, args.reps,
+                          quiet_below=0.25 if args.wait_quiet else None)
+    print(harness.render_table(harness.summarize(samples)))
+    if args.csv:
+        harness.write_csv(samples, args.csv)
+    return 0
+
+
+def bench_kernels(args: argparse.Namespace) -> int:
+    from magnetar.kernels.backend import BackendUnavailable
+    from . import bench_kernels as kb
+
+    if args.reps < 1 or args.experts < 6:
+        raise UsageError("--reps must be positive and --experts at least 6")
+    console = Console(stderr=True)
+    try:
+        cases = kb.run(args.recipe, args.backend, n_experts=args.experts, reps=args.reps,
+                       prefill_tokens=args.prompt_tokens,
+                       progress=lambda name: console.print(f"[dim]timing the {name} shape[/]", highlight=False))
+    except (BackendUnavailable, ValueError) as err:
+        raise UsageError(str(err)) from None
+    print(kb.render(cases, args.recipe, args.backend))
+    return 0
+
+
+def bench_resume(args: argparse.Namespace) -> int:
+    from . import bench_resume as br
+
+    if not args.model:
+        raise UsageError("bench resume needs a model", "pass -m MODEL")
+    try:
+        lengths = [int(v) for v in args.lengths.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--lengths must be comma-separated token counts, got {args.lengths!r}") from None
+    if not lengths or min(lengths) < 1 or args.reps < 1:
+        raise UsageError("--lengths needs positive token counts and --reps must be positive")
+    console = Console(stderr=True)
+    cases = br.run(args.model, lengths, args.reps,
+                   progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
+    print(br.render(cases, str(args.model)))
+    return 0
+
+
+def imatrix(args: argparse.Namespace) -> int:
+    from .imatrix import Collector, write_dat
+    from .prompt_file import read_prompts
+
+    if args.max_tokens < 2:
+        raise UsageError("--max-tokens must be at least 2")
+    texts = read_prompts(args.prompts)
+    engine = Engine.load(args.model, ctx=max(args.ctx, args.max_tokens))
+    tok = engine.tokenizer
+    prompts = [([tok.bos_id] + tok.encode(t))[:args.max_tokens] for t in texts]
+    start = time.perf_counter()
+    collector = Collector(engine)
+    with progress_bar("collecting") as report:
+        collector.run(engine, prompts, progress=report)
+    write_dat(args.output, collector.entries(), dataset=Path(args.prompts).name)
+    print(f"wrote {args.output}: {len(prompts)} prompts, {collector.tokens} tokens, "
+          f"{3 * engine.config.n_layer} expert tensors ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def quality(args: argparse.Namespace) -> int:
+    from . import quality as q
+    from .prompt_file import read_prompts
+
+    prompts = read_prompts(args.prompts)
+    with progress_bar("reference, then quantized") as report:
+        result = q.run(args.model, args.ref, prompts, max_tokens=args.max_tokens, k=args.top_k, ctx=args.ctx,
+                       progress=report)
+    print(q.render(result))
+    if args.json:
+        q.write_json(args.json, result, prompts_file=str(args.prompts))
+    return 0
