@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import native
-from .backend import Backend, BackendUnavailable, QTensor
+from .base import Backend, BackendUnavailable, QTensor
 from .dequant import dequantize
 
 HOST_BLAS_MIN_ROWS = 16  # below this the product stays in MLX (and may sit in a compiled graph)

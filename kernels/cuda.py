@@ -45,8 +45,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import GGMLType
-from .backend import Backend, BackendUnavailable, QTensor
+from .base import Backend, BackendUnavailable
+from .formats import GGMLType
+# Re-exported under this module's name too: tests and the docs above name them as ``cuda.X``.
+from .gpu import (CHUNK, MATVEC_MAX_TOKENS, MOE_DECODE_MAX_TOKENS, MOE_TILE_PAIRS, Geometry, GpuBackend,
+                  dequantize_geometry, moe_max_tiles, moe_tiled_geometry, raw_bytes, tiled_geometry)
 from .reference import IQ2XXS_GRID, IQ2XXS_SIGNS
 
 SOURCE_DIR = Path(__file__).with_name("cuda")
@@ -55,13 +58,7 @@ HEADER_FILES = ("portable.cuh", "blocks.cuh", "common.cuh")  # tables go after p
 WARP = 32  # NVIDIA; the HIP build uses the target's wavefront (MG_WARP)
 WARP_THREADS = 256  # threads per block of the warp-per-rows kernels
 ROWS_PER_WARP = 2  # NR of the warp-per-rows kernels
-TILE_THREADS = 256  # the tiled kernels: 16 x 16 threads ...
-TILE_ROWS = 64  # ... over 64 weight rows
-DENSE_TILE_TOKENS = 64  # BN of matmul_tiled
-MOE_TILE_PAIRS = 32  # BN of the grouped MoE kernels: pairs of one expert per tile
-MATVEC_MAX_TOKENS = 8  # matmul: warp-per-rows up to here, tiles above
-MOE_DECODE_MAX_TOKENS = 4  # moe: fused per-pair decode kernels up to here, grouped tiles above
-CHUNK = 32  # values per decoded chunk; the kernels need cols % CHUNK == 0
+DENSE_TILE_TOKENS = 64  # BN of matmul_tiled (16 x 16 threads; the shared sizes are in gpu.py)
 
 
 @dataclass(frozen=True)
@@ -189,15 +186,8 @@ def compile_check_instances() -> list[tuple[str, dict[str, int]]]:
 
 
 # ---------------------------------------------------------------------------
-# Launch geometry (pure; grids in threads as MLX takes them)
-
-Geometry = tuple[tuple[int, int, int], tuple[int, int, int]]
-
-
-def dequantize_geometry(n_sel: int, rows: int, cols: int, threads: int = 256) -> Geometry:
-    """One thread per 32-value chunk of the ``n_sel * rows`` output rows."""
-    n = n_sel * rows * (cols // CHUNK)
-    return (threads * math.ceil(n / threads), 1, 1), (threads, 1, 1)
+# Launch geometry (pure; grids in threads as MLX takes them); the tiled and
+# dequantize grids are in gpu.py.
 
 
 def warp_rows_geometry(rows: int, grid_rows: int = 1, nr: int = ROWS_PER_WARP, threads: int = WARP_THREADS,
@@ -207,24 +197,6 @@ def warp_rows_geometry(rows: int, grid_rows: int = 1, nr: int = ROWS_PER_WARP, t
     token (down) index, 1 for matvec."""
     per_block = threads // warp * nr
     return (threads * math.ceil(rows / per_block), grid_rows, 1), (threads, 1, 1)
-
-
-def tiled_geometry(rows: int, n_tok: int, bn: int = DENSE_TILE_TOKENS) -> Geometry:
-    """matmul_tiled: block (bx, by) = 64 rows from 64 bx x tokens from bn by."""
-    return (TILE_THREADS * math.ceil(rows / TILE_ROWS), math.ceil(n_tok / bn), 1), (TILE_THREADS, 1, 1)
-
-
-def moe_max_tiles(n_pairs: int, n_experts: int, bn: int = MOE_TILE_PAIRS) -> int:
-    """Most tiles the expert grouping can make: a group of n pairs makes
-    ceil(n / bn) <= n / bn + 1 tiles, and there are at most n_experts + 1
-    groups (ids outside [0, n_experts) share one)."""
-    return math.ceil(n_pairs / bn) + min(n_pairs, n_experts + 1)
-
-
-def moe_tiled_geometry(rows: int, n_pairs: int, n_experts: int, bn: int = MOE_TILE_PAIRS) -> Geometry:
-    """moe_*_tiled: block (b, by) = tile b (blocks past the last tile exit) x 64 rows from 64 by."""
-    tiles = moe_max_tiles(n_pairs, n_experts, bn)
-    return (TILE_THREADS * tiles, math.ceil(rows / TILE_ROWS), 1), (TILE_THREADS, 1, 1)
 
 
 def moe_tile_map(ids: mx.array, n_experts: int, bn: int = MOE_TILE_PAIRS) -> tuple[mx.array, mx.array, mx.array]:
@@ -271,114 +243,41 @@ def _run(name: str, inputs: list, shapes: list, geometry: Geometry, template: di
                          init_value=init_value)
 
 
-def _raw(w: QTensor) -> mx.array:
-    data = w.data if isinstance(w.data, mx.array) else mx.array(np.ascontiguousarray(w.data))
-    return data if data.dtype == mx.uint8 else mx.view(data, mx.uint8)
-
-
 def _ints(*values: int) -> mx.array:
     return mx.array(list(values), dtype=mx.int32)
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-class CudaBackend(Backend):
+class CudaBackend(GpuBackend):
     """Quantized dequantize / matmul / moe as CUDA kernels on MLX's CUDA device."""
 
     name = "cuda"
+    dense_tile_tokens = DENSE_TILE_TOKENS
 
     def __init__(self):
         if not mx.cuda.is_available():
             raise BackendUnavailable("the cuda kernel backend needs MLX's CUDA back-end "
                                      "(mx.cuda.is_available() is False)")
 
-    # -- dequantize ---------------------------------------------------------
+    def _run(self, name, inputs, shapes, geometry, template):
+        return _run(name, inputs, shapes, geometry, template)
 
-    def dequantize(self, w: QTensor, experts: mx.array | None = None) -> mx.array:
-        qtype, rows, cols = w.ggml_type, w.rows, w.cols
-        data = _raw(w)
-        if cols % CHUNK:
-            from .dequant import dequantize
-            return dequantize(data if experts is None else mx.take(data, experts, axis=0), qtype)
-        if experts is None:
-            stack = data.reshape(-1, rows, data.shape[-1])
-            sel = mx.arange(stack.shape[0], dtype=mx.int32)
-            out_shape = (*data.shape[:-2], rows, cols)
-        else:
-            experts = experts if isinstance(experts, mx.array) else mx.array(experts)
-            sel = experts.reshape(-1).astype(mx.int32)
-            if data.ndim == 2:  # picks rows of a plain matrix, as numpy indexing would
-                stack, out_shape = data.reshape(rows, 1, data.shape[-1]), (*experts.shape, cols)
-            else:
-                stack, out_shape = data.reshape(-1, rows, data.shape[-1]), (*experts.shape, rows, cols)
-        n_sel, n_rows = sel.size, stack.shape[1]
-        if n_sel == 0:
-            return mx.zeros(out_shape, mx.float32)
-        (out,) = _run("dequantize", [stack, sel, _ints(n_sel)], [(n_sel, n_rows, cols)],
-                      dequantize_geometry(n_sel, n_rows, cols), dict(QT=qtype, ROWS=n_rows, COLS=cols))
-        return out.reshape(out_shape)
+    def _scalar(self, value, dtype=mx.int32):
+        return mx.array([value], dtype=dtype)  # a one-element input: no recompile per value
 
-    # -- dense product ------------------------------------------------------
+    def _rows_geometry(self, rows, grid_rows, *qtypes):
+        return ROWS_PER_WARP, warp_rows_geometry(rows, grid_rows)
 
-    def matmul(self, x: mx.array, w: QTensor) -> mx.array:
-        rows, cols = w.rows, w.cols
-        x = x.astype(mx.float32)
-        lead = x.shape[:-1]
-        x = x.reshape(-1, cols)
-        n_tok = x.shape[0]
-        if w.n_experts:
-            raise ValueError(f"matmul takes one matrix, not a stack of {w.n_experts} experts")
-        if cols % CHUNK:
-            return (x @ self.dequantize(w).T).reshape(*lead, rows)
-        if n_tok == 0:
-            return mx.zeros((*lead, rows), mx.float32)
-        data = _raw(w)
-        if n_tok <= MATVEC_MAX_TOKENS:
-            tpl = dict(QT=w.ggml_type, ROWS=rows, COLS=cols, NR=ROWS_PER_WARP, NT=_pow2_at_least(n_tok))
-            (y,) = _run("matvec", [data, x, _ints(n_tok)], [(n_tok, rows)], warp_rows_geometry(rows), tpl)
-        else:
-            tpl = dict(QT=w.ggml_type, ROWS=rows, COLS=cols, BN=DENSE_TILE_TOKENS)
-            (y,) = _run("matmul_tiled", [data, x, _ints(n_tok)], [(n_tok, rows)], tiled_geometry(rows, n_tok), tpl)
-        return y.reshape(*lead, rows)
-
-    # -- routed experts -----------------------------------------------------
-
-    def moe(self, x, ids, weights, gate, up, down, limit):
-        n_tok, d_model = x.shape
-        k = ids.shape[-1]
-        n_exp, ffn = gate.n_experts, gate.rows
-        if (up.rows, up.cols, gate.cols, down.rows, down.cols) != (ffn, d_model, d_model, d_model, ffn):
-            raise ValueError(f"moe shapes disagree: gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
-                             f"down {down.rows}x{down.cols}, x [{n_tok}, {d_model}]")
-        if d_model % CHUNK or ffn % CHUNK:  # plain f16/f32 experts of odd widths: not worth kernels
-            from .cpu import CpuBackend
-            return CpuBackend().moe(x, ids, weights, gate, up, down, limit)
-        n_pairs = n_tok * k
-        if n_pairs == 0:
-            return mx.zeros((n_tok, d_model), mx.float32)
-        x = x.astype(mx.float32)
-        flat_ids = ids.reshape(-1).astype(mx.int32)
-        route = weights.reshape(-1).astype(mx.float32)
-        lim = mx.array([limit], dtype=mx.float32)
-        wg, wu, wd = _raw(gate), _raw(up), _raw(down)
-        dims = dict(F=ffn, D=d_model, K=k, E=n_exp)
-        if n_tok <= MOE_DECODE_MAX_TOKENS:
-            (mid,) = _run("moe_gate_up", [x, flat_ids, route, wg, wu, lim], [(n_pairs, ffn)],
-                          warp_rows_geometry(ffn, n_pairs),
-                          dict(QTG=gate.ggml_type, QTU=up.ggml_type, NR=ROWS_PER_WARP, **dims))
-            (y,) = _run("moe_down", [mid, flat_ids, wd], [(n_tok, d_model)], warp_rows_geometry(d_model, n_tok),
-                        dict(QT=down.ggml_type, NR=ROWS_PER_WARP, **dims))
-            return y
-        order, sorted_ids, tile_id = moe_tile_map(flat_ids, n_exp)
+    def _moe_grouped(self, x, ids, route, lim, gate, up, down, dims):
+        n_pairs, n_exp, n_tok = ids.size, gate.n_experts, x.shape[0]
+        order, sorted_ids, tile_id = moe_tile_map(ids, n_exp)
         params = _ints(n_pairs)
-        (mid,) = _run("moe_gate_up_tiled", [x, order, sorted_ids, tile_id, route, wg, wu, lim, params],
-                      [(n_pairs, ffn)], moe_tiled_geometry(ffn, n_pairs, n_exp),
+        (mid,) = _run("moe_gate_up_tiled",
+                      [x, order, sorted_ids, tile_id, route, raw_bytes(gate), raw_bytes(up), lim, params],
+                      [(n_pairs, dims["F"])], moe_tiled_geometry(dims["F"], n_pairs, n_exp),
                       dict(QTG=gate.ggml_type, QTU=up.ggml_type, BN=MOE_TILE_PAIRS, **dims))
-        (y,) = _run("moe_down_tiled", [mid, order, sorted_ids, tile_id, wd, params], [(n_tok, d_model)],
-                    moe_tiled_geometry(d_model, n_pairs, n_exp), dict(QT=down.ggml_type, BN=MOE_TILE_PAIRS, **dims),
-                    init_value=0.0)
+        (y,) = _run("moe_down_tiled", [mid, order, sorted_ids, tile_id, raw_bytes(down), params],
+                    [(n_tok, dims["D"])], moe_tiled_geometry(dims["D"], n_pairs, n_exp),
+                    dict(QT=down.ggml_type, BN=MOE_TILE_PAIRS, **dims), init_value=0.0)
         return y
 
 

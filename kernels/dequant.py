@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from . import BLOCK, GGMLType, row_blocks
+from .formats import BLOCK, GGMLType, row_blocks
 from .reference import IQ2XXS_GRID, IQ2XXS_SIGNS
 
 

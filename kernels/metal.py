@@ -52,8 +52,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import GGMLType
-from .backend import Backend, BackendUnavailable, QTensor
+from .base import BackendUnavailable
+from .formats import GGMLType
+# Re-exported under this module's name too: tests and the docs above name them as ``metal.X``.
+from .gpu import (CHUNK, MATVEC_MAX_TOKENS, MOE_DECODE_MAX_TOKENS, MOE_TILE_PAIRS, Geometry, GpuBackend,
+                  dequantize_geometry, moe_max_tiles, moe_tiled_geometry, raw_bytes, tiled_geometry)
 from .reference import IQ2XXS_GRID, IQ2XXS_SIGNS
 
 SOURCE_DIR = Path(__file__).with_name("metal")
@@ -61,14 +64,7 @@ HEADER_FILES = ("blocks.metal", "common.metal")  # pasted after the tables, in t
 
 SIMD = 32  # lanes per simdgroup on every Apple GPU
 SIMDGROUPS = 2  # simdgroups per threadgroup of the simdgroup-per-rows kernels
-DEQUANT_THREADS = 256
-TILE_THREADS = 256  # the tiled kernels: 256 threads ...
-TILE_ROWS = 64  # ... over 64 weight rows ...
-DENSE_TILE_TOKENS = 32  # ... and 32 tokens (matmul_tiled) ...
-MOE_TILE_PAIRS = 32  # ... or 32 (token, slot) pairs of one expert (the grouped MoE kernels)
-MATVEC_MAX_TOKENS = 8  # matmul: simdgroup-per-rows up to here, tiles above
-MOE_DECODE_MAX_TOKENS = 4  # moe: fused per-pair decode kernels up to here, grouped tiles above
-CHUNK = 32  # values per decoded chunk; kernels need cols % CHUNK == 0
+DENSE_TILE_TOKENS = 32  # BN of matmul_tiled (the thresholds and tile sizes both APIs share are in gpu.py)
 
 
 def rows_per_simdgroup(*qtypes: int) -> int:
@@ -171,16 +167,8 @@ def generated_source(spec: KernelSpec, template: dict[str, int], inputs: list[tu
 
 # ---------------------------------------------------------------------------
 # Launch geometry (pure; grids in threads as MLX takes them). MLX shrinks a
-# threadgroup to the grid where the grid is smaller, so every grid below is
-# a whole number of threadgroups.
-
-Geometry = tuple[tuple[int, int, int], tuple[int, int, int]]
-
-
-def dequantize_geometry(n_sel: int, rows: int, cols: int, threads: int = DEQUANT_THREADS) -> Geometry:
-    """dequantize: one thread per 32-value chunk of the ``n_sel * rows`` output rows."""
-    n = n_sel * rows * (cols // CHUNK)
-    return (threads * max(1, math.ceil(n / threads)), 1, 1), (threads, 1, 1)
+# threadgroup to the grid where the grid is smaller, so every grid is a whole
+# number of threadgroups. The tiled and dequantize grids are in gpu.py.
 
 
 def decode_geometry(rows: int, grid_rows: int = 1, nr: int = 2, simdgroups: int = SIMDGROUPS,
@@ -190,26 +178,6 @@ def decode_geometry(rows: int, grid_rows: int = 1, nr: int = 2, simdgroups: int 
     (gate/up), the token (down) or 1 (matvec)."""
     threads = simdgroups * simd
     return (threads * math.ceil(rows / (simdgroups * nr)), grid_rows, 1), (threads, 1, 1)
-
-
-def tiled_geometry(rows: int, n_tok: int, bn: int = DENSE_TILE_TOKENS) -> Geometry:
-    """matmul_tiled: threadgroup (bx, by) = rows 64 bx .. x tokens bn by .."""
-    return (TILE_THREADS * math.ceil(rows / TILE_ROWS), math.ceil(n_tok / bn), 1), (TILE_THREADS, 1, 1)
-
-
-def moe_max_tiles(n_pairs: int, n_experts: int, bn: int = MOE_TILE_PAIRS) -> int:
-    """Most tiles ``moe_groups`` can make: a group of n pairs makes
-    ceil(n / bn) < n / bn + 1 tiles, and at most min(n_pairs, n_experts + 1)
-    groups are non-empty (ids outside [0, n_experts) share one)."""
-    return math.ceil(n_pairs / bn) + min(n_pairs, n_experts + 1)
-
-
-def moe_tiled_geometry(rows: int, n_pairs: int, n_experts: int, bn: int = MOE_TILE_PAIRS) -> Geometry:
-    """moe_*_tiled: threadgroup (b, by) = tile b (those past the last tile
-    exit) x rows 64 by .. A bound on the tile count sizes the grid, so
-    launching needs no host sync."""
-    tiles = moe_max_tiles(n_pairs, n_experts, bn)
-    return (TILE_THREADS * tiles, math.ceil(rows / TILE_ROWS), 1), (TILE_THREADS, 1, 1)
 
 
 def moe_groups(ids: mx.array, n_experts: int, bn: int = MOE_TILE_PAIRS) -> tuple[mx.array, mx.array, mx.array]:
@@ -248,113 +216,33 @@ def _run(name: str, inputs: list, shapes: list, geometry: Geometry, template: di
                          grid=grid, threadgroup=group, template=[(t, int(template[t])) for t in spec.templates])
 
 
-def _raw(w: QTensor) -> mx.array:
-    data = w.data if isinstance(w.data, mx.array) else mx.array(np.ascontiguousarray(w.data))
-    return data if data.dtype == mx.uint8 else mx.view(data, mx.uint8)
-
-
-def _scalar(value, dtype=mx.int32) -> mx.array:
-    return mx.array(value, dtype=dtype)  # 0-d: a `constant` reference in the kernel, no recompile
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-class MetalBackend(Backend):
+class MetalBackend(GpuBackend):
     """Quantized dequantize / matmul / moe as Metal kernels on MLX's GPU."""
 
     name = "metal"
+    dense_tile_tokens = DENSE_TILE_TOKENS
 
     def __init__(self):
         if not mx.metal.is_available():
             raise BackendUnavailable("the metal kernel backend needs an Apple GPU with MLX's Metal back-end "
                                      "(mx.metal.is_available() is False)")
 
-    # -- dequantize ---------------------------------------------------------
+    def _run(self, name, inputs, shapes, geometry, template):
+        return _run(name, inputs, shapes, geometry, template)
 
-    def dequantize(self, w: QTensor, experts: mx.array | None = None) -> mx.array:
-        qtype, rows, cols = w.ggml_type, w.rows, w.cols
-        data = _raw(w)
-        if cols % CHUNK:  # plain f16/f32 rows of odd width: MLX ops
-            from .dequant import dequantize
-            return dequantize(data if experts is None else mx.take(data, experts, axis=0), qtype)
-        if experts is None:
-            stack = data.reshape(-1, rows, data.shape[-1])
-            sel = mx.arange(stack.shape[0], dtype=mx.int32)
-            out_shape = (*data.shape[:-2], rows, cols)
-        else:
-            experts = experts if isinstance(experts, mx.array) else mx.array(experts)
-            sel = experts.reshape(-1).astype(mx.int32)
-            if data.ndim == 2:  # picks rows of a plain matrix, as numpy indexing would
-                stack, out_shape = data.reshape(rows, 1, data.shape[-1]), (*experts.shape, cols)
-            else:
-                stack, out_shape = data.reshape(-1, rows, data.shape[-1]), (*experts.shape, rows, cols)
-        n_sel, n_rows = sel.size, stack.shape[1]
-        if n_sel == 0:
-            return mx.zeros(out_shape, mx.float32)
-        (out,) = _run("dequantize", [stack, sel, _scalar(n_sel)], [(n_sel, n_rows, cols)],
-                      dequantize_geometry(n_sel, n_rows, cols), dict(QT=qtype, ROWS=n_rows, COLS=cols))
-        return out.reshape(out_shape)
+    def _scalar(self, value, dtype=mx.int32):
+        return mx.array(value, dtype=dtype)  # 0-d: a `constant` reference in the kernel, no recompile
 
-    # -- dense product ------------------------------------------------------
+    def _rows_geometry(self, rows, grid_rows, *qtypes):
+        nr = rows_per_simdgroup(*qtypes)
+        return nr, decode_geometry(rows, grid_rows, nr)
 
-    def matmul(self, x: mx.array, w: QTensor) -> mx.array:
-        rows, cols = w.rows, w.cols
-        if w.n_experts:
-            raise ValueError(f"matmul takes one matrix, not a stack of {w.n_experts} experts")
-        x = x.astype(mx.float32)
-        lead = x.shape[:-1]
-        x = x.reshape(-1, cols)
-        n_tok = x.shape[0]
-        if cols % CHUNK:
-            return (x @ self.dequantize(w).T).reshape(*lead, rows)
-        if n_tok == 0:
-            return mx.zeros((*lead, rows), mx.float32)
-        data, qtype = _raw(w), w.ggml_type
-        if n_tok <= MATVEC_MAX_TOKENS:
-            nr = rows_per_simdgroup(qtype)
-            tpl = dict(QT=qtype, ROWS=rows, COLS=cols, NR=nr, NT=_pow2_at_least(n_tok))
-            (y,) = _run("matvec", [data, x, _scalar(n_tok)], [(n_tok, rows)], decode_geometry(rows, 1, nr), tpl)
-        else:
-            tpl = dict(QT=qtype, ROWS=rows, COLS=cols, BN=DENSE_TILE_TOKENS)
-            (y,) = _run("matmul_tiled", [data, x, _scalar(n_tok)], [(n_tok, rows)], tiled_geometry(rows, n_tok), tpl)
-        return y.reshape(*lead, rows)
-
-    # -- routed experts -----------------------------------------------------
-
-    def moe(self, x, ids, weights, gate, up, down, limit):
-        n_tok, d_model = x.shape
-        k = ids.shape[-1]
-        n_exp, ffn = gate.n_experts, gate.rows
-        if (up.rows, up.cols, gate.cols, down.rows, down.cols) != (ffn, d_model, d_model, d_model, ffn):
-            raise ValueError(f"moe shapes disagree: gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
-                             f"down {down.rows}x{down.cols}, x [{n_tok}, {d_model}]")
-        if d_model % CHUNK or ffn % CHUNK:  # plain f16/f32 experts of odd widths: not worth kernels
-            from .cpu import CpuBackend
-            return CpuBackend().moe(x, ids, weights, gate, up, down, limit)
-        n_pairs = n_tok * k
-        if n_pairs == 0:
-            return mx.zeros((n_tok, d_model), mx.float32)
-        x = x.astype(mx.float32)
-        ids = ids.astype(mx.int32)
-        route = weights.astype(mx.float32)
-        lim = _scalar(limit, mx.float32)
-        wg, wu, wd = _raw(gate), _raw(up), _raw(down)
-        dims = dict(F=ffn, D=d_model, K=k, E=n_exp)
-        if n_tok <= MOE_DECODE_MAX_TOKENS:
-            nr = rows_per_simdgroup(gate.ggml_type, up.ggml_type)
-            (mid,) = _run("moe_gate_up", [x, ids, route, wg, wu, lim], [(n_tok, k, ffn)],
-                          decode_geometry(ffn, n_pairs, nr),
-                          dict(QTG=gate.ggml_type, QTU=up.ggml_type, NR=nr, **dims))
-            nr = rows_per_simdgroup(down.ggml_type)
-            (y,) = _run("moe_down", [mid, ids, wd], [(n_tok, d_model)], decode_geometry(d_model, n_tok, nr),
-                        dict(QT=down.ggml_type, NR=nr, **dims))
-            return y
+    def _moe_grouped(self, x, ids, route, lim, gate, up, down, dims):
+        n_pairs, n_exp, d_model = ids.size, gate.n_experts, dims["D"]
         order, tile_end, group_end = moe_groups(ids, n_exp)
-        (mid,) = _run("moe_gate_up_tiled", [x, order, tile_end, group_end, route.reshape(-1), wg, wu, lim],
-                      [(n_pairs, ffn)], moe_tiled_geometry(ffn, n_pairs, n_exp),
+        (mid,) = _run("moe_gate_up_tiled", [x, order, tile_end, group_end, route, raw_bytes(gate), raw_bytes(up), lim],
+                      [(n_pairs, dims["F"])], moe_tiled_geometry(dims["F"], n_pairs, n_exp),
                       dict(QTG=gate.ggml_type, QTU=up.ggml_type, BN=MOE_TILE_PAIRS, **dims))
-        (y_pair,) = _run("moe_down_tiled", [mid, order, tile_end, group_end, wd], [(n_pairs, d_model)],
+        (y_pair,) = _run("moe_down_tiled", [mid, order, tile_end, group_end, raw_bytes(down)], [(n_pairs, d_model)],
                          moe_tiled_geometry(d_model, n_pairs, n_exp), dict(QT=down.ggml_type, BN=MOE_TILE_PAIRS, **dims))
-        return mx.sum(y_pair.reshape(n_tok, k, d_model), axis=1)
+        return mx.sum(y_pair.reshape(x.shape[0], dims["K"], d_model), axis=1)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import BLOCK, GGMLType, row_blocks
+from .formats import BLOCK, GGMLType, row_blocks
 
 SOURCE = Path(__file__).resolve().parent / "native" / "experts.c"
 BASE_FLAGS = ("-std=c11", "-O3", "-ffp-contract=fast", "-fPIC", "-shared")

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import GGMLType, row_bytes
+from .formats import GGMLType, row_bytes
 from .reference import IQ2XXS_GRID
 
 # Blocks of 256 values handled at once (measured best on a 2-core EPYC): the IQ2

@@ -14,7 +14,8 @@ import mlx.core as mx
 import numpy as np
 from gguf.quants import IQ2_XXS as _GGUF_IQ2_XXS
 
-from . import BLOCK, GGMLType, row_blocks
+from .base import Backend
+from .formats import BLOCK, GGMLType, row_blocks
 
 
 def _iq2xxs_grid() -> np.ndarray:
@@ -156,7 +157,7 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: tuple[np.ndar
     return out.astype(np.float32)
 
 
-class ReferenceBackend:
+class ReferenceBackend(Backend):
     """The numpy oracle behind the common interface (slow; for tests and checks)."""
 
     name = "reference"
