@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from magnetar.agent import models
 from magnetar.runtime.errors import MagnetarError
+from magnetar.runtime.limits import DEFAULT_CTX
 
 PRESETS = ("tiny", "small", "mini-flash")
 RECIPES = ("f32", "f16", "q8", "q2", "q4")
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="magnetar", description="A local coding agent running DeepSeek V4 Flash in-process.")
     parser.add_argument("--model", "-m", dest="tui_model", default=None, metavar="MODEL",
                         help="the TUI's model (default: $MAGNETAR_MODEL, then the models folder)")
-    parser.add_argument("--ctx", dest="tui_ctx", type=int, default=65536, help="the TUI's context in tokens")
+    parser.add_argument("--ctx", dest="tui_ctx", type=int, default=DEFAULT_CTX,
+                        help=f"the TUI's context in tokens (default {DEFAULT_CTX})")
     parser.add_argument("--mode", dest="tui_mode", choices=("ask", "auto-edit", "yolo", "read-only"), default="ask",
                         help="what tools may do without asking (default ask)")
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="ID",
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ctx", type=int, default=32768, help="context size in tokens (up to 1048576)")
+    p.add_argument("--ctx", type=int, default=DEFAULT_CTX,
+                   help=f"context size in tokens (default {DEFAULT_CTX}, up to 1048576)")
     p.add_argument("--dump-logprobs", default=None, metavar="OUT.json",
                    help="write each generated token's logprob and the top alternatives")
     p.add_argument("--logprobs-top-k", type=int, default=0, metavar="K")
@@ -86,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print every loop event as a JSON line")
     p.add_argument("--stream", action="store_true", help="print the answer text as it is generated")
     p.add_argument("--cwd", default=None, metavar="DIR", help="the project (default: the current directory)")
-    p.add_argument("--ctx", type=int, default=65536, help="context size in tokens (default 65536)")
+    p.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"context size in tokens (default {DEFAULT_CTX})")
     p.add_argument("--max-steps", type=int, default=40, help="tool-call steps before the turn stops")
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens the model may write per step")
     p.add_argument("--temp", type=float, default=1.0)
@@ -118,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on", dest="fail_on", choices=("high", "medium", "low"), default=None,
                    help="exit 1 when a finding of this severity or worse exists")
     p.add_argument("-m", "--model", default=None, metavar="MODEL")
-    p.add_argument("--ctx", type=int, default=65536)
+    p.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"context size in tokens (default {DEFAULT_CTX})")
     p.add_argument("--max-steps", type=int, default=40, help="tool-call steps before the review stops")
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens the model may write per step")
     p.add_argument("--seed", type=int, default=None)
@@ -138,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, metavar="FILE", help="text split by '---' lines, or .jsonl {\"text\"}")
     p.add_argument("-o", "--output", required=True, metavar="OUT.dat")
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens per prompt (longer ones are cut)")
-    p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--ctx", type=int, default=4096,
+                   help="context in tokens (default 4096: it holds one prompt at a time, raised to --max-tokens)")
     p.set_defaults(run=_command("runtime.lab.commands", "imatrix"))
 
     p = sub.add_parser("quality", help="KL divergence and top-k agreement of a quantized model vs a reference")
@@ -163,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt length (default 128 for decode, 512 for prefill)")
     p.add_argument("--tokens", type=int, default=32, help="decode tokens timed per rep")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--ctx", type=int, default=4096,
+                   help="context in tokens (default 4096: it holds the timed prompt and tokens; peers such as "
+                        "llama.cpp allocate their whole context up front)")
     p.add_argument("--csv", default=None, metavar="OUT.csv")
     p.add_argument("--wait-quiet", action="store_true",
                    help="before each timed call, wait until other processes use < 0.25 cores")

@@ -30,13 +30,12 @@ from . import checkpoint as ckpt
 from .errors import MagnetarError, UsageError
 from .gguf_read import ModelFile, open_model
 from .kv_state import KVState
+from .limits import DEFAULT_CTX, MAX_CTX
 from .model import Model
 from .ops import on_cpu
 from .sampler import Sampler, SamplerSettings, log_softmax, top_logprobs
 from .tokenizer import Tokenizer
 
-DEFAULT_CTX = 32768
-MAX_CTX = 1_048_576
 DEFAULT_PREFILL_CHUNK = 2048
 THINK_MAX_MIN_CTX = 393216  # the official template only asks for Think-Max with this much room
 CPU_EXPAND_BUDGET = 1 << 30  # bytes of non-expert weights widened to f32 on the CPU (see Weights)
