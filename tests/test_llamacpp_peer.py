@@ -1,7 +1,7 @@
 """Our generated files load and run in llama.cpp's ``deepseek4`` architecture.
 
 llama-cpp-python is a dev-only, optional peer (an sdist that builds in ~4 min,
-see spec/llamacpp-peer.md); without it these tests skip.
+see docs/spec/llamacpp-peer.md); without it these tests skip.
 """
 
 from __future__ import annotations

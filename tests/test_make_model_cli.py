@@ -62,7 +62,7 @@ def test_mini_flash_has_full_flash_widths(tmp_path):
     m = open_model(path)
     cfg = m.config
     assert (cfg.d_model, cfg.n_head, cfg.head_dim, cfg.n_expert, cfg.expert_ffn) == (4096, 64, 512, 256, 2048)
-    # One q2 routed expert layer is 1.812 GB (spec/v4-model.md §7.1).
+    # One q2 routed expert layer is 1.812 GB (docs/spec/v4-model.md §7.1).
     layer = sum(m.tensors[f"blk.3.ffn_{p}_exps.weight"].nbytes for p in ("gate", "up", "down"))
     assert layer == 256 * 7_077_888
 

@@ -1,6 +1,6 @@
 """Side-by-side speed of several engines, interleaved in one process.
 
-This VM's speed drifts 10-30% an hour (spec/peer-overhead.md), so absolute
+This VM's speed drifts 10-30% an hour (docs/spec/peer-overhead.md), so absolute
 milliseconds from separate runs do not compare. ``run`` therefore takes every
 engine ("peer") in turn inside each repetition, rotating who goes first, and
 ``summarize`` reports each peer's median [min-max] over repetitions plus its

@@ -11,7 +11,7 @@
   the other peers); ``mlx-lm-pipelined`` runs mlx-lm's own ``generate_step``
   (``async_eval`` of token t+1 before t is read).
 * ``llama.cpp``: llama-cpp-python on the very same GGUF file (its vendored
-  llama.cpp has the ``deepseek4`` architecture; spec/llamacpp-peer.md).
+  llama.cpp has the ``deepseek4`` architecture; docs/spec/llamacpp-peer.md).
 
 Every peer is optional and imported lazily; a missing package raises
 ``UsageError`` naming the pip command. Weights are random (nothing is
@@ -250,7 +250,7 @@ def v41_schedule(n_layer: int) -> dict[str, Any]:
     (43 layers: index sources also at 40). Fewer than 21 layers: [0,0], then
     half ratio 2 and half ratio 1, with the first of each being the KV and
     index sources and the first ratio-1 layer choosing candidates (4 layers:
-    [0,0,2,1], sources 2 and 3, as in spec/peer-overhead.md).
+    [0,0,2,1], sources 2 and 3, as in docs/spec/peer-overhead.md).
     """
     if n_layer < 4:
         raise UsageError(f"the mlx-lm V4.1 peer needs at least 4 layers, got {n_layer}")

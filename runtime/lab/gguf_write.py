@@ -5,7 +5,7 @@ model never sits in memory; the file appears atomically (temp + fsync +
 rename) only when complete. Metadata carries ds4's ``deepseek4.*`` keys, the
 tokenizer, and the three details llama.cpp's ``deepseek4`` loader needs
 (``expert_gating_func``, ``tokenizer.ggml.model``, no selection bias on hash
-layers; see spec/llamacpp-peer.md §3), so llama.cpp can load our files too.
+layers; see docs/spec/llamacpp-peer.md §3), so llama.cpp can load our files too.
 """
 
 from __future__ import annotations

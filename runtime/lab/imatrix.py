@@ -2,7 +2,7 @@
 
 The importance of an input column of a routed expert is the mean of the
 squared activation that column sees over the tokens routed to that expert
-(spec/quant-kernels.md §3.1). Gate and up see the FFN-normed layer input;
+(docs/spec/quant-kernels.md §3.1). Gate and up see the FFN-normed layer input;
 down sees the route-weighted SwiGLU output ``mid``. The quantizers weight
 each element's error by it, so columns that carry large activations are
 reproduced more faithfully.

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ..config import ModelConfig
 from ..gguf_read import ModelFile
 
-# Groups as in spec/v4-model.md §7.1, matched on tensor name pieces in order.
+# Groups as in docs/spec/v4-model.md §7.1, matched on tensor name pieces in order.
 _GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("token embedding", ("token_embd",)),
     ("output head", ("output.weight",)),
