@@ -4,7 +4,7 @@ One turn: the user's text joins the conversation; then, step by step, the new
 part of the prompt is prefilled, the model's reply is sampled and parsed as it
 streams (reasoning, answer text, DSML tool calls), the calls run in order and
 their results go back as ``<tool_result>`` parts of the next user turn, until
-the model answers without calling a tool (spec/agent.md §5.3).
+the model answers without calling a tool (docs/spec/agent.md §5.3).
 
 The transcript truth is the engine's token list. Sampled tokens are never
 re-rendered: each step prefills only the rendering of what came after the

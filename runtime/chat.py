@@ -5,9 +5,9 @@ for every control token that the template itself writes, plain ``str`` for
 everything that came from a user, a file, a tool, a schema or the model.
 ``Tokenizer.encode_pieces`` turns specials into their single ids and BPEs the
 rest plainly, so content that spells ``<｜User｜>`` or ``｜DSML｜`` can never
-forge a control token (the security property of spec/agent.md 1.1).
+forge a control token (the security property of docs/spec/agent.md 1.1).
 
-Layout (spec/agent.md 1.2-1.6, spec/v4-model.md 6.3)::
+Layout (docs/spec/agent.md 1.2-1.6, docs/spec/v4-model.md 6.3)::
 
     BOS [Think-Max prefix] {system}[\\n\\n{tools block}]
     <｜User｜>{user text}<｜Assistant｜><think>
