@@ -6,12 +6,12 @@ are the KV prefix every session reuses), replaces everything before the last
 files touched, listed by code so the list is exact) and keeps the recent turns
 verbatim. ``needs_compaction`` says when the automatic one is due.
 
-Asking for the summary: the engine's live sequence holds the whole conversation
-up to the model's last message (what ``Agent._sync_prompt`` relies on), so the
-request is prefilled after it and nothing is processed twice; the model then
-also sees the recent turns, which only helps it describe the current state. Only
-when that would not fit in the context is the older part rendered alone and
-prefilled (through the prefix cache, as the loop does). The reply opens after
+Asking for the summary: the request joins the whole conversation through
+``Engine.sync``, which prefills only what follows the model's last message (the
+live sequence holds the rest as sampled), so nothing is processed twice; the
+model then also sees the recent turns, which only helps it describe the current
+state. Only when that would not leave room for the summary is the older part
+synced alone (rendered whole, through the prefix cache). The reply opens after
 ``</think>``: a summary needs no reasoning, and the whole token budget goes to it.
 Afterwards the engine is reset (its tokens no longer match the messages; the next
 turn renders the compacted conversation whole), or, when compaction fails, rewound
@@ -29,10 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from magnetar.prompts import load
-from magnetar.runtime import chat
-from magnetar.runtime.errors import MagnetarError
-from magnetar.runtime.fileio import atomic_writer
-from magnetar.runtime.tokenizer import THINK, THINK_END, Piece, Special
+from magnetar.runtime import THINK_END, ContextFull, MagnetarError, Message, ToolCall, atomic_writer
 
 SUMMARY_HEADER = "Summary of the earlier conversation (compacted):"
 FILES_HEADER = "Files touched so far:"
@@ -72,7 +69,7 @@ class Compaction:
         return text + (f"; files: {', '.join(self.files)}" if self.files else "")
 
 
-def touched_files(messages: Sequence[chat.Message]) -> list[str]:
+def touched_files(messages: Sequence[Message]) -> list[str]:
     """Paths written or edited (``path``) or committed (``paths``) by calls that did not
     fail, in first-touch order, after those an earlier compaction's summary lists."""
     files: dict[str, None] = {}
@@ -89,7 +86,7 @@ def touched_files(messages: Sequence[chat.Message]) -> list[str]:
     return list(files)
 
 
-def _call_paths(call: chat.ToolCall) -> list[str]:
+def _call_paths(call: ToolCall) -> list[str]:
     key = {"write_file": "path", "edit_file": "path", "git_commit": "paths"}.get(call.name)
     value = call.arguments.get(key) if key else None
     return [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v]
@@ -100,7 +97,7 @@ def _listed(summary_message: str) -> list[str]:
     return [line[2:] for line in tail.splitlines() if line.startswith("- ")] if found else []
 
 
-def _cut(messages: Sequence[chat.Message], keep_turns: int) -> int:
+def _cut(messages: Sequence[Message], keep_turns: int) -> int:
     """Where the kept part starts: at the ``keep_turns``-th last user message that does not
     follow a tool result (one that does was queued mid-turn; the next reply reads it
     together with those results, so they stay together). 1 when nothing is older."""
@@ -110,7 +107,7 @@ def _cut(messages: Sequence[chat.Message], keep_turns: int) -> int:
     return starts[-keep_turns] if len(starts) >= keep_turns else 1
 
 
-def _has_older(messages: Sequence[chat.Message], keep_turns: int) -> bool:
+def _has_older(messages: Sequence[Message], keep_turns: int) -> bool:
     # Without a model message there is nothing worth summarizing (at most an earlier summary).
     return any(m.role == "assistant" for m in messages[1:_cut(messages, keep_turns)])
 
@@ -136,18 +133,17 @@ def compact(agent, policy: CompactionPolicy, focus: str | None = None,
     if files:
         text += f"\n\n{FILES_HEADER}\n" + "\n".join(f"- {path}" for path in files)
     recent = messages[cut:]
-    messages[:] = [messages[0], chat.Message(role="user", content=text), *recent]
-    tok = agent.engine.tokenizer
-    after = len(tok.encode_pieces(chat.render(messages, agent.specs, agent.settings.mode).pieces))
-    return Compaction(summary, cut - 1, len(recent), tokens_before, after, files, len(tok.encode(summary)),
-                      policy.keep_turns)
+    messages[:] = [messages[0], Message(role="user", content=text), *recent]
+    after = len(agent.engine.render(messages, agent.specs, agent.settings.mode))
+    return Compaction(summary, cut - 1, len(recent), tokens_before, after, files,
+                      len(agent.engine.tokenizer.encode(summary)), policy.keep_turns)
 
 
-def _summarize(agent, older: list[chat.Message], policy: CompactionPolicy, focus: str | None,
+def _summarize(agent, older: list[Message], policy: CompactionPolicy, focus: str | None,
                progress: Callable[[int, int], None] | None) -> str:
     engine, tok = agent.engine, agent.engine.tokenizer
     request = load("compaction") + (f"\n\nFocus on: {focus}" if focus else "")
-    ask = chat.Message(role="user", content=request)
+    ask = Message(role="user", content=request)
     cancel = agent.ctx.extra["cancel"]  # Agent.interrupt() sets it
     cancel.clear()
     ids: list[int] = []
@@ -155,16 +151,7 @@ def _summarize(agent, older: list[chat.Message], policy: CompactionPolicy, focus
     before = engine.snapshot() if engine.tokens else None
     done = False
     try:
-        tail = _request_after_live(agent, ask, policy)
-        if tail is not None:
-            engine.prefill(tail, progress)
-        else:
-            prompt = tok.encode_pieces(_request_pieces(agent, [*older, ask]))
-            if agent.cache is not None:
-                agent.cache.sync(engine, prompt, progress)
-            else:
-                engine.reset()
-                engine.prefill(prompt, progress)
+        _sync_request(agent, older, ask, policy, progress)
         stream = engine.generate(max_tokens=policy.max_summary_tokens, temperature=policy.temperature,
                                  seed=agent.settings.seed)
         with contextlib.closing(stream):
@@ -187,21 +174,16 @@ def _summarize(agent, older: list[chat.Message], policy: CompactionPolicy, focus
             engine.rewind(before)
 
 
-def _request_pieces(agent, messages: list[chat.Message]) -> list[Piece]:
-    """``messages`` (ending with the request) rendered, the reply opened after ``</think>``."""
-    pieces = chat.render(messages, agent.specs, agent.settings.mode).pieces
-    if pieces[-1] == Special(THINK):
-        pieces[-1] = Special(THINK_END)
-    return pieces
-
-
-def _request_after_live(agent, ask: chat.Message, policy: CompactionPolicy) -> list[int] | None:
-    """The ids that put the request after the live sequence (``Agent.tail_after_live``), or
-    None when the live part does not match or the request and the summary would not fit."""
-    ids = agent.tail_after_live(_request_pieces(agent, [*agent.messages, ask]))
-    if ids is None or len(agent.engine.tokens) + len(ids) + policy.max_summary_tokens > agent.engine.ctx:
-        return None
-    return ids
+def _sync_request(agent, older: list[Message], ask: Message, policy: CompactionPolicy,
+                  progress: Callable[[int, int], None] | None) -> None:
+    """Put the request after the whole conversation, the reply opened after ``</think>``;
+    when that leaves no room for the summary, after the older part alone."""
+    sync = agent.engine.sync
+    try:
+        sync([*agent.messages, ask], agent.specs, agent.settings.mode, progress, answer_only=True,
+             room=policy.max_summary_tokens)
+    except ContextFull:  # raised before anything ran: the live state is as it was
+        sync([*older, ask], agent.specs, agent.settings.mode, progress, answer_only=True)
 
 
 def keep_pre_compaction(session_folder: Path) -> Path:

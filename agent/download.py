@@ -34,7 +34,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 
 from magnetar.agent.models import KNOWN, models_dir
-from magnetar.runtime.errors import MagnetarError, UsageError
+from magnetar.runtime import MagnetarError, UsageError
 
 REPO_ID = "antirez/deepseek-v4-gguf"
 REVISION = "main"

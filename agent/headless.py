@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 from magnetar.prompts import load
-from magnetar.runtime.engine import Engine
-from magnetar.runtime.kvcache import PrefixCache
+from magnetar.runtime import Engine, PrefixCache
 from magnetar.tools.base import ToolContext
 
 from .loop import Agent, LoopSettings, Text, TurnEnd
@@ -40,7 +39,8 @@ def run(args) -> int:
     settings = LoopSettings(mode=args.think_mode, max_steps=args.max_steps, max_tokens_per_step=args.max_tokens,
                             seed=args.seed, temperature=args.temp)
     cache = PrefixCache(data_dir() / "kvcache")
-    agent = Agent(engine, standard_tools(), ctx, load("system"), settings, cache)
+    engine.attach_cache(cache)
+    agent = Agent(engine, standard_tools(), ctx, load("system"), settings)
     live = LiveSession(SessionStore(data_dir() / "sessions"), agent, model.name)
     live.start(root)
     end = None

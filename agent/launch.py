@@ -10,8 +10,7 @@ from pathlib import Path
 
 from magnetar.console import progress_bar
 from magnetar.prompts import load
-from magnetar.runtime.engine import Engine
-from magnetar.runtime.kvcache import PrefixCache
+from magnetar.runtime import Engine, PrefixCache
 from magnetar.tools.base import ToolContext
 from magnetar.tools.edit import UndoJournal
 
@@ -36,8 +35,9 @@ def open_tui(args) -> int:
     root = project_root(Path.cwd())
     print(f"loading {model.name} ...", file=sys.stderr)
     engine = Engine.load(model, ctx=args.ctx)
+    engine.attach_cache(PrefixCache(data_dir() / "kvcache"))
     ctx = ToolContext(root=root, mode=args.mode, data_dir=data_dir(), undo=UndoJournal(), **tool_options(args))
-    agent = Agent(engine, standard_tools(), ctx, load("system"), LoopSettings(), PrefixCache(data_dir() / "kvcache"))
+    agent = Agent(engine, standard_tools(), ctx, load("system"), LoopSettings())
     live = LiveSession(SessionStore(data_dir() / "sessions"), agent, model.name)
     if args.resume is not None or args.continue_:
         store = live.store

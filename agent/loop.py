@@ -6,12 +6,10 @@ streams (reasoning, answer text, DSML tool calls), the calls run in order and
 their results go back as ``<tool_result>`` parts of the next user turn, until
 the model answers without calling a tool (docs/spec/agent.md §5.3).
 
-The transcript truth is the engine's token list. Sampled tokens are never
-re-rendered: each step prefills only the rendering of what came after the
-model's last message (tool results, queued user text, the assistant opener).
-Only when the live tokens do not start the way this conversation renders
-(another session was live, or no model message exists yet) is the prompt
-rendered whole, and then the longest cached prefix is reused.
+The transcript truth is the engine's token list; ``Engine.sync`` keeps it in
+step with the conversation (sampled tokens are never re-rendered: each step
+prefills only what came after the model's last message) and ``Engine.respond``
+reads the reply back as events.
 
 Guards: a step cap; identical calls (same name and arguments) warn the model
 at ``repeat_warn`` and end the turn at ``repeat_stop``; a malformed DSML
@@ -30,15 +28,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from magnetar.runtime import chat, dsml
-from magnetar.runtime.engine import ContextFull
-from magnetar.runtime.kvcache import PrefixCache
+from magnetar.runtime import (ContextFull, DsmlError, DsmlInThinking, Message, Mode, ReasoningDelta, ReplyEnd,
+                              TextDelta, ToolCall, ToolCallParsed, ToolCallStarted, ToolSpec)
 from magnetar.tools.base import Tool, ToolContext, ToolResult, utf8_safe
 
 
 @dataclass
 class LoopSettings:
-    mode: chat.Mode = "think"
+    mode: Mode = "think"
     max_steps: int = 40
     max_tokens_per_step: int = 8192
     temperature: float = 1.0  # DeepSeek's recommended sampling for V4
@@ -117,11 +114,6 @@ Event = (Prefill | Reasoning | Text | ToolStarted | ToolRunning | ToolFinished |
 # -- the loop ---------------------------------------------------------------------------------
 
 
-def last_reply(messages: Sequence[chat.Message]) -> int | None:
-    """Index of the model's last message: the live tokens hold the conversation up to it as sampled."""
-    return max((k for k, m in enumerate(messages) if m.role == "assistant"), default=None)
-
-
 def _with_progress(work: Callable[[Callable[[int, int], None]], object]) -> Iterator[Prefill]:
     """Run ``work(progress)`` (a prefill) on a helper thread and yield its progress as it
     happens, so a UI can draw the bar while a long prompt is processed."""
@@ -147,7 +139,7 @@ def _with_progress(work: Callable[[Callable[[int, int], None]], object]) -> Iter
 class _Step:
     reasoning: str = ""
     text: str = ""
-    calls: list[chat.ToolCall] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
     error: str | None = None
     interrupted: bool = False
     cut: bool = False  # hit the per-step token limit
@@ -155,11 +147,11 @@ class _Step:
 
 class Agent:
     def __init__(self, engine, tools: Sequence[Tool], ctx: ToolContext, system_prompt: str,
-                 settings: LoopSettings | None = None, cache: PrefixCache | None = None):
-        self.engine, self.ctx, self.settings, self.cache = engine, ctx, settings or LoopSettings(), cache
+                 settings: LoopSettings | None = None):
+        self.engine, self.ctx, self.settings = engine, ctx, settings or LoopSettings()
         self.tools = {t.name: t for t in tools}
-        self.specs = [chat.ToolSpec(**t.spec()) for t in tools]
-        self.messages: list[chat.Message] = [chat.Message(role="system", content=system_prompt)]
+        self.specs = [ToolSpec(**t.spec()) for t in tools]
+        self.messages: list[Message] = [Message(role="system", content=system_prompt)]
         self._queue: list[str] = []
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -189,7 +181,7 @@ class Agent:
         self._cancel.clear()
         if self.ctx.undo is not None:
             self.ctx.undo.begin_turn()  # /undo restores what this turn changes
-        self.messages.append(chat.Message(role="user", content=user_text))
+        self.messages.append(Message(role="user", content=user_text))
         seen: Counter[str] = Counter()
         malformed = 0
         s = self.settings
@@ -234,103 +226,51 @@ class Agent:
         yield TurnEnd("", "step-cap", s.max_steps)
 
     def _add_user(self, text: str) -> None:
-        self.messages.append(chat.Message(role="user", content=text))
+        self.messages.append(Message(role="user", content=text))
 
     # -- prompt ---------------------------------------------------------------------------------
 
-    def _render(self, messages: Sequence[chat.Message], generation_prompt: bool = True) -> chat.Rendered:
-        return chat.render(messages, self.specs, self.settings.mode, add_generation_prompt=generation_prompt)
-
     def _sync_prompt(self) -> Iterator[Event]:
         """Make the engine's tokens the whole conversation plus the assistant opener."""
-        engine, tok = self.engine, self.engine.tokenizer
-        full = self._render(self.messages)
-        tail = self.tail_after_live(full.pieces)
-        if tail is not None:
-            yield from self._prefill(tail)
-            return
-        ids = tok.encode_pieces(full.pieces)
-        live = engine.tokens
-        if live and ids[:len(live)] == live:
-            yield from self._prefill(ids[len(live):])
-            return
-        if self.cache is not None:
-            yield from _with_progress(lambda progress: self.cache.sync(engine, ids, progress))
-        else:
-            engine.reset()
-            yield from _with_progress(lambda progress: engine.prefill(ids, progress))
-
-    def tail_after_live(self, pieces: list) -> list[int] | None:
-        """The ids that take the live tokens to ``pieces`` (a rendering of this conversation
-        and what follows it), or None. Everything up to the model's last message is live as
-        sampled, so only what follows that message is new; the rendering must agree up to it."""
-        last = last_reply(self.messages)
-        if last is None or not self.engine.tokens:
-            return None
-        head = self._render(self.messages[:last + 1]).pieces
-        if pieces[:len(head)] != head:
-            return None
-        return self.engine.tokenizer.encode_pieces(pieces[len(head):])
-
-    def _prefill(self, ids: list[int]) -> Iterator[Event]:
-        if ids:
-            yield from _with_progress(lambda progress: self.engine.prefill(ids, progress))
+        yield from _with_progress(lambda progress: self.engine.sync(self.messages, self.specs, self.settings.mode,
+                                                                    progress))
 
     # -- sampling -------------------------------------------------------------------------------
 
     def _sample(self, out: _Step) -> Iterator[Event]:
-        s, engine = self.settings, self.engine
-        parser = dsml.DsmlParser(thinking=s.mode != "nothink")
-        eos, control_ids = engine.tokenizer.eos_id, engine.tokenizer.added
-        ended = False
-        stream = engine.generate(max_tokens=s.max_tokens_per_step, temperature=s.temperature, top_p=s.top_p,
-                                 min_p=s.min_p, seed=s.seed)
-        try:
-            for ev in stream:
-                if ev.token == eos:
-                    ended = True
-                    break
-                # Markers count only as the control tokens sampled, not as the same text in plain pieces.
-                yield from self._parsed(parser.feed_token(ev.text, ev.token in control_ids), out)
-                if self._cancel.is_set():
-                    out.interrupted = True
-                    break
-        finally:
-            stream.close()
-        yield from self._parsed(parser.finish(), out)
-        if not ended:  # interrupted or out of tokens: close the reply so the transcript stays well formed
-            engine.prefill([eos])
-            if not out.interrupted:
-                out.cut = True
-                yield Notice("warning", f"the reply hit the {s.max_tokens_per_step}-token step limit")
-
-    def _parsed(self, events: list, out: _Step) -> Iterator[Event]:
-        for ev in events:
-            if isinstance(ev, dsml.ReasoningDelta):
+        s = self.settings
+        for ev in self.engine.respond(thinking=s.mode != "nothink", should_stop=self._cancel.is_set,
+                                      max_tokens=s.max_tokens_per_step, temperature=s.temperature, top_p=s.top_p,
+                                      min_p=s.min_p, seed=s.seed):
+            if isinstance(ev, ReasoningDelta):
                 out.reasoning += ev.text
                 yield Reasoning(ev.text)
-            elif isinstance(ev, dsml.TextDelta):
+            elif isinstance(ev, TextDelta):
                 out.text += ev.text
                 yield Text(ev.text)
-            elif isinstance(ev, dsml.ToolCallStarted):
+            elif isinstance(ev, ToolCallStarted):
                 yield ToolStarted(ev.name)
-            elif isinstance(ev, dsml.ToolCallParsed):
+            elif isinstance(ev, ToolCallParsed):
                 self._call_count += 1
                 out.calls.append(ev.call.model_copy(update={"id": f"call_{self._call_count}"}))
-            elif isinstance(ev, dsml.DsmlError):
+            elif isinstance(ev, DsmlError):
                 out.error = ev.message
-            elif isinstance(ev, dsml.DsmlInThinking):
+            elif isinstance(ev, DsmlInThinking):
                 yield Notice("warning", "the model wrote a tool call inside its reasoning; it was not run")
+            elif isinstance(ev, ReplyEnd) and ev.reason != "eos":
+                out.interrupted, out.cut = ev.reason == "stopped", ev.reason == "limit"
+                if out.cut:
+                    yield Notice("warning", f"the reply hit the {s.max_tokens_per_step}-token step limit")
 
     def _record(self, step: _Step) -> None:
         """The model's message as sampled (its DSML block kept byte for byte for replay)."""
         reasoning = step.reasoning if self.settings.mode != "nothink" else None
-        self.messages.append(chat.Message(role="assistant", content=step.text, reasoning=reasoning,
+        self.messages.append(Message(role="assistant", content=step.text, reasoning=reasoning,
                                           tool_calls=[] if step.error else step.calls))
 
     # -- tools ----------------------------------------------------------------------------------
 
-    def _run_calls(self, calls: list[chat.ToolCall], seen: Counter) -> Iterator[Event]:
+    def _run_calls(self, calls: list[ToolCall], seen: Counter) -> Iterator[Event]:
         """Run the calls in order, each result a ``tool`` message; returns a stop reason or None."""
         s, stop = self.settings, None
         for call in calls:
@@ -355,10 +295,10 @@ class Agent:
             yield ToolFinished(call.id, call.name, result)
             if call.name == "update_plan" and result.ok:
                 yield PlanUpdated(list(self.ctx.extra.get("plan", [])))
-            self.messages.append(chat.Message(role="tool", content=result.text, tool_call_id=call.id))
+            self.messages.append(Message(role="tool", content=result.text, tool_call_id=call.id))
         return stop
 
-    def _run_one(self, call: chat.ToolCall) -> ToolResult:
+    def _run_one(self, call: ToolCall) -> ToolResult:
         tool = self.tools.get(call.name)
         if tool is None:
             names = ", ".join(sorted(self.tools))

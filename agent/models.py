@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from magnetar.runtime.errors import MagnetarError
+from magnetar.runtime import MagnetarError
 
 # name -> (file name in the models folder, disk size, RAM it wants to run well)
 KNOWN = {

@@ -34,10 +34,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from magnetar.prompts import load
-from magnetar.runtime.engine import Engine
-from magnetar.runtime.errors import MagnetarError, UsageError
-from magnetar.runtime.fileio import atomic_write_bytes
-from magnetar.runtime.kvcache import PrefixCache
+from magnetar.runtime import Engine, MagnetarError, PrefixCache, UsageError, atomic_write_bytes
 from magnetar.tools.base import Tool, ToolContext, utf8_safe
 from magnetar.tools.files import project_files, relative
 from magnetar.tools.review import SEVERITIES, ReportFinding
@@ -157,12 +154,12 @@ def sort_findings(findings: list[dict]) -> list[dict]:
 
 
 def review(engine, root: Path, scope: str, settings: LoopSettings | None = None, *,
-           tools: list[Tool] | None = None, cache=None, on_event=None) -> tuple[list[dict], TurnEnd]:
+           tools: list[Tool] | None = None, on_event=None) -> tuple[list[dict], TurnEnd]:
     """One read-only agent turn over ``scope``; returns the sorted findings and how the turn ended.
     ``tools`` replaces the default read-only tools; ``report_finding`` is always added."""
     ctx = ToolContext(root=root, mode="read-only", confirm=None)
     toolset = [*(read_only_tools() if tools is None else tools), ReportFinding()]
-    agent = Agent(engine, toolset, ctx, load("review"), settings, cache)
+    agent = Agent(engine, toolset, ctx, load("review"), settings)
     for event in agent.turn(scope):
         if on_event:
             on_event(event)
@@ -255,10 +252,10 @@ def run(args) -> int:
     scope = scope_text(root, target, args.diff, args.staged, args.uncommitted)
     engine = Engine.load(resolve_model(args.model), ctx=args.ctx)
     cache = PrefixCache(data_dir() / "kvcache")
+    engine.attach_cache(cache)
     settings = LoopSettings(seed=args.seed, temperature=args.temp, max_steps=args.max_steps,
                             max_tokens_per_step=args.max_tokens)
-    findings, end = review(engine, root, with_project_instructions(root, scope), settings, cache=cache,
-                           on_event=_progress)
+    findings, end = review(engine, root, with_project_instructions(root, scope), settings, on_event=_progress)
     cache.save(engine, "shutdown")
     if args.format == "json":
         text = to_json(findings, end.answer)

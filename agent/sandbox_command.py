@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from magnetar.runtime.errors import UsageError
+from magnetar.runtime import UsageError
 from magnetar.tools import sandbox
 from magnetar.tools.base import ToolContext
 from magnetar.tools.shell import CommandResult, Shell

@@ -24,12 +24,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from magnetar.runtime import chat
-from magnetar.runtime.checkpoint import CheckpointError
-from magnetar.runtime.errors import MagnetarError
-from magnetar.runtime.fileio import atomic_write_bytes, sweep_stale_temps
-
-from .loop import last_reply
+from magnetar.runtime import (CheckpointError, MagnetarError, Message, atomic_write_bytes, last_reply,
+                              sweep_stale_temps)
 
 TITLE_CHARS = 70
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -94,7 +90,7 @@ class Session:
     def transcript_path(self) -> Path:
         return self.folder / "transcript.jsonl"
 
-    def append(self, message: chat.Message) -> None:
+    def append(self, message: Message) -> None:
         """Add one message to the transcript (flushed and fsynced before returning)."""
         if not self.meta.title and message.role == "user":
             self.meta.title = " ".join(message.content.split())[:TITLE_CHARS]
@@ -107,23 +103,23 @@ class Session:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def messages(self) -> list[chat.Message]:
+    def messages(self) -> list[Message]:
         """The transcript's messages in order; a torn last line (a crash mid-append) is skipped."""
         if not self.transcript_path.exists():
             return []
-        out: list[chat.Message] = []
+        out: list[Message] = []
         for line in self.transcript_path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
                 if "replace" in record:  # a compaction: the conversation continues from these messages
-                    out = [chat.Message.model_validate(m) for m in record["replace"]]
+                    out = [Message.model_validate(m) for m in record["replace"]]
                 else:
-                    out.append(chat.Message.model_validate(record["message"]))
+                    out.append(Message.model_validate(record["message"]))
             except (ValueError, KeyError, TypeError):
                 continue
         return out
 
-    def append_replacement(self, messages: list[chat.Message]) -> None:
+    def append_replacement(self, messages: list[Message]) -> None:
         """Record that the conversation now continues from ``messages`` (after a compaction);
         the lines before stay, so the transcript still holds everything that was said."""
         self._append({"ts": time.time(), "replace": [m.model_dump(exclude_none=True) for m in messages]})
@@ -138,9 +134,9 @@ class Session:
         self.meta.updated = time.time()
         atomic_write_bytes(self.folder / "meta.json", json.dumps(asdict(self.meta), indent=1).encode())
 
-    def resume(self, engine, render_ids, progress=None) -> str:
+    def resume(self, engine, replay, progress=None) -> str:
         """Bring the engine to where the session ended: ``"restored"`` from the checkpoint,
-        else ``"replayed"`` by prefilling ``render_ids(messages)`` (the transcript rendered)."""
+        else ``"replayed"``: ``replay(messages, progress)`` runs the transcript from an empty state."""
         if self.checkpoint_path.exists():
             try:
                 engine.restore(self.checkpoint_path)
@@ -150,7 +146,7 @@ class Session:
         engine.reset()
         messages = self.messages()
         if len(messages) > 1:
-            engine.prefill(render_ids(messages), progress)
+            replay(messages, progress)
         return "replayed"
 
     def nbytes(self) -> int:
@@ -235,7 +231,7 @@ class LiveSession:
     def open(self, session: Session, progress=None) -> str:
         """Continue ``session``: ``"restored"`` from its checkpoint or ``"replayed"`` from its transcript."""
         agent = self.agent
-        how = session.resume(agent.engine, self._render_ids, progress)
+        how = session.resume(agent.engine, self._replay, progress)
         messages = session.messages()
         agent.messages[:] = messages or agent.messages[:1]
         self.session, self._saved = session, len(messages)
@@ -265,14 +261,12 @@ class LiveSession:
             self.save()
         return self.open(target, progress)
 
-    def _render_ids(self, messages: list[chat.Message]) -> list[int]:
+    def _replay(self, messages: list[Message], progress=None) -> None:
         """The conversation up to the model's last message, as the live tokens held it: that
-        message complete with its EOS (the loop renders what follows at the next step)."""
+        message complete with its EOS (the loop syncs what follows at the next step)."""
         last = last_reply(messages)
-        if last is None:
-            return []
-        rendered = chat.render(messages[:last + 1], self.agent.specs, self.agent.settings.mode)
-        return self.agent.engine.tokenizer.encode_pieces(rendered.pieces)
+        if last is not None:
+            self.agent.engine.sync(messages[:last + 1], self.agent.specs, self.agent.settings.mode, progress)
 
 
 def list_command(args) -> int:

@@ -19,7 +19,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Collapsible, Input, Label, Markdown, ProgressBar, Static
 
-from magnetar.runtime.errors import MagnetarError
+from magnetar.runtime import MagnetarError
 from magnetar.tools.base import MODES
 from magnetar.tools.plan import checklist
 from magnetar.tools.safegit import run_git

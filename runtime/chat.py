@@ -167,6 +167,9 @@ class Message(BaseModel):
 @dataclass(frozen=True)
 class Rendered:
     pieces: list[Piece]
+    # Where each assistant message's rendering ends (an index into ``pieces``), in order:
+    # what follows the model's last message can be taken without re-rendering it.
+    reply_ends: tuple[int, ...] = ()
 
     @property
     def text(self) -> str:
@@ -295,6 +298,7 @@ def render(messages: Sequence[Message], tools: Sequence[ToolSpec] | None = None,
     last_user = max((k for k, t in enumerate(turns) if isinstance(t, _User)), default=-1)
 
     out = _Out()
+    reply_ends: list[int] = []
     out.special(BOS)
     if mode == "think-max":
         out.t(THINK_MAX_PREFIX)
@@ -304,6 +308,7 @@ def render(messages: Sequence[Message], tools: Sequence[ToolSpec] | None = None,
             keep_reasoning = thinking and (not drop or k > last_user)
             _assistant(out, turn.msg, keep_reasoning,
                        eos=not (last and not add_generation_prompt))
+            reply_ends.append(len(out.pieces))
             continue
         if isinstance(turn, _System):
             out.c(turn.content)
@@ -318,7 +323,7 @@ def render(messages: Sequence[Message], tools: Sequence[ToolSpec] | None = None,
         if opens:
             out.special(ASSISTANT)
             out.special(THINK if thinking and (not drop or k >= last_user) else THINK_END)
-    return Rendered(out.pieces)
+    return Rendered(out.pieces, tuple(reply_ends))
 
 
 def _tools_block(out: _Out, tools: Sequence[ToolSpec]) -> None:

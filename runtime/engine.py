@@ -5,7 +5,9 @@ truth), their KV state, and the logits of the next token. ``prefill`` extends
 it in chunks; ``generate`` samples from it one token at a time. ``logits`` is a
 pure function of its ids and never touches the live sequence. ``checkpoint`` /
 ``restore`` put the live sequence in a file and back (no token is re-processed);
-``snapshot`` / ``rewind`` do the same in memory, to undo a turn.
+``snapshot`` / ``rewind`` do the same in memory, to undo a turn. At the chat level
+(runtime/conversation.py) ``sync`` brings the live sequence to a conversation,
+reusing what it can, and ``respond`` samples a reply as chat events.
 """
 
 from __future__ import annotations
@@ -25,24 +27,17 @@ import numpy as np
 from magnetar.kernels.backend import BACKENDS, Backend, BackendUnavailable
 from magnetar.kernels.backend import backend as kernel_backend
 
-from . import chat
 from . import checkpoint as ckpt
-from .errors import MagnetarError, UsageError
+from .conversation import THINK_MAX_MIN_CTX, Conversing, require_room  # the constant stays importable from here
+from .errors import ContextFull, UsageError
 from .gguf_read import ModelFile, open_model
 from .kv_state import KVState
 from .limits import DEFAULT_CTX, MAX_CTX
 from .model import Model
-from .ops import on_cpu
 from .sampler import Sampler, SamplerSettings, log_softmax, top_logprobs
 from .tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 2048
-THINK_MAX_MIN_CTX = 393216  # the official template only asks for Think-Max with this much room
-CPU_EXPAND_BUDGET = 1 << 30  # bytes of non-expert weights widened to f32 on the CPU (see Weights)
-
-
-class ContextFull(MagnetarError):
-    """The sequence would not fit in the engine's context."""
 
 
 @dataclass
@@ -160,22 +155,18 @@ def _engine_method(method):
     return call
 
 
-class Engine:
+class Engine(Conversing):
     @_engine_method
     def __init__(self, model_file: ModelFile, ctx: int = DEFAULT_CTX, precision: str = "official",
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, expand_budget: int | None = None,
                  kernels: Backend | None = None):
         if not 0 < ctx <= MAX_CTX:
             raise UsageError(f"--ctx must be between 1 and {MAX_CTX}, got {ctx}")
-        if precision not in ("official", "reference"):
-            raise UsageError(f"precision must be 'official' or 'reference', not {precision!r}")
         if prefill_chunk < 1:
             raise UsageError(f"prefill chunk must be positive, got {prefill_chunk}")
         self.file = model_file
         self.config = model_file.config
         self.ctx, self.precision, self.prefill_chunk = ctx, precision, prefill_chunk
-        if expand_budget is None:
-            expand_budget = CPU_EXPAND_BUDGET if on_cpu() else 0
         self.model = Model(model_file, precision, expand_budget, kernels)
         self.stats = Stats()
         self._live = _Live(KVState.empty(self.config, ctx))
@@ -199,25 +190,11 @@ class Engine:
             raise UsageError(str(e), "use --backend auto or cpu") from None
         return cls(open_model(path), ctx, precision, prefill_chunk, expand_budget, kernels)
 
-    # -- text ------------------------------------------------------------------------------
+    # -- text (render, sync, respond: runtime/conversation.py) ------------------------------
 
     @property
     def tokenizer(self) -> Tokenizer:
         return self.file.tokenizer
-
-    def render(self, messages: Sequence[chat.Message], tools: Sequence[chat.ToolSpec] | None = None,
-               mode: chat.Mode = "think") -> list[int]:
-        """Token ids of a conversation in the V4 chat format, ending with the assistant prompt
-        (in the mode ``think_mode`` picks: say its notice where the user will see it)."""
-        return self.tokenizer.encode_pieces(chat.render(messages, tools, self.think_mode(mode)[0]).pieces)
-
-    def think_mode(self, mode: chat.Mode) -> tuple[chat.Mode, str]:
-        """The mode this engine renders for ``mode``, and a one-line notice when it differs:
-        below THINK_MAX_MIN_CTX, Think-Max falls back to normal thinking (as ds4 does)."""
-        if mode == "think-max" and self.ctx < THINK_MAX_MIN_CTX:
-            return "think", (f"think-max needs --ctx of at least {THINK_MAX_MIN_CTX} (this engine has "
-                             f"{self.ctx}); thinking normally")
-        return mode, ""
 
     # -- the live sequence -----------------------------------------------------------------
 
@@ -269,9 +246,7 @@ class Engine:
         self._live = _Live(state, None if snap.next_logits is None else snap.next_logits.copy())
 
     def _check_room(self, have: int, more: int) -> None:
-        if have + more > self.ctx:
-            raise ContextFull(f"{have} + {more} tokens exceed the context of {self.ctx}",
-                              "start a new session or raise --ctx")
+        require_room(self.ctx, have, more)
 
     def _run_chunks(self, ids: Sequence[int], state: KVState, all_logits: bool,
                     progress: Callable[[int, int], None] | None) -> list[np.ndarray]:

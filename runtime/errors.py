@@ -32,5 +32,9 @@ class UsageError(MagnetarError):
     """A command was called with arguments that cannot work."""
 
 
+class ContextFull(MagnetarError):
+    """The sequence would not fit in the engine's context."""
+
+
 class ChatError(MagnetarError):
     """A conversation cannot be rendered into the V4 chat format."""

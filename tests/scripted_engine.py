@@ -3,7 +3,8 @@ like the real engine, and each ``generate`` emits the next scripted reply
 (template text, so ``</think>`` and DSML markers become their control tokens;
 or a list of token ids, for replies that spell markers in plain pieces),
 token by token, then EOS. Everything else the loop touches is real: the V4
-tokenizer, chat rendering and the DSML parser."""
+tokenizer, chat rendering, the DSML parser and the engine's chat-level door
+(``sync``, ``respond``: runtime/conversation.py, mixed in as in ``Engine``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from magnetar.runtime.conversation import Conversing
 from magnetar.runtime.engine import ContextFull, Event
 from magnetar.runtime.fileio import atomic_write_bytes
 
@@ -23,7 +25,7 @@ class ScriptedStats:
 
 
 @dataclass
-class ScriptedEngine:
+class ScriptedEngine(Conversing):
     tokenizer: object
     replies: list[str | list[int]]
     ctx: int = 1 << 20

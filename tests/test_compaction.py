@@ -108,6 +108,23 @@ def test_older_turns_become_one_summary_and_the_recent_turn_stays_verbatim(v4_to
     assert result.describe().endswith("kept the last 1 turn verbatim; files: a.py, b.py, c.py")
 
 
+def test_after_a_thinking_reply_without_tools_only_the_request_is_prefilled(v4_tokenizer, tmp_path):
+    """Without tools the template drops a reply's reasoning once a user turn follows it, so
+    re-rendering the conversation no longer matches the live tokens; the request still goes
+    after them (the sampled reply is never re-rendered), not into a whole new prefill."""
+    engine = ScriptedEngine(v4_tokenizer, [])
+    agent = Agent(engine, [], ToolContext(root=tmp_path), SYSTEM, LoopSettings(mode="think"))
+    run(agent, engine, "first", "Thinking about it.</think>Done first.")
+    run(agent, engine, "second", "More thought.</think>Done second.")
+    live, seen = list(engine.tokens), []
+    engine.on_token = lambda token: seen.append(list(engine.tokens))
+    engine.replies.append("Two questions were answered.")
+    compact(agent, CompactionPolicy(keep_turns=1))
+    asked = v4_tokenizer.decode(engine.prefills[-1])  # no BOS: the request alone, after the live tokens
+    assert asked.startswith("<｜User｜>" + REQUEST_LINE) and asked.endswith("<｜Assistant｜></think>")
+    assert seen[0] == live + engine.prefills[-1] + seen[0][-1:]
+
+
 def test_the_next_turn_renders_the_compacted_conversation(v4_tokenizer, tmp_path):
     agent, engine = conversation(v4_tokenizer, tmp_path)
     engine.replies.append("Summary: four turns of edits.")

@@ -37,7 +37,7 @@ def saved(tiny_models, tmp_path):
 def test_resume_restores_the_checkpoint_with_nothing_re_processed(tiny_models, saved):
     store, session, engine = saved
     fresh = Engine.load(tiny_models("q8"), ctx=512)
-    assert store.open(session.meta.id[:12]).resume(fresh, lambda m: _ids(fresh, m)) == "restored"
+    assert store.open(session.meta.id[:12]).resume(fresh, lambda m, progress: fresh.prefill(_ids(fresh, m), progress)) == "restored"
     assert fresh.tokens == engine.tokens and fresh.stats.prefill_tokens == 0
     assert (fresh.next_logits() == engine.next_logits()).all()
 
@@ -52,7 +52,7 @@ def test_a_lost_checkpoint_replays_the_transcript(tiny_models, saved, tmp_path, 
         data[3000] ^= 0x40
         session.checkpoint_path.write_bytes(bytes(data))
     fresh = Engine.load(tiny_models("f32" if damage == "other model" else "q8"), ctx=512)
-    assert session.resume(fresh, lambda m: _ids(fresh, m)) == "replayed"
+    assert session.resume(fresh, lambda m, progress: fresh.prefill(_ids(fresh, m), progress)) == "replayed"
     assert fresh.tokens == engine.tokens and fresh.stats.prefill_tokens == len(engine.tokens)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from magnetar.agent.compaction import CompactionError, CompactionPolicy, _request_pieces, compact
+from magnetar.agent.compaction import CompactionError, CompactionPolicy, compact
 from magnetar.agent.loop import Agent, LoopSettings
 from magnetar.prompts import load
 from magnetar.runtime import chat
@@ -78,7 +78,8 @@ def test_an_interrupted_compaction_leaves_the_live_state_bit_identical(engine, t
         compact(agent, CompactionPolicy(keep_turns=0, max_summary_tokens=64),
                 progress=lambda done, total: agent.interrupt())
     request = chat.Message(role="user", content=load("compaction"))
-    after_live = agent.tail_after_live(_request_pieces(agent, [*agent.messages, request]))
+    asked = chat.render([*agent.messages, request], agent.specs, "nothink")  # opens after </think> already
+    after_live = engine.tokenizer.encode_pieces(asked.pieces[asked.reply_ends[-1]:])
     assert engine.stats.prefill_tokens - prefilled == len(after_live)  # the request ran after the live tokens
     assert engine.tokens == before_tokens
     assert _same(_state(engine), before)
