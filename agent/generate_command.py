@@ -10,10 +10,7 @@ import time
 from rich.console import Console
 
 from magnetar.console import progress_bar, read_prompt
-from magnetar.runtime.chat import Message
-from magnetar.runtime.engine import Engine
-from magnetar.runtime.errors import UsageError
-from magnetar.runtime.fileio import atomic_write_bytes
+from magnetar.runtime import Engine, Message, UsageError, atomic_write_bytes
 
 
 def generate(args: argparse.Namespace) -> int:
