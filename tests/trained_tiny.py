@@ -2,9 +2,15 @@
 
 A random-weight model predicts almost flat distributions, so any quantization
 noise flips its argmax and agreement numbers measured on it say nothing. This
-one is trained for a few hundred steps on the repository's own Python sources
-and Markdown, so its next-token distributions are peaked the way a real
-model's are; quantization fidelity measured on it means something.
+one is trained for a few hundred steps on Python sources and Markdown, so its
+next-token distributions are peaked the way a real model's are; quantization
+fidelity measured on it means something.
+
+The corpus is a frozen snapshot (``data/trained_tiny_corpus.txt``: agent/,
+kernels/, tools/, docs/ and prompts/ of this repository at commit 398715b, 39
+files, 327 KB), not the live sources, so editing the code neither retrains the
+model nor moves the numbers measured on it. Each file in it starts with a form
+feed and its path on one line.
 
 The model is ``hf_tiny``'s (every layer kind: sliding, CSA, HCA; hash and
 top-k routed MoE) made 256 wide, so the 256-value K-quant and IQ2_XXS blocks
@@ -23,7 +29,7 @@ cross-entropy, and the saved model puts no stray mass on unused ids.
 Training is seeded and single-threaded, and the result is cached on disk
 under a key that covers the config, the corpus bytes, the hyperparameters,
 this file's source and the torch/transformers versions, so one machine trains
-once per change (older entries are deleted: each holds ~280 MB).
+once (older entries are deleted: each holds ~280 MB).
 """
 
 from __future__ import annotations
@@ -43,9 +49,7 @@ import transformers
 
 from hf_tiny import TINY_HF, V4_VOCAB, randomize
 
-ROOT = Path(__file__).resolve().parent.parent
-# Sources the README does not include: the README gets this model's numbers written into it.
-CORPUS = ("agent/*.py", "kernels/*.py", "runtime/*.py", "tools/*.py", "docs/*.md", "prompts/*.md")
+CORPUS = Path(__file__).resolve().parent / "data" / "trained_tiny_corpus.txt"
 HELD_OUT_EVERY = 6  # a file whose path hashes to 0 modulo this is held out
 WIDE = dict(hidden_size=256, moe_intermediate_size=256)  # rows of 256: K-quant and IQ2_XXS blocks fit
 SEQ = 128  # BOS + 127 text tokens, training windows and evaluation prompts alike
@@ -73,10 +77,10 @@ def _tokenizer():
     return Tokenizer(meta.tokens, meta.merges, meta.token_types)
 
 
-def corpus_files(root: Path = ROOT) -> list[tuple[str, str]]:
-    """(path relative to ``root``, text) of every corpus file, sorted by path."""
-    paths = sorted({p for pattern in CORPUS for p in root.glob(pattern)})
-    return [(p.relative_to(root).as_posix(), p.read_text(encoding="utf-8")) for p in paths]
+def corpus_files(snapshot: Path = CORPUS) -> list[tuple[str, str]]:
+    """(path, text) of every file in the corpus snapshot, in its order (sorted by path)."""
+    records = snapshot.read_text(encoding="utf-8").split("\f")[1:]  # the text before the first is empty
+    return [tuple(record.split("\n", 1)) for record in records]
 
 
 def _line_chunks(text: str, tok, limit: int) -> list[str]:
