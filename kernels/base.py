@@ -21,14 +21,23 @@ back, so the model can run on the oracle end to end. Two flags tell the model
 how a backend may be scheduled: ``host_moe`` (``moe`` runs on the host, on
 evaluated inputs, so the decode graph is cut around it) and ``traceable``
 (every operation can sit inside ``mx.compile``).
+
+The backend also owns the device choices for the model's plain f32 work, so
+the model code stays device-free: ``dense`` (``a @ b``), ``attend`` /
+``attend_chunk`` (softmax attention with sinks, docs/spec/v4-model.md §3.7),
+``logits_head`` (the output projection) and ``expand_budget`` (how much of the
+non-expert weights to widen to f32 at load). Here they are plain MLX, right on
+a GPU; ``host.HostBackend`` moves host-paced work to numpy's BLAS on the CPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
+import numpy as np
 
 from .formats import BLOCK, GGMLType, row_blocks
 
@@ -64,12 +73,51 @@ class QTensor:
         return int(self.data.nbytes)
 
 
+class DenseWeight(Protocol):
+    """A model matrix ``W [rows, cols]`` as the runtime holds it (``runtime.weights.Matrix``)."""
+
+    def __call__(self, x: mx.array) -> mx.array: ...  # x @ W.T
+
+    def dense(self) -> mx.array: ...  # W widened to f32
+
+
+def attend(q: mx.array, keys: mx.array, bias: mx.array, sinks: mx.array) -> mx.array:
+    """Softmax attention with per-head sinks; K = V = ``keys`` [N, hd]; q [T, H, hd]; bias [T, N]."""
+    T, H, hd = q.shape
+    s = (q.reshape(T * H, hd) @ keys.T).reshape(T, H, -1) * (hd ** -0.5) + bias[:, None, :]
+    sink = sinks[None, :, None]
+    m = mx.maximum(mx.max(s, axis=-1, keepdims=True), sink)
+    e = mx.exp(s - m)
+    denom = mx.sum(e, axis=-1, keepdims=True) + mx.exp(sink - m)  # the sink takes mass, adds no value
+    return (e.reshape(T * H, -1) @ keys).reshape(T, H, hd) / denom
+
+
 class Backend:
     """Base class: the operations every implementation provides (see the module doc)."""
 
     name = "abstract"
     host_moe = False
     traceable = True
+    expand_budget = 0  # bytes of non-expert weights to widen to f32 at load (runtime/weights.py says why)
+
+    # -- the model's plain f32 work: MLX here, inside or outside the compiled decode step --------
+
+    def dense(self, a: mx.array, b: mx.array) -> mx.array:
+        """``a @ b`` for a 2-D ``a``. An implementation may run a product with many rows
+        elsewhere (evaluating ``a`` and ``b``): only host-paced code (prefill) passes many rows."""
+        return a @ b
+
+    def attend(self, q: mx.array, keys: mx.array, bias: mx.array, sinks: mx.array) -> mx.array:
+        """Attention with sinks (``attend`` above), traceable: the decode step calls it."""
+        return attend(q, keys, bias, sinks)
+
+    def attend_chunk(self, q: mx.array, keys: mx.array, bias: mx.array, sinks: mx.array) -> mx.array:
+        """The same for a block of prefill queries; host-paced, so it may evaluate its inputs."""
+        return self.attend(q, keys, bias, sinks)
+
+    def logits_head(self, output: DenseWeight) -> Callable[[mx.array], np.ndarray]:
+        """The output projection ``y [T, D] -> logits [T, vocab]`` as float32 numpy (the sampler's input)."""
+        return lambda y: np.array(output(y), dtype=np.float32)
 
     def dequantize(self, w: QTensor, experts: mx.array | None = None) -> mx.array:
         raise NotImplementedError

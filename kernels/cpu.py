@@ -19,10 +19,10 @@ import mlx.core as mx
 import numpy as np
 
 from . import native
-from .base import Backend, BackendUnavailable, QTensor
+from .base import BackendUnavailable, QTensor
 from .dequant import dequantize
+from .host import HOST_BLAS_MIN_ROWS, HostBackend
 
-HOST_BLAS_MIN_ROWS = 16  # below this the product stays in MLX (and may sit in a compiled graph)
 EXPERT_GROUP_BYTES = 256 << 20  # f32 expert weights expanded at once in the many-token path
 
 
@@ -46,7 +46,7 @@ def _scatter_add(out: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
         np.add.at(out, rows, values)
 
 
-class CpuBackend(Backend):
+class CpuBackend(HostBackend):
     name = "cpu"
 
     def __init__(self, use_native: bool | None = None):

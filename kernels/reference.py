@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 from gguf.quants import IQ2_XXS as _GGUF_IQ2_XXS
 
-from .base import Backend
+from .host import HostBackend
 from .formats import BLOCK, GGMLType, row_blocks
 
 
@@ -157,7 +157,7 @@ def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: tuple[np.ndar
     return out.astype(np.float32)
 
 
-class ReferenceBackend(Backend):
+class ReferenceBackend(HostBackend):
     """The numpy oracle behind the common interface (slow; for tests and checks)."""
 
     name = "reference"

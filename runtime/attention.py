@@ -11,70 +11,29 @@ Two entry points share every formula:
 - ``decode`` runs one token at a position that lives inside the graph, so the
   step has fixed shapes and compiles once: it writes its ring slot, frontier
   row and (possibly partial) pooled row with dynamic slice updates.
+
+The attention itself (softmax over the keys with per-head sinks, §3.7) and the
+dense products run through the kernel backend (``kernels/base.py``), which
+decides where they run; this file only says which work is host-paced (prefill).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import mlx.core as mx
-import numpy as np
 
-from . import precision as qat
 from .config import ModelConfig
 from .kv_state import EMPTY, LayerState, frontier_rows
-from .ops import matmul, on_cpu, rms, rmsnorm, rope, rope_angles, rope_inv_freq
+from .ops import rms, rmsnorm, rope, rope_angles, rope_inv_freq
+from .precision import Precision
 from .weights import Weights
 
 NEG_INF = float("-inf")
 ATTENTION_BLOCK = 1 << 25  # prefill score elements per query block (128 MB of f32)
 
 
-@dataclass(frozen=True)
-class Precision:
-    """The official inference graph's rounding steps (spec §3.1, §4.3); all off for ``reference``."""
-
-    official: bool
-    nope: int  # leading head dims that get the FP8 round trip
-
-    def kv_row(self, x: mx.array) -> mx.array:
-        """FP8 on the nope dims, then f16 storage: raw and compressed attention rows."""
-        if not self.official:
-            return x
-        return qat.f16_round(qat.fp8_kv_round_trip(x, self.nope))
-
-    def index_key(self, x: mx.array) -> mx.array:
-        return qat.f16_round(qat.indexer_round_trip(x)) if self.official else x
-
-    def index_query(self, x: mx.array) -> mx.array:
-        return qat.indexer_round_trip(x) if self.official else x
-
-
 def _at(i: mx.array) -> mx.array:
     """A dynamic start index for slice/slice_update on axis 0."""
     return mx.reshape(i, (1,)).astype(mx.int32)
-
-
-def attend(q: mx.array, keys: mx.array, bias: mx.array, sinks: mx.array) -> mx.array:
-    """Softmax attention with per-head sinks; K = V = ``keys`` [N, hd]; q [T, H, hd]; bias [T, N]."""
-    T, H, hd = q.shape
-    s = (q.reshape(T * H, hd) @ keys.T).reshape(T, H, -1) * (hd ** -0.5) + bias[:, None, :]
-    sink = sinks[None, :, None]
-    m = mx.maximum(mx.max(s, axis=-1, keepdims=True), sink)
-    e = mx.exp(s - m)
-    denom = mx.sum(e, axis=-1, keepdims=True) + mx.exp(sink - m)  # the sink takes mass, adds no value
-    return (e.reshape(T * H, -1) @ keys).reshape(T, H, hd) / denom
-
-
-def attend_host(q: np.ndarray, keys: np.ndarray, bias: np.ndarray, sinks: np.ndarray) -> np.ndarray:
-    """``attend`` in numpy, for prefill on the CPU (OpenBLAS, and fast elementwise passes)."""
-    T, H, hd = q.shape
-    s = (q.reshape(T * H, hd) @ keys.T).reshape(T, H, -1) * np.float32(hd ** -0.5) + bias[:, None, :]
-    sink = sinks[None, :, None]
-    m = np.maximum(s.max(axis=-1, keepdims=True), sink)
-    e = np.exp(s - m)
-    denom = e.sum(axis=-1, keepdims=True) + np.exp(sink - m)
-    return (e.reshape(T * H, -1) @ keys).reshape(T, H, hd) / denom
 
 
 def _mask(ok: mx.array) -> mx.array:
@@ -172,7 +131,10 @@ class Indexer:
 
     def scores(self, qr: mx.array, xn: mx.array, cos: mx.array, sin: mx.array, keys: mx.array,
                prec: Precision, mm=mx.matmul) -> mx.array:
-        """[T, n_keys] = sum_h w_h * relu(q_h . k) (same association order as transformers)."""
+        """[T, n_keys] = sum_h w_h * relu(q_h . k) (same association order as transformers).
+
+        ``mm`` multiplies the [T * heads, dim] queries by the keys: prefill passes the
+        backend's dense product; the decode step keeps the default, inside its graph."""
         T = qr.shape[0]
         q = rope(self.q_b(qr).reshape(T, self.heads, self.dim), cos[:, None], sin[:, None])
         q = prec.index_query(q)
@@ -185,6 +147,7 @@ class Attention:
     def __init__(self, w: Weights, cfg: ModelConfig, il: int, prec: Precision):
         p = f"blk.{il}."
         self.cfg, self.prec, self.ratio = cfg, prec, cfg.ratio(il)
+        self.kernels = w.kernels  # dense products and the attention itself (device choices)
         self.q_a, self.q_b = w.matrix(p + "attn_q_a.weight"), w.matrix(p + "attn_q_b.weight")
         self.q_a_norm = w.vector(p + "attn_q_a_norm.weight")
         self.kv, self.kv_norm = w.matrix(p + "attn_kv.weight"), w.vector(p + "attn_kv_a_norm.weight")
@@ -209,25 +172,24 @@ class Attention:
         o = rope(o, cos[:, None], -sin[:, None])
         og = o.reshape(T, G, -1)  # group g = heads g*H/G .. (g+1)*H/G - 1
         wa = self.o_a.dense().reshape(G, cfg.o_lora_rank, -1)
-        low = mx.concatenate([matmul(og[:, g], wa[g].T) for g in range(G)], axis=-1)
+        low = mx.concatenate([self.kernels.dense(og[:, g], wa[g].T) for g in range(G)], axis=-1)
         return self.o_b(low)
 
     # -- prefill: a chunk of T tokens at host-known positions pos0 .. pos0+T-1 ----------------
 
     def prefill(self, xn: mx.array, pos0: int, st: LayerState) -> mx.array:
         cfg, T, W = self.cfg, xn.shape[0], self.cfg.window
-        pos = np.arange(pos0, pos0 + T)
-        positions = mx.array(pos, dtype=mx.int32)
+        positions = mx.arange(pos0, pos0 + T, dtype=mx.int32)
         cos, sin = rope_angles(positions, self.inv_freq)
         qr, q, kv = self._qkv(xn, cos, sin)
 
         # Raw window: the up to W-1 rows before the chunk (logical order), then the chunk.
         n_prev = min(pos0, W - 1)
-        key_pos = np.arange(pos0 - n_prev, pos0 + T)
-        keys = [mx.take(st.raw, mx.array(key_pos[:n_prev] % W, dtype=mx.int32), axis=0), kv]
-        raw_ok = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - W)
-        tail = pos[-min(T, W):]
-        st.raw[mx.array(tail % W, dtype=mx.int32)] = kv[T - len(tail):]
+        key_pos = mx.arange(pos0 - n_prev, pos0 + T, dtype=mx.int32)
+        keys = [mx.take(st.raw, key_pos[:n_prev] % W, axis=0), kv]
+        raw_ok = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - W)
+        n_tail = min(T, W)
+        st.raw[positions[T - n_tail:] % W] = kv[T - n_tail:]
 
         n_comp, select = 0, False
         if self.ratio:
@@ -243,20 +205,17 @@ class Attention:
         keys = mx.concatenate(keys, axis=0)
 
         # Query blocks bound the [tokens, heads, keys] score tensors at long context.
-        host = on_cpu()
         block = max(1, ATTENTION_BLOCK // (cfg.n_head * keys.shape[0]))
         out = []
         for t0 in range(0, T, block):
             rows = slice(t0, min(T, t0 + block))
-            keep = mx.array(np.arange(n_comp)[None, :] < ((pos[rows] + 1) // max(self.ratio, 1))[:, None])
+            keep = mx.arange(n_comp)[None, :] < ((positions[rows] + 1) // max(self.ratio, 1))[:, None]
             if select:
-                score = ix.scores(qr[rows], xn[rows], cos[rows], sin[rows], st.index[:n_comp], self.prec, matmul)
+                score = ix.scores(qr[rows], xn[rows], cos[rows], sin[rows], st.index[:n_comp], self.prec,
+                                  self.kernels.dense)
                 keep = keep & top_k_mask(mx.where(keep, score, NEG_INF), ix.top_k)
-            bias = mx.concatenate([_mask(mx.array(raw_ok[rows])), _mask(keep)], axis=-1)
-            if host:
-                out.append(mx.array(attend_host(*(np.asarray(a) for a in (q[rows], keys, bias, self.sinks)))))
-            else:
-                out.append(attend(q[rows], keys, bias, self.sinks))
+            bias = mx.concatenate([_mask(raw_ok[rows]), _mask(keep)], axis=-1)
+            out.append(self.kernels.attend_chunk(q[rows], keys, bias, self.sinks))
         return self._out(mx.concatenate(out, axis=0), cos, sin)
 
     def _compress(self, comp: Compressor, xn: mx.array, positions: mx.array, pos0: int,
@@ -302,7 +261,7 @@ class Attention:
             keys.append(rows)
             bias.append(_mask(visible[None]))
 
-        o = attend(q, mx.concatenate(keys, axis=0), mx.concatenate(bias, axis=-1), self.sinks)
+        o = self.kernels.attend(q, mx.concatenate(keys, axis=0), mx.concatenate(bias, axis=-1), self.sinks)
         return self._out(o, cos, sin)
 
     def _compress_one(self, comp: Compressor, xn: mx.array, p: mx.array, rows: mx.array,

@@ -7,32 +7,12 @@ serves a prefill chunk ``[T, ...]`` and a single decode token ``[1, ...]``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
-
-
-HOST_BLAS_MIN_ROWS = 16
-
-
-def on_cpu() -> bool:
-    """MLX runs on the CPU, where host-paced work is faster in numpy (see ``matmul``)."""
-    return mx.default_device() == mx.cpu
-
-
-def matmul(a: mx.array, b: mx.array) -> mx.array:
-    """``a @ b`` for a 2-D ``a``; on the CPU a product with many rows runs in numpy.
-
-    The ``mlx[cpu]`` wheel links the reference BLAS, which multiplies a prefill chunk
-    20-50x slower than numpy's OpenBLAS (docs/spec/quant-kernels.md §5.2). The hand-off
-    evaluates ``a`` and ``b``, so only host-paced code (prefill) may call this; the
-    compiled decode step multiplies in MLX.
-    """
-    if a.shape[0] >= HOST_BLAS_MIN_ROWS and on_cpu():
-        return mx.array(np.asarray(a) @ np.asarray(b))
-    return a @ b
 
 
 def rms(x: mx.array, eps: float) -> mx.array:
@@ -95,11 +75,13 @@ def rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 # Hyper-connections (spec §3.3): the residual is `hc` streams mixed around
 # each sublayer by weights computed from the streams themselves.
 
-def hc_pre(X: mx.array, fn: mx.array, scale: mx.array, base: mx.array, cfg: ModelConfig
+def hc_pre(X: mx.array, mix: Callable[[mx.array], mx.array], scale: mx.array, base: mx.array, cfg: ModelConfig
            ) -> tuple[mx.array, mx.array, mx.array]:
-    """X [T, hc, D] -> (sublayer input [T, D], post [T, hc], comb [T, hc, hc])."""
+    """X [T, hc, D] -> (sublayer input [T, D], post [T, hc], comb [T, hc, hc]).
+
+    ``mix`` is the product with the hyper-connection's fn matrix: [T, hc*D] -> [T, (2+hc)*hc]."""
     T, hc, D = X.shape
-    m = matmul(rms(X.reshape(T, hc * D), cfg.rms_eps), fn.T)  # [T, (2+hc)*hc]
+    m = mix(rms(X.reshape(T, hc * D), cfg.rms_eps))
     pre = mx.sigmoid(m[:, :hc] * scale[0] + base[:hc]) + cfg.hc_eps
     post = 2.0 * mx.sigmoid(m[:, hc:2 * hc] * scale[1] + base[hc:2 * hc])
     comb = (m[:, 2 * hc:] * scale[2] + base[2 * hc:]).reshape(T, hc, hc)

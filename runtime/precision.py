@@ -9,8 +9,13 @@ pure MLX ops on any leading dims, so they trace inside ``mx.compile``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import mlx.core as mx
+
+from .errors import UsageError
+
+PRECISIONS = ("official", "reference")
 
 _E4M3_MAX = 448.0
 _E2M1_MAX = 6.0
@@ -91,3 +96,30 @@ def indexer_round_trip(x: mx.array, block: int = 32) -> mx.array:
 def f16_round(x: mx.array) -> mx.array:
     """Round to the nearest float16 and widen back to float32."""
     return x.astype(mx.float16).astype(mx.float32)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The official inference graph's rounding steps (spec §3.1, §4.3); all off for ``reference``."""
+
+    official: bool
+    nope: int  # leading head dims that get the FP8 round trip
+
+    @classmethod
+    def named(cls, name: str, nope: int) -> "Precision":
+        """The steps of precision ``name``; the one place a precision name is checked."""
+        if name not in PRECISIONS:
+            raise UsageError(f"precision must be 'official' or 'reference', not {name!r}")
+        return cls(name == "official", nope)
+
+    def kv_row(self, x: mx.array) -> mx.array:
+        """FP8 on the nope dims, then f16 storage: raw and compressed attention rows."""
+        if not self.official:
+            return x
+        return f16_round(fp8_kv_round_trip(x, self.nope))
+
+    def index_key(self, x: mx.array) -> mx.array:
+        return f16_round(indexer_round_trip(x)) if self.official else x
+
+    def index_query(self, x: mx.array) -> mx.array:
+        return indexer_round_trip(x) if self.official else x

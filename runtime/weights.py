@@ -20,7 +20,6 @@ from magnetar.kernels.backend import Backend, QTensor
 
 from .gguf_read import ModelFile, TensorInfo
 from .layout import GGMLType
-from .ops import matmul
 
 _PLAIN = {GGMLType.F32: mx.float32, GGMLType.F16: mx.float16}
 
@@ -44,10 +43,10 @@ class Matrix:
 
     data: mx.array
     ggml_type: GGMLType
-    kernels: Backend | None = None  # multiplies a stored (not widened) encoding
+    kernels: Backend  # multiplies it: the stored encoding, or f32 through the backend's dense product
 
     @classmethod
-    def load(cls, info: TensorInfo, kernels: Backend | None = None) -> "Matrix":
+    def load(cls, info: TensorInfo, kernels: Backend) -> "Matrix":
         out = int(np.prod(info.shape[1:]))
         return cls(_rows(info, (out,)), info.ggml_type, kernels)
 
@@ -60,9 +59,13 @@ class Matrix:
 
     def __call__(self, x: mx.array) -> mx.array:
         """``x @ W.T``; x is [T, in] (T = 1 inside the compiled decode step)."""
-        if self.ggml_type == GGMLType.F32 or self.kernels is None:
-            return matmul(x, self.dense().T)
+        if self.ggml_type == GGMLType.F32:
+            return self.kernels.dense(x, self.data.T)
         return self.kernels.matmul(x, QTensor(mx.view(self.data, mx.uint8), self.ggml_type))
+
+    def dense_product(self, x: mx.array) -> mx.array:
+        """``x @ W.T`` with W widened to f32 first, whatever its encoding (small matrices)."""
+        return self.kernels.dense(x, self.dense().T)
 
 
 class Weights:

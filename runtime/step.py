@@ -1,0 +1,103 @@
+"""The decode step: one token through the model, scheduled as the kernel backend needs.
+
+The math is the model's (``Layer.decode_to_experts`` and ``decode_from_experts``
+around the routed experts, then ``Model.head``); this file only decides how it
+becomes MLX graphs, from two flags of the backend (``kernels/base.py``):
+
+- experts that run inside MLX's graph: the whole step is one compiled graph,
+  built once per state shape, with no Python work per layer;
+- experts that run on the host (``host_moe``, e.g. the native C kernels): the
+  step is cut at each layer's experts. One compiled piece runs from one layer's
+  experts to the next (fold the previous experts back, attention, route), the
+  host kernel runs between them on evaluated inputs (each eval is the hand-off
+  it needs), and a last piece folds the final experts back and applies the head.
+  A backend that is not ``traceable`` gets the same pieces uncompiled.
+
+Both schedules run the same per-layer functions, so they build the same graph.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from .kv_state import KVState, LayerState
+
+if TYPE_CHECKING:
+    from .model import Model
+
+
+class DecodeStep:
+    """``step(token [1], p, state) -> y [1, D]`` (before the output projection); the state's
+    arrays are replaced by the new ones."""
+
+    def __init__(self, model: "Model"):
+        self.model = model
+        self.template = KVState.empty(model.cfg, 1).layers  # which arrays each layer's state holds
+        kernels = model.kernels
+        self.host_experts = kernels.host_moe
+        if self.host_experts:
+            wrap = mx.compile if kernels.traceable else (lambda f: f)
+            self.pieces = [wrap(self._piece(il)) for il in range(len(model.layers))]
+            self.finish = wrap(self._finish)
+        else:
+            self.whole = mx.compile(self._whole)
+
+    def __call__(self, token: mx.array, p: mx.array, state: KVState) -> mx.array:
+        if self.host_experts:
+            return self._cut(token, p, state)
+        y, *arrays = self.whole(token, p, *state.arrays())
+        state.replace(arrays)  # drops the old buffers before eval, so updates can be in place
+        return y
+
+    def _states(self, il: int, arrays) -> LayerState:
+        """Layer ``il``'s state over ``arrays`` (graph inputs), leaving the live state alone."""
+        st = copy.copy(self.template[il])
+        st.replace(list(arrays))
+        return st
+
+    # -- one graph ------------------------------------------------------------------------
+
+    def _whole(self, token: mx.array, p: mx.array, *arrays: mx.array) -> tuple[mx.array, ...]:
+        model, states, it = self.model, [], 0
+        for il, template in enumerate(self.template):
+            n = len(template.arrays())
+            states.append(self._states(il, arrays[it:it + n]))
+            it += n
+        X = model.embed(token)
+        for layer, st in zip(model.layers, states):
+            X, xn, idx, w, post, comb = layer.decode_to_experts(X, token, p, st)
+            X = layer.decode_from_experts(layer.moe.routed(xn, idx, w), X, xn, post, comb)
+        return (model.head(X), *[a for st in states for a in st.arrays()])
+
+    # -- cut at each layer's host experts -----------------------------------------------------
+
+    def _cut(self, token: mx.array, p: mx.array, state: KVState) -> mx.array:
+        carry = (self.model.embed(token),)  # then (X, routed, xn, post, comb) from layer 1 on
+        for layer, piece, st in zip(self.model.layers, self.pieces, state.layers):
+            X, xn, idx, w, post, comb, *arrays = piece(*carry, token, p, *st.arrays())
+            st.replace(arrays)
+            mx.eval(xn, idx, w, *arrays)
+            carry = (X, layer.moe.routed(xn, idx, w), xn, post, comb)
+        return self.finish(*carry)
+
+    def _piece(self, il: int):
+        """Layer ``il`` from the previous layer's experts (folded back first) to its own routing."""
+        layers = self.model.layers
+        prev, layer = layers[il - 1] if il else None, layers[il]
+        n_carry = 1 if prev is None else 5
+
+        def run(*args):
+            X, (token, p), arrays = args[0], args[n_carry:n_carry + 2], args[n_carry + 2:]
+            if prev is not None:
+                X = prev.decode_from_experts(args[1], X, *args[2:5])
+            st = self._states(il, arrays)
+            X, xn, idx, w, post, comb = layer.decode_to_experts(X, token, p, st)
+            return (X, xn, idx, w, post, comb, *st.arrays())
+
+        return run
+
+    def _finish(self, X, routed, xn, post, comb) -> mx.array:
+        return self.model.head(self.model.layers[-1].decode_from_experts(routed, X, xn, post, comb))
