@@ -100,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--think", dest="think_mode", action="store_const", const="think")
     p.set_defaults(run=_command("agent.headless", "run"), think_mode="think")
 
+    p = sub.add_parser("serve", help="serve the model over OpenAI Chat/Responses/Completions and Anthropic "
+                                     "Messages (Claude Code, Codex, opencode, the SDKs)")
+    p.add_argument("-m", "--model", default=None, metavar="MODEL",
+                   help="model file (default: $MAGNETAR_MODEL, then the models folder)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (not loopback: needs --api-key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"context size in tokens (default {DEFAULT_CTX})")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="required as Bearer or x-api-key on every route")
+    p.add_argument("--kv-disk-dir", default=None, metavar="DIR", help="prefix cache of KV checkpoints on disk")
+    p.add_argument("--kv-disk-space-mb", type=int, default=16384, metavar="N", help="its budget (LRU, default 16384)")
+    p.add_argument("--cors", default=None, metavar="ORIGIN", help="allow browser requests from ORIGIN")
+    p.set_defaults(run=_command("agent.server.run", "run"))
+
     p = sub.add_parser("sandbox", help="run one command exactly as the agent's shell tool would (same OS "
                                        "sandbox); exit with its code")
     p.add_argument("--mode", choices=("ask", "auto-edit", "yolo", "read-only"), default="ask",

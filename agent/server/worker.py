@@ -1,0 +1,266 @@
+"""The one inference worker: a thread that owns the engine and serves requests in
+arrival order (docs/spec/server-api.md §1 "Concurrency").
+
+A request becomes a ``Job``: its conversation (runtime messages), the mode and the
+sampling. The worker brings the engine's live sequence to the conversation with
+``Engine.sync`` (the live state first, then the disk prefix cache), samples with
+``Engine.respond`` and turns the reply into protocol-neutral ``Out`` events on the
+job's asyncio queue. The HTTP side projects them onto each wire format. A job whose
+client went away is cancelled: skipped while queued, stopped after the current token
+while generating (the reply is closed with EOS, so the live tokens stay a transcript).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from magnetar.runtime import (ContextFull, DsmlError, Message, ReasoningDelta, ReplyEnd, TextDelta, ToolCallParsed,
+                              ToolSpec, atomic_write_bytes)
+
+log = logging.getLogger("magnetar.server")
+
+Finish = Literal["stop", "stop_sequence", "tool_calls", "length", "context", "cancelled", "error"]
+MEMORY_SIZE = 4096  # tool ids remembered for exact replay; a turn older than this re-renders canonically
+
+
+@dataclass(frozen=True)
+class Out:
+    """One thing the generation says: ``kind`` is started, reasoning, text, tool or end."""
+
+    kind: str
+    text: str = ""
+    call: dict | None = None  # tool: {"id", "name", "arguments" (JSON string), "input" (object)}
+    finish: Finish | None = None
+    usage: dict | None = None
+    stop_sequence: str | None = None
+
+
+@dataclass
+class Job:
+    messages: list[Message]
+    tools: list[ToolSpec]
+    mode: str
+    max_tokens: int
+    sampling: dict
+    id_prefix: str  # the protocol's tool-call id prefix (call_, toolu_)
+    stop: list[str] = field(default_factory=list)
+    loop: asyncio.AbstractEventLoop | None = None
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, item: Out) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class ToolMemory:
+    """Tool-call id -> the exact DSML block the model sampled and the reasoning before it,
+    so a client's echoed assistant turn renders to the tokens the model produced (§4.1)."""
+
+    def __init__(self, size: int = MEMORY_SIZE):
+        self.size = size
+        self._calls: OrderedDict[str, dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, call_id: str, dsml: str, reasoning: str) -> None:
+        with self._lock:
+            self._calls[call_id] = {"dsml": dsml, "reasoning": reasoning}
+            while len(self._calls) > self.size:
+                self._calls.popitem(last=False)
+
+    def recall(self, call_id: str | None) -> dict | None:
+        with self._lock:
+            return self._calls.get(call_id) if call_id else None
+
+    def save(self, path: Path) -> None:
+        with self._lock:
+            atomic_write_bytes(path, json.dumps(dict(self._calls)).encode())
+
+    def load(self, path: Path) -> None:
+        try:
+            calls = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return  # no memory yet, or a damaged file: replays render canonically
+        with self._lock:
+            self._calls.update(calls)
+
+    def apply(self, messages: list[Message]) -> list[Message]:
+        """Messages whose remembered tool calls carry their sampled DSML (and reasoning)."""
+        out = []
+        for m in messages:
+            known = [self.recall(c.id) for c in m.tool_calls]
+            if m.tool_calls and all(known) and len({k["dsml"] for k in known}) == 1:
+                calls = [c.model_copy(update={"dsml": known[0]["dsml"]}) for c in m.tool_calls]
+                m = m.model_copy(update={"tool_calls": calls, "reasoning": m.reasoning or known[0]["reasoning"]})
+            out.append(m)
+        return out
+
+
+class StopFilter:
+    """Client stop strings over the answer text: holds back what could start one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.hit: str | None = None
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.held += text
+        found = [(self.held.find(s), s) for s in self.stops if s in self.held]
+        if found:
+            at, self.hit = min(found)
+            out, self.held = self.held[:at], ""
+            return out
+        keep = max(len(s) for s in self.stops) - 1
+        cut = max(0, len(self.held) - keep)
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+class Worker:
+    """Owns ``engine``; ``submit`` queues a job. ``cache``: an optional PrefixCache."""
+
+    def __init__(self, engine, cache=None, memory_path: Path | None = None):
+        self.engine, self.cache, self.memory_path = engine, cache, memory_path
+        self.memory = ToolMemory()
+        if memory_path is not None:
+            self.memory.load(memory_path)
+        if cache is not None:
+            engine.attach_cache(cache)
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._serve, name="magnetar-server-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        job.loop = asyncio.get_running_loop()
+        self._jobs.put(job)
+
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` on the worker thread between jobs (prompt counting)."""
+        done: queue.Queue = queue.Queue()
+        self._jobs.put((fn, args, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def stop(self) -> None:
+        """Finish the queued jobs, then save the live state and the tool memory."""
+        self._jobs.put(None)
+        self._thread.join()
+        if self.cache is not None:
+            self.cache.save(self.engine, "shutdown")
+        if self.memory_path is not None:
+            self.memory.save(self.memory_path)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if isinstance(job, tuple):
+                fn, args, done = job
+                try:
+                    done.put((True, fn(*args)))
+                except Exception as err:  # handed to the caller
+                    done.put((False, err))
+                continue
+            if job.cancelled.is_set():
+                job.emit(Out("end", finish="cancelled"))
+                continue
+            try:
+                self._run(job)
+            except Exception as err:  # one request's failure must not stop the server
+                log.exception("request failed")
+                job.emit(Out("end", finish="error", text=f"{type(err).__name__}: {err}"))
+
+    def _run(self, job: Job) -> None:
+        engine = self.engine
+        report = engine.sync(job.messages, job.tools, job.mode, room=1)
+        prompt = len(engine.tokens)
+        job.emit(Out("started", usage={"prompt": prompt, "cached": report.reused}))
+        budget = max(1, min(job.max_tokens, engine.ctx - prompt - 1))  # clamped, not rejected (§6)
+        counter = _Counter(job)
+        stops = StopFilter(job.stop)
+        reasoning: list[str] = []
+        calls: list[dict] = []
+        end_reason, finish = "eos", None
+        try:
+            for ev in engine.respond(thinking=job.mode != "nothink", should_stop=counter.should_stop,
+                                     max_tokens=budget, **job.sampling):
+                if isinstance(ev, ReasoningDelta):
+                    reasoning.append(ev.text)
+                    job.emit(Out("reasoning", ev.text))
+                elif isinstance(ev, TextDelta | DsmlError):
+                    text = ev.text if isinstance(ev, TextDelta) else ev.raw  # bad DSML stays text (§3)
+                    counter.answered = True
+                    if (shown := stops.feed(text)):
+                        job.emit(Out("text", shown))
+                    if stops.hit is not None:
+                        counter.stop_now = True
+                elif isinstance(ev, ToolCallParsed):
+                    counter.answered = True
+                    calls.append(self._tool(job, ev.call, "".join(reasoning)))
+                elif isinstance(ev, ReplyEnd):
+                    end_reason = ev.reason
+        except ContextFull:
+            finish = "context"
+        if (rest := stops.flush()) and stops.hit is None:
+            job.emit(Out("text", rest))
+        finish = finish or _finish(end_reason, calls, stops, job)
+        usage = {"prompt": prompt, "cached": report.reused, "completion": counter.tokens,
+                 "reasoning": counter.reasoning_tokens}
+        job.emit(Out("end", finish=finish, usage=usage, stop_sequence=stops.hit))
+
+    def _tool(self, job: Job, call, reasoning: str) -> dict:
+        call_id = job.id_prefix + secrets.token_hex(16)
+        if call.dsml:
+            self.memory.remember(call_id, call.dsml, reasoning)
+        arguments = json.dumps(call.arguments, ensure_ascii=False, separators=(",", ":"))
+        out = {"id": call_id, "name": call.name, "arguments": arguments, "input": call.arguments}
+        job.emit(Out("tool", call=out))
+        return out
+
+
+def _finish(reason: str, calls: list, stops: StopFilter, job: Job) -> Finish:
+    if job.cancelled.is_set():
+        return "cancelled"
+    if stops.hit is not None:
+        return "stop_sequence"
+    if calls:
+        return "tool_calls"
+    return "length" if reason == "limit" else "stop"
+
+
+class _Counter:
+    """Counts sampled tokens (``respond`` asks ``should_stop`` once per token) and
+    says stop when the client left or a stop string was seen."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.tokens = self.reasoning_tokens = 0
+        self.answered = False
+        self.stop_now = False
+
+    def should_stop(self) -> bool:
+        self.tokens += 1
+        if not self.answered and self.job.mode != "nothink":
+            self.reasoning_tokens += 1
+        return self.stop_now or self.job.cancelled.is_set()
+
+
+def count_prompt(engine, messages: list[Message], tools: list[ToolSpec], mode: str) -> int:
+    """Tokens of the rendered prompt (count_tokens, and the context check before a job)."""
+    return len(engine.render(messages, tools, mode))
+
