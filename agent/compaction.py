@@ -1,6 +1,6 @@
 """Conversation compaction: the older turns become one summary written by the model.
 
-``compact`` keeps the system message as it is (its tokens, with the tool schemas,
+``Agent.compact`` (``summarize_older``) keeps the system message as it is (its tokens, with the tool schemas,
 are the KV prefix every session reuses), replaces everything before the last
 ``keep_turns`` user turns with ONE user message (the model's summary plus the
 files touched, listed by code so the list is exact) and keeps the recent turns
@@ -24,12 +24,13 @@ import contextlib
 import itertools
 import re
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from magnetar.prompts import load
-from magnetar.runtime import THINK_END, ContextFull, MagnetarError, Message, ToolCall, atomic_writer
+from magnetar.runtime import THINK_END, ContextFull, MagnetarError, Message, Mode, ToolCall, ToolSpec, atomic_writer
 
 SUMMARY_HEADER = "Summary of the earlier conversation (compacted):"
 FILES_HEADER = "Files touched so far:"
@@ -113,47 +114,56 @@ def _has_older(messages: Sequence[Message], keep_turns: int) -> bool:
 
 
 def needs_compaction(agent, policy: CompactionPolicy) -> bool:
-    engine = agent.engine
-    return len(engine.tokens) >= policy.threshold * engine.ctx and _has_older(agent.messages, policy.keep_turns)
+    return (agent.context_used >= policy.threshold * agent.context_size
+            and _has_older(agent.messages, policy.keep_turns))
 
 
-def compact(agent, policy: CompactionPolicy, focus: str | None = None,
-            progress: Callable[[int, int], None] | None = None) -> Compaction:
-    """Summarize the older turns and replace ``agent.messages`` in place (see the module
-    docstring). Not while a turn runs. ``progress(done, total)`` follows the prefill."""
-    messages = agent.messages
+def summarize_older(engine, messages: list[Message], specs: list[ToolSpec], settings, policy: CompactionPolicy,
+                    focus: str | None, progress: Callable[[int, int], None] | None,
+                    cancel: threading.Event) -> tuple[Compaction, list[Message]]:
+    """The compacted conversation for ``messages`` (left as they are) and what was done: see
+    the module docstring (``Agent.compact`` calls it). ``progress(done, total)`` follows the
+    prefill; ``cancel``, once set, stops the summary."""
     if not _has_older(messages, policy.keep_turns):
         raise CompactionError(f"nothing to compact: the conversation has no turn before the last "
                               f"{policy.keep_turns} kept verbatim")
     cut = _cut(messages, policy.keep_turns)
-    tokens_before = len(agent.engine.tokens)
-    summary = _summarize(agent, messages[:cut], policy, focus, progress)
+    tokens_before = len(engine.tokens)
+    ask = Message(role="user", content=load("compaction") + (f"\n\nFocus on: {focus}" if focus else ""))
+    summary = _summarize(engine, _Request(messages, messages[:cut], ask, specs, settings.mode), policy,
+                         settings.seed, progress, cancel)
     files = touched_files(messages[:cut])
     text = f"{SUMMARY_HEADER}\n\n{summary}"
     if files:
         text += f"\n\n{FILES_HEADER}\n" + "\n".join(f"- {path}" for path in files)
     recent = messages[cut:]
-    messages[:] = [messages[0], Message(role="user", content=text), *recent]
-    after = len(agent.engine.render(messages, agent.specs, agent.settings.mode))
-    return Compaction(summary, cut - 1, len(recent), tokens_before, after, files,
-                      len(agent.engine.tokenizer.encode(summary)), policy.keep_turns)
+    compacted = [messages[0], Message(role="user", content=text), *recent]
+    after = len(engine.render(compacted, specs, settings.mode))
+    return (Compaction(summary, cut - 1, len(recent), tokens_before, after, files,
+                       len(engine.tokenizer.encode(summary)), policy.keep_turns), compacted)
 
 
-def _summarize(agent, older: list[Message], policy: CompactionPolicy, focus: str | None,
-               progress: Callable[[int, int], None] | None) -> str:
-    engine, tok = agent.engine, agent.engine.tokenizer
-    request = load("compaction") + (f"\n\nFocus on: {focus}" if focus else "")
-    ask = Message(role="user", content=request)
-    cancel = agent.ctx.extra["cancel"]  # Agent.interrupt() sets it
-    cancel.clear()
+@dataclass(frozen=True)
+class _Request:
+    """The summary request: asked after the whole conversation, or after its older part."""
+
+    messages: list[Message]
+    older: list[Message]
+    ask: Message
+    specs: list[ToolSpec]
+    thinking: Mode
+
+
+def _summarize(engine, request: _Request, policy: CompactionPolicy, seed: int | None,
+               progress: Callable[[int, int], None] | None, cancel: threading.Event) -> str:
+    tok = engine.tokenizer
     ids: list[int] = []
     # On failure the conversation stays as it was, and so does the live state (no re-prefill).
     before = engine.snapshot() if engine.tokens else None
     done = False
     try:
-        _sync_request(agent, older, ask, policy, progress)
-        stream = engine.generate(max_tokens=policy.max_summary_tokens, temperature=policy.temperature,
-                                 seed=agent.settings.seed)
+        _sync_request(engine, request, policy, progress)
+        stream = engine.generate(max_tokens=policy.max_summary_tokens, temperature=policy.temperature, seed=seed)
         with contextlib.closing(stream):
             for event in stream:
                 if event.token == tok.eos_id:
@@ -174,16 +184,16 @@ def _summarize(agent, older: list[Message], policy: CompactionPolicy, focus: str
             engine.rewind(before)
 
 
-def _sync_request(agent, older: list[Message], ask: Message, policy: CompactionPolicy,
+def _sync_request(engine, request: _Request, policy: CompactionPolicy,
                   progress: Callable[[int, int], None] | None) -> None:
     """Put the request after the whole conversation, the reply opened after ``</think>``;
     when that leaves no room for the summary, after the older part alone."""
-    sync = agent.engine.sync
+    r = request
     try:
-        sync([*agent.messages, ask], agent.specs, agent.settings.mode, progress, answer_only=True,
-             room=policy.max_summary_tokens)
+        engine.sync([*r.messages, r.ask], r.specs, r.thinking, progress, answer_only=True,
+                    room=policy.max_summary_tokens)
     except ContextFull:  # raised before anything ran: the live state is as it was
-        sync([*older, ask], agent.specs, agent.settings.mode, progress, answer_only=True)
+        engine.sync([*r.older, r.ask], r.specs, r.thinking, progress, answer_only=True)
 
 
 def keep_pre_compaction(session_folder: Path) -> Path:

@@ -15,7 +15,7 @@ Guards: a step cap; identical calls (same name and arguments) warn the model
 at ``repeat_warn`` and end the turn at ``repeat_stop``; a malformed DSML
 block is answered with the parse error up to ``malformed_retries`` times;
 ``interrupt()`` stops generation (the partial reply is closed with EOS and
-kept) or a running tool (through ``ToolContext.extra["cancel"]``); text
+kept) or a running tool (through ``ToolContext.cancel``); text
 ``queue``d while a turn runs joins the next step's user turn.
 """
 
@@ -27,10 +27,17 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from magnetar.runtime import (ContextFull, DsmlError, DsmlInThinking, Message, Mode, ReasoningDelta, ReplyEnd,
-                              TextDelta, ToolCall, ToolCallParsed, ToolCallStarted, ToolSpec)
+from magnetar.runtime import (MODES, ContextFull, DsmlError, DsmlInThinking, Message, Mode, ReasoningDelta,
+                              ReplyEnd, TextDelta, ToolCall, ToolCallParsed, ToolCallStarted, ToolSpec, UsageError,
+                              last_reply)
+from magnetar.tools.base import MODES as PERMISSIONS
+from magnetar.tools.base import Mode as Permissions
 from magnetar.tools.base import Tool, ToolContext, ToolResult, utf8_safe
+from magnetar.tools.edit import UndoOutcome
+
+from .compaction import Compaction, CompactionPolicy, summarize_older
 
 
 @dataclass
@@ -146,17 +153,107 @@ class _Step:
 
 
 class Agent:
+    """One conversation with the model and its tools. Front ends (the TUI, sessions, ``run``,
+    ``review``) read its state through the properties and change it through the commands;
+    ``turn`` runs the loop and yields its events."""
+
     def __init__(self, engine, tools: Sequence[Tool], ctx: ToolContext, system_prompt: str,
                  settings: LoopSettings | None = None):
         self.engine, self.ctx, self.settings = engine, ctx, settings or LoopSettings()
         self.tools = {t.name: t for t in tools}
         self.specs = [ToolSpec(**t.spec()) for t in tools]
-        self.messages: list[Message] = [Message(role="system", content=system_prompt)]
+        self._messages: list[Message] = [Message(role="system", content=system_prompt)]
         self._queue: list[str] = []
         self._lock = threading.Lock()
         self._cancel = threading.Event()
-        ctx.extra["cancel"] = self._cancel
+        ctx.cancel = self._cancel
         self._call_count = 0
+
+    # -- state, for front ends (read it; change it with the commands below) -----------------
+
+    @property
+    def messages(self) -> list[Message]:
+        """The conversation, system prompt first (a copy)."""
+        return list(self._messages)
+
+    @property
+    def permissions(self) -> Permissions:
+        """What tools may do without asking: ask, auto-edit, yolo or read-only."""
+        return self.ctx.mode
+
+    @property
+    def thinking(self) -> Mode:
+        return self.settings.mode
+
+    @property
+    def root(self) -> Path:
+        return self.ctx.root
+
+    @property
+    def plan(self) -> list[dict]:
+        """The model's latest ``update_plan`` steps (a copy)."""
+        return list(self.ctx.plan)
+
+    @property
+    def context_used(self) -> int:
+        return len(self.engine.tokens)
+
+    @property
+    def context_size(self) -> int:
+        return self.engine.ctx
+
+    @property
+    def stats(self):
+        """The engine's ``Stats`` (prefill and generation speed, tokens, cache hits)."""
+        return self.engine.stats
+
+    # -- commands (not while a turn runs, except queue and interrupt) ---------------------------
+
+    def set_permissions(self, permissions: Permissions) -> None:
+        if permissions not in PERMISSIONS:
+            raise UsageError(f"permissions must be one of {', '.join(PERMISSIONS)}, not {permissions!r}")
+        self.ctx.mode = permissions
+
+    def set_thinking(self, thinking: Mode) -> None:
+        if thinking not in MODES:
+            raise UsageError(f"thinking must be one of {', '.join(MODES)}, not {thinking!r}")
+        self.settings.mode = thinking
+
+    def set_confirm(self, confirm: Callable[[str, str], bool] | None) -> None:
+        """Who answers when a tool asks permission (None: nobody, so the answer is no)."""
+        self.ctx.confirm = confirm
+
+    def new_conversation(self) -> None:
+        """Forget everything but the system prompt (the engine syncs to it at the next turn)."""
+        del self._messages[1:]
+        self.clear_plan()
+
+    def clear_plan(self) -> None:
+        self.ctx.plan = []
+
+    def replace_messages(self, messages: Sequence[Message]) -> None:
+        """Continue from ``messages`` (a resumed session, a compaction); none keeps the system prompt."""
+        self._messages[:] = list(messages) or self._messages[:1]
+
+    def replay(self, messages: Sequence[Message], progress: Callable[[int, int], None] | None = None) -> None:
+        """Bring the engine to ``messages`` up to the model's last reply, that reply closed
+        (a session replayed from its transcript; the next turn syncs what follows)."""
+        last = last_reply(messages)
+        if last is not None:
+            self.engine.sync(messages[:last + 1], self.specs, self.settings.mode, progress)
+
+    def undo_last_turn(self) -> UndoOutcome | None:
+        """Restore the files the last turn changed; None when there is no undo journal."""
+        return self.ctx.undo.undo_last_turn() if self.ctx.undo is not None else None
+
+    def compact(self, policy: CompactionPolicy, focus: str | None = None,
+                progress: Callable[[int, int], None] | None = None) -> Compaction:
+        """Summarize the older turns (agent/compaction.py); ``interrupt`` stops it."""
+        self._cancel.clear()
+        result, messages = summarize_older(self.engine, self._messages, self.specs, self.settings, policy, focus,
+                                           progress, self._cancel)
+        self._messages[:] = messages
+        return result
 
     # -- called from other threads (the UI) ----------------------------------------------------
 
@@ -181,7 +278,7 @@ class Agent:
         self._cancel.clear()
         if self.ctx.undo is not None:
             self.ctx.undo.begin_turn()  # /undo restores what this turn changes
-        self.messages.append(Message(role="user", content=user_text))
+        self._messages.append(Message(role="user", content=user_text))
         seen: Counter[str] = Counter()
         malformed = 0
         s = self.settings
@@ -226,13 +323,13 @@ class Agent:
         yield TurnEnd("", "step-cap", s.max_steps)
 
     def _add_user(self, text: str) -> None:
-        self.messages.append(Message(role="user", content=text))
+        self._messages.append(Message(role="user", content=text))
 
     # -- prompt ---------------------------------------------------------------------------------
 
     def _sync_prompt(self) -> Iterator[Event]:
         """Make the engine's tokens the whole conversation plus the assistant opener."""
-        yield from _with_progress(lambda progress: self.engine.sync(self.messages, self.specs, self.settings.mode,
+        yield from _with_progress(lambda progress: self.engine.sync(self._messages, self.specs, self.settings.mode,
                                                                     progress))
 
     # -- sampling -------------------------------------------------------------------------------
@@ -265,7 +362,7 @@ class Agent:
     def _record(self, step: _Step) -> None:
         """The model's message as sampled (its DSML block kept byte for byte for replay)."""
         reasoning = step.reasoning if self.settings.mode != "nothink" else None
-        self.messages.append(Message(role="assistant", content=step.text, reasoning=reasoning,
+        self._messages.append(Message(role="assistant", content=step.text, reasoning=reasoning,
                                           tool_calls=[] if step.error else step.calls))
 
     # -- tools ----------------------------------------------------------------------------------
@@ -294,8 +391,8 @@ class Agent:
                     yield Notice("warning", f"{call.name} called {seen[key]} times with the same arguments")
             yield ToolFinished(call.id, call.name, result)
             if call.name == "update_plan" and result.ok:
-                yield PlanUpdated(list(self.ctx.extra.get("plan", [])))
-            self.messages.append(Message(role="tool", content=result.text, tool_call_id=call.id))
+                yield PlanUpdated(self.plan)
+            self._messages.append(Message(role="tool", content=result.text, tool_call_id=call.id))
         return stop
 
     def _run_one(self, call: ToolCall) -> ToolResult:

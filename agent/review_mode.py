@@ -163,7 +163,7 @@ def review(engine, root: Path, scope: str, settings: LoopSettings | None = None,
     for event in agent.turn(scope):
         if on_event:
             on_event(event)
-    return sort_findings(ctx.extra.get("findings", [])), event  # the turn's last event is its TurnEnd
+    return sort_findings(ctx.findings), event  # the turn's last event is its TurnEnd
 
 
 def exit_code(findings: list[dict], fail_on: str | None) -> int:

@@ -24,8 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from magnetar.runtime import (CheckpointError, MagnetarError, Message, atomic_write_bytes, last_reply,
-                              sweep_stale_temps)
+from magnetar.runtime import CheckpointError, MagnetarError, Message, atomic_write_bytes, sweep_stale_temps
 
 TITLE_CHARS = 70
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -231,9 +230,9 @@ class LiveSession:
     def open(self, session: Session, progress=None) -> str:
         """Continue ``session``: ``"restored"`` from its checkpoint or ``"replayed"`` from its transcript."""
         agent = self.agent
-        how = session.resume(agent.engine, self._replay, progress)
+        how = session.resume(agent.engine, agent.replay, progress)
         messages = session.messages()
-        agent.messages[:] = messages or agent.messages[:1]
+        agent.replace_messages(messages)
         self.session, self._saved = session, len(messages)
         return how
 
@@ -241,7 +240,7 @@ class LiveSession:
         for message in self.agent.messages[self._saved:]:
             self.session.append(message)
         self._saved = len(self.agent.messages)
-        if self.agent.engine.tokens:
+        if self.agent.context_used:
             self.session.save(self.agent.engine)
         else:  # e.g. just compacted: an older checkpoint would no longer match the messages
             self.session.checkpoint_path.unlink(missing_ok=True)
@@ -260,13 +259,6 @@ class LiveSession:
         if self.session is not None:
             self.save()
         return self.open(target, progress)
-
-    def _replay(self, messages: list[Message], progress=None) -> None:
-        """The conversation up to the model's last message, as the live tokens held it: that
-        message complete with its EOS (the loop syncs what follows at the next step)."""
-        last = last_reply(messages)
-        if last is not None:
-            self.agent.engine.sync(messages[:last + 1], self.agent.specs, self.agent.settings.mode, progress)
 
 
 def list_command(args) -> int:

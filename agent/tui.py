@@ -24,7 +24,7 @@ from magnetar.tools.base import MODES
 from magnetar.tools.plan import checklist
 from magnetar.tools.safegit import run_git
 
-from .compaction import CompactionPolicy, compact, keep_pre_compaction, needs_compaction
+from .compaction import CompactionPolicy, keep_pre_compaction, needs_compaction
 from .loop import Agent, Notice, PlanUpdated, Prefill, Reasoning, Text, ToolFinished, ToolRunning, TurnEnd
 from .toolset import with_project_instructions
 
@@ -124,7 +124,7 @@ class MagnetarApp(App):
         super().__init__()
         self.agent, self.model_name, self.live = agent, model_name, live
         self.compaction = CompactionPolicy()
-        self.agent.ctx.confirm = self._confirm
+        self.agent.set_confirm(self._confirm)
         self.busy = False
         self.history: list[str] = []
         self._history_at = 0
@@ -135,7 +135,7 @@ class MagnetarApp(App):
         self._reasoning_text = ""
         self._cards: dict[str, Static] = {}
         self.planning = False  # plan mode: read-only turns that end in a plan to approve
-        self._mode_before_plan = agent.ctx.mode
+        self._permissions_before_plan = agent.permissions
         self._revising = False  # the next message edits the proposed plan
 
     def compose(self) -> ComposeResult:
@@ -195,7 +195,7 @@ class MagnetarApp(App):
         if self.planning:
             text = f"{PLAN_MODE}\n\n{text}"
         if len(self.agent.messages) == 1:
-            text = with_project_instructions(self.agent.ctx.root, text)
+            text = with_project_instructions(self.agent.root, text)
         return text
 
     def on_key(self, event) -> None:
@@ -212,13 +212,13 @@ class MagnetarApp(App):
         if name == "/help":
             self._say(HELP, "notice")
         elif name in ("/think", "/nothink"):
-            self.agent.settings.mode = name[1:]
+            self.agent.set_thinking(name[1:])
             self._say(f"mode: {name[1:]}", "notice")
         elif name == "/mode":
             if arg not in MODES:
                 self._say(f"/mode takes one of: {', '.join(MODES)}", "notice")
             else:
-                self.agent.ctx.mode = arg
+                self.agent.set_permissions(arg)
                 self._say(f"permissions: {arg}", "notice")
         elif name == "/plan":
             if self.busy:
@@ -236,15 +236,14 @@ class MagnetarApp(App):
             else:
                 self.compact_conversation(arg or None)
         elif name == "/undo":
-            undo = self.agent.ctx.undo
-            outcome = undo.undo_last_turn() if undo is not None else None
+            outcome = self.agent.undo_last_turn()
             if outcome is None or not (outcome.restored or outcome.refused):
                 self._say("nothing to undo", "notice")
             else:  # files changed after the agent's edit are the user's now: kept, each with why
                 lines = ["restored: " + ", ".join(map(str, outcome.restored))] if outcome.restored else []
                 self._say("\n".join(lines + [f"not undone: {why}" for _, why in outcome.refused]), "notice")
         elif name == "/diff":
-            self._say(_git_diff(self.agent.ctx.root), "notice")
+            self._say(_git_diff(self.agent.root), "notice")
         elif name == "/sessions":
             from .sessions import render_list
             listed = self.live.store.all() if self.live is not None else []
@@ -259,11 +258,10 @@ class MagnetarApp(App):
             if self.busy:
                 self._say("wait for the turn to end (or Ctrl+C) before /new", "notice")
                 return
-            del self.agent.messages[1:]
+            self.agent.new_conversation()
             if self.live is not None:
                 self.live.save()
-                self.live.start(self.agent.ctx.root)
-            self.agent.ctx.extra.pop("plan", None)
+                self.live.start(self.agent.root)
             self.query_one("#plan").display = False
             self.query_one("#log").remove_children()
             self._say("new conversation", "notice")
@@ -277,16 +275,16 @@ class MagnetarApp(App):
 
     def _enter_plan_mode(self) -> None:
         if not self.planning:
-            self.planning, self._mode_before_plan = True, self.agent.ctx.mode
-        self.agent.ctx.mode = "read-only"  # nothing is written or run until the plan is approved
-        self.agent.ctx.extra.pop("plan", None)
+            self.planning, self._permissions_before_plan = True, self.agent.permissions
+        self.agent.set_permissions("read-only")  # nothing is written or run until the plan is approved
+        self.agent.clear_plan()
         self._say("plan mode: the model investigates read-only and proposes a plan (/plan again to leave)",
                   "notice")
 
     def _leave_plan_mode(self, why: str) -> None:
         self.planning, self._revising = False, False
-        self.agent.ctx.mode = self._mode_before_plan
-        self._say(f"{why}; permissions: {self.agent.ctx.mode}", "notice")
+        self.agent.set_permissions(self._permissions_before_plan)
+        self._say(f"{why}; permissions: {self.agent.permissions}", "notice")
         self._status()
 
     def _plan_decided(self, choice: str | None) -> None:
@@ -305,7 +303,7 @@ class MagnetarApp(App):
     def _turn_ended(self) -> None:
         self._set_busy(False)
         self.query_one("#prompt", Input).placeholder = "Ask, or /help"
-        steps = self.agent.ctx.extra.get("plan")
+        steps = self.agent.plan
         if self.planning and steps:
             self.push_screen(PlanScreen(steps), self._plan_decided)
 
@@ -348,8 +346,8 @@ class MagnetarApp(App):
         if self.live is not None:
             self.live.save()
             kept = keep_pre_compaction(self.live.session.folder)
-        result = compact(self.agent, self.compaction, focus,
-                         progress=lambda done, total: self.call_from_thread(self.show, Prefill(done, total)))
+        result = self.agent.compact(self.compaction, focus,
+                                    progress=lambda done, total: self.call_from_thread(self.show, Prefill(done, total)))
         if self.live is not None:
             self.live.replaced()
         self.call_from_thread(self._replay_history)
@@ -362,7 +360,7 @@ class MagnetarApp(App):
         try:
             how = self.live.switch(prefix, lambda done, total: self.call_from_thread(self.show, Prefill(done, total)))
             self.call_from_thread(self._replay_history)
-            self.call_from_thread(self._say, f"{how}: {len(self.agent.engine.tokens)} tokens", "notice")
+            self.call_from_thread(self._say, f"{how}: {self.agent.context_used} tokens", "notice")
         except Exception as err:  # a bad id or a broken session: say so, stay in this one
             self.call_from_thread(self._say, f"cannot switch: {err}", "notice")
         finally:
@@ -468,14 +466,14 @@ class MagnetarApp(App):
         self._status()
 
     def _status(self) -> None:
-        engine, s = self.agent.engine, self.agent.engine.stats
-        used, ctx = len(engine.tokens), getattr(engine, "ctx", 0)
+        s = self.agent.stats
+        used, ctx = self.agent.context_used, self.agent.context_size
         pre = getattr(s, "prefill_tok_s", 0.0)
         gen = getattr(s, "generate_tok_s", 0.0)
         state = ("busy" if self.busy else "ready") + (" │ PLAN" if self.planning else "")
         self.query_one("#status", Static).update(
             f" {state} │ ctx {used}/{ctx} │ prefill {pre:.1f} t/s │ gen {gen:.1f} t/s │ "
-            f"{self.agent.settings.mode} │ {self.agent.ctx.mode} │ {self.model_name} │ {time.strftime('%H:%M')}")
+            f"{self.agent.thinking} │ {self.agent.permissions} │ {self.model_name} │ {time.strftime('%H:%M')}")
 
 
 class FirstRunApp(App):

@@ -10,8 +10,8 @@ import json
 import pytest
 from pydantic import BaseModel, Field
 
-from magnetar.agent.compaction import (Compaction, CompactionError, CompactionPolicy, compact,
-                                       keep_pre_compaction, needs_compaction, touched_files)
+from magnetar.agent.compaction import (Compaction, CompactionError, CompactionPolicy, keep_pre_compaction,
+                                       needs_compaction, touched_files)
 from magnetar.agent.loop import Agent, LoopSettings, ToolRunning
 from magnetar.agent.sessions import SessionStore
 from magnetar.prompts import load
@@ -84,7 +84,7 @@ def test_older_turns_become_one_summary_and_the_recent_turn_stays_verbatim(v4_to
     seen = []
     engine.on_token = lambda token: seen.append(list(engine.tokens))
     engine.replies.append("The user wants files; a.py, b.py and c.py were changed.")
-    result = compact(agent, CompactionPolicy(keep_turns=1), focus="the commit")
+    result = agent.compact(CompactionPolicy(keep_turns=1), focus="the commit")
 
     # Asked once, after the live tokens: only the request was prefilled, opened past </think>.
     asked = v4_tokenizer.decode(engine.prefills[-1])
@@ -119,7 +119,7 @@ def test_after_a_thinking_reply_without_tools_only_the_request_is_prefilled(v4_t
     live, seen = list(engine.tokens), []
     engine.on_token = lambda token: seen.append(list(engine.tokens))
     engine.replies.append("Two questions were answered.")
-    compact(agent, CompactionPolicy(keep_turns=1))
+    agent.compact(CompactionPolicy(keep_turns=1))
     asked = v4_tokenizer.decode(engine.prefills[-1])  # no BOS: the request alone, after the live tokens
     assert asked.startswith("<｜User｜>" + REQUEST_LINE) and asked.endswith("<｜Assistant｜></think>")
     assert seen[0] == live + engine.prefills[-1] + seen[0][-1:]
@@ -128,7 +128,7 @@ def test_after_a_thinking_reply_without_tools_only_the_request_is_prefilled(v4_t
 def test_the_next_turn_renders_the_compacted_conversation(v4_tokenizer, tmp_path):
     agent, engine = conversation(v4_tokenizer, tmp_path)
     engine.replies.append("Summary: four turns of edits.")
-    compact(agent, CompactionPolicy(keep_turns=2))
+    agent.compact(CompactionPolicy(keep_turns=2))
     run(agent, engine, "go on", "z</think>Going on.")
     prompt = v4_tokenizer.decode(engine.prefills[-1])
     assert prompt.startswith("<｜begin▁of▁sentence｜>" + SYSTEM)
@@ -138,7 +138,7 @@ def test_the_next_turn_renders_the_compacted_conversation(v4_tokenizer, tmp_path
     # And a second compaction folds the first summary in, its files kept.
     run(agent, engine, "more", "z</think>More.")
     engine.replies.append("Summary again.")
-    assert compact(agent, CompactionPolicy(keep_turns=1)).files == ["a.py", "b.py", "c.py", "d.py"]
+    assert agent.compact(CompactionPolicy(keep_turns=1)).files == ["a.py", "b.py", "c.py", "d.py"]
 
 
 def test_nothink_mode(v4_tokenizer, tmp_path):
@@ -146,7 +146,7 @@ def test_nothink_mode(v4_tokenizer, tmp_path):
     run(agent, engine, "one", "One.")
     run(agent, engine, "two", "Two.")
     engine.replies.append("They counted.")
-    assert compact(agent, CompactionPolicy(keep_turns=1)).summary == "They counted."
+    assert agent.compact(CompactionPolicy(keep_turns=1)).summary == "They counted."
     assert v4_tokenizer.decode(engine.prefills[-1]).endswith(load("compaction")[-30:] + "<｜Assistant｜></think>")
     run(agent, engine, "three", "Three.")
     assert [m.content for m in agent.messages[2:]] == ["two", "Two.", "three", "Three."]
@@ -157,7 +157,7 @@ def test_without_room_after_the_live_tokens_the_older_part_is_rendered_alone(v4_
     older = agent.messages[:[m.content for m in agent.messages].index("last")]
     engine.ctx = len(engine.tokens) + 600
     engine.replies.append("Let me reason anyway.</think>Only this counts.")
-    result = compact(agent, CompactionPolicy(keep_turns=1, max_summary_tokens=500))
+    result = agent.compact(CompactionPolicy(keep_turns=1, max_summary_tokens=500))
     ask = chat.Message(role="user", content=load("compaction"))
     expected = chat.render([*older, ask], agent.specs).pieces[:-1]
     assert engine.prefills[-1] == v4_tokenizer.encode_pieces(expected) + [v4_tokenizer.token_id("</think>")]
@@ -171,7 +171,7 @@ def test_a_message_queued_during_tools_stays_with_their_results(v4_tokenizer, tm
     texts = [m.content for m in agent.messages]
     assert texts.index("and also this") == texts.index("echo: done") + 1
     engine.replies.append("Summary.")
-    compact(agent, CompactionPolicy(keep_turns=1))
+    agent.compact(CompactionPolicy(keep_turns=1))
     kept = agent.messages[2:]
     assert kept[0].content == "second"  # the cut is at the turn, not at the queued message
     ids = {c.id for m in kept for c in m.tool_calls}
@@ -184,7 +184,7 @@ def test_nothing_to_compact_is_an_error_and_changes_nothing(v4_tokenizer, tmp_pa
     before, prefills = list(agent.messages), len(engine.prefills)
     for keep in (1, 2):
         with pytest.raises(CompactionError, match="nothing to compact"):
-            compact(agent, CompactionPolicy(keep_turns=keep))
+            agent.compact(CompactionPolicy(keep_turns=keep))
     assert agent.messages == before and len(engine.prefills) == prefills and engine.tokens
 
 
@@ -194,11 +194,11 @@ def test_an_interrupted_or_empty_summary_leaves_the_conversation_as_it_was(v4_to
     engine.on_token = lambda token: agent.interrupt()
     engine.replies.append("A summary that is cut short.")
     with pytest.raises(CompactionError, match="interrupted"):
-        compact(agent, CompactionPolicy(keep_turns=1))
+        agent.compact(CompactionPolicy(keep_turns=1))
     engine.on_token = None
     engine.replies.append("  \n")
     with pytest.raises(CompactionError, match="empty summary"):
-        compact(agent, CompactionPolicy(keep_turns=1))
+        agent.compact(CompactionPolicy(keep_turns=1))
     # the live state is rewound, not dropped: the next turn prefills only its own message
     assert agent.messages == before and engine.tokens == live
     run(agent, engine, "still fine?", "y</think>Yes.")

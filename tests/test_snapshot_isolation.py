@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from magnetar.agent.compaction import CompactionError, CompactionPolicy, compact
+from magnetar.agent.compaction import CompactionError, CompactionPolicy
 from magnetar.agent.loop import Agent, LoopSettings
 from magnetar.prompts import load
 from magnetar.runtime import chat
@@ -67,15 +67,16 @@ def test_an_interrupted_compaction_leaves_the_live_state_bit_identical(engine, t
     # summary request is prefilled after the live tokens (the path that writes into them)
     agent = Agent(engine, [], ToolContext(root=tmp_path), "You are a test.",
                   LoopSettings(mode="nothink", seed=0, temperature=0))
-    agent.messages += [chat.Message(role="user", content="Say something about " + "numbers " * 40),
-                       chat.Message(role="assistant", content="Numbers are fine.")]
+    agent.replace_messages([*agent.messages,
+                            chat.Message(role="user", content="Say something about " + "numbers " * 40),
+                            chat.Message(role="assistant", content="Numbers are fine.")])
     engine.prefill(engine.tokenizer.encode_pieces(chat.render(agent.messages, agent.specs, "nothink").pieces))
     before_tokens, before = list(engine.tokens), _state(engine)
     prefilled = engine.stats.prefill_tokens
 
     # Interrupted while the request is prefilled: the first summary token stops it.
     with pytest.raises(CompactionError, match="interrupted"):
-        compact(agent, CompactionPolicy(keep_turns=0, max_summary_tokens=64),
+        agent.compact(CompactionPolicy(keep_turns=0, max_summary_tokens=64),
                 progress=lambda done, total: agent.interrupt())
     request = chat.Message(role="user", content=load("compaction"))
     asked = chat.render([*agent.messages, request], agent.specs, "nothink")  # opens after </think> already

@@ -20,12 +20,12 @@ def test_plan_is_replaced_whole_and_checked(tmp_path):
              {"step": "test", "status": "pending"}]
     result = UpdatePlan().call({"steps": steps}, ctx)
     assert result.ok and result.text.splitlines()[1:] == ["[x] read", "[>] edit", "[ ] test"]
-    assert ctx.extra["plan"] == steps
+    assert ctx.plan == steps
     two = [{"step": "a", "status": "in_progress"}, {"step": "b", "status": "in_progress"}]
     assert "only one step" in UpdatePlan().call({"steps": two}, ctx).text
     bad = UpdatePlan().call({"steps": [{"step": "a", "status": "later"}]}, ctx)
     assert not bad.ok and "invalid arguments for update_plan: steps.0.status" in bad.text
-    assert ctx.extra["plan"] == steps  # refused calls change nothing
+    assert ctx.plan == steps  # refused calls change nothing
 
 
 def test_findings_point_at_real_lines_inside_the_project(tmp_path):
@@ -34,14 +34,14 @@ def test_findings_point_at_real_lines_inside_the_project(tmp_path):
     finding = {"file": "a.py", "start_line": 2, "end_line": 2, "severity": "high", "title": "y is wrong",
                "explanation": "y should be 3 because of the spec", "suggested_fix": "y = 3"}
     assert ReportFinding().call(finding, ctx).ok
-    assert ctx.extra["findings"][0]["file"] == "a.py"
+    assert ctx.findings[0]["file"] == "a.py"
     assert "already reported" in ReportFinding().call(finding, ctx).text
     assert "has 2 lines" in ReportFinding().call({**finding, "end_line": 9, "title": "other"}, ctx).text
     assert "outside the project" in ReportFinding().call({**finding, "file": "../x.py"}, ctx).text
     assert "not a file" in ReportFinding().call({**finding, "file": "missing.py"}, ctx).text
     assert "end_line must be >= start_line" in ReportFinding().call({**finding, "start_line": 2, "end_line": 1},
                                                                     ctx).text
-    assert len(ctx.extra["findings"]) == 1
+    assert len(ctx.findings) == 1
 
 
 def test_schemas_are_self_contained_with_descriptions():

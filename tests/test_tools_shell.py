@@ -116,7 +116,7 @@ def test_a_setsid_grandchild_does_not_survive_the_timeout(ctx):
 
 def test_interrupt_stops_a_running_command(ctx):
     cancel = threading.Event()
-    ctx.extra["cancel"] = cancel
+    ctx.cancel = cancel
     threading.Timer(0.5, cancel.set).start()
     started = time.monotonic()
     result = sh(ctx, "sleep 60")

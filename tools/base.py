@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 Mode = Literal["ask", "auto-edit", "yolo", "read-only"]
 MODES: tuple[str, ...] = ("ask", "auto-edit", "yolo", "read-only")
 Access = Literal["read", "edit", "shell", "commit"]
+Verdict = Literal["yes", "declined", "read-only"]
 
 
 class ToolRefused(Exception):
@@ -54,21 +56,31 @@ class ToolContext:
     # edit of a file changed on disk since is refused.
     read_stamps: dict[Path, tuple[int, int, str]] = field(default_factory=dict)
     undo: Any = None  # the per-turn undo journal (tools/files.py)
-    extra: dict[str, Any] = field(default_factory=dict)
+    cancel: threading.Event | None = None  # set by the agent's interrupt: a running command stops
+    plan: list[dict] = field(default_factory=list)  # update_plan's steps, each {"step", "status"}
+    findings: list[dict] = field(default_factory=list)  # report_finding's findings, in report order
     # Shell commands run in an OS sandbox (tools/sandbox.py); the network is off inside it
     # unless allowed, and only --dangerously-no-sandbox turns the sandbox off.
     allow_network: bool = False
     sandbox: bool = True
 
-    def allowed(self, access: Access, title: str, detail: str = "") -> bool:
-        """Whether ``access`` may go ahead now, asking the user where the mode says so."""
+    def permit(self, access: Access, title: str, detail: str = "", *, always_ask: bool = False) -> Verdict:
+        """The one permission check: may ``access`` go ahead now? Reads always may. In
+        read-only mode nothing else may, except a shell command inside the sandbox (which
+        keeps the project read-only) once the user agrees. ``always_ask`` (git's own files,
+        a risky command) takes the user's yes in every mode. Otherwise yolo allows all,
+        auto-edit allows edits, and the rest is asked (``confirm``; no one to ask: no)."""
         if access == "read":
-            return True
-        if self.mode == "read-only":
-            return False
-        if self.mode == "yolo" or (self.mode == "auto-edit" and access == "edit"):
-            return True
-        return bool(self.confirm and self.confirm(title, detail))
+            return "yes"
+        if self.mode == "read-only" and not (access == "shell" and self.sandbox):
+            return "read-only"
+        if not always_ask and (self.mode == "yolo" or (self.mode == "auto-edit" and access == "edit")):
+            return "yes"
+        return "yes" if self.confirm and self.confirm(title, detail) else "declined"
+
+    def allowed(self, access: Access, title: str, detail: str = "") -> bool:
+        """``permit`` as a yes or no."""
+        return self.permit(access, title, detail) == "yes"
 
 
 class Tool:

@@ -233,11 +233,11 @@ def _commit(ctx: ToolContext, path: Path, before: bytes | None, after: bytes, re
     if inside_git_internals(ctx, path):
         # Never auto-approved, in any mode: the user is asked, and headless (no one to ask) means no.
         title = f"{verb} {rel}: git's own files (config, hooks) can make git run programs"
-        if ctx.mode == "read-only" or not (ctx.confirm and ctx.confirm(title, diff)):
+        if ctx.permit("edit", title, diff, always_ask=True) != "yes":
             raise ToolRefused(f"{rel} is inside git's own folder, where config and hooks can run programs; it is "
                               "changed only when the user confirms it, and they did not (or could not be asked)")
-    elif not ctx.allowed("edit", f"{verb} {rel}", diff):
-        if ctx.mode == "read-only":
+    elif (verdict := ctx.permit("edit", f"{verb} {rel}", diff)) != "yes":
+        if verdict == "read-only":
             raise ToolRefused(f"read-only mode: {rel} was not changed")
         raise ToolRefused(f"the user declined the change to {rel}; ask them what they want instead")
     with locked_file(path):

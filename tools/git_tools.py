@@ -158,10 +158,11 @@ class GitCommit(Tool):
     def run(self, args: Args, ctx: ToolContext) -> ToolResult:
         repo = open_repo(ctx)
         paths = _paths(ctx, repo, args.paths)
-        if ctx.mode == "read-only":
-            raise ToolRefused("read-only mode: commits are not allowed")
         preview = _git(repo, "status", "--short")
-        if not ctx.allowed("commit", "commit", f"{args.message}\n\n{preview}"):
+        verdict = ctx.permit("commit", "commit", f"{args.message}\n\n{preview}")
+        if verdict == "read-only":
+            raise ToolRefused("read-only mode: commits are not allowed")
+        if verdict == "declined":
             raise ToolRefused("the user declined the commit")
         if paths:
             _git(repo, "add", "--", *paths)

@@ -34,9 +34,9 @@ class UpdatePlan(Tool):
             raise ToolRefused("a plan needs at least one step")
         if sum(s.status == "in_progress" for s in args.steps) > 1:
             raise ToolRefused("only one step can be in_progress at a time")
-        ctx.extra["plan"] = [s.model_dump() for s in args.steps]
+        ctx.plan = [s.model_dump() for s in args.steps]
         done = sum(s.status == "done" for s in args.steps)
-        return ToolResult(f"plan updated ({done}/{len(args.steps)} done):\n{checklist(ctx.extra['plan'])}",
+        return ToolResult(f"plan updated ({done}/{len(args.steps)} done):\n{checklist(ctx.plan)}",
                           summary=f"plan: {done}/{len(args.steps)} done")
 
 

@@ -1,6 +1,6 @@
 """``report_finding``: how the review mode's model hands in one problem it found.
 
-Findings collect in ``ctx.extra["findings"]``; the review command renders them
+Findings collect in ``ctx.findings``; the review command renders them
 as Markdown, JSON or SARIF. The file must exist inside the project and the
 line range must lie inside the file, so a report always points somewhere real.
 """
@@ -49,7 +49,7 @@ class ReportFinding(Tool):
             raise ToolRefused(f"{args.file} has {n_lines} lines; lines {args.start_line}-{args.end_line} are "
                               "outside it")
         rel = relative(ctx, path)  # as listed to the model, so reports name the file the same way
-        findings = ctx.extra.setdefault("findings", [])
+        findings = ctx.findings
         if any(f["file"] == rel and f["start_line"] == args.start_line and f["title"] == args.title
                for f in findings):
             raise ToolRefused("this finding was already reported")

@@ -151,20 +151,19 @@ class Shell(Tool):
         cwd = resolve_in_root(ctx, args.cwd)
         if not cwd.is_dir():
             raise ToolRefused(f"{args.cwd} is not a folder")
-        if ctx.mode == "read-only" and not ctx.sandbox:
-            raise ToolRefused("read-only mode without the sandbox: shell commands are not allowed")
         no_wall = sandbox.unavailable() if ctx.sandbox else None
         risks = [why for why in (dangerous(args.command, ctx.root, cwd),
                                  no_wall and f"without an OS sandbox: {no_wall}") if why]
-        if risks:
-            approved = bool(ctx.confirm and ctx.confirm(f"run a risky command ({'; '.join(risks)})", args.command))
-            if not approved:
-                reason = "; ".join(r.replace("without an OS sandbox", "no OS sandbox") for r in risks)
-                raise ToolRefused(f"not run: {reason}; this needs the user's approval, which was not given")
-        elif ctx.mode == "read-only":  # the sandbox makes nothing writable; still the user's call
-            if not (ctx.confirm and ctx.confirm("run a command (read-only sandbox)", args.command)):
-                raise ToolRefused("the user declined to run this command; ask them what they want instead")
-        elif not ctx.allowed("shell", "run a command", args.command):
+        # In read-only mode the sandbox makes nothing writable; running is still the user's call.
+        title = (f"run a risky command ({'; '.join(risks)})" if risks
+                 else "run a command (read-only sandbox)" if ctx.mode == "read-only" else "run a command")
+        verdict = ctx.permit("shell", title, args.command, always_ask=bool(risks))
+        if verdict == "read-only":
+            raise ToolRefused("read-only mode without the sandbox: shell commands are not allowed")
+        if verdict == "declined" and risks:
+            reason = "; ".join(r.replace("without an OS sandbox", "no OS sandbox") for r in risks)
+            raise ToolRefused(f"not run: {reason}; this needs the user's approval, which was not given")
+        if verdict == "declined":
             raise ToolRefused("the user declined to run this command; ask them what they want instead")
         return run_command(args.command, cwd, args.timeout_s, ctx, sandboxed=ctx.sandbox and not no_wall)
 
@@ -201,7 +200,7 @@ def _watch(argv: list[str], cwd: Path, env: dict[str, str], log: Path | None, ti
         capture = _Capture()
         reader = threading.Thread(target=capture.drain, args=(proc.stdout, sink), daemon=True)
         reader.start()
-        cancel = ctx.extra.get("cancel")
+        cancel = ctx.cancel
         stopped = None
         while proc.poll() is None:
             if time.monotonic() - started > timeout_s:
