@@ -11,7 +11,8 @@ at module level or inside a function, is an arrow. The rules:
   nor ``tools`` nor the lab; ``runtime.lab`` imports no ``agent`` or ``tools``;
 * ``kernels`` imports nothing of ``runtime``, ``agent`` or ``tools``;
 * nothing but the CLI entry imports ``agent``; ``prompts`` imports no room;
-* no cycle between modules.
+* no cycle between modules (imports for annotations only, under
+  ``if TYPE_CHECKING:``, are not arrows).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """The modules ``name`` imports: ``from X import y`` counts as ``X.y`` when that is a module."""
     is_package = path.name == "__init__.py"
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -63,6 +64,18 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
             out.add(target)
             out.update(f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in known)
     return out
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node, except under ``if TYPE_CHECKING:`` (names for annotations import nothing at run time)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
 
 
 @cache
