@@ -130,7 +130,7 @@ def summarize_older(engine, messages: list[Message], specs: list[ToolSpec], sett
     cut = _cut(messages, policy.keep_turns)
     tokens_before = len(engine.tokens)
     ask = Message(role="user", content=load("compaction") + (f"\n\nFocus on: {focus}" if focus else ""))
-    summary = _summarize(engine, _Request(messages, messages[:cut], ask, specs, settings.mode), policy,
+    summary = _summarize(engine, _Request(messages, messages[:cut], ask, specs, settings.thinking), policy,
                          settings.seed, progress, cancel)
     files = touched_files(messages[:cut])
     text = f"{SUMMARY_HEADER}\n\n{summary}"
@@ -138,7 +138,7 @@ def summarize_older(engine, messages: list[Message], specs: list[ToolSpec], sett
         text += f"\n\n{FILES_HEADER}\n" + "\n".join(f"- {path}" for path in files)
     recent = messages[cut:]
     compacted = [messages[0], Message(role="user", content=text), *recent]
-    after = len(engine.render(compacted, specs, settings.mode))
+    after = len(engine.render(compacted, specs, settings.thinking))
     return (Compaction(summary, cut - 1, len(recent), tokens_before, after, files,
                        len(engine.tokenizer.encode(summary)), policy.keep_turns), compacted)
 

@@ -35,8 +35,8 @@ def run(args) -> int:
     model = resolve_model(args.model)
     engine = Engine.load(model, ctx=args.ctx)
     root = project_root(Path(args.cwd or "."))
-    ctx = ToolContext(root=root, mode=args.mode, confirm=None, data_dir=data_dir(), **tool_options(args))
-    settings = LoopSettings(mode=args.think_mode, max_steps=args.max_steps, max_tokens_per_step=args.max_tokens,
+    ctx = ToolContext(root=root, permissions=args.mode, confirm=None, data_dir=data_dir(), **tool_options(args))
+    settings = LoopSettings(thinking=args.think_mode, max_steps=args.max_steps, max_tokens_per_step=args.max_tokens,
                             seed=args.seed, temperature=args.temp)
     cache = PrefixCache(data_dir() / "kvcache")
     engine.attach_cache(cache)

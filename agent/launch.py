@@ -36,7 +36,7 @@ def open_tui(args) -> int:
     print(f"loading {model.name} ...", file=sys.stderr)
     engine = Engine.load(model, ctx=args.ctx)
     engine.attach_cache(PrefixCache(data_dir() / "kvcache"))
-    ctx = ToolContext(root=root, mode=args.mode, data_dir=data_dir(), undo=UndoJournal(), **tool_options(args))
+    ctx = ToolContext(root=root, permissions=args.mode, data_dir=data_dir(), undo=UndoJournal(), **tool_options(args))
     agent = Agent(engine, standard_tools(), ctx, load("system"), LoopSettings())
     live = LiveSession(SessionStore(data_dir() / "sessions"), agent, model.name)
     if args.resume is not None or args.continue_:

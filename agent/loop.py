@@ -32,9 +32,7 @@ from pathlib import Path
 from magnetar.runtime import (MODES, ContextFull, DsmlError, DsmlInThinking, Message, Mode, ReasoningDelta,
                               ReplyEnd, TextDelta, ToolCall, ToolCallParsed, ToolCallStarted, ToolSpec, UsageError,
                               last_reply)
-from magnetar.tools.base import MODES as PERMISSIONS
-from magnetar.tools.base import Mode as Permissions
-from magnetar.tools.base import Tool, ToolContext, ToolResult, utf8_safe
+from magnetar.tools.base import PERMISSIONS, Permissions, Tool, ToolContext, ToolResult, utf8_safe
 from magnetar.tools.edit import UndoOutcome
 
 from .compaction import Compaction, CompactionPolicy, summarize_older
@@ -42,7 +40,7 @@ from .compaction import Compaction, CompactionPolicy, summarize_older
 
 @dataclass
 class LoopSettings:
-    mode: Mode = "think"
+    thinking: Mode = "think"
     max_steps: int = 40
     max_tokens_per_step: int = 8192
     temperature: float = 1.0  # DeepSeek's recommended sampling for V4
@@ -179,11 +177,11 @@ class Agent:
     @property
     def permissions(self) -> Permissions:
         """What tools may do without asking: ask, auto-edit, yolo or read-only."""
-        return self.ctx.mode
+        return self.ctx.permissions
 
     @property
     def thinking(self) -> Mode:
-        return self.settings.mode
+        return self.settings.thinking
 
     @property
     def root(self) -> Path:
@@ -212,12 +210,12 @@ class Agent:
     def set_permissions(self, permissions: Permissions) -> None:
         if permissions not in PERMISSIONS:
             raise UsageError(f"permissions must be one of {', '.join(PERMISSIONS)}, not {permissions!r}")
-        self.ctx.mode = permissions
+        self.ctx.permissions = permissions
 
     def set_thinking(self, thinking: Mode) -> None:
         if thinking not in MODES:
             raise UsageError(f"thinking must be one of {', '.join(MODES)}, not {thinking!r}")
-        self.settings.mode = thinking
+        self.settings.thinking = thinking
 
     def set_confirm(self, confirm: Callable[[str, str], bool] | None) -> None:
         """Who answers when a tool asks permission (None: nobody, so the answer is no)."""
@@ -240,7 +238,7 @@ class Agent:
         (a session replayed from its transcript; the next turn syncs what follows)."""
         last = last_reply(messages)
         if last is not None:
-            self.engine.sync(messages[:last + 1], self.specs, self.settings.mode, progress)
+            self.engine.sync(messages[:last + 1], self.specs, self.settings.thinking, progress)
 
     def undo_last_turn(self) -> UndoOutcome | None:
         """Restore the files the last turn changed; None when there is no undo journal."""
@@ -329,14 +327,14 @@ class Agent:
 
     def _sync_prompt(self) -> Iterator[Event]:
         """Make the engine's tokens the whole conversation plus the assistant opener."""
-        yield from _with_progress(lambda progress: self.engine.sync(self._messages, self.specs, self.settings.mode,
+        yield from _with_progress(lambda progress: self.engine.sync(self._messages, self.specs, self.settings.thinking,
                                                                     progress))
 
     # -- sampling -------------------------------------------------------------------------------
 
     def _sample(self, out: _Step) -> Iterator[Event]:
         s = self.settings
-        for ev in self.engine.respond(thinking=s.mode != "nothink", should_stop=self._cancel.is_set,
+        for ev in self.engine.respond(thinking=s.thinking != "nothink", should_stop=self._cancel.is_set,
                                       max_tokens=s.max_tokens_per_step, temperature=s.temperature, top_p=s.top_p,
                                       min_p=s.min_p, seed=s.seed):
             if isinstance(ev, ReasoningDelta):
@@ -361,7 +359,7 @@ class Agent:
 
     def _record(self, step: _Step) -> None:
         """The model's message as sampled (its DSML block kept byte for byte for replay)."""
-        reasoning = step.reasoning if self.settings.mode != "nothink" else None
+        reasoning = step.reasoning if self.settings.thinking != "nothink" else None
         self._messages.append(Message(role="assistant", content=step.text, reasoning=reasoning,
                                           tool_calls=[] if step.error else step.calls))
 

@@ -157,7 +157,7 @@ def review(engine, root: Path, scope: str, settings: LoopSettings | None = None,
            tools: list[Tool] | None = None, on_event=None) -> tuple[list[dict], TurnEnd]:
     """One read-only agent turn over ``scope``; returns the sorted findings and how the turn ended.
     ``tools`` replaces the default read-only tools; ``report_finding`` is always added."""
-    ctx = ToolContext(root=root, mode="read-only", confirm=None)
+    ctx = ToolContext(root=root, permissions="read-only", confirm=None)
     toolset = [*(read_only_tools() if tools is None else tools), ReportFinding()]
     agent = Agent(engine, toolset, ctx, load("review"), settings)
     for event in agent.turn(scope):

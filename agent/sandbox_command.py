@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"magnetar: not run: no OS sandbox here ({why})", file=sys.stderr)
         return REFUSED_EXIT
     # The person typed the command: that is the approval the agent would have asked for.
-    ctx = ToolContext(root=project_root(Path.cwd()), mode=args.mode, confirm=lambda title, detail: True,
+    ctx = ToolContext(root=project_root(Path.cwd()), permissions=args.mode, confirm=lambda title, detail: True,
                       data_dir=data_dir(), **options)
     result = Shell().call({"command": command, "timeout_s": args.timeout_s, "cwd": str(Path.cwd().resolve())}, ctx)
     if not isinstance(result, CommandResult):  # refused before it ran

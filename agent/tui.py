@@ -20,7 +20,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Collapsible, Input, Label, Markdown, ProgressBar, Static
 
 from magnetar.runtime import MagnetarError
-from magnetar.tools.base import MODES
+from magnetar.tools.base import PERMISSIONS
 from magnetar.tools.plan import checklist
 from magnetar.tools.safegit import run_git
 
@@ -215,8 +215,8 @@ class MagnetarApp(App):
             self.agent.set_thinking(name[1:])
             self._say(f"mode: {name[1:]}", "notice")
         elif name == "/mode":
-            if arg not in MODES:
-                self._say(f"/mode takes one of: {', '.join(MODES)}", "notice")
+            if arg not in PERMISSIONS:
+                self._say(f"/mode takes one of: {', '.join(PERMISSIONS)}", "notice")
             else:
                 self.agent.set_permissions(arg)
                 self._say(f"permissions: {arg}", "notice")

@@ -162,7 +162,7 @@ def test_a_full_context_ends_the_turn_with_a_clear_notice(v4_tokenizer, tmp_path
 
 @pytest.mark.parametrize("mode", ["nothink"])
 def test_nothink_mode_parses_text_from_the_start(v4_tokenizer, tmp_path, mode):
-    agent, _, _ = make(v4_tokenizer, ["Plain answer."], tmp_path, mode=mode)
+    agent, _, _ = make(v4_tokenizer, ["Plain answer."], tmp_path, thinking=mode)
     events = list(agent.turn("hi"))
     assert events[-1] == TurnEnd("Plain answer.", "answered", 1)
 

@@ -113,7 +113,7 @@ def test_after_a_thinking_reply_without_tools_only_the_request_is_prefilled(v4_t
     re-rendering the conversation no longer matches the live tokens; the request still goes
     after them (the sampled reply is never re-rendered), not into a whole new prefill."""
     engine = ScriptedEngine(v4_tokenizer, [])
-    agent = Agent(engine, [], ToolContext(root=tmp_path), SYSTEM, LoopSettings(mode="think"))
+    agent = Agent(engine, [], ToolContext(root=tmp_path), SYSTEM, LoopSettings(thinking="think"))
     run(agent, engine, "first", "Thinking about it.</think>Done first.")
     run(agent, engine, "second", "More thought.</think>Done second.")
     live, seen = list(engine.tokens), []
@@ -142,7 +142,7 @@ def test_the_next_turn_renders_the_compacted_conversation(v4_tokenizer, tmp_path
 
 
 def test_nothink_mode(v4_tokenizer, tmp_path):
-    agent, engine = make(v4_tokenizer, tmp_path, mode="nothink")
+    agent, engine = make(v4_tokenizer, tmp_path, thinking="nothink")
     run(agent, engine, "one", "One.")
     run(agent, engine, "two", "Two.")
     engine.replies.append("They counted.")

@@ -48,7 +48,7 @@ def test_writing_git_config_is_refused_unless_the_user_confirms(repo, mode):
     original = config.read_bytes()
     planted = "[core]\n\tfsmonitor = touch /tmp/pwned\n"
     for confirm in (None, Asked(False)):  # headless, then a user who says no
-        ctx = ToolContext(root=repo, mode=mode, confirm=confirm)
+        ctx = ToolContext(root=repo, permissions=mode, confirm=confirm)
         assert call(ReadFile, ctx, path=".git/config").ok
         for tool, args in ((WriteFile, {"content": planted}),
                            (EditFile, {"old_text": "[core]", "new_text": planted.rstrip("\n")})):
@@ -58,7 +58,7 @@ def test_writing_git_config_is_refused_unless_the_user_confirms(repo, mode):
         if confirm is not None:
             assert len(confirm.titles) == 2 and ".git/config" in confirm.titles[0]
     user = Asked(True)  # asked even though the mode approves edits outright, and the answer is yes
-    ctx = ToolContext(root=repo, mode=mode, confirm=user)
+    ctx = ToolContext(root=repo, permissions=mode, confirm=user)
     call(ReadFile, ctx, path=".git/config")
     assert call(WriteFile, ctx, path=".git/config", content=planted).ok
     assert config.read_text() == planted and len(user.titles) == 1
@@ -67,7 +67,7 @@ def test_writing_git_config_is_refused_unless_the_user_confirms(repo, mode):
 def test_new_hooks_and_other_spellings_of_git_internals_are_refused(repo):
     os.symlink(repo / ".git", repo / "innocent")
     os.symlink(repo / ".git" / "config", repo / "settings.ini")
-    ctx = ToolContext(root=repo, mode="yolo", confirm=None)
+    ctx = ToolContext(root=repo, permissions="yolo", confirm=None)
     call(ReadFile, ctx, path="settings.ini")
     for path in (".git/hooks/pre-commit", "innocent/hooks/post-commit", ".GIT/config", ".Git./hooks/x",
                  "vendor/lib/.git/config", "innocent/config"):
@@ -86,14 +86,14 @@ def test_a_separate_git_dir_inside_the_project_is_refused(tmp_path):
     root.mkdir()
     subprocess.run(["git", "init", "-q", "--separate-git-dir", str(root / "store"), str(root)], check=True)
     assert (root / ".git").is_file()
-    ctx = ToolContext(root=root, mode="yolo", confirm=None)
+    ctx = ToolContext(root=root, permissions="yolo", confirm=None)
     call(ReadFile, ctx, path="store/config")
     result = call(EditFile, ctx, path="store/config", old_text="[core]", new_text="[core]\n\tfsmonitor = x")
     assert not result.ok and "git's own folder" in result.text
     assert not call(WriteFile, ctx, path="store/hooks/pre-commit", content="x").ok
     sub = root / "pkg"
     sub.mkdir()
-    inner = ToolContext(root=sub, mode="yolo", confirm=None)  # a project below the work tree's top
+    inner = ToolContext(root=sub, permissions="yolo", confirm=None)  # a project below the work tree's top
     assert call(WriteFile, inner, path="ok.txt", content="fine\n").ok
 
 
@@ -105,7 +105,7 @@ def test_concurrent_edits_of_one_file_never_lose_an_ok_edit(repo):
     target = repo / "shared.txt"
     for _ in range(rounds):
         target.write_text("".join(f"line {i} = old\n" for i in range(lines)))
-        contexts = [ToolContext(root=repo, mode="yolo") for _ in range(lines)]
+        contexts = [ToolContext(root=repo, permissions="yolo") for _ in range(lines)]
         for ctx in contexts:
             assert call(ReadFile, ctx, path="shared.txt").ok
         start, results = threading.Barrier(lines), [None] * lines
@@ -133,7 +133,7 @@ def test_concurrent_edits_of_one_file_never_lose_an_ok_edit(repo):
 
 
 def test_undo_restores_only_what_is_still_the_agents(repo):
-    ctx = ToolContext(root=repo, mode="yolo", undo=UndoJournal())
+    ctx = ToolContext(root=repo, permissions="yolo", undo=UndoJournal())
     (repo / "kept.py").write_text("a = 1\n")
     ctx.undo.begin_turn()
     for name in ("app.py", "kept.py"):
@@ -158,7 +158,7 @@ def test_undo_restores_only_what_is_still_the_agents(repo):
 
 
 def test_undo_of_a_file_the_user_deleted_is_refused(repo):
-    ctx = ToolContext(root=repo, mode="yolo", undo=UndoJournal())
+    ctx = ToolContext(root=repo, permissions="yolo", undo=UndoJournal())
     ctx.undo.begin_turn()
     call(ReadFile, ctx, path="app.py")
     assert call(EditFile, ctx, path="app.py", old_text="x = 1", new_text="x = 2").ok
@@ -174,7 +174,7 @@ def test_undo_of_a_file_the_user_deleted_is_refused(repo):
 def test_a_utf8_file_with_one_stray_byte_stays_utf8(repo):
     data = "naïve = 'café'\nvalue = 1\n".encode() + b"raw = '\xff'\n"
     (repo / "mixed.py").write_bytes(data)
-    ctx = ToolContext(root=repo, mode="yolo")
+    ctx = ToolContext(root=repo, permissions="yolo")
     shown = call(ReadFile, ctx, path="mixed.py").text
     assert "naïve = 'café'" in shown and "raw = '\\xff'" in shown  # the stray byte shown escaped
     assert call(EditFile, ctx, path="mixed.py", old_text="value = 1", new_text="value = 'größe ✓'").ok
@@ -185,7 +185,7 @@ def test_a_utf8_file_with_one_stray_byte_stays_utf8(repo):
 
 def test_overlapping_occurrences_of_old_text_are_ambiguous(repo):
     (repo / "a.txt").write_bytes(b"say aaa\n")
-    ctx = ToolContext(root=repo, mode="yolo")
+    ctx = ToolContext(root=repo, permissions="yolo")
     call(ReadFile, ctx, path="a.txt")
     result = call(EditFile, ctx, path="a.txt", old_text="aa", new_text="b")
     assert not result.ok and "occurs 2 times" in result.text
@@ -208,7 +208,7 @@ def test_the_tui_undo_reports_the_files_it_left_alone(v4_tokenizer, repo):
     replies = ["w</think>" + block(dsml_call("write_file", path="made.txt", content="agent\n"),
                                    dsml_call("write_file", path="other.txt", content="agent too\n")),
                "x</think>done"]
-    ctx = ToolContext(root=repo, mode="yolo", undo=UndoJournal())
+    ctx = ToolContext(root=repo, permissions="yolo", undo=UndoJournal())
     agent = Agent(ScriptedEngine(v4_tokenizer, replies), [WriteFile()], ctx, "You are a test.", LoopSettings())
     app = MagnetarApp(agent, model_name="scripted")
 
@@ -226,7 +226,7 @@ def test_the_tui_undo_reports_the_files_it_left_alone(v4_tokenizer, repo):
 
 
 def _edit_in_a_process(root, i, barrier, results):
-    ctx = ToolContext(root=root, mode="yolo")
+    ctx = ToolContext(root=root, permissions="yolo")
     call(ReadFile, ctx, path="shared.txt")
     barrier.wait()
     result = call(EditFile, ctx, path="shared.txt", old_text=f"line {i} = old", new_text=f"line {i} = new")

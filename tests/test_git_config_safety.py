@@ -99,7 +99,7 @@ def test_every_planted_program_runs_when_git_is_used_plainly(planted):
 
 def test_the_git_tools_run_no_program_from_the_repository(planted):
     root, markers = planted
-    ctx = ToolContext(root=root, mode="yolo")
+    ctx = ToolContext(root=root, permissions="yolo")
     results = [
         GitStatus().call({}, ctx), GitDiff().call({}, ctx), GitDiff().call({"staged": True}, ctx),
         GitDiff().call({"ref": "HEAD", "paths": ["app.py"]}, ctx), GitLog().call({}, ctx),
@@ -143,7 +143,7 @@ def test_the_users_identity_still_comes_from_their_config(planted, tmp_path, mon
     (home / ".gitconfig").write_text("[user]\n\tname = Global User\n\temail = global@example.com\n")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("GIT_CONFIG_GLOBAL", raising=False)
-    result = GitCommit().call({"message": "mine", "paths": ["app.py"]}, ToolContext(root=root, mode="yolo"))
+    result = GitCommit().call({"message": "mine", "paths": ["app.py"]}, ToolContext(root=root, permissions="yolo"))
     assert result.ok, result.text
     assert git(root, "log", "-1", "--format=%an <%ae>") == "Global User <global@example.com>\n"
 
@@ -174,7 +174,7 @@ def test_a_submodules_own_config_runs_no_program(tmp_path):
     git(inner, "config", "core.fsmonitor", planted_script(tmp_path, "inner-fsmonitor", markers))
     (inner / "f.txt").write_text("ho\n")  # same size, stale stat: only the contents can tell
     os.utime(inner / "f.txt", (1_000_000_000, 1_000_000_000))
-    ctx = ToolContext(root=top, mode="yolo")
+    ctx = ToolContext(root=top, permissions="yolo")
     results = [GitStatus().call({}, ctx), GitDiff().call({}, ctx), Glob().call({"pattern": "*"}, ctx)]
     assert all(r.ok for r in results), [r.text for r in results]
     assert sorted(p.name for p in markers.iterdir()) == []

@@ -38,7 +38,8 @@ def test_a_headless_run_is_a_session_that_resumes(tiny_models, tmp_path, capsys,
     assert "List the files." in session.messages()[1].content
 
     engine = Engine.load(tiny_models("q8"), ctx=4096)
-    agent = Agent(engine, [], ToolContext(root=repo, mode="read-only"), "unused", LoopSettings(mode="nothink"))
+    agent = Agent(engine, [], ToolContext(root=repo, permissions="read-only"), "unused",
+                  LoopSettings(thinking="nothink"))
     assert LiveSession(store, agent, "tiny-q8").open(session) == "restored"
     assert engine.stats.prefill_tokens == 0 and len(engine.tokens) == session.meta.tokens > 0
     assert agent.messages == session.messages()

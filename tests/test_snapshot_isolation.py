@@ -66,7 +66,7 @@ def test_an_interrupted_compaction_leaves_the_live_state_bit_identical(engine, t
     # nothink: the last reply renders the same before and after a new user message, so the
     # summary request is prefilled after the live tokens (the path that writes into them)
     agent = Agent(engine, [], ToolContext(root=tmp_path), "You are a test.",
-                  LoopSettings(mode="nothink", seed=0, temperature=0))
+                  LoopSettings(thinking="nothink", seed=0, temperature=0))
     agent.replace_messages([*agent.messages,
                             chat.Message(role="user", content="Say something about " + "numbers " * 40),
                             chat.Message(role="assistant", content="Numbers are fine.")])

@@ -33,7 +33,7 @@ def repo(tmp_path):
 
 @pytest.fixture
 def ctx(repo):
-    return ToolContext(root=repo, mode="yolo", undo=UndoJournal())
+    return ToolContext(root=repo, permissions="yolo", undo=UndoJournal())
 
 
 def call(tool, ctx, **arguments):
@@ -211,7 +211,7 @@ def test_edits_respect_the_mode(repo):
     asked = []
     for mode, answer, ok in (("read-only", True, False), ("ask", False, False), ("ask", True, True),
                              ("auto-edit", False, True)):
-        ctx = ToolContext(root=repo, mode=mode, confirm=lambda title, detail: asked.append(detail) or answer)
+        ctx = ToolContext(root=repo, permissions=mode, confirm=lambda title, detail: asked.append(detail) or answer)
         call(ReadFile, ctx, path="a.txt")
         result = call(EditFile, ctx, path="a.txt", old_text="x", new_text="y")
         assert result.ok == ok, mode

@@ -32,7 +32,7 @@ def repo(tmp_path):
 
 
 def call(tool, root, mode="yolo", confirm=None, **arguments):
-    return tool().call(arguments, ToolContext(root=root, mode=mode, confirm=confirm))
+    return tool().call(arguments, ToolContext(root=root, permissions=mode, confirm=confirm))
 
 
 def test_status_and_diffs(repo):

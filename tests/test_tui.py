@@ -39,7 +39,7 @@ class Touch(Tool):
 
 def make_app(v4_tokenizer, tmp_path, replies, mode="ask"):
     engine = ScriptedEngine(v4_tokenizer, list(replies))
-    agent = Agent(engine, [Touch()], ToolContext(root=tmp_path, mode=mode), "You are a test.", LoopSettings())
+    agent = Agent(engine, [Touch()], ToolContext(root=tmp_path, permissions=mode), "You are a test.", LoopSettings())
     return MagnetarApp(agent, model_name="scripted"), engine
 
 
@@ -104,11 +104,11 @@ def test_slash_commands(v4_tokenizer, tmp_path):
             await _type(pilot, "/help")
             assert "/nothink" in texts(app)
             await _type(pilot, "/mode yolo")
-            assert app.agent.ctx.mode == "yolo"
+            assert app.agent.permissions == "yolo"
             await _type(pilot, "/mode sideways")
-            assert "takes one of" in texts(app) and app.agent.ctx.mode == "yolo"
+            assert "takes one of" in texts(app) and app.agent.permissions == "yolo"
             await _type(pilot, "/nothink")
-            assert app.agent.settings.mode == "nothink"
+            assert app.agent.thinking == "nothink"
             await _type(pilot, "/think")
             await _type(pilot, "go")  # yolo: no modal
             await until(pilot, lambda: not app.busy and (tmp_path / "y.txt").exists())
@@ -132,8 +132,8 @@ def test_plan_mode_proposes_then_edits_then_approves(v4_tokenizer, tmp_path):
                    "c</think>" + plan_call("make a.txt", "make b.txt"), "d</think>Plan revised.",
                    "e</think>" + write_call("a.txt"), "f</think>done"]
         engine = ScriptedEngine(v4_tokenizer, replies)
-        agent = Agent(engine, [Touch(), UpdatePlan()], ToolContext(root=tmp_path, mode="yolo"), "You are a test.",
-                      LoopSettings())
+        agent = Agent(engine, [Touch(), UpdatePlan()], ToolContext(root=tmp_path, permissions="yolo"),
+                      "You are a test.", LoopSettings())
         app = MagnetarApp(agent, model_name="scripted")
         async with app.run_test() as pilot:
             await _type(pilot, "/plan add files")
@@ -146,7 +146,7 @@ def test_plan_mode_proposes_then_edits_then_approves(v4_tokenizer, tmp_path):
             await until(pilot, lambda: isinstance(app.screen, PlanScreen) and len(app.screen.steps) == 2)
             await pilot.press("a")
             await until(pilot, lambda: not app.busy and (tmp_path / "a.txt").exists())
-            assert app.agent.ctx.mode == "yolo" and not app.planning
+            assert app.agent.permissions == "yolo" and not app.planning
             prompts = v4_tokenizer.decode([t for ids in engine.prefills for t in ids])
             assert "[Plan mode] Investigate with read-only tools" in prompts and "add files" in prompts
             assert "Revise the plan as follows, then write it again with update_plan: also b" in prompts
@@ -157,17 +157,17 @@ def test_plan_mode_proposes_then_edits_then_approves(v4_tokenizer, tmp_path):
 def test_a_rejected_plan_changes_nothing(v4_tokenizer, tmp_path):
     async def go():
         engine = ScriptedEngine(v4_tokenizer, ["a</think>" + plan_call("delete everything"), "b</think>Plan."])
-        agent = Agent(engine, [Touch(), UpdatePlan()], ToolContext(root=tmp_path, mode="auto-edit"), "t",
+        agent = Agent(engine, [Touch(), UpdatePlan()], ToolContext(root=tmp_path, permissions="auto-edit"), "t",
                       LoopSettings())
         app = MagnetarApp(agent, model_name="scripted")
         async with app.run_test() as pilot:
             await _type(pilot, "/plan")
-            assert app.agent.ctx.mode == "read-only"
+            assert app.agent.permissions == "read-only"
             await _type(pilot, "clean up")
             await until(pilot, lambda: isinstance(app.screen, PlanScreen))
             await pilot.press("r")
             await until(pilot, lambda: not app.planning)
-            assert app.agent.ctx.mode == "auto-edit" and "plan rejected" in texts(app)
+            assert app.agent.permissions == "auto-edit" and "plan rejected" in texts(app)
     asyncio.run(go())
 
 

@@ -19,13 +19,13 @@ from test_tui import _type, texts, until
 
 
 def settings() -> LoopSettings:
-    return LoopSettings(mode="nothink", max_tokens_per_step=3, seed=1)  # replies are noise: keep them short
+    return LoopSettings(thinking="nothink", max_tokens_per_step=3, seed=1)  # replies are noise: keep them short
 
 
 def started(tiny_models, tmp_path):
     """The real engine on the tiny model, an agent without tools, and a fresh live session."""
     engine = Engine.load(tiny_models("q8"), ctx=2048)
-    agent = Agent(engine, [], ToolContext(root=tmp_path, mode="read-only"), "You are a test.", settings())
+    agent = Agent(engine, [], ToolContext(root=tmp_path, permissions="read-only"), "You are a test.", settings())
     live = LiveSession(SessionStore(tmp_path / "sessions"), agent, "tiny-q8")
     live.start(tmp_path)
     return engine, agent, live

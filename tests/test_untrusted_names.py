@@ -68,7 +68,7 @@ def test_listing_tools_show_a_non_utf8_name_escaped(project, tool, arguments):
 
 
 def test_the_shown_name_opens_reads_and_edits_the_file(project):
-    ctx = ToolContext(root=project, mode="yolo", undo=UndoJournal())
+    ctx = ToolContext(root=project, permissions="yolo", undo=UndoJournal())
     listed = run(ListDir, ctx).text
     name = next(line.split("  (")[0] for line in listed.splitlines() if line.startswith("bad"))
     assert name == SHOWN
@@ -199,7 +199,7 @@ PATH_TOOLS = [
 @pytest.mark.parametrize("tool, arguments", PATH_TOOLS, ids=lambda v: getattr(v, "name", ""))
 @pytest.mark.parametrize("kind", BAD_PATHS)
 def test_a_hostile_path_is_refused_in_one_line(hostile, tool, arguments, kind):
-    result = run(tool, ToolContext(root=hostile, mode="yolo"), **arguments(BAD_PATHS[kind]))
+    result = run(tool, ToolContext(root=hostile, permissions="yolo"), **arguments(BAD_PATHS[kind]))
     if tool is RepoMap and "focus" in arguments("x"):  # a focus that is no file is a symbol name
         assert result.ok
         return
@@ -208,7 +208,7 @@ def test_a_hostile_path_is_refused_in_one_line(hostile, tool, arguments, kind):
 
 
 def test_os_errors_name_the_path_and_the_reason(hostile):
-    result = run(WriteFile, ToolContext(root=hostile, mode="yolo"), path="file.txt/inner.txt", content="y\n")
+    result = run(WriteFile, ToolContext(root=hostile, permissions="yolo"), path="file.txt/inner.txt", content="y\n")
     assert result.text == "error: file.txt/inner.txt: Not a directory"
     assert "File name too long" in run(ReadFile, ToolContext(root=hostile), path="x" * 300).text
     assert "symbolic links" in run(ReadFile, ToolContext(root=hostile), path="loop").text

@@ -24,8 +24,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ValidationError
 
-Mode = Literal["ask", "auto-edit", "yolo", "read-only"]
-MODES: tuple[str, ...] = ("ask", "auto-edit", "yolo", "read-only")
+Permissions = Literal["ask", "auto-edit", "yolo", "read-only"]  # what tools may do without asking
+PERMISSIONS: tuple[str, ...] = ("ask", "auto-edit", "yolo", "read-only")
 Access = Literal["read", "edit", "shell", "commit"]
 Verdict = Literal["yes", "declined", "read-only"]
 
@@ -47,8 +47,8 @@ class ToolContext:
     """Per-session state the tools share."""
 
     root: Path  # the project; every path must resolve inside it
-    mode: Mode = "ask"
-    # Asked before a write/shell/commit the mode does not allow outright:
+    permissions: Permissions = "ask"
+    # Asked before a write/shell/commit the permissions do not allow outright:
     # ``confirm(title, detail) -> bool``. None (headless) means "no".
     confirm: Callable[[str, str], bool] | None = None
     data_dir: Path | None = None  # logs (full shell output) and caches live here
@@ -72,9 +72,9 @@ class ToolContext:
         auto-edit allows edits, and the rest is asked (``confirm``; no one to ask: no)."""
         if access == "read":
             return "yes"
-        if self.mode == "read-only" and not (access == "shell" and self.sandbox):
+        if self.permissions == "read-only" and not (access == "shell" and self.sandbox):
             return "read-only"
-        if not always_ask and (self.mode == "yolo" or (self.mode == "auto-edit" and access == "edit")):
+        if not always_ask and (self.permissions == "yolo" or (self.permissions == "auto-edit" and access == "edit")):
             return "yes"
         return "yes" if self.confirm and self.confirm(title, detail) else "declined"
 

@@ -156,7 +156,7 @@ class Shell(Tool):
                                  no_wall and f"without an OS sandbox: {no_wall}") if why]
         # In read-only mode the sandbox makes nothing writable; running is still the user's call.
         title = (f"run a risky command ({'; '.join(risks)})" if risks
-                 else "run a command (read-only sandbox)" if ctx.mode == "read-only" else "run a command")
+                 else "run a command (read-only sandbox)" if ctx.permissions == "read-only" else "run a command")
         verdict = ctx.permit("shell", title, args.command, always_ask=bool(risks))
         if verdict == "read-only":
             raise ToolRefused("read-only mode without the sandbox: shell commands are not allowed")
@@ -174,7 +174,7 @@ def run_command(command: str, cwd: Path, timeout_s: float, ctx: ToolContext, *, 
     argv = ["bash", "-c", command]
     scratch = Path(tempfile.mkdtemp(prefix="magnetar-sh-")) if sandboxed else None
     if scratch:
-        argv = sandbox.confine(argv, ctx.root, scratch, writable=ctx.mode != "read-only",
+        argv = sandbox.confine(argv, ctx.root, scratch, writable=ctx.permissions != "read-only",
                                network=ctx.allow_network, cwd=cwd)
     started = time.monotonic()
     try:
