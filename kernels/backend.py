@@ -14,7 +14,7 @@ from .base import Backend, BackendUnavailable, QTensor
 
 BACKENDS = ("reference", "cpu", "metal", "cuda", "hip")
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "QTensor", "backend", "default_backend_name"]
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "QTensor", "backend", "default_backend_name", "select"]
 
 
 def default_backend_name() -> str:
@@ -45,3 +45,12 @@ def backend(name: str = "auto") -> Backend:
         from .cuda import CudaBackend, HipBackend
         return CudaBackend() if name == "cuda" else HipBackend()
     raise ValueError(f"unknown kernel backend {name!r}; choose auto or one of {', '.join(BACKENDS)}")
+
+
+def select(name: str = "auto") -> Backend:
+    """``backend(name)``, with MLX's default device switched to the one it runs on
+    (``auto`` keeps MLX's default device: it is the one it follows)."""
+    kernels = backend(name)
+    if name != "auto":
+        mx.set_default_device(kernels.device)
+    return kernels

@@ -99,6 +99,7 @@ class Backend:
     host_moe = False
     traceable = True
     expand_budget = 0  # bytes of non-expert weights to widen to f32 at load (runtime/weights.py says why)
+    device = mx.gpu  # where MLX runs for this backend (``backend.select`` switches to it)
 
     # -- the model's plain f32 work: MLX here, inside or outside the compiled decode step --------
 

@@ -36,6 +36,7 @@ class HostBackend(Backend):
     """A backend whose MLX runs on the CPU: host-paced f32 work goes through numpy."""
 
     expand_budget = CPU_EXPAND_BUDGET
+    device = mx.cpu
 
     def dense(self, a: mx.array, b: mx.array) -> mx.array:
         if a.shape[0] >= HOST_BLAS_MIN_ROWS:

@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from magnetar.kernels.backend import BACKENDS, Backend, BackendUnavailable
-from magnetar.kernels.backend import backend as kernel_backend
+from magnetar.kernels.backend import select as select_backend
 
 from . import checkpoint as ckpt
 from .conversation import THINK_MAX_MIN_CTX, Conversing, require_room  # the constant stays importable from here
@@ -182,10 +182,8 @@ class Engine(Conversing):
         stored."""
         if backend not in ("auto", *BACKENDS):
             raise UsageError(f"unknown backend {backend!r}", f"choose auto, {', '.join(BACKENDS)}")
-        if backend != "auto":
-            mx.set_default_device(mx.cpu if backend in ("cpu", "reference") else mx.gpu)
         try:
-            kernels = kernel_backend(backend)
+            kernels = select_backend(backend)  # also switches MLX to the backend's device
         except BackendUnavailable as e:
             raise UsageError(str(e), "use --backend auto or cpu") from None
         return cls(open_model(path), ctx, precision, prefill_chunk, expand_budget, kernels)
