@@ -16,7 +16,7 @@ _EXPORTS = {
     "conversation": ("SyncReport", "ReplyEnd", "last_reply", "THINK_MAX_MIN_CTX"),
     "chat": ("Message", "ToolCall", "ToolSpec", "Mode", "MODES"),
     "dsml": ("TextDelta", "ReasoningDelta", "ToolCallStarted", "ToolCallParsed", "BlockDone", "DsmlError",
-             "DsmlInThinking"),
+             "DsmlInThinking", "ParameterStarted", "ParameterDelta", "ParameterEnded", "ToolCallEnded"),
     "tokenizer": ("THINK_END",),
     "errors": ("MagnetarError", "UsageError", "ContextFull", "ChatError", "GGUFError", "TokenizerError"),
     "checkpoint": ("CheckpointError",),

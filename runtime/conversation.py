@@ -143,13 +143,19 @@ class Conversing:
         return self.tokenizer.encode_pieces(pieces[rendered.reply_ends[-1]:])
 
     def respond(self, *, thinking: bool, should_stop: Callable[[], bool] | None = None,
+                syntax_greedy: bool = False, stream_arguments: bool = False,
                 **sampling) -> Iterator[dsml.Event | ReplyEnd]:
         """Sample a reply (``sampling``: ``generate``'s arguments) and yield what it says as
         ``runtime.dsml`` events, then a ``ReplyEnd``. ``should_stop`` is asked after each
-        token's events; True ends the reply there."""
-        parser = dsml.DsmlParser(thinking=thinking)
+        token's events; True ends the reply there. ``syntax_greedy``: DSML syntax tokens
+        (tags, names, framing) are taken greedily and payloads (reasoning, text, parameter
+        values) with ``sampling``, as ds4 does. ``stream_arguments``: the parser's argument
+        progress events too (``DsmlParser``)."""
+        parser = dsml.DsmlParser(thinking=thinking, stream_arguments=stream_arguments)
         eos, control_ids = self.tokenizer.eos_id, self.tokenizer.added
         reason = "limit"
+        if syntax_greedy:
+            sampling["greedy"] = lambda: parser.in_syntax
         stream = self.generate(**sampling)
         try:
             for event in stream:

@@ -41,7 +41,11 @@ Decisions (documented because the format leaves them open):
   to ``</｜DSML｜tool_calls>``. Why: a block is only valid once it is complete
   (we never run half a malformed block), and the exact text exists only then.
   ``chat.render`` replays that text when all calls of a message share it.
-  ``ToolCallStarted`` still fires as soon as each invoke header is read.
+  ``ToolCallStarted`` still fires as soon as each invoke header is read. With
+  ``stream_arguments`` the arguments come as they are read too (a server streams
+  them): ``ParameterStarted``, ``ParameterDelta`` pieces of the decoded value,
+  ``ParameterEnded``, and ``ToolCallEnded`` at ``</｜DSML｜invoke>``. They are
+  progress only: the call is valid once ``ToolCallParsed`` reports it.
 * DSML inside reasoning is never a tool call: it stays reasoning text and a
   ``DsmlInThinking`` warning follows each ``<｜DSML｜tool_calls>`` seen there.
 * A DSML tag in plain text other than the block opener (``<｜DSML｜invoke``
@@ -104,6 +108,27 @@ class ToolCallStarted:
 
 
 @dataclass(frozen=True)
+class ParameterStarted:
+    name: str
+    string: bool  # string="true": the value is text; else its text is JSON
+
+
+@dataclass(frozen=True)
+class ParameterDelta:
+    text: str  # a piece of the value, escape decoded (never half of one)
+
+
+@dataclass(frozen=True)
+class ParameterEnded:
+    pass
+
+
+@dataclass(frozen=True)
+class ToolCallEnded:
+    pass
+
+
+@dataclass(frozen=True)
 class ToolCallParsed:
     call: ToolCall
 
@@ -125,7 +150,7 @@ class DsmlInThinking:
 
 
 Event = (TextDelta | ReasoningDelta | ToolCallStarted | ToolCallParsed | BlockDone
-         | DsmlError | DsmlInThinking)
+         | DsmlError | DsmlInThinking | ParameterStarted | ParameterDelta | ParameterEnded | ToolCallEnded)
 
 
 class State(Enum):
@@ -138,6 +163,10 @@ class State(Enum):
     DONE = auto()       # block closed; only whitespace may follow
     FAILED = auto()     # a DsmlError was reported; input is ignored
     FINISHED = auto()   # finish() was called
+
+
+# Inside the block, between payloads: what comes next is tags, names and framing.
+_SYNTAX_STATES = frozenset({State.OPENING, State.BLOCK, State.INVOKE, State.DONE})
 
 
 @functools.cache
@@ -201,8 +230,10 @@ def _control_at(marker: str) -> int:
 class DsmlParser:
     """Stream parser; see the module docstring for the grammar and decisions."""
 
-    def __init__(self, thinking: bool):
+    def __init__(self, thinking: bool, stream_arguments: bool = False):
         self._state = State.REASONING if thinking else State.TEXT
+        self._stream_arguments = stream_arguments
+        self._value_held = ""  # VALUE, streaming: a tail that may be half an escape
         self._pending = ""          # input not consumed yet
         self._block: list[str] = []  # block text consumed so far (for dsml / raw)
         self._calls: list[tuple[str, dict[str, Any]]] = []  # complete invokes
@@ -220,8 +251,18 @@ class DsmlParser:
 
     @property
     def state(self) -> State:
-        """Where the parser is (e.g. the engine samples greedily outside VALUE)."""
+        """Where the parser is."""
         return self._state
+
+    @property
+    def in_syntax(self) -> bool:
+        """Whether the next token continues DSML syntax (the block opener once begun,
+        tags, tool and parameter names, framing, a begun parameter close tag) rather
+        than a payload (reasoning, text, a parameter value): ``Engine.respond`` samples
+        syntax greedily, as ds4 does, so a hot temperature cannot garble a call."""
+        if self._state is State.VALUE:  # the close tag has begun ("</" at least)
+            return _held_prefix(self._pending, (PARAM_CLOSE,)) >= 2
+        return self._state in _SYNTAX_STATES
 
     def feed(self, text: str) -> list[Event]:
         if self._state is State.FINISHED:
@@ -422,11 +463,15 @@ class DsmlParser:
             if name in self._args:
                 return self._fail(events, f"duplicate parameter {name!r}", n)
             self._param = (name, param.group(2) == "true")
+            if self._stream_arguments:
+                events.append(ParameterStarted(*self._param))
             self._state = State.VALUE
             self._block.append(self._take(n))
             return True
         elif state is State.INVOKE and tag == INVOKE_CLOSE:
             self._calls.append((self._name, self._args))
+            if self._stream_arguments:
+                events.append(ToolCallEnded())
             self._state = State.BLOCK
         elif kind.group(1) in ("invoke", "parameter") and not tag.startswith("</") \
                 and not (invoke or param):
@@ -447,6 +492,7 @@ class DsmlParser:
                 chunk = self._take(safe)
                 self._value_parts.append(chunk)
                 self._block.append(chunk)
+                self._value_progress(events, chunk, last=False)
             return False
         name, is_str = self._param
         n = i + len(PARAM_CLOSE)
@@ -463,6 +509,19 @@ class DsmlParser:
                 self._args[name] = _load_json(raw)
             except ValueError as err:
                 return self._fail(events, f"parameter {name!r} is not valid JSON: {err}", n)
+        self._value_progress(events, self._pending[:i], last=True)
         self._block.append(self._take(n))
         self._state = State.INVOKE
         return True
+
+    def _value_progress(self, events: list[Event], text: str, last: bool) -> None:
+        """Streaming: the decoded value so far, holding back what may be half an escape."""
+        if not self._stream_arguments:
+            return
+        held = self._value_held + text
+        keep = 0 if last else _held_prefix(held, (PARAM_CLOSE_ESCAPED,))
+        piece, self._value_held = held[:len(held) - keep], held[len(held) - keep:]
+        if piece := piece.replace(PARAM_CLOSE_ESCAPED, PARAM_CLOSE):
+            events.append(ParameterDelta(piece))
+        if last:
+            events.append(ParameterEnded())

@@ -303,10 +303,12 @@ class Engine(Conversing):
     def generate(self, max_tokens: int = 256, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.05, seed: int | None = None,
                  stop: Sequence[int | str] = (), logprobs: int = 0,
-                 ignore_eos: bool = False) -> Iterator[Event]:
+                 ignore_eos: bool = False, greedy: Callable[[], bool] | None = None) -> Iterator[Event]:
         """Sample up to ``max_tokens`` tokens continuing the live sequence (see ``_generate``);
-        each step runs on the engine thread, in lockstep with the caller."""
-        steps = self._generate(max_tokens, temperature, top_k, top_p, min_p, seed, stop, logprobs, ignore_eos)
+        each step runs on the engine thread, in lockstep with the caller. ``greedy``, asked
+        before each token, True takes that token greedily (DSML syntax, see ``respond``)."""
+        steps = self._generate(max_tokens, temperature, top_k, top_p, min_p, seed, stop, logprobs, ignore_eos,
+                               greedy)
         try:
             while (event := on_engine_thread(next, steps, None)) is not None:
                 yield event
@@ -314,7 +316,8 @@ class Engine(Conversing):
             on_engine_thread(steps.close)
 
     def _generate(self, max_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
-                  seed: int | None, stop: Sequence[int | str], logprobs: int, ignore_eos: bool) -> Iterator[Event]:
+                  seed: int | None, stop: Sequence[int | str], logprobs: int, ignore_eos: bool,
+                  greedy: Callable[[], bool] | None = None) -> Iterator[Event]:
         """Sample up to ``max_tokens`` tokens continuing the live sequence.
 
         Stops after EOS (unless ``ignore_eos``, for benchmarks), a stop token id, or
@@ -336,7 +339,7 @@ class Engine(Conversing):
             if live.state.n_tokens >= self.ctx:
                 raise ContextFull(f"the context of {self.ctx} tokens is full", "start a new session or raise --ctx")
             t0 = time.perf_counter()
-            token = sampler.sample(live.next_logits)
+            token = sampler.sample(live.next_logits, greedy=greedy is not None and greedy())
             live.pending.append(token)
             piece = decoder.feed(token)
             text += piece

@@ -89,10 +89,12 @@ class Sampler:
         self.settings = settings
         self.rng = np.random.default_rng(settings.seed)
 
-    def sample(self, logits: np.ndarray) -> int:
+    def sample(self, logits: np.ndarray, greedy: bool = False) -> int:
+        """One token id; ``greedy`` takes the argmax for this token whatever the settings
+        (no draw, so the seeded sequence of draws stays that of the sampled tokens)."""
         x, m = _checked(logits)
         s = self.settings
-        if s.temperature == 0:
+        if s.temperature == 0 or greedy:
             return int(np.argmax(x))
         ids, p = _filtered(x, m, s)
         cum = _cumsum(p)

@@ -34,6 +34,7 @@ class ScriptedEngine(Conversing):
     prefills: list[list[int]] = field(default_factory=list)  # every prefill call's ids
     stats: ScriptedStats = field(default_factory=ScriptedStats)
     on_token: object = None  # called after each generated token (tests interrupt from here)
+    greedy_steps: list[bool] = field(default_factory=list)  # per generated token: was it asked for greedily
 
     def reset(self) -> None:
         self.tokens = []
@@ -62,13 +63,14 @@ class ScriptedEngine(Conversing):
         if progress and ids:
             progress(len(ids), len(ids))
 
-    def generate(self, max_tokens=256, **_sampling):
+    def generate(self, max_tokens=256, greedy=None, **_sampling):
         if not self.replies:
             raise AssertionError("the loop asked for more replies than the script has")
         reply = self.replies.pop(0)
         ids = (reply if isinstance(reply, list) else self.tokenizer.encode_trusted(reply)) + [self.tokenizer.eos_id]
         decoder, sent = self.tokenizer.stream_decoder(), ids[:max_tokens]
         for i, token in enumerate(sent):
+            self.greedy_steps.append(greedy is not None and greedy())  # asked before the token, as the engine does
             self.tokens.append(token)
             if self.on_token:
                 self.on_token(token)
