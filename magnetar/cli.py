@@ -34,7 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="resume the latest session of this repository")
     _add_sandbox_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _model_file_commands(sub)
+    _agent_commands(sub)
+    _measuring_commands(sub)
+    return parser
 
+
+def _model_file_commands(sub) -> None:
+    """The lab's model-file commands, then generate (a front end on the Engine)."""
     p = sub.add_parser("make-model", help="write a random-weight V4 GGUF for tests and benchmarks")
     p.add_argument("--preset", choices=PRESETS, default="tiny")
     p.add_argument("--recipe", choices=RECIPES, default="q8")
@@ -62,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.set_defaults(run=_command("runtime.lab.commands", "inspect"))
 
+
     p = sub.add_parser("generate", help="chat-render a prompt and stream the model's answer")
     p.add_argument("-m", "--model", required=True, metavar="MODEL")
     p.add_argument("-p", "--prompt", required=True, metavar="TEXT", help="the user message, or @FILE")
@@ -80,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs-top-k", type=int, default=0, metavar="K")
     p.set_defaults(run=_command("agent.generate_command", "generate"))
 
+
+def _agent_commands(sub) -> None:
+    """The agent room: headless run, the server, the sandbox, review, download, sessions."""
     p = sub.add_parser("run", help="headless: run one task with the agent's tools, print the answer")
     p.add_argument("-p", "--prompt", required=True, metavar="TEXT", help="the task")
     p.add_argument("-m", "--model", default=None, metavar="MODEL",
@@ -149,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sessions", help="list saved sessions (id, age, tokens, size, repository, title)")
     p.set_defaults(run=_command("agent.sessions", "list_command"))
 
+
+def _measuring_commands(sub) -> None:
+    """The lab's measurements: imatrix, quality, bench."""
     p = sub.add_parser("imatrix", help="collect an importance matrix for quantizing the routed experts")
     p.add_argument("-m", "--model", required=True, metavar="MODEL")
     p.add_argument("--prompts", required=True, metavar="FILE", help="text split by '---' lines, or .jsonl {\"text\"}")
@@ -192,7 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="8192,32768", metavar="N,N",
                    help="resume: sequence lengths in tokens (default 8192,32768)")
     p.set_defaults(run=_command("runtime.lab.commands", "bench"))
-    return parser
 
 
 def _add_mode_flags(p: argparse.ArgumentParser) -> None:
