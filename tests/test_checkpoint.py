@@ -174,7 +174,8 @@ def test_a_writer_killed_at_any_moment_leaves_the_last_good_checkpoint(tiny_mode
     target = tmp_path / "live" / "session.ckpt"
     reader = Engine.load(model, ctx=CTX)
     rng = random.Random(0)
-    deadline, kills = time.monotonic() + 240, 0
+    # a hang guard, not a speed bar: each round starts a Python process that loads two engines
+    deadline, kills = time.monotonic() + 600, 0
     while kills < 50 and time.monotonic() < deadline:
         proc = subprocess.Popen([sys.executable, "-c", WRITER.format(ctx=CTX), str(model), *map(str, states),
                                  str(target)], stdout=subprocess.PIPE, text=True)
