@@ -72,10 +72,11 @@ class AnthropicProjection(Projection):
             if self.open != "text":
                 events += self._start({"type": "text", "text": ""})
             events.append(self._delta({"type": "text_delta", "text": out.text}))
+        elif out.kind == "tool_start":
+            events += self._start({"type": "tool_use", "id": out.call["id"], "name": out.call["name"], "input": {}})
+        elif out.kind == "tool_args":
+            events.append(self._delta({"type": "input_json_delta", "partial_json": out.text}))
         elif out.kind == "tool":
-            call = out.call
-            events += self._start({"type": "tool_use", "id": call["id"], "name": call["name"], "input": {}})
-            events.append(self._delta({"type": "input_json_delta", "partial_json": call["arguments"]}))
             events += self._close()
         elif out.kind == "end":
             events += self._end()

@@ -20,6 +20,7 @@ class ChatProjection(Projection):
     def __init__(self, reply, request):
         super().__init__(reply, request)
         self.id = new_id("chatcmpl-")
+        self.tool_index = -1  # the call whose arguments are streaming
 
     def _chunk(self, delta: dict, finish: str | None = None) -> str:
         return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.reply.created,
@@ -33,13 +34,13 @@ class ChatProjection(Projection):
             return [self._chunk({"reasoning_content": out.text})]
         if out.kind == "text":
             return [self._chunk({"content": out.text})]
-        if out.kind == "tool":
-            index = len(self.reply.calls) - 1
-            call = out.call
-            # Every tool delta carries a function object (the AI SDK's chunk schema requires it).
-            return [self._chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                                 "function": {"name": call["name"], "arguments": ""}}]}),
-                    self._chunk({"tool_calls": [{"index": index, "function": {"arguments": call["arguments"]}}]})]
+        # Every tool delta carries a function object (the AI SDK's chunk schema requires it).
+        if out.kind == "tool_start":
+            self.tool_index += 1
+            return [self._chunk({"tool_calls": [{"index": self.tool_index, "id": out.call["id"], "type": "function",
+                                                 "function": {"name": out.call["name"], "arguments": ""}}]})]
+        if out.kind == "tool_args":
+            return [self._chunk({"tool_calls": [{"index": self.tool_index, "function": {"arguments": out.text}}]})]
         if out.kind == "end":
             return self._end()
         return []

@@ -52,8 +52,13 @@ class ResponsesProjection(Projection):
             return self._reasoning(out.text)
         if out.kind == "text":
             return self._text(out.text)
-        if out.kind == "tool":
-            return self._tool(out.call)
+        if out.kind == "tool_start":
+            return self._tool_start(out.call)
+        if out.kind == "tool_args":
+            self.open["arguments"] += out.text
+            return [self._event("response.function_call_arguments.delta", **self._where(), delta=out.text)]
+        if out.kind == "tool":  # the block is valid; a call before the last one is done already
+            return self._tool_done() if self.open and self.open.get("call_id") == out.call["id"] else []
         if out.kind == "end":
             return self._end()
         return []
@@ -95,7 +100,10 @@ class ResponsesProjection(Projection):
         content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
         return {"id": item["id"], "type": "message", "status": status, "role": "assistant", "content": content}
 
-    def _close(self) -> list[str]:
+    def _close(self, tool_status: str = "incomplete") -> list[str]:
+        if self.open is not None and self.open["type"] == "function_call":
+            # Otherwise than by the next call: its block turned out malformed (§3: then it is text).
+            return self._tool_done(tool_status)
         item, self.open = self.open, None
         if item is None:
             return []
@@ -114,17 +122,19 @@ class ResponsesProjection(Projection):
         self.items.append(done)
         return events
 
-    def _tool(self, call: dict) -> list[str]:
-        events = self._close()
-        item = {"id": new_id("fc_"), "type": "function_call", "status": "in_progress", "name": call["name"],
-                "call_id": call["id"], "arguments": ""}
+    def _tool_start(self, call: dict) -> list[str]:
+        events = self._close(tool_status="completed")  # the previous invoke has closed
+        self.open = {"id": new_id("fc_"), "type": "function_call", "status": "in_progress", "name": call["name"],
+                     "call_id": call["id"], "arguments": ""}
+        return events + [self._event("response.output_item.added", output_index=len(self.items),
+                                     item={**self.open, "arguments": ""})]
+
+    def _tool_done(self, status: str = "completed") -> list[str]:
+        item, self.open = self.open, None
         index = len(self.items)
-        events.append(self._event("response.output_item.added", output_index=index, item=item))
-        events.append(self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                                  delta=call["arguments"]))
-        events.append(self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                                  name=call["name"], arguments=call["arguments"]))
-        done = {**item, "status": "completed", "arguments": call["arguments"]}
+        events = [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                              name=item["name"], arguments=item["arguments"])]
+        done = {**item, "status": status}
         events.append(self._event("response.output_item.done", output_index=index, item=done))
         self.items.append(done)
         return events
@@ -161,5 +171,6 @@ class ResponsesProjection(Projection):
         reply = self.reply
         outs = [Out("reasoning", reply.reasoning)] if reply.reasoning else []
         outs += [Out("text", reply.text)] if reply.text else []
-        outs += [Out("tool", call=c) for c in reply.calls]
+        for c in reply.calls:
+            outs += [Out("tool_start", call=c), Out("tool_args", c["arguments"]), Out("tool", call=c)]
         return outs + [Out("end")]

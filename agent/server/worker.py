@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Literal
 
 from magnetar.runtime import (ContextFull, DsmlError, Message, ReasoningDelta, ReplyEnd, TextDelta, ToolCallParsed,
-                              ToolSpec, atomic_write_bytes)
+                              ToolCallStarted, ToolSpec, atomic_write_bytes)
+
+from .arguments import ArgumentsEncoder
 
 log = logging.getLogger("magnetar.server")
 
@@ -34,7 +36,9 @@ MEMORY_SIZE = 4096  # tool ids remembered for exact replay; a turn older than th
 
 @dataclass(frozen=True)
 class Out:
-    """One thing the generation says: ``kind`` is started, reasoning, text, tool or end."""
+    """One thing the generation says: ``kind`` is started, reasoning, text, tool_start (the
+    call's id and name, at its invoke header), tool_args (a fragment of its arguments JSON),
+    tool (the complete call) or end."""
 
     kind: str
     text: str = ""
@@ -191,45 +195,71 @@ class Worker:
         prompt = len(engine.tokens)
         job.emit(Out("started", usage={"prompt": prompt, "cached": report.reused}))
         budget = max(1, min(job.max_tokens, engine.ctx - prompt - 1))  # clamped, not rejected (§6)
-        counter = _Counter(job)
-        stops = StopFilter(job.stop)
-        reasoning: list[str] = []
-        calls: list[dict] = []
+        turn = _Turn(job, self.memory)
         end_reason, finish = "eos", None
         try:
-            for ev in engine.respond(thinking=job.mode != "nothink", should_stop=counter.should_stop,
-                                     max_tokens=budget, **job.sampling):
-                if isinstance(ev, ReasoningDelta):
-                    reasoning.append(ev.text)
-                    job.emit(Out("reasoning", ev.text))
-                elif isinstance(ev, TextDelta | DsmlError):
-                    text = ev.text if isinstance(ev, TextDelta) else ev.raw  # bad DSML stays text (§3)
-                    counter.answered = True
-                    if (shown := stops.feed(text)):
-                        job.emit(Out("text", shown))
-                    if stops.hit is not None:
-                        counter.stop_now = True
-                elif isinstance(ev, ToolCallParsed):
-                    counter.answered = True
-                    calls.append(self._tool(job, ev.call, "".join(reasoning)))
-                elif isinstance(ev, ReplyEnd):
+            # DSML syntax greedily, payloads with the request's sampling (§5, as ds4); arguments as written.
+            for ev in engine.respond(thinking=job.mode != "nothink", should_stop=turn.counter.should_stop,
+                                     max_tokens=budget, syntax_greedy=True, stream_arguments=True, **job.sampling):
+                if isinstance(ev, ReplyEnd):
                     end_reason = ev.reason
+                else:
+                    turn.take(ev)
         except ContextFull:
             finish = "context"
+        stops = turn.stops
         if (rest := stops.flush()) and stops.hit is None:
             job.emit(Out("text", rest))
-        finish = finish or _finish(end_reason, calls, stops, job)
-        usage = {"prompt": prompt, "cached": report.reused, "completion": counter.tokens,
-                 "reasoning": counter.reasoning_tokens}
+        finish = finish or _finish(end_reason, turn.calls, stops, job)
+        usage = {"prompt": prompt, "cached": report.reused, "completion": turn.counter.tokens,
+                 "reasoning": turn.counter.reasoning_tokens}
         job.emit(Out("end", finish=finish, usage=usage, stop_sequence=stops.hit))
 
-    def _tool(self, job: Job, call, reasoning: str) -> dict:
-        call_id = job.id_prefix + secrets.token_hex(16)
+
+class _Turn:
+    """One reply's events -> ``Out`` events: reasoning and text (through the stop filter),
+    tool calls announced at their invoke header with their arguments streamed as JSON
+    fragments (``tool_start``, ``tool_args``), and ``tool`` once the block is valid."""
+
+    def __init__(self, job: Job, memory: ToolMemory):
+        self.job, self.memory = job, memory
+        self.counter = _Counter(job)
+        self.stops = StopFilter(job.stop)
+        self.reasoning: list[str] = []
+        self.calls: list[dict] = []
+        self.ids: list[str] = []  # one per invoke header seen
+        self.arguments = ArgumentsEncoder()
+
+    def take(self, ev) -> None:
+        job = self.job
+        if isinstance(ev, ReasoningDelta):
+            self.reasoning.append(ev.text)
+            job.emit(Out("reasoning", ev.text))
+        elif isinstance(ev, TextDelta | DsmlError):
+            text = ev.text if isinstance(ev, TextDelta) else ev.raw  # bad DSML stays text (§3)
+            self.counter.answered = True
+            if (shown := self.stops.feed(text)):
+                job.emit(Out("text", shown))
+            if self.stops.hit is not None:
+                self.counter.stop_now = True
+        elif isinstance(ev, ToolCallParsed):
+            self.calls.append(self._tool(ev.call))
+        else:
+            if isinstance(ev, ToolCallStarted):
+                self.counter.answered = True
+                self.ids.append(job.id_prefix + secrets.token_hex(16))
+                job.emit(Out("tool_start", call={"id": self.ids[-1], "name": ev.name}))
+            if (piece := self.arguments.fragment(ev)):
+                job.emit(Out("tool_args", piece))
+
+    def _tool(self, call) -> dict:
+        index = len(self.calls)
+        call_id = self.ids[index]
         if call.dsml:
-            self.memory.remember(call_id, call.dsml, reasoning)
-        arguments = json.dumps(call.arguments, ensure_ascii=False, separators=(",", ":"))
-        out = {"id": call_id, "name": call.name, "arguments": arguments, "input": call.arguments}
-        job.emit(Out("tool", call=out))
+            self.memory.remember(call_id, call.dsml, "".join(self.reasoning))
+        # The streamed fragments are the arguments (§4.1 invariant: byte-identical).
+        out = {"id": call_id, "name": call.name, "arguments": self.arguments.calls[index], "input": call.arguments}
+        self.job.emit(Out("tool", call=out))
         return out
 
 
