@@ -210,7 +210,9 @@ class Worker:
         stops = turn.stops
         if (rest := stops.flush()) and stops.hit is None:
             job.emit(Out("text", rest))
-        finish = finish or _finish(end_reason, turn.calls, stops, job)
+        # A reply cut by the free context, not by the client's max_tokens, says so (§3 finish mapping).
+        context_bound = budget < job.max_tokens
+        finish = finish or _finish(end_reason, turn.calls, stops, job, context_bound)
         usage = {"prompt": prompt, "cached": report.reused, "completion": turn.counter.tokens,
                  "reasoning": turn.counter.reasoning_tokens}
         job.emit(Out("end", finish=finish, usage=usage, stop_sequence=stops.hit))
@@ -263,14 +265,16 @@ class _Turn:
         return out
 
 
-def _finish(reason: str, calls: list, stops: StopFilter, job: Job) -> Finish:
+def _finish(reason: str, calls: list, stops: StopFilter, job: Job, context_bound: bool) -> Finish:
     if job.cancelled.is_set():
         return "cancelled"
     if stops.hit is not None:
         return "stop_sequence"
     if calls:
         return "tool_calls"
-    return "length" if reason == "limit" else "stop"
+    if reason == "limit":
+        return "context" if context_bound else "length"
+    return "stop"
 
 
 class _Counter:
