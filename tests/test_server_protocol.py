@@ -149,3 +149,32 @@ def test_every_chat_chunk_fits_the_ai_sdk_schema(v4_tokenizer):
         jsonschema.validate(chunk, AI_SDK_CHUNK)
     tool_deltas = [d for c in chunks for ch in c["choices"] for d in ch["delta"].get("tool_calls", [])]
     assert len(tool_deltas) > 1 and all("function" in d for d in tool_deltas)
+
+
+def test_echoed_turns_without_reasoning_render_as_sampled(v4_tokenizer, caplog):
+    """§4.3: clients drop reasoning (opencode's reasoning_content, Codex's include:[]); the
+    server fills it from memory by tool-call id, or by the visible transcript for a text
+    reply, so the prompt is what the model sampled even when the live state moved on to
+    another conversation (then the disk cache can match it); otherwise it renders without."""
+    engine = ScriptedEngine(v4_tokenizer, [THINK_TOOL, TEXT, TEXT, TEXT, TEXT])
+    with running(engine) as (url, _):
+        o = openai.OpenAI(base_url=url + "/v1", api_key="local", max_retries=0)
+        first = o.chat.completions.create(model="m", messages=HI, tools=TOOLS).choices[0].message
+        call = first.tool_calls[0]
+        history = HI + [{"role": "assistant", "content": first.content, "tool_calls": [call.model_dump()]},
+                        {"role": "tool", "tool_call_id": call.id, "content": "ok"}]
+        second = o.chat.completions.create(model="m", messages=history, tools=TOOLS)
+        sampled = v4_tokenizer.decode(engine.tokens)
+        o.chat.completions.create(model="m", messages=[{"role": "user", "content": "another conversation"}])
+        history += [{"role": "assistant", "content": second.choices[0].message.content},
+                    {"role": "user", "content": "more"}]
+        o.chat.completions.create(model="m", messages=history, tools=TOOLS)
+        rendered = v4_tokenizer.decode(engine.prefills[-1])  # the whole prompt: the live state held the other one
+        assert rendered.startswith(sampled)  # both replies as sampled, reasoning included
+        strange = HI + [{"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_elsewhere", "type": "function", "function": {"name": "read_file", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_elsewhere", "content": "ok"}]
+        with caplog.at_level("INFO", logger="magnetar.server"):
+            answer = o.chat.completions.create(model="m", messages=strange, tools=TOOLS)
+        assert answer.choices[0].finish_reason == "stop"  # 200, not 400
+    assert any("KV cache miss" in r.message for r in caplog.records)

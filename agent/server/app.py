@@ -155,7 +155,8 @@ class Server:
         return await self._collect(job, view, request)
 
     async def _count(self, parsed: inputs.Request) -> int:
-        parsed.messages = self.worker.memory.apply(parsed.messages)  # exact replay of sampled tool calls
+        # Exact replay of sampled tool calls, and their reasoning where the client dropped it (§4.3).
+        parsed.messages = self.worker.memory.apply(parsed.messages, thinking=parsed.mode != "nothink")
         try:
             return await anyio.to_thread.run_sync(count_prompt, self.worker.engine, parsed.messages, parsed.tools,
                                                   parsed.mode)

@@ -13,6 +13,7 @@ while generating (the reply is closed with EOS, so the live tokens stay a transc
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import queue
@@ -23,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from magnetar.runtime import (ContextFull, DsmlError, Message, ReasoningDelta, ReplyEnd, TextDelta, ToolCallParsed,
-                              ToolCallStarted, ToolSpec, atomic_write_bytes)
+from magnetar.runtime import (ContextFull, DsmlError, Message, ReasoningDelta, ReplyEnd, TextDelta, ToolCall,
+                              ToolCallParsed, ToolCallStarted, ToolSpec, atomic_write_bytes)
 
 from .arguments import ArgumentsEncoder
 
@@ -96,16 +97,46 @@ class ToolMemory:
         with self._lock:
             self._calls.update(calls)
 
-    def apply(self, messages: list[Message]) -> list[Message]:
-        """Messages whose remembered tool calls carry their sampled DSML (and reasoning)."""
+    def remember_reply(self, visible: list[Message], reasoning: str) -> None:
+        """The reasoning behind the last message of ``visible`` (the conversation as the
+        client sees it), for a client that echoes that reply without it."""
+        self.remember(_VISIBLE + visible_key(visible), "", reasoning)
+
+    def apply(self, messages: list[Message], thinking: bool = True) -> list[Message]:
+        """Messages whose remembered tool calls carry their sampled DSML, and whose reasoning
+        the client left out is filled in from memory (§4.3: opencode and Codex often drop
+        it; we must not 400): by tool-call id, else by the visible transcript up to that
+        reply (ds4's "visible" keys). A reply whose reasoning is neither sent nor remembered
+        renders without it: the prompt then differs from what the model saw, so the KV
+        prefix stops there (logged as a cache miss)."""
         out = []
-        for m in messages:
+        for at, m in enumerate(messages):
             known = [self.recall(c.id) for c in m.tool_calls]
             if m.tool_calls and all(known) and len({k["dsml"] for k in known}) == 1:
                 calls = [c.model_copy(update={"dsml": known[0]["dsml"]}) for c in m.tool_calls]
                 m = m.model_copy(update={"tool_calls": calls, "reasoning": m.reasoning or known[0]["reasoning"]})
+            if m.role == "assistant" and m.reasoning is None and thinking:
+                seen = self.recall(_VISIBLE + visible_key(messages[:at + 1]))
+                if seen is not None:
+                    m = m.model_copy(update={"reasoning": seen["reasoning"]})
+                else:
+                    log.info("KV cache miss: echoed assistant turn %d has no reasoning and none is remembered; "
+                             "rendered without it", at)
             out.append(m)
         return out
+
+
+_VISIBLE = "visible:"  # memory keys of replies found by their visible transcript
+
+
+def visible_key(messages: list[Message]) -> str:
+    """A hash of what a client sees of a conversation: roles, text, tool names and
+    arguments (no ids, no reasoning: those are what clients change or drop)."""
+    digest = hashlib.sha256()
+    for m in messages:
+        seen = [m.role, m.content, [[c.name, c.arguments] for c in m.tool_calls]]
+        digest.update(json.dumps(seen, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+    return digest.hexdigest()
 
 
 class StopFilter:
@@ -209,10 +240,12 @@ class Worker:
             finish = "context"
         stops = turn.stops
         if (rest := stops.flush()) and stops.hit is None:
+            turn.shown.append(rest)
             job.emit(Out("text", rest))
         # A reply cut by the free context, not by the client's max_tokens, says so (§3 finish mapping).
         context_bound = budget < job.max_tokens
         finish = finish or _finish(end_reason, turn.calls, stops, job, context_bound)
+        turn.remember(finish)
         usage = {"prompt": prompt, "cached": report.reused, "completion": turn.counter.tokens,
                  "reasoning": turn.counter.reasoning_tokens}
         job.emit(Out("end", finish=finish, usage=usage, stop_sequence=stops.hit))
@@ -231,6 +264,15 @@ class _Turn:
         self.calls: list[dict] = []
         self.ids: list[str] = []  # one per invoke header seen
         self.arguments = ArgumentsEncoder()
+        self.shown: list[str] = []  # the answer text the client gets
+
+    def remember(self, finish: str) -> None:
+        """Keep the reasoning for a client that echoes this reply without it."""
+        if finish in ("cancelled", "error") or not self.reasoning:
+            return
+        calls = [ToolCall(name=c["name"], arguments=c["input"]) for c in self.calls]
+        reply = Message(role="assistant", content="".join(self.shown), tool_calls=calls)
+        self.memory.remember_reply([*self.job.messages, reply], "".join(self.reasoning))
 
     def take(self, ev) -> None:
         job = self.job
@@ -241,6 +283,7 @@ class _Turn:
             text = ev.text if isinstance(ev, TextDelta) else ev.raw  # bad DSML stays text (§3)
             self.counter.answered = True
             if (shown := self.stops.feed(text)):
+                self.shown.append(shown)
                 job.emit(Out("text", shown))
             if self.stops.hit is not None:
                 self.counter.stop_now = True
