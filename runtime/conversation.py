@@ -143,33 +143,63 @@ class Conversing:
         return self.tokenizer.encode_pieces(pieces[rendered.reply_ends[-1]:])
 
     def respond(self, *, thinking: bool, should_stop: Callable[[], bool] | None = None,
-                syntax_greedy: bool = False, stream_arguments: bool = False,
-                **sampling) -> Iterator[dsml.Event | ReplyEnd]:
+                syntax_greedy: bool = False, stream_arguments: bool = False, force_call: bool | str = False,
+                max_tokens: int = 256, **sampling) -> Iterator[dsml.Event | ReplyEnd]:
         """Sample a reply (``sampling``: ``generate``'s arguments) and yield what it says as
         ``runtime.dsml`` events, then a ``ReplyEnd``. ``should_stop`` is asked after each
         token's events; True ends the reply there. ``syntax_greedy``: DSML syntax tokens
         (tags, names, framing) are taken greedily and payloads (reasoning, text, parameter
         values) with ``sampling``, as ds4 does. ``stream_arguments``: the parser's argument
-        progress events too (``DsmlParser``)."""
+        progress events too (``DsmlParser``). ``force_call``: the answer is a tool call,
+        True to any tool, a name to that one: its opening DSML is written into the reply
+        right after the reasoning (a server's tool_choice required / forced)."""
         parser = dsml.DsmlParser(thinking=thinking, stream_arguments=stream_arguments)
-        eos, control_ids = self.tokenizer.eos_id, self.tokenizer.added
-        reason = "limit"
         if syntax_greedy:
             sampling["greedy"] = lambda: parser.in_syntax
-        stream = self.generate(**sampling)
+        forced = dsml.call_opening(force_call if isinstance(force_call, str) else None) if force_call else ""
+        if forced and not thinking:
+            yield from self._force(parser, forced)
+            forced = ""
+        think_end = self.tokenizer.token_id(THINK_END)
+        reason, left = "limit", max_tokens
+        while left > 0:
+            phase = yield from self._sample(parser, should_stop, left, think_end if forced else None, sampling)
+            reason, left = phase[0], left - phase[1]
+            if reason != "think_end":
+                break
+            yield from self._force(parser, forced)  # the reasoning closed: now the call
+            forced, reason = "", "limit"
+        yield from parser.finish()
+        if reason != "eos":  # close the reply so the transcript stays well formed
+            self.prefill([self.tokenizer.eos_id])
+        yield ReplyEnd(reason)
+
+    def _sample(self, parser: dsml.DsmlParser, should_stop: Callable[[], bool] | None, max_tokens: int,
+                pause_at: int | None, sampling: dict):
+        """Sample into ``parser`` until EOS, ``should_stop``, ``max_tokens`` or the token
+        ``pause_at``; yields the events, returns (reason, tokens sampled)."""
+        eos, control_ids = self.tokenizer.eos_id, self.tokenizer.added
+        reason, n = "limit", 0
+        stream = self.generate(max_tokens=max_tokens, **sampling)
         try:
             for event in stream:
+                n += 1
                 if event.token == eos:
-                    reason = "eos"
-                    break
+                    return "eos", n
                 # Markers count only as the control tokens sampled, not as the same text in plain pieces.
                 yield from parser.feed_token(event.text, event.token in control_ids)
                 if should_stop is not None and should_stop():
-                    reason = "stopped"
-                    break
+                    return "stopped", n
+                if event.token == pause_at:
+                    return "think_end", n
         finally:
             stream.close()
-        yield from parser.finish()
-        if reason != "eos":  # close the reply so the transcript stays well formed
-            self.prefill([eos])
-        yield ReplyEnd(reason)
+        return reason, n
+
+    def _force(self, parser: dsml.DsmlParser, text: str) -> Iterator[dsml.Event]:
+        """Write ``text`` into the reply as if sampled: prefilled, and fed to the parser."""
+        ids = self.tokenizer.encode_trusted(text)
+        self.prefill(ids)
+        decoder = self.tokenizer.stream_decoder()
+        for token in ids:
+            yield from parser.feed_token(decoder.feed(token), token in self.tokenizer.added)

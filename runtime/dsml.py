@@ -169,6 +169,12 @@ class State(Enum):
 _SYNTAX_STATES = frozenset({State.OPENING, State.BLOCK, State.INVOKE, State.DONE})
 
 
+def call_opening(name: str | None) -> str:
+    """The DSML that opens a tool call as the renderer writes it: the block opener, and
+    the invoke header of ``name`` when given (a forced call continues from here)."""
+    return f"\n\n{BLOCK_OPEN}\n" + (f'<{DSML}invoke name="{name}">\n' if name else "")
+
+
 @functools.cache
 def _proper_prefixes(markers: tuple[str, ...]) -> frozenset[str]:
     return frozenset(m[:n] for m in markers for n in range(1, len(m)))

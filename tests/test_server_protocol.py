@@ -13,8 +13,9 @@ import anthropic
 import httpx2 as httpx
 import jsonschema
 import openai
+import pytest
 from scripted_engine import ScriptedEngine
-from server_harness import LONG, TEXT, THINK_TOOL, TOOL_ARGS, running
+from server_harness import DSML, LONG, TEXT, THINK_END, THINK_TOOL, TOOL_ARGS, running
 
 from magnetar.runtime import Message
 
@@ -178,3 +179,38 @@ def test_echoed_turns_without_reasoning_render_as_sampled(v4_tokenizer, caplog):
             answer = o.chat.completions.create(model="m", messages=strange, tools=TOOLS)
         assert answer.choices[0].finish_reason == "stop"  # 200, not 400
     assert any("KV cache miss" in r.message for r in caplog.records)
+
+
+CALL_REST = (f'<{DSML}parameter name="path" string="true">a.py</{DSML}parameter>\n</{DSML}invoke>\n'
+             f'</{DSML}tool_calls>')
+HEADER = f'<{DSML}invoke name="read_file">\n'
+
+
+def test_tool_choice_required_or_forced_opens_the_call(v4_tokenizer):
+    """§6, §14: required / a named tool make the reply open the call right after the
+    reasoning (the DSML is written into the reply, then the model goes on), not auto."""
+    engine = ScriptedEngine(v4_tokenizer, ["Need it." + THINK_END, HEADER + CALL_REST, CALL_REST, CALL_REST, CALL_REST])
+    with running(engine) as (url, _):
+        o = openai.OpenAI(base_url=url + "/v1", api_key="local", max_retries=0)
+        r = o.chat.completions.create(model="m", messages=HI, tools=TOOLS, tool_choice="required")
+        message = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls" and message.model_extra["reasoning_content"] == "Need it."
+        assert json.loads(message.tool_calls[0].function.arguments) == {"path": "a.py"}
+        assert v4_tokenizer.decode(engine.prefills[-1]) == f"\n\n<{DSML}tool_calls>\n"  # written after </think>
+        named = {"type": "function", "function": {"name": "read_file"}}
+        r = o.chat.completions.create(model="m", messages=HI, tools=TOOLS, tool_choice=named, reasoning_effort="none")
+        assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"path": "a.py"}
+        assert v4_tokenizer.decode(engine.prefills[-1]).endswith(HEADER)
+        a = anthropic.Anthropic(base_url=url, api_key="local", max_retries=0)
+        m = a.messages.create(model="m", max_tokens=99, messages=HI, thinking={"type": "disabled"},
+                              tools=[{"name": "read_file", "input_schema": {"type": "object"}}],
+                              tool_choice={"type": "tool", "name": "read_file"})
+        assert m.stop_reason == "tool_use" and m.content[-1].input == {"path": "a.py"}
+        r = o.responses.create(model="m", input="hi", reasoning={"effort": "none"},
+                               tools=[{"type": "function", **TOOLS[0]["function"]}],
+                               tool_choice={"type": "function", "name": "read_file"})
+        assert [i.type for i in r.output] == ["function_call"] and r.output[0].name == "read_file"
+        for bad in ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                    {"tool_choice": "required"}):
+            with pytest.raises(openai.BadRequestError):
+                o.chat.completions.create(model="m", messages=HI, **bad)

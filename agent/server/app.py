@@ -147,7 +147,8 @@ class Server:
         prompt = await self._count(parsed)
         if prompt >= self.worker.engine.ctx:
             raise _too_long(prompt, self.worker.engine.ctx, handler)
-        job = Job(parsed.messages, parsed.tools, parsed.mode, parsed.max_tokens, parsed.sampling, prefix, parsed.stop)
+        job = Job(parsed.messages, parsed.tools, parsed.mode, parsed.max_tokens, parsed.sampling, prefix, parsed.stop,
+                  parsed.force_call)
         view = projection(Reply(parsed.model), parsed)
         self.worker.submit(job)
         if parsed.stream:

@@ -32,6 +32,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    force_call: bool | str = False  # tool_choice: True = some tool (required / any), a name = that tool
     body: dict = field(default_factory=dict)
 
 
@@ -152,16 +153,32 @@ def chat_request(body: dict) -> Request:
         raise BadRequest("n > 1 is not supported", "n")
     messages = [_chat_message(_obj(m, "messages"), k) for k, m in enumerate(_list(body.get("messages"), "messages"))]
     tools = [] if body.get("tool_choice") == "none" else _chat_tools(body.get("tools"))
-    _forced(body.get("tool_choice"), ("auto", "none", None))
+    choice = body.get("tool_choice")
+    named = ((choice.get("function") or {}) if isinstance(choice, dict) else {}).get("name")
     model = body.get("model") if isinstance(body.get("model"), str) else ""
     effort = body.get("reasoning_effort")
-    return _base(body, messages, tools, _mode(_toggle(body), effort, model),
-                 _max_tokens(body, "max_completion_tokens", "max_tokens"), _stops(body.get("stop"), "stop"))
+    request = _base(body, messages, tools, _mode(_toggle(body), effort, model),
+                    _max_tokens(body, "max_completion_tokens", "max_tokens"), _stops(body.get("stop"), "stop"))
+    request.force_call = _force_call(choice, named, "required", "function", tools)
+    return request
 
 
-def _forced(choice: Any, allowed: tuple) -> None:
-    if choice not in allowed and not (isinstance(choice, dict) and choice.get("type") in allowed):
-        raise BadRequest("only tool_choice auto or none is supported", "tool_choice")
+def _force_call(choice: Any, named: Any, any_tool: str, one_tool: str, tools: list[ToolSpec]) -> bool | str:
+    """tool_choice -> ``Engine.respond``'s ``force_call`` (spec §6: the reply is made to open
+    the call; ds4 silently treats these as auto): ``any_tool`` -> True, ``{"type": one_tool,
+    name}`` -> the name; auto / none / absent -> False; anything else is a 400."""
+    kind = choice.get("type") if isinstance(choice, dict) else choice
+    if kind in (None, "auto", "none"):
+        return False
+    if kind not in (any_tool, one_tool) or (kind == one_tool and not isinstance(choice, dict)):
+        raise BadRequest(f"tool_choice {kind!r} is not supported", "tool_choice")
+    if not tools:
+        raise BadRequest("tool_choice asks for a tool call, but no tools are given", "tool_choice")
+    if kind == any_tool:
+        return True
+    if named not in {t.name for t in tools}:
+        raise BadRequest(f"tool_choice names {named!r}, which is not among the tools", "tool_choice")
+    return named
 
 
 def _chat_tools(tools: Any) -> list[ToolSpec]:
@@ -221,11 +238,14 @@ def responses_request(body: dict) -> Request:
     else:
         messages += _response_items(_list(raw, "input"))
     tools = [] if body.get("tool_choice") == "none" else _response_tools(body.get("tools"))
-    _forced(body.get("tool_choice"), ("auto", "none", None))
+    choice = body.get("tool_choice")
     reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
     model = body.get("model") if isinstance(body.get("model"), str) else ""
-    return _base(body, messages, tools, _mode(_toggle(body), reasoning.get("effort"), model),
-                 _max_tokens(body, "max_output_tokens", "max_tokens"), [])
+    request = _base(body, messages, tools, _mode(_toggle(body), reasoning.get("effort"), model),
+                    _max_tokens(body, "max_output_tokens", "max_tokens"), [])
+    named = choice.get("name") if isinstance(choice, dict) else None
+    request.force_call = _force_call(choice, named, "required", "function", tools)
+    return request
 
 
 def _response_tools(tools: Any) -> list[ToolSpec]:
@@ -289,13 +309,13 @@ def anthropic_request(body: dict) -> Request:
     for k, m in enumerate(_list(body.get("messages"), "messages")):
         messages += _anthropic_message(_obj(m, "messages"), k)
     choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
-    if choice.get("type") not in (None, "auto", "none"):
-        raise BadRequest("only tool_choice auto or none is supported", "tool_choice")
     tools = [] if choice.get("type") == "none" else _anthropic_tools(body.get("tools"))
+    force_call = _force_call(choice, choice.get("name"), "any", "tool", tools)
     effort = (body.get("output_config") or {}).get("effort") if isinstance(body.get("output_config"), dict) else None
     model = body.get("model") if isinstance(body.get("model"), str) else ""
     request = _base(body, messages, tools, _mode(_toggle(body), effort, model), _max_tokens(body, "max_tokens"),
                     _stops(body.get("stop_sequences"), "stop_sequences"))
+    request.force_call = force_call
     return request
 
 

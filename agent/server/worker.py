@@ -58,6 +58,7 @@ class Job:
     sampling: dict
     id_prefix: str  # the protocol's tool-call id prefix (call_, toolu_)
     stop: list[str] = field(default_factory=list)
+    force_call: bool | str = False  # tool_choice required (True) or forced (a name)
     loop: asyncio.AbstractEventLoop | None = None
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -231,7 +232,8 @@ class Worker:
         try:
             # DSML syntax greedily, payloads with the request's sampling (§5, as ds4); arguments as written.
             for ev in engine.respond(thinking=job.mode != "nothink", should_stop=turn.counter.should_stop,
-                                     max_tokens=budget, syntax_greedy=True, stream_arguments=True, **job.sampling):
+                                     max_tokens=budget, syntax_greedy=True, stream_arguments=True,
+                                     force_call=job.force_call, **job.sampling):
                 if isinstance(ev, ReplyEnd):
                     end_reason = ev.reason
                 else:
