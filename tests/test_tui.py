@@ -31,7 +31,7 @@ class Touch(Tool):
         path: str = Field(description="file to create")
 
     def run(self, args, ctx):
-        if not ctx.allowed("edit", "Create a file?", args.path):
+        if ctx.permit("edit", "Create a file?", args.path) != "yes":
             return ToolResult("error: the user denied it", ok=False, summary="denied")
         (ctx.root / args.path).write_text("")
         return ToolResult(f"created {args.path}", summary=f"created {args.path}")

@@ -78,10 +78,6 @@ class ToolContext:
             return "yes"
         return "yes" if self.confirm and self.confirm(title, detail) else "declined"
 
-    def allowed(self, access: Access, title: str, detail: str = "") -> bool:
-        """``permit`` as a yes or no."""
-        return self.permit(access, title, detail) == "yes"
-
 
 class Tool:
     name: ClassVar[str]
