@@ -46,16 +46,7 @@ class ChatProjection(Projection):
         return []
 
     def _end(self) -> list[str]:
-        reply = self.reply
-        if reply.finish == "error":
-            return [sse({"error": {"message": reply.error, "type": "server_error"}})]
-        if reply.finish == "cancelled":
-            return []
-        events = [self._chunk({}, FINISH[reply.finish])]
-        if self.request.include_usage:
-            events.append(sse({"id": self.id, "object": "chat.completion.chunk", "created": reply.created,
-                               "model": reply.model, "choices": [], "usage": _usage(reply)}))
-        return events + [sse("[DONE]")]
+        return _stream_end(self, "chat.completion.chunk", lambda finish: self._chunk({}, finish))
 
     def body(self) -> dict:
         reply = self.reply
@@ -88,19 +79,25 @@ class CompletionProjection(Projection):
             return [self._chunk(out.text)]
         if out.kind != "end":
             return []
-        reply = self.reply
-        if reply.finish == "error":
-            return [sse({"error": {"message": reply.error, "type": "server_error"}})]
-        if reply.finish == "cancelled":
-            return []
-        events = [self._chunk("", FINISH[reply.finish])]
-        if self.request.include_usage:
-            events.append(sse({"id": self.id, "object": "text_completion", "created": reply.created,
-                               "model": reply.model, "choices": [], "usage": _usage(reply)}))
-        return events + [sse("[DONE]")]
+        return _stream_end(self, "text_completion", lambda finish: self._chunk("", finish))
 
     def body(self) -> dict:
         reply = self.reply
         return {"id": self.id, "object": "text_completion", "created": reply.created, "model": reply.model,
                 "choices": [{"text": reply.text, "index": 0, "logprobs": None,
                              "finish_reason": FINISH[reply.finish]}], "usage": _usage(reply)}
+
+
+def _stream_end(view, obj: str, finish_chunk) -> list[str]:
+    """How a Chat or Completions stream ends: an error event, nothing (the client left), or the
+    finish chunk, the usage chunk when asked for, and ``[DONE]``."""
+    reply = view.reply
+    if reply.finish == "error":
+        return [sse({"error": {"message": reply.error, "type": "server_error"}})]
+    if reply.finish == "cancelled":
+        return []
+    events = [finish_chunk(FINISH[reply.finish])]
+    if view.request.include_usage:
+        events.append(sse({"id": view.id, "object": obj, "created": reply.created, "model": reply.model,
+                           "choices": [], "usage": _usage(reply)}))
+    return events + [sse("[DONE]")]
