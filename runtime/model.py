@@ -129,21 +129,27 @@ class Layer:
 
 class Model:
     def __init__(self, mf: ModelFile, precision: str = "official", expand_budget: int | None = None,
-                 kernels: Backend | None = None):
+                 kernels: Backend | None = None, span: tuple[int, int] | None = None):
         """``expand_budget``: bytes of non-expert weights to widen to f32 at load (None: as much
-        as the kernel backend finds worth it, see ``Weights``)."""
+        as the kernel backend finds worth it, see ``Weights``). ``span`` (a, b): only layers
+        a..b-1, a pipeline stage (runtime/pipeline.py); the embedding is loaded only by the
+        first stage and the head only by the last, so each stage maps only its slice."""
         cfg = self.cfg = mf.config
         prec = Precision.named(precision, cfg.head_dim - cfg.rope_dim)
         self.kernels = kernels or backend("auto")
         w = Weights(mf, self.kernels, self.kernels.expand_budget if expand_budget is None else expand_budget)
         self.precision = precision
-        self.embedding = w.matrix("token_embd.weight").data  # [vocab, D] as stored (f16 or f32)
-        self.layers = [Layer(w, cfg, il, prec) for il in range(cfg.n_layer)]
-        self.head_fn = w.matrix("output_hc_fn.weight")
-        self.head_base, self.head_scale = w.vector("output_hc_base.weight"), w.vector("output_hc_scale.weight")
-        self.norm = w.vector("output_norm.weight")
-        self.output = w.matrix("output.weight")
-        self.project = self.kernels.logits_head(self.output)  # y [T, D] -> float32 numpy logits [T, vocab]
+        self.span = range(*(span or (0, cfg.n_layer)))
+        self.first, self.last = self.span.start == 0, self.span.stop == cfg.n_layer
+        if self.first:
+            self.embedding = w.matrix("token_embd.weight").data  # [vocab, D] as stored (f16 or f32)
+        self.layers = [Layer(w, cfg, il, prec) for il in self.span]
+        if self.last:
+            self.head_fn = w.matrix("output_hc_fn.weight")
+            self.head_base, self.head_scale = w.vector("output_hc_base.weight"), w.vector("output_hc_scale.weight")
+            self.norm = w.vector("output_norm.weight")
+            self.output = w.matrix("output.weight")
+            self.project = self.kernels.logits_head(self.output)  # y [T, D] -> float32 numpy logits [T, vocab]
         self.step = DecodeStep(self)
         self.last_decode_build_seconds = 0.0
 
@@ -161,27 +167,32 @@ class Model:
         return rmsnorm(y, self.norm, cfg.rms_eps)
 
     def prefill(self, ids: list[int], state: KVState, all_logits: bool = False,
-                on_layer=None) -> "np.ndarray":
-        """Run one chunk after ``state`` (layer-major); logits of the last token, or of every token."""
+                on_layer=None, X: mx.array | None = None) -> "np.ndarray | mx.array":
+        """Run one chunk after ``state`` (layer-major); logits of the last token, or of every token.
+        A stage that is not the first takes the previous stage's hidden state ``X`` [T, hc, D];
+        one that is not the last returns its own (evaluated) instead of logits."""
         pos0 = state.n_tokens
         state.reserve(pos0 + len(ids))
         tokens = mx.array(ids, dtype=mx.int32)
-        X = self.embed(tokens)
-        for il, layer in enumerate(self.layers):
+        X = self.embed(tokens) if X is None else X
+        for il, layer in zip(self.span, self.layers):
             X = layer.prefill(X, tokens, pos0, state.layers[il])
             mx.eval(X, state.layers[il].arrays())
             if on_layer:
                 on_layer(il)
         state.tokens.extend(ids)
+        if not self.last:
+            return X
         return self.project(self.head(X if all_logits else X[-1:]))
 
-    def decode(self, token: int, state: KVState) -> "np.ndarray":
-        """One token after ``state``: logits [vocab]; the state advances in place."""
+    def decode(self, token: int, state: KVState, X: mx.array | None = None) -> "np.ndarray | mx.array":
+        """One token after ``state``: logits [vocab] (a stage that is not the last: its hidden state
+        [1, hc, D], from the previous stage's ``X`` if not the first); the state advances in place."""
         p = state.n_tokens
         state.reserve(p + 1)
         t0 = time.perf_counter()
-        y = self.step(mx.array([token], dtype=mx.int32), mx.array(p, dtype=mx.int32), state)
+        y = self.step(mx.array([token], dtype=mx.int32), mx.array(p, dtype=mx.int32), state, X)
         self.last_decode_build_seconds = time.perf_counter() - t0  # host time to build and dispatch
         state.tokens.append(token)
         mx.eval(y, state.arrays())  # the new state too, so the next step's graph does not chain onto this one
-        return self.project(y)[0]
+        return self.project(y)[0] if self.last else y

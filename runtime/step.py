@@ -31,11 +31,13 @@ if TYPE_CHECKING:
 
 class DecodeStep:
     """``step(token [1], p, state) -> y [1, D]`` (before the output projection); the state's
-    arrays are replaced by the new ones."""
+    arrays are replaced by the new ones. A pipeline stage (``model.span``) runs only its
+    layers: from ``X`` [1, hc, D] unless it is the first, to ``X`` unless it is the last."""
 
     def __init__(self, model: "Model"):
         self.model = model
-        self.template = KVState.empty(model.cfg, 1).layers  # which arrays each layer's state holds
+        full = KVState.empty(model.cfg, 1).layers
+        self.template = [full[il] for il in model.span]  # which arrays each layer's state holds
         kernels = model.kernels
         self.host_experts = kernels.host_moe
         if self.host_experts:
@@ -45,11 +47,15 @@ class DecodeStep:
         else:
             self.whole = mx.compile(self._whole)
 
-    def __call__(self, token: mx.array, p: mx.array, state: KVState) -> mx.array:
+    def __call__(self, token: mx.array, p: mx.array, state: KVState, X: mx.array | None = None) -> mx.array:
+        states = [state.layers[il] for il in self.model.span]
         if self.host_experts:
-            return self._cut(token, p, state)
-        y, *arrays = self.whole(token, p, *state.arrays())
-        state.replace(arrays)  # drops the old buffers before eval, so updates can be in place
+            return self._cut(token, p, states, X)
+        y, *arrays = self.whole(token, p, *([] if X is None else [X]), *[a for st in states for a in st.arrays()])
+        for st in states:  # drops the old buffers before eval, so updates can be in place
+            n = len(st.arrays())
+            st.replace(arrays[:n])
+            arrays = arrays[n:]
         return y
 
     def _states(self, il: int, arrays) -> LayerState:
@@ -62,21 +68,21 @@ class DecodeStep:
 
     def _whole(self, token: mx.array, p: mx.array, *arrays: mx.array) -> tuple[mx.array, ...]:
         model, states, it = self.model, [], 0
+        X, arrays = (model.embed(token), arrays) if model.first else (arrays[0], arrays[1:])
         for il, template in enumerate(self.template):
             n = len(template.arrays())
             states.append(self._states(il, arrays[it:it + n]))
             it += n
-        X = model.embed(token)
         for layer, st in zip(model.layers, states):
             X, xn, idx, w, post, comb = layer.decode_to_experts(X, token, p, st)
             X = layer.decode_from_experts(layer.moe.routed(xn, idx, w), X, xn, post, comb)
-        return (model.head(X), *[a for st in states for a in st.arrays()])
+        return (model.head(X) if model.last else X, *[a for st in states for a in st.arrays()])
 
     # -- cut at each layer's host experts -----------------------------------------------------
 
-    def _cut(self, token: mx.array, p: mx.array, state: KVState) -> mx.array:
-        carry = (self.model.embed(token),)  # then (X, routed, xn, post, comb) from layer 1 on
-        for layer, piece, st in zip(self.model.layers, self.pieces, state.layers):
+    def _cut(self, token: mx.array, p: mx.array, states: list[LayerState], X: mx.array | None) -> mx.array:
+        carry = (self.model.embed(token) if X is None else X,)  # then (X, routed, xn, post, comb)
+        for layer, piece, st in zip(self.model.layers, self.pieces, states):
             X, xn, idx, w, post, comb, *arrays = piece(*carry, token, p, *st.arrays())
             st.replace(arrays)
             mx.eval(xn, idx, w, *arrays)
@@ -100,4 +106,5 @@ class DecodeStep:
         return run
 
     def _finish(self, X, routed, xn, post, comb) -> mx.array:
-        return self.model.head(self.model.layers[-1].decode_from_experts(routed, X, xn, post, comb))
+        X = self.model.layers[-1].decode_from_experts(routed, X, xn, post, comb)
+        return self.model.head(X) if self.model.last else X
