@@ -98,30 +98,45 @@ class Tokenizer:
                 f"tokenizer.ggml.token_type has {len(token_types)} entries "
                 f"for {len(self.tokens)} tokens")
         self.added = self._added_ids(token_types)
-        self._id_of = {t: i for i, t in enumerate(self.tokens)}
-        vocab = {t: i for i, t in enumerate(self.tokens) if i not in self.added}
-        pairs = []
-        for rank, merge in enumerate(merges):
-            left, sep, right = merge.partition(" ")
-            if not sep or left not in vocab or right not in vocab:
-                raise TokenizerError(f"tokenizer merge #{rank} {merge!r} is malformed "
-                                     "or names an unknown token")
-            pairs.append((left, right))
-        self._bpe = HFTokenizer(models.BPE(vocab=vocab, merges=pairs,
-                                           ignore_merges=False))
+        self._id_of = dict(zip(self.tokens, range(len(self.tokens))))
+        vocab = dict(self._id_of)
+        for i in self.added:
+            if vocab.get(self.tokens[i]) == i:
+                del vocab[self.tokens[i]]
+        self._bpe = self._build_bpe(vocab, merges)
         self._bpe.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(p), behavior="isolated")
              for p in _SPLITS]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         self._bpe.decoder = decoders.ByteLevel()
-        added_sorted = sorted((self.tokens[i] for i in self.added), key=len, reverse=True)
-        self._added_re = re.compile("|".join(re.escape(t) for t in added_sorted))
         for name in CONTROL_STRINGS:
             if name not in self._id_of or self._id_of[name] not in self.added:
                 raise TokenizerError(f"tokenizer lacks the control token {name!r}",
                                      "is this a DeepSeek V4 tokenizer?")
         self.bos_id = self._id_of[BOS]
         self.eos_id = self._id_of[EOS]
+
+    @staticmethod
+    def _build_bpe(vocab: dict[str, int], merges: Sequence[str]) -> HFTokenizer:
+        """The BPE model. HF checks every merge names known tokens while it builds (its
+        build is most of the ~0.3 s an open costs); our own walk only runs to name the
+        first bad merge when it refuses."""
+        try:
+            return HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                                          ignore_merges=False))
+        except Exception as err:  # tokenizers raises a bare Exception (or TypeError) here
+            for rank, merge in enumerate(merges):
+                left, sep, right = merge.partition(" ")
+                if not sep or left not in vocab or right not in vocab:
+                    raise TokenizerError(f"tokenizer merge #{rank} {merge!r} is malformed "
+                                         "or names an unknown token") from None
+            raise TokenizerError(f"tokenizer merges rejected: {str(err).splitlines()[0]}") from None
+
+    @cached_property
+    def _added_re(self) -> re.Pattern:
+        """Added-token strings, longest first (built on first use: only template text needs it)."""
+        added_sorted = sorted((self.tokens[i] for i in self.added), key=len, reverse=True)
+        return re.compile("|".join(re.escape(t) for t in added_sorted))
 
     def _added_ids(self, token_types: Sequence[int] | None) -> frozenset[int]:
         if token_types is not None:

@@ -89,3 +89,5 @@ def test_without_token_types_added_tokens_are_found_by_shape(v4_tokenizer):
 def test_bad_merges_are_a_clear_error(v4_tokenizer):
     with pytest.raises(TokenizerError, match="merge #0"):
         Tokenizer(v4_tokenizer.tokens, ["nosuchtoken xyz"], None)
+    with pytest.raises(TokenizerError, match="merge #1 'ab'"):  # no space: not a pair
+        Tokenizer(v4_tokenizer.tokens, ["a b", "ab"], None)
