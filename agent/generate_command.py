@@ -9,7 +9,7 @@ import time
 
 from rich.console import Console
 
-from magnetar.console import progress_bar, read_prompt
+from magnetar.console import engine_options, progress_bar, read_prompt
 from magnetar.runtime import Engine, Message, UsageError, atomic_write_bytes
 
 
@@ -18,7 +18,7 @@ def generate(args: argparse.Namespace) -> int:
         raise UsageError("--logprobs-top-k needs --dump-logprobs OUT.json")
     if args.max_tokens < 0:
         raise UsageError(f"-n must be >= 0, got {args.max_tokens}")
-    engine = Engine.load(args.model, ctx=args.ctx)
+    engine = Engine.load(args.model, ctx=args.ctx, **engine_options(args))
     messages = [Message(role="system", content=args.system)] if args.system else []
     messages.append(Message(role="user", content=read_prompt(args.prompt)))
     mode, notice = engine.think_mode(args.mode)

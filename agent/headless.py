@@ -15,6 +15,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from magnetar.console import engine_options
 from magnetar.prompts import load
 from magnetar.runtime import Engine, PrefixCache
 from magnetar.tools.base import ToolContext
@@ -33,7 +34,7 @@ def event_json(event, **extra) -> str:
 
 def run(args) -> int:
     model = resolve_model(args.model)
-    engine = Engine.load(model, ctx=args.ctx)
+    engine = Engine.load(model, ctx=args.ctx, **engine_options(args))
     root = project_root(Path(args.cwd or "."))
     ctx = ToolContext(root=root, permissions=args.mode, confirm=None, data_dir=data_dir(), **tool_options(args))
     settings = LoopSettings(thinking=args.think_mode, max_steps=args.max_steps, max_tokens_per_step=args.max_tokens,

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from magnetar.console import progress_bar
+from magnetar.console import engine_options, progress_bar
 from magnetar.prompts import load
 from magnetar.runtime import Engine, PrefixCache
 from magnetar.tools.base import ToolContext
@@ -34,7 +34,7 @@ def open_tui(args) -> int:
         return 2
     root = project_root(Path.cwd())
     print(f"loading {model.name} ...", file=sys.stderr)
-    engine = Engine.load(model, ctx=args.ctx)
+    engine = Engine.load(model, ctx=args.ctx, **engine_options(args))
     engine.attach_cache(PrefixCache(data_dir() / "kvcache"))
     ctx = ToolContext(root=root, permissions=args.mode, data_dir=data_dir(), undo=UndoJournal(), **tool_options(args))
     agent = Agent(engine, standard_tools(), ctx, load("system"), LoopSettings())

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
+from magnetar.console import engine_options
 from magnetar.prompts import load
 from magnetar.runtime import Engine, MagnetarError, PrefixCache, UsageError, atomic_write_bytes
 from magnetar.tools.base import Tool, ToolContext, utf8_safe
@@ -250,7 +251,7 @@ def run(args) -> int:
     root = project_root(target if target.is_dir() else target.parent)
     # The scope first: an empty diff or a bad path fails before the model loads.
     scope = scope_text(root, target, args.diff, args.staged, args.uncommitted)
-    engine = Engine.load(resolve_model(args.model), ctx=args.ctx)
+    engine = Engine.load(resolve_model(args.model), ctx=args.ctx, **engine_options(args))
     cache = PrefixCache(data_dir() / "kvcache")
     engine.attach_cache(cache)
     settings = LoopSettings(seed=args.seed, temperature=args.temp, max_steps=args.max_steps,

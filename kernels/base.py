@@ -130,6 +130,16 @@ class Backend:
             down: QTensor, limit: float) -> mx.array:
         raise NotImplementedError
 
+    streams_experts = False  # whether ``moe_slots`` works (SSD expert streaming needs it)
+
+    def moe_slots(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: QTensor, up: QTensor,
+                  down: QTensor, limit: float, slot_of: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``moe`` on host arrays over banks of resident experts ``[S, rows, row_bytes]``:
+        expert ``e`` is bank row ``slot_of[e]``, ``-1`` leaves its pairs out, and the sums
+        add onto ``out`` (float32 [T, D], returned). A selection split into rounds of
+        ascending expert ids gives the bits of one ``moe`` call over the whole stacks."""
+        raise NotImplementedError
+
 
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run in this process (no such device or MLX entry point)."""

@@ -59,6 +59,10 @@ class CpuBackend(HostBackend):
         self.native = use_native
         self.host_moe = self.native
 
+    @property
+    def streams_experts(self) -> bool:
+        return self.native
+
     def dequantize(self, w: QTensor, experts: mx.array | None = None) -> mx.array:
         return _expand(w, experts)
 
@@ -76,6 +80,10 @@ class CpuBackend(HostBackend):
             return self._moe_token(x, ids, weights, gate, up, down, limit)
         return mx.array(self._moe_batch(np.asarray(x), np.asarray(ids), np.asarray(weights),
                                         gate, up, down, limit))
+
+    def moe_slots(self, x, ids, weights, gate, up, down, limit, slot_of, out):
+        stacks = [(m.data, m.ggml_type) for m in (gate, up, down)]
+        return native.moe(x, ids, weights, *stacks, limit, slot_of=slot_of, out=out)
 
     @staticmethod
     def _moe_token(x, ids, weights, gate, up, down, limit):

@@ -137,7 +137,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         "mg_init": [p, p],
         "mg_dequantize": [p, i32, i64, i64, p],
         "mg_matmul": [p, i64, i64, p, i32, i64, i64, p],
-        "mg_moe": [p, i64, i64, p, p, i64, i64, i64, p, i32, i64, p, i32, i64, p, i32, i64, f32, p],
+        "mg_moe": [p, i64, i64, p, p, i64, i64, i64, p, i32, i64, p, i32, i64, p, i32, i64, f32, p, p, i64],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
@@ -244,9 +244,15 @@ def matmul(x, raw, ggml_type) -> np.ndarray:
     return y
 
 
-def moe(x, ids, weights, gate, up, down, limit: float) -> np.ndarray:
+def moe(x, ids, weights, gate, up, down, limit: float, slot_of=None, out=None) -> np.ndarray:
     """The routed-expert step (see backend.py) for ``x [T, D]``, ``ids``/``weights [T, K]``;
-    ``gate``/``up``/``down`` are ``(raw expert stack [E, rows, row_bytes], type)`` like ``reference.moe``."""
+    ``gate``/``up``/``down`` are ``(raw expert stack [E, rows, row_bytes], type)`` like ``reference.moe``.
+
+    With ``slot_of`` (int [E]) they are banks ``[S, rows, row_bytes]`` of resident experts
+    instead: expert ``e``'s weights are bank row ``slot_of[e]``, and ``-1`` leaves its pairs
+    out. The sums then add onto ``out`` (float32 [T, D], zeros when None) and ``out`` is
+    returned: a selection split into rounds by ascending expert id, each round's experts
+    resident, gives exactly the bits of one call over the whole stack."""
     x = _f32(x, 2, "moe x")
     n_tokens, d_model = x.shape
     ids = np.asarray(ids)
@@ -257,21 +263,33 @@ def moe(x, ids, weights, gate, up, down, limit: float) -> np.ndarray:
         raise ValueError(f"moe: weights {weights.shape} must match ids {ids.shape}")
     (g, gt, g_cols), (u, ut, u_cols), (d, dt, d_cols) = (
         _raw(m[0], m[1], 3, name) for m, name in ((gate, "moe gate"), (up, "moe up"), (down, "moe down")))
-    n_experts, ffn = g.shape[0], g.shape[1]
+    n_slots, ffn = g.shape[0], g.shape[1]
+    n_experts = n_slots if slot_of is None else len(slot_of)
     if g_cols != d_model or u_cols != d_model or u.shape[:2] != g.shape[:2]:
         raise ValueError(f"moe: gate {g.shape[:2]}x{g_cols} and up {u.shape[:2]}x{u_cols} must be "
                          f"[E, F] x D={d_model}")
-    if d.shape[:2] != (n_experts, d_model) or d_cols != ffn:
-        raise ValueError(f"moe: down must be [E={n_experts}, D={d_model}] x F={ffn}, got {d.shape[:2]}x{d_cols}")
+    if d.shape[:2] != (n_slots, d_model) or d_cols != ffn:
+        raise ValueError(f"moe: down must be [E={n_slots}, D={d_model}] x F={ffn}, got {d.shape[:2]}x{d_cols}")
     if ids.size and (ids.min() < 0 or ids.max() >= n_experts):
         raise ValueError(f"moe: expert ids must be in [0, {n_experts}), got {ids.min()}..{ids.max()}")
     ids = np.require(ids, np.int32, "C")
-    out = np.empty_like(x)
+    slot_ptr = None
+    if slot_of is not None:
+        slot_of = np.require(slot_of, np.int32, "C")
+        if slot_of.ndim != 1 or slot_of.size and (slot_of.min() < -1 or slot_of.max() >= n_slots):
+            raise ValueError(f"moe: slot_of must be [E] bank rows in [-1, {n_slots}), got shape {slot_of.shape}")
+        if out is None:
+            out = np.zeros_like(x)
+        elif out.dtype != np.float32 or out.shape != x.shape or not out.flags.c_contiguous:
+            raise ValueError(f"moe: out must be C-contiguous float32 {x.shape}")
+        slot_ptr = slot_of.ctypes.data
+    else:
+        out = np.empty_like(x)
     if x.size == 0:
-        return np.zeros_like(x)
+        return np.zeros_like(x) if slot_of is None else out
     rc = _need().mg_moe(x.ctypes.data, n_tokens, d_model, ids.ctypes.data, weights.ctypes.data, ids.shape[1],
                         n_experts, ffn, g.ctypes.data, int(gt), g.shape[2], u.ctypes.data, int(ut), u.shape[2],
-                        d.ctypes.data, int(dt), d.shape[2], float(limit), out.ctypes.data)
+                        d.ctypes.data, int(dt), d.shape[2], float(limit), out.ctypes.data, slot_ptr, n_slots)
     _check(rc, "moe")
     return out
 

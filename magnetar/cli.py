@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from magnetar.agent import models
 from magnetar.runtime.errors import MagnetarError
-from magnetar.runtime.limits import DEFAULT_CTX
+from magnetar.runtime.limits import DEFAULT_CTX, parse_cache_size
 
 PRESETS = ("tiny", "small", "mini-flash")
 RECIPES = ("f32", "f16", "q8", "q2", "q4")
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--continue", dest="continue_", action="store_true",
                         help="resume the latest session of this repository")
     _add_sandbox_flags(parser)
+    _add_streaming_flags(parser, prefix="tui_")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _model_file_commands(sub)
     _agent_commands(sub)
@@ -86,6 +87,7 @@ def _model_file_commands(sub) -> None:
     p.add_argument("--dump-logprobs", default=None, metavar="OUT.json",
                    help="write each generated token's logprob and the top alternatives")
     p.add_argument("--logprobs-top-k", type=int, default=0, metavar="K")
+    _add_streaming_flags(p)
     p.set_defaults(run=_command("agent.generate_command", "generate"))
 
 
@@ -106,6 +108,7 @@ def _agent_commands(sub) -> None:
     p.add_argument("--temp", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     _add_sandbox_flags(p)
+    _add_streaming_flags(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--nothink", dest="think_mode", action="store_const", const="nothink")
     g.add_argument("--think", dest="think_mode", action="store_const", const="think")
@@ -122,6 +125,7 @@ def _agent_commands(sub) -> None:
     p.add_argument("--kv-disk-dir", default=None, metavar="DIR", help="prefix cache of KV checkpoints on disk")
     p.add_argument("--kv-disk-space-mb", type=int, default=16384, metavar="N", help="its budget (LRU, default 16384)")
     p.add_argument("--cors", default=None, metavar="ORIGIN", help="allow browser requests from ORIGIN")
+    _add_streaming_flags(p)
     p.set_defaults(run=_command("agent.server.run", "run"))
 
     p = sub.add_parser("sandbox", help="run one command exactly as the agent's shell tool would (same OS "
@@ -150,6 +154,7 @@ def _agent_commands(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens the model may write per step")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--temp", type=float, default=1.0)
+    _add_streaming_flags(p)
     p.set_defaults(run=_command("agent.review_mode", "run"))
 
     p = sub.add_parser("download", help="download a DeepSeek V4 Flash GGUF into the models folder")
@@ -170,6 +175,7 @@ def _measuring_commands(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens per prompt (longer ones are cut)")
     p.add_argument("--ctx", type=int, default=4096,
                    help="context in tokens (default 4096: it holds one prompt at a time, raised to --max-tokens)")
+    _add_streaming_flags(p)
     p.set_defaults(run=_command("runtime.lab.commands", "imatrix"))
 
     p = sub.add_parser("quality", help="KL divergence and top-k agreement of a quantized model vs a reference")
@@ -185,14 +191,18 @@ def _measuring_commands(sub) -> None:
     p.set_defaults(run=_command("runtime.lab.commands", "quality"))
 
     p = sub.add_parser("bench", help="decode/prefill speed side by side with optional peers; kernels vs the "
-                                     "memory floor; checkpoint resume vs re-prefill")
-    p.add_argument("mode", choices=("decode", "prefill", "kernels", "resume"))
-    p.add_argument("-m", "--model", metavar="MODEL", help="the model (decode, prefill and resume)")
+                                     "memory floor; checkpoint resume vs re-prefill; the server vs generate")
+    p.add_argument("mode", choices=("decode", "prefill", "kernels", "resume", "server"))
+    p.add_argument("-m", "--model", metavar="MODEL", help="the model (decode, prefill, resume and server)")
     p.add_argument("--peers", default="", metavar="LIST",
                    help="comma list of transformers, mlx-lm, llama.cpp (dev-only packages)")
     p.add_argument("--prompt-tokens", type=int, default=None,
                    help="prompt length (default 128 for decode, 512 for prefill)")
-    p.add_argument("--tokens", type=int, default=32, help="decode tokens timed per rep")
+    p.add_argument("--tokens", "--max-tokens", dest="tokens", type=int, default=32,
+                   help="decode tokens timed per rep")
+    p.add_argument("--prompt", default=None, metavar="TEXT", help="server: the user message, or @FILE")
+    p.add_argument("--client", choices=("process", "thread"), default="process",
+                   help="server: where the openai client runs (default: its own process, as users run one)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--ctx", type=int, default=4096,
                    help="context in tokens (default 4096: it holds the timed prompt and tokens; peers such as "
@@ -205,7 +215,8 @@ def _measuring_commands(sub) -> None:
     p.add_argument("--experts", type=int, default=256, help="kernels: experts in the stack")
     p.add_argument("--lengths", default="8192,32768", metavar="N,N",
                    help="resume: sequence lengths in tokens (default 8192,32768)")
-    p.set_defaults(run=_command("runtime.lab.commands", "bench"))
+    _add_streaming_flags(p)
+    p.set_defaults(run=_bench)
 
 
 def _add_mode_flags(p: argparse.ArgumentParser) -> None:
@@ -219,10 +230,32 @@ def _add_mode_flags(p: argparse.ArgumentParser) -> None:
     p.set_defaults(mode="think")
 
 
+def _expert_cache_size(text: str) -> int | str:
+    try:
+        return parse_cache_size(text)
+    except MagnetarError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_streaming_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument("--expert-cache", dest=prefix + "expert_cache", type=_expert_cache_size, default=None,
+                   metavar="SIZE|auto", help="stream the routed experts from the model file through a cache of "
+                   "SIZE bytes (512M, 24G; auto: what RAM allows) instead of loading them all")
+    p.add_argument("--hotlist", dest=prefix + "hotlist", default=None, metavar="FILE",
+                   help="with --expert-cache: preload the hottest experts listed (magnetar profile-experts)")
+
+
 def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-network", action="store_true", help="shell commands may use the network")
     p.add_argument("--dangerously-no-sandbox", action="store_true",
                    help="run shell commands outside the OS sandbox, with all of your rights")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """``bench server`` lives with the server (the lab may not import the agent room)."""
+    if args.mode == "server":
+        return _command("agent.server.bench", "run")(args)
+    return _command("runtime.lab.commands", "bench")(args)
 
 
 def _command(module: str, function: str) -> Callable[[argparse.Namespace], int]:
@@ -241,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.prompt_tokens = 512 if args.mode == "prefill" else 128
     if run is None:
         args.model, args.ctx, args.mode = args.tui_model, args.tui_ctx, args.tui_mode
+        args.expert_cache, args.hotlist = args.tui_expert_cache, args.tui_hotlist
         run = _command("agent.launch", "open_tui")
     try:
         return run(args)

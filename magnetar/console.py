@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,3 +34,10 @@ def read_prompt(value: str) -> str:
         return path.read_bytes().decode("utf-8", errors="replace")
     except OSError as err:
         raise UsageError(f"cannot read prompt file {path}: {err.strerror}") from None
+
+
+def engine_options(args) -> dict:
+    """``Engine.load`` keywords from the streaming flags every model-loading command has
+    (``--expert-cache``, ``--hotlist``); how the cache was sized goes to stderr."""
+    return {"expert_cache": getattr(args, "expert_cache", None), "hotlist": getattr(args, "hotlist", None),
+            "notice": lambda line: print(f"magnetar: {line}", file=sys.stderr)}

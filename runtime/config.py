@@ -105,6 +105,23 @@ class ModelConfig(BaseModel):
     def ratio(self, layer: int) -> int:
         return self.compress_ratios[layer]
 
+    def kv_elems_per_token(self) -> float:
+        """Compressed-cache elements one more token adds, amortized (spec §7.3):
+        ratio-4 layers add a 512-wide KV row and a 128-wide indexer row every 4
+        tokens, ratio-128 layers one KV row every 128."""
+        total = 0.0
+        for il in range(self.n_layer):
+            r = self.ratio(il)
+            if r == 4:
+                total += (self.head_dim + self.indexer_dim) / 4
+            elif r == 128:
+                total += self.head_dim / 128
+        return total
+
+    def kv_bytes(self, ctx: int) -> int:
+        """Float32 KV state for ``ctx`` tokens: compressed rows plus every layer's raw window."""
+        return int(4 * (self.kv_elems_per_token() * ctx + self.n_layer * self.window * self.head_dim))
+
     def is_hash_layer(self, layer: int) -> bool:
         return layer < self.hash_layers
 

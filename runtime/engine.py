@@ -29,10 +29,11 @@ from magnetar.kernels.backend import select as select_backend
 
 from . import checkpoint as ckpt
 from .conversation import THINK_MAX_MIN_CTX, Conversing, require_room  # the constant stays importable from here
-from .errors import ContextFull, UsageError
+from .errors import ContextFull, ExpertReadError, UsageError
+from .expert_cache import StreamStats, auto_budget, read_hotlist, routed_tensors
 from .gguf_read import ModelFile, open_model
 from .kv_state import KVState
-from .limits import DEFAULT_CTX, MAX_CTX
+from .limits import DEFAULT_CTX, MAX_CTX, parse_cache_size
 from .model import Model
 from .sampler import Sampler, SamplerSettings, log_softmax, top_logprobs
 from .tokenizer import Tokenizer
@@ -52,6 +53,7 @@ class Stats:
     last_step_seconds: float = 0.0
     restored_tokens: int = 0  # tokens that came back from checkpoints, never re-processed
     cache_hits: int = 0  # prefix-cache entries restored
+    streaming: StreamStats | None = None  # routed experts read from the file (--expert-cache), live
 
     @property
     def prefill_tok_s(self) -> float:
@@ -159,7 +161,8 @@ class Engine(Conversing):
     @_engine_method
     def __init__(self, model_file: ModelFile, ctx: int = DEFAULT_CTX, precision: str = "official",
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, expand_budget: int | None = None,
-                 kernels: Backend | None = None):
+                 kernels: Backend | None = None, expert_cache: int | str | None = None,
+                 hotlist: str | os.PathLike | None = None):
         if not 0 < ctx <= MAX_CTX:
             raise UsageError(f"--ctx must be between 1 and {MAX_CTX}, got {ctx}")
         if prefill_chunk < 1:
@@ -167,26 +170,52 @@ class Engine(Conversing):
         self.file = model_file
         self.config = model_file.config
         self.ctx, self.precision, self.prefill_chunk = ctx, precision, prefill_chunk
-        self.model = Model(model_file, precision, expand_budget, kernels)
-        self.stats = Stats()
+        self.expert_cache_note = ""  # how --expert-cache was sized, for the CLI to print
+        if isinstance(expert_cache, str):
+            expert_cache = self._auto_expert_cache(model_file, ctx, expert_cache)
+        self.model = Model(model_file, precision, expand_budget, kernels, expert_cache=expert_cache)
+        self.stats = Stats(streaming=self.model.experts.stats if self.model.experts else None)
+        if self.model.experts:
+            self.expert_cache_note = "; ".join(filter(None, (self.expert_cache_note, self.model.experts.describe())))
+            if hotlist:
+                read = self.model.experts.warm(read_hotlist(hotlist))
+                self.expert_cache_note += f"; hotlist {os.fspath(hotlist)}: {read} experts preloaded"
+        elif hotlist:
+            raise UsageError("--hotlist needs --expert-cache", "add --expert-cache auto or a size")
         self._live = _Live(KVState.empty(self.config, ctx))
+
+    def _auto_expert_cache(self, mf: ModelFile, ctx: int, request: str) -> int:
+        if parse_cache_size(request) != "auto":
+            return parse_cache_size(request)
+        experts = {i.name for infos in routed_tensors(mf, range(mf.config.n_layer)).values() for i in infos}
+        resident = sum(i.nbytes for name, i in mf.tensors.items() if name not in experts)
+        budget, self.expert_cache_note = auto_budget(mf, ctx, resident)
+        return budget
 
     @classmethod
     def load(cls, path: str | os.PathLike, ctx: int = DEFAULT_CTX, precision: str = "official",
              backend: str = "auto", prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-             expand_budget: int | None = None) -> "Engine":
+             expand_budget: int | None = None, expert_cache: int | str | None = None,
+             hotlist: str | os.PathLike | None = None,
+             notice: Callable[[str], None] | None = None) -> "Engine":
         """``backend``: the kernels (and with them the MLX device): ``auto`` follows MLX's
         default device; ``cpu``, ``metal``, ``cuda``, ``hip``, or ``reference`` (the numpy
         oracle, on the CPU). ``expand_budget``: bytes of non-expert weights to widen to f32
         at load (default: 1 GiB on the CPU, none elsewhere); routed experts always stay as
-        stored."""
+        stored. ``expert_cache``: bytes (or ``"auto"``, or a size like ``"24G"``) of slot banks
+        to stream the routed experts through from the file (runtime/expert_cache.py) instead of
+        holding them all; None holds them all. ``hotlist``: a ds4-format hotlist to preload
+        (``magnetar profile-experts``). ``notice`` is told how the cache was sized."""
         if backend not in ("auto", *BACKENDS):
             raise UsageError(f"unknown backend {backend!r}", f"choose auto, {', '.join(BACKENDS)}")
         try:
             kernels = select_backend(backend)  # also switches MLX to the backend's device
         except BackendUnavailable as e:
             raise UsageError(str(e), "use --backend auto or cpu") from None
-        return cls(open_model(path), ctx, precision, prefill_chunk, expand_budget, kernels)
+        engine = cls(open_model(path), ctx, precision, prefill_chunk, expand_budget, kernels, expert_cache, hotlist)
+        if notice and engine.expert_cache_note:
+            notice(engine.expert_cache_note)
+        return engine
 
     # -- text (render, sync, respond: runtime/conversation.py) ------------------------------
 
@@ -269,7 +298,7 @@ class Engine(Conversing):
         self._flush_pending()
         self._check_room(live.state.n_tokens, len(ids))
         t0 = time.perf_counter()
-        live.next_logits = self._run_chunks(ids, live.state, False, progress)[-1][-1]
+        live.next_logits = self._guarded(lambda: self._run_chunks(ids, live.state, False, progress)[-1][-1])
         self.stats.prefill_tokens += len(ids)
         self.stats.prefill_seconds += time.perf_counter() - t0
 
@@ -291,12 +320,26 @@ class Engine(Conversing):
             raise UsageError("the sequence is empty: prefill a prompt first")
         return self._live.next_logits.copy()
 
+    def _guarded(self, run: Callable[[], np.ndarray]) -> np.ndarray:
+        """``run()`` on the live state; if reading streamed experts fails, the live sequence goes
+        back to where it was (a pass stopped between layers leaves KV no token list describes)
+        and the error is raised. The file may be restored and the engine used again."""
+        if self.model.experts is None:
+            return run()
+        live = self._live
+        before = Snapshot(tuple(live.state.tokens), _own_arrays(live.state.arrays()), live.next_logits)
+        try:
+            return run()
+        except ExpertReadError:
+            self.rewind(before)
+            raise
+
     def _flush_pending(self) -> None:
         """Run sampled-but-unprocessed tokens so the state covers every token handed out."""
         live = self._live
         while live.pending:
             t0 = time.perf_counter()
-            live.next_logits = self.model.decode(live.pending.pop(0), live.state)
+            live.next_logits = self._guarded(lambda: self.model.decode(live.pending.pop(0), live.state))
             self.stats.last_step_host_seconds = self.model.last_decode_build_seconds
             self.stats.last_step_seconds = time.perf_counter() - t0
 

@@ -38,3 +38,7 @@ class ContextFull(MagnetarError):
 
 class ChatError(MagnetarError):
     """A conversation cannot be rendered into the V4 chat format."""
+
+
+class ExpertReadError(MagnetarError):
+    """Routed experts could not be read from the model file while streaming them."""

@@ -16,14 +16,16 @@ kernels) is the backend's choice, not this file's.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
+import numpy as np
 
 from magnetar.kernels.backend import Backend, backend
 
 from .attention import Attention
 from .config import ModelConfig
+from .errors import UsageError
+from .expert_cache import ExpertCache, routed_tensors
 from .gguf_read import ModelFile
 from .kv_state import KVState, LayerState
 from .ops import hc_post, hc_pre, rms, rmsnorm, softplus, swiglu
@@ -31,8 +33,6 @@ from .precision import Precision
 from .step import DecodeStep
 from .weights import Weights
 
-if TYPE_CHECKING:
-    import numpy as np
 
 ROUTER_FLOOR = 6.103515625e-5  # ds4's lower bound on the top-k weight sum
 
@@ -40,9 +40,10 @@ ROUTER_FLOOR = 6.103515625e-5  # ds4's lower bound on the top-k weight sum
 class MoE:
     """Routed experts (hash-routed on the first layers) plus the shared expert (§3.8)."""
 
-    def __init__(self, w: Weights, cfg: ModelConfig, il: int):
+    def __init__(self, w: Weights, cfg: ModelConfig, il: int, stream: ExpertCache | None = None):
         p = f"blk.{il}."
         self.cfg = cfg
+        self.il, self.stream = il, stream  # stream: routed experts read from the file through slot banks
         self.router = w.matrix(p + "ffn_gate_inp.weight")
         self.hash = cfg.is_hash_layer(il)
         if self.hash:
@@ -51,8 +52,9 @@ class MoE:
             self.bias = w.vector(p + "exp_probs_b.bias")
         self.kernels = w.kernels
         self.observer = None  # called with (xn, ids, weights) in prefill: imatrix collection
-        self.gate, self.up = w.experts(p + "ffn_gate_exps.weight"), w.experts(p + "ffn_up_exps.weight")
-        self.down = w.experts(p + "ffn_down_exps.weight")
+        if stream is None:
+            self.gate, self.up = w.experts(p + "ffn_gate_exps.weight"), w.experts(p + "ffn_up_exps.weight")
+            self.down = w.experts(p + "ffn_down_exps.weight")
         self.limit = cfg.swiglu_clamp[il]
         self.shared = [w.matrix(p + f"ffn_{k}_shexp.weight") for k in ("gate", "up", "down")]
 
@@ -75,6 +77,9 @@ class MoE:
 
     def routed(self, xn: mx.array, idx: mx.array, w: mx.array) -> mx.array:
         """The selected experts, summed with their weights (the kernels' ``moe``)."""
+        if self.stream is not None:
+            return mx.array(self.stream.moe(self.il, self.kernels, np.asarray(xn, np.float32), np.asarray(idx),
+                                            np.asarray(w, np.float32), self.limit))
         return self.kernels.moe(xn, idx, w, self.gate, self.up, self.down, self.limit)
 
     def prefill(self, xn: mx.array, ids: mx.array) -> mx.array:
@@ -95,13 +100,13 @@ class HyperConnection:
 
 
 class Layer:
-    def __init__(self, w: Weights, cfg: ModelConfig, il: int, prec: Precision):
+    def __init__(self, w: Weights, cfg: ModelConfig, il: int, prec: Precision, stream: ExpertCache | None = None):
         p = f"blk.{il}."
         self.cfg = cfg
         self.attn_hc, self.ffn_hc = HyperConnection(w, p + "hc_attn"), HyperConnection(w, p + "hc_ffn")
         self.attn_norm, self.ffn_norm = w.vector(p + "attn_norm.weight"), w.vector(p + "ffn_norm.weight")
         self.attn = Attention(w, cfg, il, prec)
-        self.moe = MoE(w, cfg, il)
+        self.moe = MoE(w, cfg, il, stream)
 
     def prefill(self, X: mx.array, ids: mx.array, pos0: int, st: LayerState) -> mx.array:
         eps = self.cfg.rms_eps
@@ -129,7 +134,8 @@ class Layer:
 
 class Model:
     def __init__(self, mf: ModelFile, precision: str = "official", expand_budget: int | None = None,
-                 kernels: Backend | None = None, span: tuple[int, int] | None = None):
+                 kernels: Backend | None = None, span: tuple[int, int] | None = None,
+                 expert_cache: int | None = None):
         """``expand_budget``: bytes of non-expert weights to widen to f32 at load (None: as much
         as the kernel backend finds worth it, see ``Weights``). ``span`` (a, b): only layers
         a..b-1, a pipeline stage (runtime/pipeline.py); the embedding is loaded only by the
@@ -143,7 +149,8 @@ class Model:
         self.first, self.last = self.span.start == 0, self.span.stop == cfg.n_layer
         if self.first:
             self.embedding = w.matrix("token_embd.weight").data  # [vocab, D] as stored (f16 or f32)
-        self.layers = [Layer(w, cfg, il, prec) for il in self.span]
+        self.experts = self._expert_cache(mf, expert_cache) if expert_cache is not None else None
+        self.layers = [Layer(w, cfg, il, prec, self.experts) for il in self.span]
         if self.last:
             self.head_fn = w.matrix("output_hc_fn.weight")
             self.head_base, self.head_scale = w.vector("output_hc_base.weight"), w.vector("output_hc_scale.weight")
@@ -152,6 +159,19 @@ class Model:
             self.project = self.kernels.logits_head(self.output)  # y [T, D] -> float32 numpy logits [T, vocab]
         self.step = DecodeStep(self)
         self.last_decode_build_seconds = 0.0
+
+    def _expert_cache(self, mf: ModelFile, budget: int) -> ExpertCache:
+        """Routed experts stay in the file and stream through ``budget`` bytes of slot banks."""
+        if not self.kernels.streams_experts:
+            raise UsageError(f"--expert-cache needs kernels that read experts from slot banks; the "
+                             f"{self.kernels.name} backend has none here", "use --backend cpu with a C compiler")
+        return ExpertCache(mf.path, routed_tensors(mf, self.span), budget)
+
+    def _prefetch_hash_layers(self, tokens: list[int]) -> None:
+        """Hash layers route by token id: their experts can be read before the layer runs."""
+        for layer in self.layers:
+            if layer.moe.hash:
+                self.experts.prefetch(layer.moe.il, np.asarray(layer.moe.tid2eid)[tokens])
 
     def embed(self, ids: mx.array) -> mx.array:
         e = mx.take(self.embedding, ids, axis=0).astype(mx.float32)
@@ -174,6 +194,8 @@ class Model:
         pos0 = state.n_tokens
         state.reserve(pos0 + len(ids))
         tokens = mx.array(ids, dtype=mx.int32)
+        if self.experts:
+            self._prefetch_hash_layers(ids)
         X = self.embed(tokens) if X is None else X
         for il, layer in zip(self.span, self.layers):
             X = layer.prefill(X, tokens, pos0, state.layers[il])
@@ -191,8 +213,12 @@ class Model:
         p = state.n_tokens
         state.reserve(p + 1)
         t0 = time.perf_counter()
+        if self.experts:
+            self._prefetch_hash_layers([token])
         y = self.step(mx.array([token], dtype=mx.int32), mx.array(p, dtype=mx.int32), state, X)
         self.last_decode_build_seconds = time.perf_counter() - t0  # host time to build and dispatch
         state.tokens.append(token)
         mx.eval(y, state.arrays())  # the new state too, so the next step's graph does not chain onto this one
+        if self.experts:
+            self.experts.token_done()
         return self.project(y)[0] if self.last else y

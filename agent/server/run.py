@@ -7,6 +7,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from magnetar.console import engine_options
 from magnetar.runtime import Engine, PrefixCache, UsageError
 
 from .app import Server
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from magnetar.agent import models
     path = models.resolve_model(args.model)
-    engine = Engine.load(path, ctx=args.ctx)
+    engine = Engine.load(path, ctx=args.ctx, **engine_options(args))
     cache = memory = None
     if args.kv_disk_dir:
         if args.kv_disk_space_mb < 1:

@@ -11,7 +11,12 @@
  *   mg_init        IQ2_XXS tables from Python (grid [256][8], signs [128])
  *   mg_dequantize  raw rows -> f32
  *   mg_matmul      y[T, rows] = x[T, cols] @ W.T
- *   mg_moe         the routed-expert step of kernels/backend.py
+ *   mg_moe         the routed-expert step of kernels/backend.py; with a slot
+ *                  map the weights come from a bank of resident experts
+ *                  (expert e reads bank row slot_of[e]; -1 leaves its pairs
+ *                  out) and the sums add onto `out`, so a selection split over
+ *                  rounds in ascending expert order adds in the same order as
+ *                  one call over the whole stack: bit-identical results.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -347,39 +352,44 @@ static inline float swiglu(float g, float u, float weight, float limit)
  * so no atomics are needed; a repeated id is simply two pairs. */
 int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float *wts, int64_t K,
            int64_t E, int64_t F, const uint8_t *gate, int gt, int64_t g_rb, const uint8_t *up, int ut,
-           int64_t u_rb, const uint8_t *down, int dt, int64_t d_rb, float limit, float *out)
+           int64_t u_rb, const uint8_t *down, int dt, int64_t d_rb, float limit, float *out,
+           const int32_t *slot_of, int64_t S)
 {
     int bb, per;
     if (!(per = block_shape(gt, &bb)) || g_rb % bb || g_rb / bb * per != D) return E_TYPE;
     if (!(per = block_shape(ut, &bb)) || u_rb % bb || u_rb / bb * per != D) return E_TYPE;
     if (!(per = block_shape(dt, &bb)) || d_rb % bb || d_rb / bb * per != F) return E_TYPE;
     if ((gt == T_IQ2_XXS || ut == T_IQ2_XXS || dt == T_IQ2_XXS) && !iq2_ready) return E_INIT;
-    memset(out, 0, sizeof(float) * (size_t)(T * D));
+    if (!slot_of) memset(out, 0, sizeof(float) * (size_t)(T * D));
     const int64_t P = T * K;
     if (P == 0) return 0;
     for (int64_t p = 0; p < P; p++)
         if (ids[p] < 0 || ids[p] >= E) return E_ID;
+    if (slot_of)
+        for (int64_t e = 0; e < E; e++)
+            if (slot_of[e] < -1 || slot_of[e] >= S) return E_ID;
 
     int64_t *start = calloc((size_t)E + 1, sizeof(int64_t));
     int64_t *order = malloc(sizeof(int64_t) * (size_t)P);      /* pairs sorted by expert */
-    int64_t *gexp = malloc(sizeof(int64_t) * (size_t)P), *gbeg = malloc(sizeof(int64_t) * ((size_t)P + 1));
+    int64_t *gexp = malloc(sizeof(int64_t) * (size_t)P), *gbeg = malloc(sizeof(int64_t) * (size_t)P),
+            *gend = malloc(sizeof(int64_t) * (size_t)P);  /* group g: pairs order[gbeg[g]..gend[g]) */
     const float **xs = malloc(sizeof(*xs) * (size_t)P), **ms = malloc(sizeof(*ms) * (size_t)P);
     float *mid = malloc(sizeof(float) * (size_t)(P * F));
     int rc = E_NOMEM, nth = n_threads();
     float *scratch = malloc(sizeof(float) * (RT * LANES + 2 * RT) * (size_t)P * (size_t)nth);
-    if (!start || !order || !gexp || !gbeg || !xs || !ms || !mid || !scratch) goto done;
+    if (!start || !order || !gexp || !gbeg || !gend || !xs || !ms || !mid || !scratch) goto done;
 
     /* counting sort, stable: within an expert pairs stay in (token, slot) order */
     for (int64_t p = 0; p < P; p++) start[ids[p] + 1]++;
     for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
     int64_t G = 0, maxn = 0;
     for (int64_t e = 0; e < E; e++)
-        if (start[e + 1] > start[e]) {
-            gexp[G] = e;
-            gbeg[G++] = start[e];
+        if (start[e + 1] > start[e] && (!slot_of || slot_of[e] >= 0)) {
+            gexp[G] = slot_of ? slot_of[e] : e;  /* the bank row its weights are in */
+            gbeg[G] = start[e];
+            gend[G++] = start[e + 1];
             if (start[e + 1] - start[e] > maxn) maxn = start[e + 1] - start[e];
         }
-    gbeg[G] = P;
     for (int64_t p = 0; p < P; p++) order[start[ids[p]]++] = p;
     for (int64_t i = 0; i < P; i++) {
         xs[i] = x + order[i] / K * D;
@@ -393,7 +403,7 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
 #pragma omp parallel for schedule(dynamic, 4) if (par)
     for (int64_t it = 0; it < G * nqf; it++) {
         const int64_t g = it / nqf, r0 = it % nqf * RT, e = gexp[g], b = gbeg[g];
-        const int n = (int)(gbeg[g + 1] - b), nr = (int)(F - r0 < RT ? F - r0 : RT);
+        const int n = (int)(gend[g] - b), nr = (int)(F - r0 < RT ? F - r0 : RT);
         float *acc = scratch + (size_t)thread_id() * per_thread, *yg = acc + (size_t)RT * LANES * n, *yu = yg + RT * n;
         const uint8_t *gr[RT], *ur[RT];
         for (int r = 0; r < nr; r++) {
@@ -416,7 +426,7 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
         float *acc = scratch + (size_t)thread_id() * per_thread, *y = acc + (size_t)RT * LANES * maxn;
         for (int64_t g = 0; g < G; g++) {
             const int64_t e = gexp[g], b = gbeg[g];
-            const int n = (int)(gbeg[g + 1] - b);
+            const int n = (int)(gend[g] - b);
             const uint8_t *dr[RT];
             for (int r = 0; r < nr; r++) dr[r] = down + (e * D + r0 + r) * d_rb;
             tile_dots(dr, nr, dt, F, ms + b, n, acc, y);
@@ -428,6 +438,6 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
     }
     rc = 0;
 done:
-    free(start); free(order); free(gexp); free(gbeg); free(xs); free(ms); free(mid); free(scratch);
+    free(start); free(order); free(gexp); free(gbeg); free(gend); free(xs); free(ms); free(mid); free(scratch);
     return rc;
 }

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from magnetar.console import progress_bar, read_prompt
+from magnetar.console import engine_options, progress_bar, read_prompt
 
 from ..engine import Engine
 from ..errors import UsageError
@@ -179,7 +179,7 @@ def imatrix(args: argparse.Namespace) -> int:
     if args.max_tokens < 2:
         raise UsageError("--max-tokens must be at least 2")
     texts = read_prompts(args.prompts)
-    engine = Engine.load(args.model, ctx=max(args.ctx, args.max_tokens))
+    engine = Engine.load(args.model, ctx=max(args.ctx, args.max_tokens), **engine_options(args))
     tok = engine.tokenizer
     prompts = [([tok.bos_id] + tok.encode(t))[:args.max_tokens] for t in texts]
     start = time.perf_counter()

@@ -63,24 +63,10 @@ def summarize(model: ModelFile) -> ModelSummary:
         schedule={r: [il for il in range(cfg.n_layer) if cfg.ratio(il) == r]
                   for r in sorted(set(cfg.compress_ratios[: cfg.n_layer]))},
         groups=[g for g in groups.values() if g.nbytes],
-        kv_elems_per_token=kv_elems_per_token(cfg),
+        kv_elems_per_token=cfg.kv_elems_per_token(),
         raw_window_elems=cfg.n_layer * cfg.window * cfg.head_dim,
         expert_recipes=model.expert_recipes,
     )
-
-
-def kv_elems_per_token(cfg: ModelConfig) -> float:
-    """Compressed-cache elements one more token adds, amortized (spec §7.3):
-    ratio-4 layers add a 512-wide KV row and a 128-wide indexer row every 4
-    tokens, ratio-128 layers one KV row every 128."""
-    total = 0.0
-    for il in range(cfg.n_layer):
-        r = cfg.ratio(il)
-        if r == 4:
-            total += (cfg.head_dim + cfg.indexer_dim) / 4
-        elif r == 128:
-            total += cfg.head_dim / 128
-    return total
 
 
 def layer_ranges(layers: list[int]) -> str:

@@ -1,0 +1,435 @@
+"""Routed experts streamed from the GGUF through per-layer slot banks: RAM as a dial.
+
+Flash's routed experts are ~72 GiB of the 81 GB file, but a token uses 6 of 256
+per layer. With a cache budget the non-expert weights stay resident and each
+layer owns a bank of ``n_slots`` slots; one slot holds one expert's gate, up
+and down blocks as raw GGUF bytes (three page-aligned banks, one per matrix,
+so the expert kernel reads them exactly as it reads the full stacks). The
+kernel takes a slot map as data (expert -> bank row, -1 = absent): a bank is
+filled in place and never rebuilt, and the decode graph does not change with
+residency (docs/spec/streaming-distributed.md §3, §10.1).
+
+Misses are read with positional reads from a thread pool (three per expert,
+straight into the slot), never through mmap page faults, and the pages are
+dropped from the OS cache afterwards (``POSIX_FADV_DONTNEED``; ``F_NOCACHE``
+on macOS) so the cache budget is the RAM experts take. A slot becomes valid
+only after all three reads completed in full; a short read, an I/O error or a
+file whose size or mtime changed since load raises ``ExpertReadError`` and
+leaves the slot empty.
+
+Eviction follows ds4: each (layer, expert) has a route hotness, +1 whenever
+the router picks it (hits and misses alike), halved every ``DECAY_TOKENS``
+decoded tokens; the victim is the coldest valid slot, least recently used
+first among equals. The experts of the selection being computed and slots with
+reads in flight are never victims. A selection larger than the bank runs in
+rounds of ascending expert ids, each adding onto the same output, which the
+kernel makes bit-identical to one call over the whole stack.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from magnetar.kernels.backend import Backend, QTensor
+
+from .errors import ExpertReadError, MagnetarError, UsageError
+from .gguf_read import ModelFile, TensorInfo
+
+DECAY_TOKENS = 16  # ds4's HOTNESS_DECAY_TOKENS
+READ_THREADS = 8
+
+
+ROUTED = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+AUTO_MARGIN = 1 << 30  # left free for the OS, activations and MLX's buffers
+
+
+def routed_tensors(mf: ModelFile, layers) -> dict[int, tuple[TensorInfo, TensorInfo, TensorInfo]]:
+    return {il: tuple(mf.tensors[f"blk.{il}.{n}.weight"] for n in ROUTED) for il in layers}
+
+
+def _available_memory() -> int:
+    """Bytes the OS could give us now: MemAvailable on Linux, else 80% of physical memory
+    (ds4's auto budget share on macOS, where free memory is mostly reclaimable cache)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(0.8 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def auto_budget(mf: ModelFile, ctx: int, resident: int) -> tuple[int, str]:
+    """``--expert-cache auto``: what is free now, less the weights still to load, the KV state
+    for ``ctx`` tokens and a margin. Returns the bytes and the line that explains them."""
+    free = _available_memory()
+    kv = mf.config.kv_bytes(ctx)
+    budget = max(free - resident - kv - AUTO_MARGIN, 0)
+    return budget, (f"expert cache auto: {free / 2**30:.1f} GiB free - {resident / 2**30:.1f} GiB weights - "
+                    f"{kv / 2**30:.1f} GiB KV ({ctx} tokens) - {AUTO_MARGIN / 2**30:.0f} GiB margin "
+                    f"= {budget / 2**30:.1f} GiB")
+
+
+HOTLIST_HEADER = "# ds4 expert hotlist v1"
+
+
+def read_hotlist(path: str | os.PathLike) -> list[tuple[int, int, float]]:
+    """``(layer, expert, hits)`` rows of a hotlist in ds4's text format: ``#`` lines, then
+    ``layer expert hits [weight]`` per line, hottest first."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                fields = line.split()
+                try:
+                    layer, expert, hits = int(fields[0]), int(fields[1]), float(fields[2])
+                except (IndexError, ValueError):
+                    raise UsageError(f"hotlist {path} line {n}: expected 'layer expert hits [weight]'") from None
+                rows.append((layer, expert, hits))
+    except OSError as exc:
+        raise UsageError(f"cannot read hotlist {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"hotlist {path} is not text") from None
+    return rows
+
+
+def format_hotlist(model: str, hits: dict[int, np.ndarray], weights: dict[int, np.ndarray]) -> str:
+    """A hotlist in ds4's format: one row per (layer, expert) ever picked, sorted by hits, then
+    route weight, descending, then layer and expert."""
+    rows = sorted(((-int(hits[il][e]), -float(weights[il][e]), il, int(e))
+                   for il in sorted(hits) for e in np.flatnonzero(hits[il] > 0)))
+    n_experts = max((len(h) for h in hits.values()), default=0)
+    head = [HOTLIST_HEADER, f"# model {model}", f"# layers {len(hits)}", f"# experts {n_experts}",
+            f"# layer_records {len(rows)}", f"# selections {int(sum(h.sum() for h in hits.values()))}",
+            "# columns: layer expert hits weight"]
+    return "\n".join(head + [f"{il} {e} {-h} {-w:.6f}" for h, w, il, e in rows]) + "\n"
+
+
+@dataclass(frozen=True)
+class ExpertStack:
+    """One routed-expert tensor in the file: expert ``e`` is bytes ``[offset + e*expert_bytes, +expert_bytes)``."""
+
+    ggml_type: int
+    offset: int
+    n_experts: int
+    rows: int
+    row_bytes: int
+
+    @classmethod
+    def of(cls, info: TensorInfo) -> "ExpertStack":
+        n_experts, rows = info.shape[2], info.shape[1]
+        return cls(int(info.ggml_type), info.offset, n_experts, rows, info.nbytes // (n_experts * rows))
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.rows * self.row_bytes
+
+
+class ExpertFile:
+    """Positional reads from the model file; the identity at open tells later changes apart."""
+
+    preadv = staticmethod(os.preadv)  # a test may wrap it to inject short reads and I/O errors
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if sys.platform == "darwin":
+            import fcntl
+            fcntl.fcntl(self.fd, getattr(fcntl, "F_NOCACHE", 48), 1)  # reads bypass the unified buffer cache
+        self.identity = self._identity()
+
+    def _identity(self) -> tuple[int, int]:
+        st = os.fstat(self.fd)
+        return st.st_size, st.st_mtime_ns
+
+    def check_unchanged(self) -> None:
+        if self._identity() != self.identity:
+            size, _ = self._identity()
+            raise ExpertReadError(f"{self.path} changed while the model was loaded (size {self.identity[0]} -> "
+                                  f"{size}, or its mtime)", "restore the file, or restart to load the new one")
+
+    def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from ``offset``; a short file or an OSError raises ExpertReadError."""
+        done, want = 0, len(view)
+        try:
+            while done < want:
+                n = self.preadv(self.fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise ExpertReadError(f"short read from {self.path}: {done} of {want} bytes at offset {offset}",
+                                          "the model file is truncated; restore it")
+                done += n
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd, offset, want, os.POSIX_FADV_DONTNEED)  # the slot is the only copy we keep
+        except OSError as exc:
+            raise ExpertReadError(f"cannot read experts from {self.path}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _page_aligned(shape: tuple[int, ...]) -> np.ndarray:
+    """Zeroed uint8 memory from an anonymous mapping: starts on a page, and pages only
+    become resident as slots fill."""
+    n = int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8, n).reshape(shape)
+
+
+@dataclass
+class StreamStats:
+    uses: int = 0  # experts needed by a selection
+    hits: int = 0  # ... of which were resident when needed
+    read_ahead: int = 0  # ... of which were being read ahead (hash layers)
+    experts_read: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0  # wall time spent waiting on reads
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.uses if self.uses else 0.0
+
+    @property
+    def read_gb_s(self) -> float:
+        return self.bytes_read / self.read_seconds / 1e9 if self.read_seconds else 0.0
+
+
+@dataclass
+class LayerBank:
+    """One layer's slots. Bookkeeping changes on the engine thread only; reader threads
+    write slot bytes and nothing else."""
+
+    layer: int
+    stacks: tuple[ExpertStack, ExpertStack, ExpertStack]  # gate, up, down
+    n_slots: int
+    banks: tuple[np.ndarray, ...] = ()
+    slot_of: np.ndarray = field(default=None)  # [E] bank row of each valid expert, -1 if absent
+    expert_in: np.ndarray = field(default=None)  # [S] expert held or being read, -1 if free
+    last_used: np.ndarray = field(default=None)  # [S] tick of the last use
+    hot: np.ndarray = field(default=None)  # [E] route hotness
+    pending: dict = field(default_factory=dict)  # slot -> Future of its reads
+
+    def __post_init__(self):
+        self.banks = tuple(_page_aligned((self.n_slots, s.rows, s.row_bytes)) for s in self.stacks)
+        n_experts = self.stacks[0].n_experts
+        self.slot_of = np.full(n_experts, -1, np.int32)
+        self.expert_in = np.full(self.n_slots, -1, np.int64)
+        self.last_used = np.zeros(self.n_slots, np.int64)
+        self.hot = np.zeros(n_experts, np.float64)
+
+    @property
+    def resident(self) -> int:
+        return int(np.count_nonzero(self.slot_of >= 0))
+
+
+class ExpertCache:
+    """The slot banks of every routed layer, their reader and their statistics."""
+
+    def __init__(self, path: str | os.PathLike, layers: dict[int, tuple[TensorInfo, TensorInfo, TensorInfo]],
+                 budget: int, threads: int = READ_THREADS):
+        stacks = {il: tuple(ExpertStack.of(i) for i in infos) for il, infos in layers.items()}
+        self.slot_bytes = max(sum(s.expert_bytes for s in st) for st in stacks.values())
+        want = budget // self.slot_bytes // max(len(stacks), 1)
+        self.raised = want < 1  # below one slot per layer: raised to that minimum
+        per_layer = {il: min(max(want, 1), st[0].n_experts) for il, st in stacks.items()}
+        self.banks = {il: LayerBank(il, st, per_layer[il]) for il, st in stacks.items()}
+        self.file = ExpertFile(path)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="expert-read")
+        self.stats = StreamStats()
+        self.tick = 0
+        self.decoded = 0
+
+    # -- sizes ---------------------------------------------------------------------------------
+
+    @property
+    def n_slots(self) -> int:
+        return sum(b.n_slots for b in self.banks.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(sum(a.nbytes for a in b.banks) for b in self.banks.values())
+
+    @property
+    def total_experts(self) -> int:
+        return sum(b.stacks[0].n_experts for b in self.banks.values())
+
+    def describe(self) -> str:
+        note = " (raised to the minimum of one slot per layer)" if self.raised else ""
+        return (f"expert cache: {_size(self.nbytes)}, {self.n_slots} of {self.total_experts} routed experts "
+                f"({self.n_slots // max(len(self.banks), 1)} slots per layer){note}")
+
+    # -- the expert step -----------------------------------------------------------------------
+
+    def moe(self, layer: int, kernels: Backend, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+            limit: float) -> np.ndarray:
+        """Layer ``layer``'s routed experts for ``x [T, D]`` through the kernels' ``moe_slots``;
+        in rounds when the selection is larger than the bank."""
+        bank = self.banks[layer]
+        bank.hot += np.bincount(ids.ravel(), minlength=len(bank.hot))
+        used = np.unique(ids)  # ascending: the kernel's own summation order
+        out = np.zeros(x.shape, np.float32)
+        for r0 in range(0, len(used), bank.n_slots):
+            group = used[r0:r0 + bank.n_slots]
+            self._ensure(bank, group)
+            slot_of = np.full_like(bank.slot_of, -1)
+            slot_of[group] = bank.slot_of[group]  # only this round's experts add
+            kernels.moe_slots(x, ids, weights, *(QTensor(b, s.ggml_type) for b, s in zip(bank.banks, bank.stacks)),
+                              limit, slot_of, out)
+        return out
+
+    def _ensure(self, bank: LayerBank, experts: np.ndarray) -> None:
+        """Make ``experts`` (at most ``n_slots``) resident; reads what is missing, in parallel."""
+        self.tick += 1
+        self.stats.uses += len(experts)
+        absent = [int(e) for e in experts if bank.slot_of[e] < 0]
+        self.stats.hits += len(experts) - len(absent)
+        ahead = [s for s in (self._pending_slot(bank, e) for e in absent) if s >= 0]
+        if ahead:  # read ahead by ``prefetch``: wait for them
+            self._settle(bank, ahead)
+        missing = [e for e in absent if bank.slot_of[e] < 0]
+        self.stats.read_ahead += len(absent) - len(missing)
+        if missing:
+            self.file.check_unchanged()
+            pinned = set(int(e) for e in experts)
+            self._settle(bank, [self._start_read(bank, e, pinned) for e in missing])
+        bank.last_used[bank.slot_of[experts]] = self.tick
+
+    def _pending_slot(self, bank: LayerBank, expert: int) -> int:
+        """The slot whose reads in flight are for ``expert``, or -1."""
+        for slot in bank.pending:
+            if bank.expert_in[slot] == expert:
+                return slot
+        return -1
+
+    def _victim(self, bank: LayerBank, pinned: set[int]) -> int:
+        """A free slot, else the coldest unpinned one (least recently used among equals)."""
+        free = np.flatnonzero(bank.expert_in < 0)
+        if len(free):
+            return int(free[0])
+        candidates = [s for s in range(bank.n_slots) if s not in bank.pending and int(bank.expert_in[s]) not in pinned]
+        if not candidates:  # only reads ahead are left: let them land, then choose again
+            for slot in list(bank.pending):
+                self._settle_quietly(bank, slot)
+            return self._victim(bank, pinned)
+        return min(candidates, key=lambda s: (bank.hot[bank.expert_in[s]], bank.last_used[s]))
+
+    def _start_read(self, bank: LayerBank, expert: int, pinned: set[int]) -> int:
+        """Claim a slot for ``expert`` and queue its three reads; the slot is valid once settled."""
+        slot = self._victim(bank, pinned)
+        old = int(bank.expert_in[slot])
+        if old >= 0:
+            bank.slot_of[old] = -1
+        bank.expert_in[slot] = expert
+        pieces = [(memoryview(b[slot]).cast("B"), s.offset + expert * s.expert_bytes)
+                  for b, s in zip(bank.banks, bank.stacks)]
+        bank.pending[slot] = (time.perf_counter(), [self.pool.submit(self._read, view, off) for view, off in pieces])
+        return slot
+
+    def _read(self, view: memoryview, offset: int) -> float:
+        self.file.read_into(view, offset)
+        return time.perf_counter()
+
+    def _settle(self, bank: LayerBank, slots: list[int]) -> None:
+        """Wait for ``slots``' reads: each slot is valid once its three reads completed in
+        full, else freed; the first failure is raised after the whole batch landed."""
+        starts, ends, error = [], [], None
+        for slot in slots:
+            start, futures = bank.pending.pop(slot)
+            failed = next((f.exception() for f in futures if f.exception() is not None), None)
+            if failed is None:
+                bank.slot_of[bank.expert_in[slot]] = slot
+                self.stats.experts_read += 1
+                self.stats.bytes_read += sum(s.expert_bytes for s in bank.stacks)
+                starts.append(start)
+                ends.extend(f.result() for f in futures)
+            else:
+                bank.expert_in[slot] = -1
+                error = error or failed
+        if ends:
+            self.stats.read_seconds += max(ends) - min(starts)  # wall time of the batch: its reads overlap
+        if error is not None:
+            raise error if isinstance(error, MagnetarError) else ExpertReadError(f"expert read failed: {error}")
+
+    def _settle_quietly(self, bank: LayerBank, slot: int) -> None:
+        """Land a read ahead that nobody waits for; a failure just leaves the slot free."""
+        try:
+            self._settle(bank, [slot])
+        except MagnetarError:
+            pass
+
+    # -- ahead of use --------------------------------------------------------------------------
+
+    def prefetch(self, layer: int, experts) -> None:
+        """Start reading ``experts`` of ``layer`` now (hash layers: known from the token ids
+        before the layer runs); the expert step waits for them. At most a bank's worth, the
+        lowest ids first (the first round)."""
+        bank = self.banks[layer]
+        want = [int(e) for e in np.unique(np.asarray(experts))[:bank.n_slots]]
+        todo = [e for e in want if bank.slot_of[e] < 0 and self._pending_slot(bank, e) < 0]
+        if not todo:
+            return
+        self.file.check_unchanged()
+        pinned = set(want) | {int(bank.expert_in[s]) for s in bank.pending}
+        for e in todo:
+            self._start_read(bank, e, pinned)
+
+    def token_done(self) -> None:
+        """One decoded token: hotness halves every ``DECAY_TOKENS``."""
+        self.decoded += 1
+        if self.decoded % DECAY_TOKENS == 0:
+            for bank in self.banks.values():
+                bank.hot *= 0.5
+
+    def drain(self) -> None:
+        """Land every read in flight (before a bank is inspected or the cache closed)."""
+        for bank in self.banks.values():
+            for slot in list(bank.pending):
+                self._settle_quietly(bank, slot)
+
+    # -- hotness tables (hotlists and sessions) --------------------------------------------------
+
+    def hotness(self) -> dict[int, np.ndarray]:
+        return {il: b.hot.copy() for il, b in self.banks.items()}
+
+    def warm(self, table: dict[int, np.ndarray] | list[tuple[int, int, float]]) -> int:
+        """Take a hotness table (per layer, or ``(layer, expert, hits)`` rows) as the current
+        hotness and read the hottest experts of each layer into its free slots. Returns how
+        many experts it read."""
+        rows = table if isinstance(table, list) else [
+            (il, int(e), float(h[e])) for il, h in table.items() for e in np.flatnonzero(h > 0)]
+        by_layer: dict[int, list[tuple[float, int]]] = {}
+        for il, e, hits in rows:
+            bank = self.banks.get(int(il))
+            if bank is None or not 0 <= int(e) < len(bank.hot) or not hits > 0:
+                continue
+            bank.hot[int(e)] = max(bank.hot[int(e)], float(hits))
+            by_layer.setdefault(int(il), []).append((-float(hits), int(e)))
+        read = 0
+        for il, ranked in by_layer.items():
+            bank = self.banks[il]
+            room = int(np.count_nonzero(bank.expert_in < 0))
+            chosen = sorted(set(e for _, e in sorted(ranked)[:room]))
+            missing = [e for e in chosen if bank.slot_of[e] < 0]
+            if missing:
+                self._settle(bank, [self._start_read(bank, e, set(chosen)) for e in missing])
+                read += len(missing)
+        return read
+
+    def close(self) -> None:
+        self.drain()
+        self.pool.shutdown(wait=True)
+        self.file.close()

@@ -1,0 +1,235 @@
+"""Routed experts streamed from the file through slot banks (runtime/expert_cache.py):
+the same bits as the resident engine at any cache size, ds4's eviction order, and
+faults that leave no half-read slot valid and the engine usable afterwards."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from magnetar.cli import main
+from magnetar.kernels import native
+from magnetar.kernels.backend import select
+from magnetar.runtime.engine import Engine
+from magnetar.runtime.errors import ExpertReadError, UsageError
+from magnetar.runtime.expert_cache import DECAY_TOKENS, ExpertCache, format_hotlist, read_hotlist, routed_tensors
+from magnetar.runtime.gguf_read import open_model
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="streaming needs the native CPU kernels")
+
+PROMPT = list(range(1000, 1040))
+
+
+def _run(engine: Engine, n_decode: int = 6):
+    """Logits of every prompt position (pure), then greedy decode tokens and the last logits."""
+    every = engine.logits(PROMPT)
+    engine.prefill(PROMPT)
+    tokens = [ev.token for ev in engine.generate(max_tokens=n_decode, temperature=0, ignore_eos=True)]
+    return every, tokens, engine.next_logits()
+
+
+@pytest.fixture(scope="module")
+def resident(tiny_models):
+    path = tiny_models("q2")
+    return path, _run(Engine.load(path, ctx=256))
+
+
+def _slot_bytes(path) -> int:
+    return sum(i.nbytes // i.shape[2] for i in routed_tensors(open_model(path), [0])[0])
+
+
+@pytest.mark.parametrize("slots_per_layer", [1, 2, 8])  # tiny: top-3 of 8 experts
+def test_streamed_engine_equals_resident_bit_for_bit(resident, slots_per_layer):
+    path, (every, tokens, last) = resident
+    n_layer = open_model(path).config.n_layer
+    engine = Engine.load(path, ctx=256, expert_cache=slots_per_layer * n_layer * _slot_bytes(path))
+    assert all(b.n_slots == slots_per_layer for b in engine.model.experts.banks.values())
+    got_every, got_tokens, got_last = _run(engine)
+    assert np.array_equal(got_every, every)  # prefill: below 3 slots a selection runs in rounds
+    assert got_tokens == tokens and np.array_equal(got_last, last)
+    stats = engine.stats.streaming
+    assert stats.experts_read > 0 and stats.bytes_read == stats.experts_read * _slot_bytes(path)
+    if slots_per_layer == 8:  # everything fits: each expert is read once
+        assert stats.experts_read <= 8 * n_layer
+
+
+def test_a_cache_below_one_slot_per_layer_is_raised_to_it(tiny_models, capsys):
+    path = tiny_models("q2")
+    assert main(["generate", "-m", str(path), "-p", "hi", "--nothink", "--temp", "0", "-n", "2",
+                 "--expert-cache", "1K", "--ctx", "256"]) == 0
+    err = capsys.readouterr().err
+    assert "1 slots per layer" in err and "raised to the minimum" in err
+
+
+def test_bad_cache_size_and_hotlist_without_cache_are_one_line_errors(tiny_models, capsys):
+    path = str(tiny_models("q2"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "-m", path, "-p", "hi", "--expert-cache", "12X"])
+    assert exit_.value.code == 2 and "is not a size" in capsys.readouterr().err
+    assert main(["generate", "-m", path, "-p", "hi", "--hotlist", "hot.txt"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "magnetar: error: --hotlist needs --expert-cache (add --expert-cache auto or a size)"
+
+
+def test_backends_without_slot_kernels_refuse_streaming(tiny_models):
+    with pytest.raises(UsageError, match="--expert-cache needs kernels"):
+        Engine(open_model(tiny_models("q2")), 256, kernels=select("reference"), expert_cache=1 << 30)
+
+
+# -- eviction -------------------------------------------------------------------------------
+
+
+def _cache(path, slots: int) -> ExpertCache:
+    return ExpertCache(path, routed_tensors(open_model(path), [3]), slots * _slot_bytes(path))
+
+
+def _step(cache: ExpertCache, experts: list[int]) -> None:
+    x = np.ones((1, open_model(cache.file.path).config.d_model), np.float32)
+    ids = np.array([experts], np.int32)
+    cache.moe(3, select("cpu"), x, ids, np.ones(ids.shape, np.float32), 10.0)
+
+
+def _resident(cache: ExpertCache) -> set[int]:
+    return set(np.flatnonzero(cache.banks[3].slot_of >= 0).tolist())
+
+
+def test_eviction_takes_the_coldest_then_the_least_recently_used(tiny_models):
+    cache = _cache(tiny_models("q2"), slots=3)
+    _step(cache, [0, 1, 2])  # cold: three reads
+    assert (cache.stats.uses, cache.stats.hits, cache.stats.experts_read) == (3, 0, 3)
+    _step(cache, [0, 1])  # hot: 0 and 1 picked twice, 2 once
+    assert cache.stats.hits == 2
+    _step(cache, [4])  # evicts 2, the coldest
+    assert _resident(cache) == {0, 1, 4}
+    _step(cache, [0])  # 0: 3 picks; 1: 2, used at tick 2; 4: 1
+    _step(cache, [1, 5])  # 4 is coldest (1 pick) -> evicted; 1 is a hit
+    assert _resident(cache) == {0, 1, 5}
+    _step(cache, [6, 6])  # 6: 2 picks now. 5 (1 pick) goes although 0, 1 are older
+    assert _resident(cache) == {0, 1, 6}
+    cache.banks[3].hot[:] = 0  # equal hotness: the least recently used (0, last used at tick 4) goes
+    _step(cache, [7])
+    assert _resident(cache) == {1, 6, 7}
+    cache.close()
+
+
+def test_the_selection_being_computed_is_never_evicted(tiny_models):
+    cache = _cache(tiny_models("q2"), slots=2)
+    for _ in range(5):
+        _step(cache, [1])  # 1 very hot
+    _step(cache, [0])
+    _step(cache, [0, 2])  # 0 (2 picks) is colder than 1 (5) but in the selection: 1 goes
+    assert _resident(cache) == {0, 2}
+    cache.close()
+
+
+def test_hotness_halves_every_decay_period(tiny_models):
+    cache = _cache(tiny_models("q2"), slots=2)
+    _step(cache, [0, 0, 1])
+    assert cache.banks[3].hot[[0, 1]].tolist() == [2, 1]
+    for _ in range(DECAY_TOKENS):
+        cache.token_done()
+    assert cache.banks[3].hot[[0, 1]].tolist() == [1, 0.5]
+    cache.close()
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["short", "eio", "split"])
+def test_read_faults_give_one_error_no_valid_half_slot_and_the_engine_recovers(resident, fault):
+    path, (every, tokens, last) = resident
+    engine = Engine.load(path, ctx=256, expert_cache=2 * 5 * _slot_bytes(path))
+    cache = engine.model.experts
+    calls = []
+
+    def wrapped(fd, buffers, offset):  # the 4th read (the second expert's first piece) misbehaves
+        calls.append(offset)
+        if len(calls) == 4 and fault == "eio":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if len(calls) in (4, 5) and fault in ("short", "split"):
+            half = memoryview(buffers[0])[: len(buffers[0]) // 2]
+            return os.preadv(fd, [half], offset)  # half now; "short": then end of file
+        if len(calls) > 5 and fault == "short" and len(calls) < 8:
+            return 0
+        return os.preadv(fd, buffers, offset)
+
+    cache.file.preadv = wrapped
+    if fault == "split":  # partial reads that go on to complete are not faults
+        engine.prefill(PROMPT)
+        assert engine.tokens == PROMPT
+        return
+    with pytest.raises(ExpertReadError, match="short read" if fault == "short" else "Input/output error"):
+        engine.prefill(PROMPT)
+    assert engine.tokens == []  # the live sequence is as it was
+    for bank in cache.banks.values():  # every valid slot holds its expert's exact bytes
+        for e in np.flatnonzero(bank.slot_of >= 0):
+            for data, stack in zip(bank.banks, bank.stacks):
+                with open(path, "rb") as f:
+                    f.seek(stack.offset + int(e) * stack.expert_bytes)
+                    assert data[bank.slot_of[e]].tobytes() == f.read(stack.expert_bytes)
+    del cache.file.preadv
+    engine.prefill(PROMPT)
+    got = [ev.token for ev in engine.generate(max_tokens=len(tokens), temperature=0, ignore_eos=True)]
+    assert got == tokens and np.array_equal(engine.next_logits(), last)
+
+
+def test_a_truncated_file_is_detected_and_works_again_once_restored(resident, tmp_path, capsys):
+    path, (every, tokens, last) = resident
+    copy = tmp_path / "m.gguf"
+    shutil.copy2(path, copy)
+    stat = os.stat(copy)
+    engine = Engine.load(copy, ctx=256, expert_cache=1)
+    cut = routed_tensors(open_model(copy), [4])[4][0].offset  # the last layer's experts are gone
+    os.truncate(copy, cut)
+    with pytest.raises(ExpertReadError, match="changed while the model was loaded"):
+        engine.prefill(PROMPT)
+    assert engine.tokens == []
+    with open(path, "rb") as src, open(copy, "r+b") as dst:
+        src.seek(cut)
+        dst.seek(cut)
+        dst.write(src.read())
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # restored as `cp -p` would
+    engine.prefill(PROMPT)
+    got = [ev.token for ev in engine.generate(max_tokens=len(tokens), temperature=0, ignore_eos=True)]
+    assert got == tokens and np.array_equal(engine.next_logits(), last)
+
+
+def test_a_file_changed_under_the_engine_fails_the_command_in_one_line(tiny_models, tmp_path, capsys):
+    copy = tmp_path / "m.gguf"
+    shutil.copy2(tiny_models("q2"), copy)
+    engine = Engine.load(copy, ctx=256, expert_cache=1)
+    with open(copy, "r+b") as f:  # same size, new mtime: rewritten in place
+        f.seek(-1, os.SEEK_END)
+        f.write(f.read(0) or b"\0")
+    os.utime(copy, ns=(1, 1))
+    with pytest.raises(ExpertReadError) as err:
+        engine.prefill(PROMPT)
+    assert "\n" not in str(err.value) and "restart" in str(err.value)
+
+
+# -- hotlists -------------------------------------------------------------------------------
+
+
+def test_hotlist_round_trips_and_preloads_the_hottest(tiny_models, tmp_path):
+    path = tiny_models("q2")
+    hits = {il: np.zeros(8) for il in range(5)}
+    weights = {il: np.zeros(8) for il in range(5)}
+    hits[3][[5, 2, 7]] = [9, 4, 1]
+    weights[3][[5, 2, 7]] = [3.5, 1.25, 0.5]
+    text = format_hotlist("tiny", hits, weights)
+    assert text.splitlines()[0] == "# ds4 expert hotlist v1"
+    hot = tmp_path / "hot.txt"
+    hot.write_text(text)
+    assert read_hotlist(hot) == [(3, 5, 9.0), (3, 2, 4.0), (3, 7, 1.0)]
+    engine = Engine.load(path, ctx=256, expert_cache=2 * 5 * _slot_bytes(path), hotlist=hot)
+    bank = engine.model.experts.banks[3]
+    assert set(np.flatnonzero(bank.slot_of >= 0).tolist()) == {5, 2}  # two slots: the two hottest
+    assert "2 experts preloaded" in engine.expert_cache_note
+    bad = tmp_path / "bad.txt"
+    bad.write_text("3 five 9\n")
+    with pytest.raises(UsageError, match="line 1"):
+        read_hotlist(bad)
