@@ -167,7 +167,7 @@ def _agent_commands(sub) -> None:
 
 
 def _measuring_commands(sub) -> None:
-    """The lab's measurements: imatrix, quality, bench."""
+    """The lab's measurements: imatrix, profile-experts, quality, bench."""
     p = sub.add_parser("imatrix", help="collect an importance matrix for quantizing the routed experts")
     p.add_argument("-m", "--model", required=True, metavar="MODEL")
     p.add_argument("--prompts", required=True, metavar="FILE", help="text split by '---' lines, or .jsonl {\"text\"}")
@@ -177,6 +177,16 @@ def _measuring_commands(sub) -> None:
                    help="context in tokens (default 4096: it holds one prompt at a time, raised to --max-tokens)")
     _add_streaming_flags(p)
     p.set_defaults(run=_command("runtime.lab.commands", "imatrix"))
+
+    p = sub.add_parser("profile-experts", help="count the routed experts prompts pick: a hotlist for --hotlist")
+    p.add_argument("-m", "--model", required=True, metavar="MODEL")
+    p.add_argument("--prompts", required=True, metavar="FILE", help="text split by '---' lines, or .jsonl {\"text\"}")
+    p.add_argument("-o", "--output", required=True, metavar="HOT.txt", help="the hotlist (ds4's text format)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="tokens per prompt (longer ones are cut)")
+    p.add_argument("--ctx", type=int, default=4096,
+                   help="context in tokens (default 4096: it holds one prompt at a time, raised to --max-tokens)")
+    _add_streaming_flags(p)
+    p.set_defaults(run=_command("runtime.lab.commands", "profile_experts"))
 
     p = sub.add_parser("quality", help="KL divergence and top-k agreement of a quantized model vs a reference")
     p.add_argument("-m", "--model", required=True, metavar="QUANT", help="the quantized model")

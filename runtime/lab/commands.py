@@ -1,4 +1,4 @@
-"""The lab's commands: make-model, convert, tokenize, inspect, imatrix, quality, bench."""
+"""The lab's commands: make-model, convert, tokenize, inspect, imatrix, profile-experts, quality, bench."""
 
 from __future__ import annotations
 
@@ -176,12 +176,7 @@ def imatrix(args: argparse.Namespace) -> int:
     from .imatrix import Collector, write_dat
     from .prompt_file import read_prompts
 
-    if args.max_tokens < 2:
-        raise UsageError("--max-tokens must be at least 2")
-    texts = read_prompts(args.prompts)
-    engine = Engine.load(args.model, ctx=max(args.ctx, args.max_tokens), **engine_options(args))
-    tok = engine.tokenizer
-    prompts = [([tok.bos_id] + tok.encode(t))[:args.max_tokens] for t in texts]
+    engine, prompts = _engine_and_prompts(args, read_prompts(args.prompts))
     start = time.perf_counter()
     collector = Collector(engine)
     with progress_bar("collecting") as report:
@@ -190,6 +185,33 @@ def imatrix(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: {len(prompts)} prompts, {collector.tokens} tokens, "
           f"{3 * engine.config.n_layer} expert tensors ({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def profile_experts(args: argparse.Namespace) -> int:
+    from ..expert_cache import format_hotlist
+    from ..fileio import atomic_write_bytes
+    from .profile_experts import RouteCounter
+    from .prompt_file import read_prompts
+
+    engine, prompts = _engine_and_prompts(args, read_prompts(args.prompts))
+    start = time.perf_counter()
+    counter = RouteCounter(engine)
+    with progress_bar("profiling") as report:
+        counter.run(engine, prompts, progress=report)
+    text = format_hotlist(Path(args.model).name, counter.hits, counter.weights)
+    atomic_write_bytes(args.output, text.encode())
+    print(f"wrote {args.output}: {len(prompts)} prompts, {counter.tokens} tokens, {counter.picked} of "
+          f"{engine.config.n_expert * len(counter.hits)} routed experts picked ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _engine_and_prompts(args: argparse.Namespace, texts: list[str]) -> tuple[Engine, list[list[int]]]:
+    """The engine for a prompt-file command, and each prompt as BOS + its tokens, cut at --max-tokens."""
+    if args.max_tokens < 2:
+        raise UsageError("--max-tokens must be at least 2")
+    engine = Engine.load(args.model, ctx=max(args.ctx, args.max_tokens), **engine_options(args))
+    tok = engine.tokenizer
+    return engine, [([tok.bos_id] + tok.encode(t))[:args.max_tokens] for t in texts]
 
 
 def quality(args: argparse.Namespace) -> int:
