@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from magnetar.kernels import jit_cache
 from magnetar.kernels.backend import BACKENDS, Backend, BackendUnavailable
 from magnetar.kernels.backend import select as select_backend
 
@@ -215,6 +216,7 @@ class Engine(Conversing):
         engine = cls(open_model(path), ctx, precision, prefill_chunk, expand_budget, kernels, expert_cache, hotlist)
         if notice and engine.expert_cache_note:
             notice(engine.expert_cache_note)
+        engine.warm(notice)
         return engine
 
     # -- text (render, sync, respond: runtime/conversation.py) ------------------------------
@@ -233,6 +235,25 @@ class Engine(Conversing):
     @_engine_method
     def reset(self) -> None:
         self._live = _Live(KVState.empty(self.config, self.ctx))
+
+    @_engine_method
+    def warm(self, notice: Callable[[str], None] | None = None) -> None:
+        """On the CPU, compile the decode step now if this model shape never ran here.
+
+        MLX's CPU compiler runs g++ on every fused kernel of the compiled step at its
+        first evaluation (52 kernels, ~19 s for ``tiny``); the libraries are kept in our
+        cache (kernels/jit_cache.py), so this happens once per machine and shape, and
+        ``notice`` is told before it starts. One step on a scratch state; the live
+        sequence is untouched."""
+        if self.model.kernels.device != mx.cpu or jit_cache.persist() is None:
+            return
+        key = jit_cache.shape_key(self.config, self.precision, self.model.kernels)
+        if jit_cache.is_warm(key):
+            return
+        if notice:
+            notice(f"compiling MLX's CPU kernels for this model shape, once (kept in {jit_cache.persistent_dir()})")
+        self.model.decode(0, KVState.empty(self.config, self.ctx))
+        jit_cache.mark_warm(key)
 
     # -- checkpoints -------------------------------------------------------------------------
 
