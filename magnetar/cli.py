@@ -88,6 +88,7 @@ def _model_file_commands(sub) -> None:
                    help="write each generated token's logprob and the top alternatives")
     p.add_argument("--logprobs-top-k", type=int, default=0, metavar="K")
     _add_streaming_flags(p)
+    _add_pipeline_flags(p)
     p.set_defaults(run=_command("agent.generate_command", "generate"))
 
 
@@ -253,6 +254,19 @@ def _add_streaming_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    "SIZE bytes (512M, 24G; auto: what RAM allows) instead of loading them all")
     p.add_argument("--hotlist", dest=prefix + "hotlist", default=None, metavar="FILE",
                    help="with --expert-cache: preload the hottest experts listed (magnetar profile-experts)")
+
+
+def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
+    """Layer split over several processes or machines (MLX ring; runtime/distributed.py)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ranks", type=int, default=None, metavar="N",
+                   help="split the layers over N local processes on 127.0.0.1 (to try a split on one machine)")
+    g.add_argument("--distributed", default=None, metavar="HOSTFILE",
+                   help="this machine is rank $MLX_RANK of MLX's ring hostfile (as mlx.launch starts it); "
+                        "every rank runs the same command, ranks > 0 serve their layers")
+    p.add_argument("--layers", default="auto", metavar="auto|A:B,C:D,...",
+                   help="each rank's layers, half-open and contiguous from 0 (default auto: balanced by "
+                        "each layer's weight bytes)")
 
 
 def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ _EXPORTS = {
     "checkpoint": ("CheckpointError",),
     "kvcache": ("PrefixCache",),
     "fileio": ("atomic_write_bytes", "atomic_writer", "sweep_stale_temps"),
+    "distributed": ("start_pipeline",),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_HOME)

@@ -1,0 +1,87 @@
+"""Rank 0 of a local pipeline, for tests/test_distributed.py (run as its own process: an MLX
+ring is formed once per process). Through the Engine's door only: prefill a prompt in
+chunks, pure logits of a prefix, then greedy decode steps; every logits row is saved.
+
+    python tests/pipeline_driver.py MODEL OUT.npz [--ranks N --layers L] [--restore CK]
+        [--save CK] [--kill-rank R --kill-at prefill|decode]
+
+Without --ranks it is the single-process reference. Errors end it like the CLI: one
+line ``magnetar: error: ...`` on stderr and the error's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+import numpy as np
+
+from magnetar.runtime import Engine, MagnetarError
+
+PROMPT, PURE, STEPS, CHUNK = 70, 40, 6, 32
+
+
+def prompt_ids() -> list[int]:
+    return [0] + np.random.default_rng(0).integers(2, 129280, PROMPT - 1).tolist()
+
+
+def exercise(engine, restore: str | None = None, save: str | None = None, kill=lambda at: None) -> dict:
+    """Prefill (or restore), pure logits, greedy steps, optionally save: every logits row."""
+    rows = {}
+    if restore:
+        engine.restore(restore)
+    else:
+        engine.prefill(prompt_ids(), progress=lambda done, total: done == CHUNK and kill("prefill"))
+        rows["pure"] = engine.logits(prompt_ids()[:PURE])
+    steps = [engine.next_logits()]
+    for i, _ in enumerate(engine.generate(max_tokens=STEPS, temperature=0, ignore_eos=True)):
+        if i == 2:
+            kill("decode")
+        steps.append(engine.next_logits())  # runs the token just handed out: a decode step
+    rows["steps"] = np.stack(steps)
+    rows["tokens"] = np.asarray(engine.tokens)
+    if save:
+        engine.checkpoint(save)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("--ranks", type=int)
+    p.add_argument("--layers", default="auto")
+    p.add_argument("--restore")
+    p.add_argument("--save")
+    p.add_argument("--kill-rank", type=int)
+    p.add_argument("--kill-at", choices=("prefill", "decode"))
+    args = p.parse_args()
+    engine = None
+    try:
+        if args.ranks:
+            from magnetar.runtime.distributed import start_pipeline as start
+
+            engine = start(args.model, ranks=args.ranks, layers=args.layers, ctx=256, prefill_chunk=CHUNK)
+        else:
+            engine = Engine.load(args.model, ctx=256, prefill_chunk=CHUNK)
+
+        def kill(at: str) -> None:
+            if args.kill_at == at:
+                child = dict((r, c) for r, c, _ in engine.local_ranks.children)[args.kill_rank]
+                os.kill(child.pid, signal.SIGKILL)
+
+        rows = exercise(engine, args.restore, args.save, kill)
+        np.savez(args.out, **rows)
+        return 0
+    except MagnetarError as err:
+        print(f"magnetar: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    finally:
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

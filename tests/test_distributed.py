@@ -1,0 +1,117 @@
+"""The layer-split pipeline as real processes on 127.0.0.1 (MLX ring, ``--ranks N``).
+
+Rank 0 runs tests/pipeline_driver.py in its own process (a process joins one MLX
+ring, once) and starts the other ranks itself. Proved here: 2 and 3 ranks with
+uneven splits give the single-process engine's logits bit for bit (chunked and
+windowed prefill, pure logits, decode, after a restore); a session saved on 2
+ranks is the single-machine file and restores in one process, and one saved in
+one process restores on 3 ranks; a rank killed mid-prefill or mid-decode ends
+rank 0 within seconds with one error line and a non-zero exit, no file written.
+Every run has a timeout, so a hang fails instead of stalling CI.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from magnetar.runtime import Engine, UsageError
+from magnetar.runtime import checkpoint as ckpt
+from magnetar.runtime.gguf_read import open_model
+from magnetar.runtime.pipeline import PipelineError, balanced_spans, fnv1a, parse_layers
+
+import pipeline_driver as driver
+
+DRIVER = Path(__file__).with_name("pipeline_driver.py")
+
+
+def _drive(model: Path, out: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(DRIVER), str(model), str(out), *flags],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models) -> Path:
+    return tiny_models("q2")
+
+
+@pytest.fixture(scope="module")
+def single(model, tmp_path_factory) -> dict:
+    """The single-process engine: the rows, and its saved session."""
+    ck = tmp_path_factory.mktemp("single") / "one.ck"
+    engine = Engine.load(model, ctx=256, prefill_chunk=driver.CHUNK)
+    rows = driver.exercise(engine, save=str(ck))
+    restored = driver.exercise(engine, restore=str(ck))
+    return {"rows": rows, "ck": ck, "restored": restored}
+
+
+def _same_rows(got: Path, want: dict) -> None:
+    rows = np.load(got)
+    assert sorted(rows.files) == sorted(want)
+    for key in want:
+        assert np.array_equal(rows[key], want[key]), key
+
+
+def _same_session(a: Path, b: Path, model: Path) -> None:
+    mf = open_model(model)
+    ident = ckpt.model_identity(mf, "official")
+    one, two = (ckpt.read(p, mf.config, ident, 256) for p in (a, b))
+    assert one.state.tokens == two.state.tokens and np.array_equal(one.logits, two.logits)
+    assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(one.state.arrays(), two.state.arrays()))
+
+
+def test_two_ranks_equal_one_process_and_save_a_single_machine_session(model, single, tmp_path):
+    ck = tmp_path / "two.ck"
+    run = _drive(model, tmp_path / "two.npz", "--ranks", "2", "--layers", "0:4,4:5", "--save", str(ck))
+    assert run.returncode == 0, run.stderr
+    _same_rows(tmp_path / "two.npz", single["rows"])
+    _same_session(ck, single["ck"], model)
+    back = driver.exercise(Engine.load(model, ctx=256, prefill_chunk=driver.CHUNK), restore=str(ck))
+    for key in back:
+        assert np.array_equal(back[key], single["restored"][key])
+
+
+@pytest.mark.slow  # ~13 s alone, ~25 s on a loaded 2-core machine
+def test_three_ranks_restore_a_single_process_session_and_continue_identically(model, single, tmp_path):
+    run = _drive(model, tmp_path / "three.npz", "--ranks", "3", "--layers", "0:1,1:4,4:5",
+                 "--restore", str(single["ck"]))
+    assert run.returncode == 0, run.stderr
+    _same_rows(tmp_path / "three.npz", single["restored"])
+
+
+@pytest.mark.parametrize("at", ["prefill", pytest.param("decode", marks=pytest.mark.slow)])
+def test_a_killed_rank_ends_rank_0_with_one_error(model, tmp_path, at):
+    ck = tmp_path / "never.ck"
+    run = _drive(model, tmp_path / "k.npz", "--ranks", "2", "--layers", "0:2,2:5", "--kill-rank", "1",
+                 "--kill-at", at, "--save", str(ck), timeout=60)
+    assert run.returncode == PipelineError.exit_code
+    ours = [ln for ln in run.stderr.splitlines() if ln.startswith("magnetar")]
+    assert ours == ["magnetar: error: a pipeline rank was lost (rank 1 ended, killed by signal 9) "
+                    "(the run stops; saved sessions are intact, restart with all ranks)"]
+    assert "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []  # no session, no half-written temp file
+
+
+def test_layers_auto_balances_weight_bytes_and_explicit_splits_are_checked(model):
+    mf = open_model(model)
+    assert balanced_spans([1, 1, 1, 1, 4], 2) == [(0, 4), (4, 5)]
+    assert balanced_spans([2, 2, 1, 1, 1, 1], 3) == [(0, 1), (1, 3), (3, 6)]
+    spans = parse_layers("auto", mf, 2)
+    assert spans[0][0] == 0 and spans[-1][1] == 5 and spans[0][1] == spans[1][0]
+    assert parse_layers("0:1,1:5", mf, 2) == [(0, 1), (1, 5)]
+    for bad in ("0:2,3:5", "0:5", "1:3,3:5", "0:3,3:3,3:5", "x"):
+        with pytest.raises(UsageError):
+            parse_layers(bad, mf, 2)
+
+
+def test_prefix_hash_is_fnv1a_over_little_endian_token_bytes():
+    assert fnv1a([]) == 1469598103934665603
+    raw = b"".join(t.to_bytes(4, "little") for t in (1, 300, 129279))
+    h = 1469598103934665603
+    for byte in raw:
+        h = ((h ^ byte) * 1099511628211) % (1 << 64)
+    assert fnv1a([1, 300, 129279]) == h == fnv1a([129279], fnv1a([1, 300]))
