@@ -67,6 +67,7 @@ class Checkpoint:
     state: KVState
     logits: np.ndarray | None
     meta: dict
+    hotness: dict[int, np.ndarray] | None = None  # route hotness of a streaming engine, per layer
 
 
 def _layer_plan(st: LayerState, n_tokens: int, window: int) -> dict:
@@ -89,9 +90,10 @@ def _layer_arrays(st: LayerState, plan: dict, n_tokens: int, window: int) -> lis
 
 
 def write(path: str | os.PathLike, state: KVState, logits: np.ndarray | None, identity: dict,
-          prefill_chunk: int, note: str = "") -> int:
+          prefill_chunk: int, note: str = "", hotness: dict[int, np.ndarray] | None = None) -> int:
     """Write ``state`` (and the logits of the token after it) to ``path``; returns the bytes written.
-    ``note`` is kept in the header (why it was saved, for listings)."""
+    ``note`` is kept in the header (why it was saved, for listings). ``hotness``: a streaming
+    engine's route hotness per layer, kept so a resume can warm its expert cache."""
     cfg, n = state.cfg, state.n_tokens
     mx.eval(state.arrays())
     plans = [_layer_plan(st, n, cfg.window) for st in state.layers]
@@ -99,6 +101,9 @@ def write(path: str | os.PathLike, state: KVState, logits: np.ndarray | None, id
             "window": cfg.window, "head_dim": cfg.head_dim, "indexer_dim": cfg.indexer_dim,
             "vocab": cfg.vocab_size, "has_logits": logits is not None, "layers": plans,
             "saved_unix": int(time.time()), "note": note}
+    if hotness is not None:  # optional: readers that predate it ignore it
+        meta["expert_hotness"] = {str(il): [[int(e), float(h[e])] for e in np.flatnonzero(h > 0)]
+                                  for il, h in hotness.items()}
     blob = json.dumps(meta, separators=(",", ":")).encode()
     digest, size = hashlib.sha256(), 0
     with atomic_writer(path) as fh:
@@ -163,6 +168,7 @@ def read(path: str | os.PathLike, cfg, identity: dict, ctx: int) -> Checkpoint:
         raise CheckpointError(f"{path} is damaged (checksum mismatch): truncated or altered")
     meta = _parse_meta(data[_HEAD.size:_HEAD.size + n_meta], path)
     _check_compatible(meta, cfg, identity, ctx, path)
+    hotness = _hotness(meta.get("expert_hotness"), cfg, path)
     body = _Reader(data, _HEAD.size + n_meta, len(data) - _DIGEST, path)
     n = meta["n_tokens"]
     ids = body.take("<u4", (n,))
@@ -177,7 +183,7 @@ def read(path: str | os.PathLike, cfg, identity: dict, ctx: int) -> Checkpoint:
     if body.at != body.end:
         raise CheckpointError(f"{path} has {body.end - body.at} unexpected trailing bytes")
     mx.eval(state.arrays())
-    return Checkpoint(state, logits, meta)
+    return Checkpoint(state, logits, meta, hotness)
 
 
 def _sha256(data, end: int) -> bytes:
@@ -231,6 +237,29 @@ def _check_compatible(meta: dict, cfg, identity: dict, ctx: int, path) -> None:
         if not plan["comp_rows"] <= plan["comp_capacity"] <= most:
             raise CheckpointError(f"{path}: layer {il} claims a capacity of {plan['comp_capacity']} rows "
                                   f"(this model and context allow {plan['comp_rows']}..{most})")
+
+
+def _hotness(table, cfg, path) -> dict[int, np.ndarray] | None:
+    """``expert_hotness`` ({"layer": [[expert, hotness], ...]}) as per-layer arrays, every
+    layer and expert in range and every value finite and positive; None when absent."""
+    if table is None:
+        return None
+    bad = CheckpointError(f"{path}: damaged checkpoint header (expert_hotness is not "
+                          f"{{layer: [[expert, hotness], ...]}} within {cfg.n_layer} layers of {cfg.n_expert} experts)")
+    if not isinstance(table, dict):
+        raise bad
+    out = {}
+    for key, pairs in table.items():
+        if not (key.isascii() and key.isdigit() and int(key) < cfg.n_layer and isinstance(pairs, list)):
+            raise bad
+        hot = out[int(key)] = np.zeros(cfg.n_expert, np.float64)
+        for pair in pairs:
+            if not (isinstance(pair, list) and len(pair) == 2 and _is_int(pair[0]) and 0 <= pair[0] < cfg.n_expert
+                    and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)
+                    and 0 < pair[1] < float("inf")):
+                raise bad
+            hot[pair[0]] = pair[1]
+    return out
 
 
 class _Reader:

@@ -266,15 +266,20 @@ class Engine(Conversing):
 
     @_engine_method
     def checkpoint(self, path: str | os.PathLike, note: str = "") -> int:
-        """Write the live sequence to ``path`` atomically; returns its size in bytes."""
+        """Write the live sequence to ``path`` atomically; returns its size in bytes. A streaming
+        engine also saves its route hotness, which ``restore`` warms the expert cache with."""
         self._flush_pending()
-        return ckpt.write(path, self._live.state, self._live.next_logits, self.identity, self.prefill_chunk, note)
+        hotness = self.model.experts.hotness() if self.model.experts else None
+        return ckpt.write(path, self._live.state, self._live.next_logits, self.identity, self.prefill_chunk, note,
+                          hotness)
 
     @_engine_method
     def restore(self, path: str | os.PathLike) -> None:
         """Make the checkpoint at ``path`` the live sequence, with zero re-processing.
         Raises ``CheckpointError`` (and keeps the current sequence) if it cannot."""
         loaded = ckpt.read(path, self.config, self.identity, self.ctx)
+        if loaded.hotness and self.model.experts:  # the session's hottest experts, before its first token
+            self.model.experts.warm(loaded.hotness)
         self._live = _Live(loaded.state, loaded.logits)
         self.stats.restored_tokens += loaded.state.n_tokens
 
