@@ -9,7 +9,7 @@ import time
 
 from rich.console import Console
 
-from magnetar.console import engine_options, progress_bar, read_prompt
+from magnetar.console import engine_options, progress_bar, read_prompt, streaming_summary
 from magnetar.runtime import Engine, Message, UsageError, atomic_write_bytes, start_pipeline
 
 
@@ -61,8 +61,8 @@ def _generate(engine: Engine, args: argparse.Namespace) -> int:
     st = engine.stats
     Console(stderr=True).print(
         f"[dim]{len(ids)} prompt tokens at {st.prefill_tok_s:.1f} tok/s; "
-        f"{st.generated_tokens} generated in {elapsed:.2f} s ({st.generated_tokens / elapsed if elapsed else 0:.2f} tok/s)[/]",
-        highlight=False)
+        f"{st.generated_tokens} generated in {elapsed:.2f} s ({st.generated_tokens / elapsed if elapsed else 0:.2f} tok/s)"
+        f"{'; ' + streaming_summary(st.streaming) if st.streaming else ''}[/]", highlight=False, soft_wrap=True)
     if args.dump_logprobs:
         dump = {"model": str(args.model), "prompt_tokens": ids, "steps": steps}
         atomic_write_bytes(args.dump_logprobs, json.dumps(dump, indent=1).encode())

@@ -19,6 +19,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Collapsible, Input, Label, Markdown, ProgressBar, Static
 
+from magnetar.console import streaming_summary
 from magnetar.runtime import MagnetarError
 from magnetar.tools.base import PERMISSIONS
 from magnetar.tools.plan import checklist
@@ -471,8 +472,10 @@ class MagnetarApp(App):
         pre = getattr(s, "prefill_tok_s", 0.0)
         gen = getattr(s, "generate_tok_s", 0.0)
         state = ("busy" if self.busy else "ready") + (" │ PLAN" if self.planning else "")
+        stream = getattr(s, "streaming", None)  # with --expert-cache
+        experts = f"{streaming_summary(stream)} │ " if stream else ""
         self.query_one("#status", Static).update(
-            f" {state} │ ctx {used}/{ctx} │ prefill {pre:.1f} t/s │ gen {gen:.1f} t/s │ "
+            f" {state} │ ctx {used}/{ctx} │ prefill {pre:.1f} t/s │ gen {gen:.1f} t/s │ {experts}"
             f"{self.agent.thinking} │ {self.agent.permissions} │ {self.model_name} │ {time.strftime('%H:%M')}")
 
 

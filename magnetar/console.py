@@ -41,3 +41,11 @@ def engine_options(args) -> dict:
     (``--expert-cache``, ``--hotlist``); how the cache was sized goes to stderr."""
     return {"expert_cache": getattr(args, "expert_cache", None), "hotlist": getattr(args, "hotlist", None),
             "notice": lambda line: print(f"magnetar: {line}", file=sys.stderr)}
+
+
+def streaming_summary(stream) -> str:
+    """An engine's ``stats.streaming`` (routed experts read from the file) in a few words:
+    how often a needed expert was already in the cache, what was read, and how fast."""
+    read = stream.bytes_read
+    size = f"{read / 2**30:.2f} GiB" if read >= 2**30 else f"{read / 2**20:.1f} MiB"
+    return f"experts {stream.hit_rate:.0%} hit, {size} read at {stream.read_gb_s:.2f} GB/s"

@@ -22,6 +22,7 @@ class ScriptedStats:
     prefill_tokens: int = 0
     cache_hits: int = 0
     restored_tokens: int = 0
+    streaming: object = None  # a runtime StreamStats, for a test that shows expert streaming
 
 
 @dataclass

@@ -12,6 +12,7 @@ from textual.widgets import Collapsible, Markdown, Static
 
 from magnetar.agent.loop import Agent, LoopSettings, Reasoning, Text
 from magnetar.agent.tui import ConfirmScreen, MagnetarApp, PlanScreen
+from magnetar.runtime.expert_cache import StreamStats
 from magnetar.tools.base import Tool, ToolContext, ToolResult
 from magnetar.tools.plan import UpdatePlan
 from scripted_engine import ScriptedEngine
@@ -73,6 +74,21 @@ def test_a_prompt_streams_the_reply_into_markdown(v4_tokenizer, tmp_path):
             assert "Hello **there**." in md.source
             assert "Thinking hard." in texts(app)
             assert "ctx" in str(app.query_one("#status", Static).render())
+    asyncio.run(go())
+
+
+def test_the_status_bar_shows_expert_streaming_when_the_engine_streams(v4_tokenizer, tmp_path):
+    async def go():
+        app, engine = make_app(v4_tokenizer, tmp_path, ["a</think>one", "b</think>two"])
+        async with app.run_test() as pilot:
+            await _type(pilot, "hi")
+            await until(pilot, lambda: not app.busy and app.query(Markdown))
+            assert "experts" not in str(app.query_one("#status", Static).render())  # resident: nothing of it
+            engine.stats.streaming = StreamStats(uses=40, hits=30, experts_read=10, bytes_read=3 << 20,
+                                                 read_seconds=0.002)
+            await _type(pilot, "again")
+            await until(pilot, lambda: not app.busy and len(app.query(Markdown)) == 2)
+            assert "│ experts 75% hit, 3.0 MiB read at 1.57 GB/s │" in str(app.query_one("#status", Static).render())
     asyncio.run(go())
 
 
