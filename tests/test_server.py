@@ -6,6 +6,7 @@ byte tokens), the tiny GGUF for wiring."""
 from __future__ import annotations
 
 import json
+import logging
 
 import anthropic
 import httpx2 as httpx
@@ -69,6 +70,24 @@ def test_chat_tool_call_round_trip_prefills_only_the_new_tokens(v4_tokenizer):
         with pytest.raises(openai.BadRequestError):
             o.chat.completions.create(model="m", messages=HI + [{"role": "tool", "tool_call_id": "call_x",
                                                                  "content": "ok"}])
+
+
+def test_each_request_logs_what_it_prefilled_and_when_its_first_token_came(v4_tokenizer, caplog):
+    engine = ScriptedEngine(v4_tokenizer, [TEXT, TEXT])
+    with running(engine) as (url, _), caplog.at_level(logging.INFO, logger="magnetar.server"):
+        o, _ = clients(url)
+        first = o.chat.completions.create(model="m", messages=HI)
+        live = len(engine.tokens)
+        history = HI + [{"role": "assistant", "content": first.choices[0].message.content,
+                         "reasoning_content": "x"}, {"role": "user", "content": "and then?"}]
+        second = o.chat.completions.create(model="m", messages=history)
+    logged = [r.request for r in caplog.records if hasattr(r, "request")]
+    assert [(t["prompt"], t["reused"], t["prefilled"], t["tokens"], t["finish"]) for t in logged] == [
+        (first.usage.prompt_tokens, 0, first.usage.prompt_tokens, first.usage.completion_tokens, "stop"),
+        (second.usage.prompt_tokens, live, second.usage.prompt_tokens - live, second.usage.completion_tokens, "stop")]
+    for t in logged:  # one clock, in the order a request goes through the server
+        assert t["arrived"] <= t["picked"] <= t["synced"] <= t["first"] <= t["ended"]
+    assert "prefilled" in caplog.records[-1].getMessage()
 
 
 def test_bad_dsml_is_plain_text(v4_tokenizer):

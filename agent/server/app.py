@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -134,6 +135,7 @@ class Server:
             raise HttpError(401, "invalid API key", code="invalid_api_key")
 
     async def _handle(self, handler: str, request: Request, model_id: str | None) -> Response:
+        arrived = time.perf_counter()
         if handler == "health":
             return JSONResponse({"status": "ok"})
         if handler == "models":
@@ -148,7 +150,7 @@ class Server:
         if prompt >= self.worker.engine.ctx:
             raise _too_long(prompt, self.worker.engine.ctx, handler)
         job = Job(parsed.messages, parsed.tools, parsed.mode, parsed.max_tokens, parsed.sampling, prefix, parsed.stop,
-                  parsed.force_call)
+                  parsed.force_call, arrived)
         view = projection(Reply(parsed.model), parsed)
         self.worker.submit(job)
         if parsed.stream:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import sys
 from pathlib import Path
 
@@ -25,6 +26,15 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _log_to_stderr() -> None:
+    """The server's own lines (each request's prefix reuse and timing, KV cache misses) on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("magnetar serve: %(message)s"))
+    log = logging.getLogger("magnetar.server")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def run(args: argparse.Namespace) -> int:
     if not _loopback(args.host) and not args.api_key:
         # Anyone who can reach the port could run the model and read its replies.
@@ -43,5 +53,6 @@ def run(args: argparse.Namespace) -> int:
         memory = Path(args.kv_disk_dir) / MEMORY_FILE
     server = Server(Worker(engine, cache, memory), model_name=Path(path).stem, api_key=args.api_key, cors=args.cors)
     print(f"magnetar serve: {path} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    _log_to_stderr()
     uvicorn.run(server.app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -19,6 +19,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,11 +60,15 @@ class Job:
     id_prefix: str  # the protocol's tool-call id prefix (call_, toolu_)
     stop: list[str] = field(default_factory=list)
     force_call: bool | str = False  # tool_choice required (True) or forced (a name)
+    arrived: float = field(default_factory=time.perf_counter)  # when the request came in
+    first: float | None = None  # when its first generated text or call went out
     loop: asyncio.AbstractEventLoop | None = None
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, item: Out) -> None:
+        if self.first is None and item.kind in ("reasoning", "text", "tool_start"):
+            self.first = time.perf_counter()
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
@@ -223,7 +228,9 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         engine = self.engine
+        picked = time.perf_counter()
         report = engine.sync(job.messages, job.tools, job.mode, room=1)
+        synced = time.perf_counter()
         prompt = len(engine.tokens)
         job.emit(Out("started", usage={"prompt": prompt, "cached": report.reused}))
         budget = max(1, min(job.max_tokens, engine.ctx - prompt - 1))  # clamped, not rejected (§6)
@@ -250,6 +257,8 @@ class Worker:
         turn.remember(finish)
         usage = {"prompt": prompt, "cached": report.reused, "completion": turn.counter.tokens,
                  "reasoning": turn.counter.reasoning_tokens}
+        # Logged before the end goes out: a client that has its answer finds the line written.
+        _log_request(job, report, prompt, turn.counter.tokens, finish, picked, synced)
         job.emit(Out("end", finish=finish, usage=usage, stop_sequence=stops.hit))
 
 
@@ -308,6 +317,20 @@ class _Turn:
         out = {"id": call_id, "name": call.name, "arguments": self.arguments.calls[index], "input": call.arguments}
         self.job.emit(Out("tool", call=out))
         return out
+
+
+def _log_request(job: Job, report, prompt: int, tokens: int, finish: str, picked: float, synced: float) -> None:
+    """One line per request: what prefix reuse saved, and where its time to first token
+    went (``magnetar bench server`` reads the ``request`` record)."""
+    ended = time.perf_counter()
+    first = job.first or ended
+    request = {"prompt": prompt, "reused": report.reused, "prefilled": report.prefilled, "tokens": tokens,
+               "finish": finish, "arrived": job.arrived, "picked": picked, "synced": synced, "first": first,
+               "ended": ended}
+    log.info("%s: prompt %d tokens, %d reused, %d prefilled; waited %.1f ms, synced in %.1f ms, first token "
+             "%.1f ms after arrival; %d tokens in %.2f s", finish, prompt, report.reused, report.prefilled,
+             (picked - job.arrived) * 1e3, (synced - picked) * 1e3, (first - job.arrived) * 1e3, tokens,
+             ended - first, extra={"request": request})
 
 
 def _finish(reason: str, calls: list, stops: StopFilter, job: Job, context_bound: bool) -> Finish:
