@@ -214,6 +214,7 @@ def _measuring_commands(sub) -> None:
     p.add_argument("--prompt", default=None, metavar="TEXT", help="server: the user message, or @FILE")
     p.add_argument("--client", choices=("process", "thread"), default="process",
                    help="server: where the openai client runs (default: its own process, as users run one)")
+    p.add_argument("--turns", type=int, default=5, help="server: turns of the agent conversation (default 5)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--ctx", type=int, default=4096,
                    help="context in tokens (default 4096: it holds the timed prompt and tokens; peers such as "
