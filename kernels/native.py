@@ -18,6 +18,7 @@ included, are passed without a copy). Threads follow OpenMP's own settings
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -27,6 +28,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -152,13 +154,34 @@ def _bind(path: Path) -> ctypes.CDLL:
 _lock = threading.Lock()
 _state: dict = {}  # "lib" or "reason", set once
 
+# Between our calls OpenMP's idle threads spin (libgomp's default) on the core MLX
+# needs next: `small` q2 decode took 180 ms/token vs ~105 with passive waiting (issue 16).
+# libgomp reads its settings once, when it loads with our library, so they are set for
+# that moment only: the user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT win, and child
+# processes (bench peers, shell tools) keep their defaults.
+QUIET_OPENMP = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@contextlib.contextmanager
+def _quiet_openmp() -> Iterator[None]:
+    if any(name in os.environ for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+        yield
+        return
+    os.environ.update(QUIET_OPENMP)
+    try:
+        yield
+    finally:
+        for name in QUIET_OPENMP:
+            os.environ.pop(name, None)
+
 
 def _lib() -> ctypes.CDLL | None:
     with _lock:
         if not _state:
             try:
                 path = build()
-                _state["lib"], _state["path"] = _bind(path), path
+                with _quiet_openmp():
+                    _state["lib"], _state["path"] = _bind(path), path
             except (NativeBuildError, OSError) as exc:
                 _state["reason"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return _state.get("lib")

@@ -15,8 +15,6 @@ kernels) is the backend's choice, not this file's.
 
 from __future__ import annotations
 
-import time
-
 import mlx.core as mx
 import numpy as np
 
@@ -212,11 +210,10 @@ class Model:
         [1, hc, D], from the previous stage's ``X`` if not the first); the state advances in place."""
         p = state.n_tokens
         state.reserve(p + 1)
-        t0 = time.perf_counter()
         if self.experts:
             self._prefetch_hash_layers([token])
         y = self.step(mx.array([token], dtype=mx.int32), mx.array(p, dtype=mx.int32), state, X)
-        self.last_decode_build_seconds = time.perf_counter() - t0  # host time to build and dispatch
+        self.last_decode_build_seconds = self.step.host_seconds  # host time to build and dispatch
         state.tokens.append(token)
         mx.eval(y, state.arrays())  # the new state too, so the next step's graph does not chain onto this one
         if self.experts:

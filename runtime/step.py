@@ -19,6 +19,7 @@ Both schedules run the same per-layer functions, so they build the same graph.
 from __future__ import annotations
 
 import copy
+import time
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -40,6 +41,7 @@ class DecodeStep:
         self.template = [full[il] for il in model.span]  # which arrays each layer's state holds
         kernels = model.kernels
         self.host_experts = kernels.host_moe
+        self.host_seconds = 0.0  # the last call's host time: building and dispatching graphs, not evaluating
         if self.host_experts:
             wrap = mx.compile if kernels.traceable else (lambda f: f)
             self.pieces = [wrap(self._piece(il)) for il in range(len(model.layers))]
@@ -48,14 +50,18 @@ class DecodeStep:
             self.whole = mx.compile(self._whole)
 
     def __call__(self, token: mx.array, p: mx.array, state: KVState, X: mx.array | None = None) -> mx.array:
+        start = time.perf_counter()
         states = [state.layers[il] for il in self.model.span]
         if self.host_experts:
-            return self._cut(token, p, states, X)
+            y, waited = self._cut(token, p, states, X)
+            self.host_seconds = time.perf_counter() - start - waited
+            return y
         y, *arrays = self.whole(token, p, *([] if X is None else [X]), *[a for st in states for a in st.arrays()])
         for st in states:  # drops the old buffers before eval, so updates can be in place
             n = len(st.arrays())
             st.replace(arrays[:n])
             arrays = arrays[n:]
+        self.host_seconds = time.perf_counter() - start
         return y
 
     def _states(self, il: int, arrays) -> LayerState:
@@ -80,14 +86,20 @@ class DecodeStep:
 
     # -- cut at each layer's host experts -----------------------------------------------------
 
-    def _cut(self, token: mx.array, p: mx.array, states: list[LayerState], X: mx.array | None) -> mx.array:
+    def _cut(self, token: mx.array, p: mx.array, states: list[LayerState],
+             X: mx.array | None) -> tuple[mx.array, float]:
+        """The step's output and the seconds spent evaluating pieces and running host experts."""
         carry = (self.model.embed(token) if X is None else X,)  # then (X, routed, xn, post, comb)
+        waited = 0.0
         for layer, piece, st in zip(self.model.layers, self.pieces, states):
             X, xn, idx, w, post, comb, *arrays = piece(*carry, token, p, *st.arrays())
             st.replace(arrays)
+            t0 = time.perf_counter()
             mx.eval(xn, idx, w, *arrays)
-            carry = (X, layer.moe.routed(xn, idx, w), xn, post, comb)
-        return self.finish(*carry)
+            routed = layer.moe.routed(xn, idx, w)
+            waited += time.perf_counter() - t0
+            carry = (X, routed, xn, post, comb)
+        return self.finish(*carry), waited
 
     def _piece(self, il: int):
         """Layer ``il`` from the previous layer's experts (folded back first) to its own routing."""
