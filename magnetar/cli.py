@@ -220,6 +220,10 @@ def _measuring_commands(sub) -> None:
                    help="context in tokens (default 4096: it holds the timed prompt and tokens; peers such as "
                         "llama.cpp allocate their whole context up front)")
     p.add_argument("--csv", default=None, metavar="OUT.csv")
+    p.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="decode/prefill: also draw tok/s per peer (needs matplotlib)")
+    p.add_argument("--nodes", action="store_true",
+                   help="decode/prefill: count the compiled decode step's MLX graph nodes, per token and layer")
     p.add_argument("--wait-quiet", action="store_true",
                    help="before each timed call, wait until other processes use < 0.25 cores")
     p.add_argument("--recipe", choices=("q2", "q4"), default="q2", help="kernels: expert encoding")

@@ -1,4 +1,4 @@
-"""Side-by-side speed of several engines, interleaved in one process.
+"""Side-by-side speed of several engines, interleaved call by call.
 
 This VM's speed drifts 10-30% an hour (docs/spec/peer-overhead.md), so absolute
 milliseconds from separate runs do not compare. ``run`` therefore takes every
@@ -10,7 +10,9 @@ state) and then taken as the median.
 The harness knows nothing about any engine; a peer is anything with
 ``name``, ``detail``, ``prefill(ids)`` and ``decode(n)`` (``Peer`` below).
 ``bench_peers`` builds the transformers, mlx-lm and llama.cpp peers; the
-magnetar engine brings its own adapter.
+magnetar engine brings its own adapter. ``magnetar bench`` runs each of those
+peers in a process of its own (``peer_process``): engines in one process
+share thread runtimes (OpenMP) and slow each other down.
 
 Modes:
 * ``decode``: prefill the prompt (untimed), then time ``n_tokens`` greedy
@@ -150,7 +152,9 @@ class CpuWatch:
 
     STAT = "/proc/stat"
 
-    def __init__(self) -> None:
+    def __init__(self, pids: Sequence[int] = ()) -> None:
+        """``pids``: child processes whose CPU time counts as ours (a peer in its own process)."""
+        self._pids = tuple(pids)
         self._start: tuple[float, float, float] | None = None
 
     @classmethod
@@ -166,10 +170,9 @@ class CpuWatch:
         user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
         return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
-    @staticmethod
-    def _own() -> float:
+    def _own(self) -> float:
         t = os.times()
-        return t.user + t.system
+        return t.user + t.system + sum(map(_process_cpu, self._pids))
 
     def start(self) -> None:
         busy = self._busy()
@@ -184,6 +187,16 @@ class CpuWatch:
         if wall <= 0:
             return None
         return max(0.0, (busy - busy0 - (self._own() - own0)) / wall)
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system seconds of a running process (0 where /proc is missing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def wait_for_quiet(below: float, timeout: float, window: float = 0.5) -> float | None:
@@ -204,7 +217,7 @@ def wait_for_quiet(below: float, timeout: float, window: float = 0.5) -> float |
 
 def _measure(peer: Peer, mode: str, ids: list[int], n_tokens: int, rep: int) -> Sample:
     gc.collect()  # the previous peer's garbage is not this peer's time
-    watch = CpuWatch()
+    watch = CpuWatch([peer.pid] if isinstance(getattr(peer, "pid", None), int) else [])
     if mode == "prefill":
         watch.start()
         t0 = time.perf_counter()
@@ -302,7 +315,7 @@ def table_rows(summary: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[
         header = ["peer", "seconds", "tok/s", f"vs {base}", "extra"]
     rows = []
     for e in summary:
-        extra = ", ".join(f"{k} {v:.3g}" for k, v in e["extra"].items())
+        extra = ", ".join(f"{k} {v:.0f}" if abs(v) >= 100 else f"{k} {v:.3g}" for k, v in e["extra"].items())
         if decode:
             rows.append([e["peer"], _fmt(e["ms_per_token"], 1), _ratio(e["ratio_ms_per_token"]),
                          _fmt(e["tok_s"], 2), _ratio(e["ratio_tok_s"]), extra])
@@ -381,3 +394,36 @@ def write_csv(samples: Sequence[Sample], path: str | os.PathLike) -> None:
                         + [repr(s.extra[k]) if k in s.extra else "" for k in extra_keys])
     with atomic_writer(path) as fh:
         fh.write(buf.getvalue().encode("utf-8"))
+
+
+def figure_class() -> type:
+    """matplotlib's Figure (no pyplot, so no display backend), or a one-line UsageError."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("--plot needs matplotlib, which is not importable",
+                         "pip install matplotlib (or pip install -e '.[dev]')") from None
+    return Figure
+
+
+def write_plot(summary: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """A bar chart of each peer's median tok/s (whiskers: min-max over reps, label: ratio to
+    the first peer) as a PNG, written atomically. Needs matplotlib (imported here only)."""
+    Figure = figure_class()
+    if not summary:
+        raise UsageError("nothing to plot: the benchmark recorded no samples")
+    names = [e["peer"] for e in summary]
+    med = [e["tok_s"]["median"] for e in summary]
+    low = [m - e["tok_s"]["min"] for m, e in zip(med, summary)]
+    high = [e["tok_s"]["max"] - m for m, e in zip(med, summary)]
+    fig = Figure(figsize=(max(4.0, 1.4 * len(names) + 2), 3.6), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.bar(names, med, yerr=[low, high], capsize=4, color="#4c72b0")
+    ax.bar_label(bars, labels=[_ratio(e["ratio_tok_s"]) for e in summary], padding=3)
+    ax.set_ylabel("tokens/s (median, min-max)")
+    ax.set_title(_title(summary).replace(": ", ":\n", 1), fontsize=9)
+    ax.margins(y=0.15)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    with atomic_writer(path) as fh:
+        fh.write(buf.getvalue())

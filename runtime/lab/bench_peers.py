@@ -589,12 +589,22 @@ class EnginePeer:
 
     name = "magnetar"
 
-    def __init__(self, path: str, ctx: int):
+    def __init__(self, path: str, ctx: int, nodes: bool = False):
+        """``nodes``: count the decode step's graph nodes once (graph_nodes.py), reported
+        with every sample as ``nodes`` and ``nodes/layer``."""
         self.engine = Engine.load(path, ctx=ctx)
         cfg = self.engine.config
         self.detail = (f"MLX {mx.__version__} ({mx.default_device()}), {cfg.n_layer} layers, d {cfg.d_model}, "
                        f"{self.engine.file.recipe} file, precision {self.engine.precision}")
         self._host: list[float] = []
+        self._nodes: dict[str, float] = {}
+        if nodes:
+            from ..engine import on_engine_thread
+            from .graph_nodes import decode_nodes
+
+            count = on_engine_thread(decode_nodes, self.engine.model, ctx)
+            self._nodes = count.extra()
+            self.detail += f", decode graph {count.per_token} nodes in {count.calls} compiled calls"
 
     def prefill(self, ids: list[int]) -> None:
         self.engine.reset()
@@ -612,5 +622,7 @@ class EnginePeer:
         return times
 
     def extra(self) -> dict[str, float]:
-        """Median host time per token: building and dispatching the step graph, and sampling."""
-        return {"host_ms": 1e3 * sorted(self._host)[len(self._host) // 2]} if self._host else {}
+        """Median host time per token (building and dispatching the step graph, and sampling;
+        not evaluating it), and the graph's node counts when asked for."""
+        host = {"host_ms": 1e3 * sorted(self._host)[len(self._host) // 2]} if self._host else {}
+        return {**host, **self._nodes}

@@ -113,7 +113,8 @@ def _bytes(n: float) -> str:
 
 def bench(args: argparse.Namespace) -> int:
     from . import bench as harness
-    from .bench_peers import EnginePeer, make_peers
+    from .bench_peers import EnginePeer
+    from .peer_process import isolated_peers
 
     if args.mode == "kernels":
         return bench_kernels(args)
@@ -125,15 +126,21 @@ def bench(args: argparse.Namespace) -> int:
         raise UsageError("--tokens, --reps and --prompt-tokens must be positive")
     cfg = open_model(args.model).config
     console = Console(stderr=True)
-    peers = [EnginePeer(args.model, ctx=args.ctx)]
-    peers += make_peers(args.peers, args.model, cfg, ctx=args.ctx,
-                        progress=lambda name, s: console.print(f"[dim]built {name} in {s:.1f} s[/]", highlight=False))
+    if args.plot:
+        harness.figure_class()  # a missing matplotlib fails before the benchmark, not after
+    peers = [EnginePeer(args.model, ctx=args.ctx, nodes=args.nodes)]
+    peers += isolated_peers(args.peers, args.model, ctx=args.ctx,
+                            progress=lambda name, s: console.print(f"[dim]built {name} in {s:.1f} s[/]",
+                                                                   highlight=False))
     prompt = [0] + [(7919 * i) % (cfg.vocab_size - 2) + 2 for i in range(1, args.prompt_tokens)]
     samples = harness.run(peers, args.mode, prompt, args.tokens, args.reps,
                           quiet_below=0.25 if args.wait_quiet else None)
-    print(harness.render_table(harness.summarize(samples)))
+    summary = harness.summarize(samples)
+    print(harness.render_table(summary))
     if args.csv:
         harness.write_csv(samples, args.csv)
+    if args.plot:
+        harness.write_plot(summary, args.plot)
     return 0
 
 

@@ -1,0 +1,113 @@
+"""``magnetar bench``: graph node counts (--nodes), the tok/s picture (--plot), peers in
+processes of their own, and a host_ms column that leaves graph evaluation out (issue 16)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from magnetar.cli import main
+from magnetar.kernels.cpu import CpuBackend
+from magnetar.runtime import Engine
+from magnetar.runtime.engine import on_engine_thread
+from magnetar.runtime.gguf_read import open_model
+from magnetar.runtime.lab import bench
+from magnetar.runtime.lab.bench_peers import make_peers
+from magnetar.runtime.lab.graph_nodes import decode_nodes
+from magnetar.runtime.lab.peer_process import isolated_peers
+
+HAVE_HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "torch"))
+IDS = [3 + 37 * i % 1000 for i in range(12)]
+
+
+def _engine(path, native: bool) -> Engine:
+    return Engine(open_model(path), ctx=256, kernels=CpuBackend(use_native=native))
+
+
+def _greedy(engine: Engine, n: int = 6) -> tuple[list[int], np.ndarray]:
+    engine.prefill(IDS)
+    tokens = [ev.token for ev in engine.generate(max_tokens=n, temperature=0, ignore_eos=True)]
+    return tokens, engine.next_logits()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cut-at-host-experts", "one-graph"])
+def test_counting_nodes_leaves_the_engine_as_it_was(tiny_models, native):
+    path = tiny_models("q2")
+    counted = _engine(path, native)
+    count = on_engine_thread(decode_nodes, counted.model, 256)
+    layers = counted.config.n_layer
+    assert count.calls == (layers + 1 if native else 1)
+    assert count.per_token > 50 * layers and count.per_layer == count.per_token / layers
+    assert on_engine_thread(decode_nodes, counted.model, 256) == count  # the same graph each time
+    assert counted.tokens == []
+    tokens, logits = _greedy(counted)
+    want_tokens, want_logits = _greedy(_engine(path, native))
+    assert tokens == want_tokens and np.array_equal(logits, want_logits)
+
+
+def test_bench_decode_reports_nodes_per_token_and_layer(tiny_models, tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    assert main(["bench", "decode", "-m", str(tiny_models("q2")), "--tokens", "2", "--reps", "1",
+                 "--prompt-tokens", "8", "--nodes", "--csv", str(out)]) == 0
+    assert "nodes/layer" in capsys.readouterr().out
+    (row,) = list(csv.DictReader(out.open()))
+    nodes, per_layer = float(row["extra.nodes"]), float(row["extra.nodes/layer"])
+    assert per_layer > 0 and per_layer == pytest.approx(nodes / 5)  # tiny has 5 layers
+    assert float(row["extra.host_ms"]) > 0
+
+
+def test_plot_draws_a_png_of_tok_s_per_peer(tmp_path):
+    pytest.importorskip("matplotlib")
+    samples = [bench.Sample(peer, "decode", rep, 4, 4 / tps, tps, 1e3 / tps, prompt_tokens=8)
+               for rep in range(2) for peer, tps in (("magnetar", 10.0 + rep), ("llama.cpp", 30.0 + rep))]
+    path = tmp_path / "speed.png"
+    bench.write_plot(bench.summarize(samples), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_fails_before_the_benchmark(tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    assert main(["bench", "decode", "-m", str(tiny_models("q2")), "--plot", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_host_time_leaves_out_evaluation_and_host_experts(tiny_models):
+    """Each host expert call is made to take 0.2 s longer: the step takes > 1 s over 5
+    layers, and none of it may show up as host (build and dispatch) time."""
+    engine = _engine(tiny_models("q2"), native=True)
+    engine.prefill(IDS)
+    for layer in engine.model.layers:
+        routed = layer.moe.routed
+
+        def slow(*args, _routed=routed):
+            time.sleep(0.2)
+            return _routed(*args)
+
+        layer.moe.routed = slow
+    start = time.perf_counter()
+    next(iter(engine.generate(max_tokens=2, temperature=0, ignore_eos=True)))
+    engine.next_logits()  # runs the pending step
+    assert time.perf_counter() - start > 1.0
+    assert engine.stats.last_step_host_seconds < 1.0
+
+
+@pytest.mark.slow  # two transformers peers at a 129k vocab, one in a fresh process: ~30-90 s
+@pytest.mark.skipif(not HAVE_HF, reason="transformers/torch not installed (dev extra)")
+def test_isolated_peer_runs_in_its_own_process_and_decodes_the_same(tiny_models):
+    path = tiny_models("f32")
+    (child,) = isolated_peers("hf", path, threads=1)
+    (local,) = make_peers("hf", path, threads=1)
+    assert child.pid != os.getpid() and child.detail.endswith("(own process)")
+    (sample,) = bench.run([child], "decode", IDS, n_tokens=3, reps=1, warmup=0)
+    local.prefill(IDS)
+    local.decode(3)
+    assert sample.tokens == 3 and child.last_tokens == local.last_tokens
+    child.close()
