@@ -44,6 +44,9 @@ from .gguf_read import ModelFile, TensorInfo
 
 DECAY_TOKENS = 16  # ds4's HOTNESS_DECAY_TOKENS
 READ_THREADS = 8
+WHOLE_LAYER_PIECE = 8 << 20  # a whole-layer read goes out in pieces of this size, several in flight
+DEFAULT_READ_BW = 1e9  # bytes/s assumed before anything was measured
+STAGING_SHARE = 4  # the two whole layers are set aside only from a budget at least 4x their size
 
 
 ROUTED = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
@@ -135,6 +138,45 @@ class ExpertStack:
         return self.rows * self.row_bytes
 
 
+@dataclass(frozen=True)
+class BankPlan:
+    """How a budget becomes memory, before any is allocated (``inspect`` shows it): two whole
+    layers for long prefills when they are a small part of the budget (ds4's headroom), then the
+    same number of slots in every layer (a slot fits the widest layer's expert), at least one,
+    at most all of a layer's experts."""
+
+    stacks: dict[int, tuple[ExpertStack, ExpertStack, ExpertStack]]  # gate, up, down of each layer
+    slots: dict[int, int]
+    slot_bytes: int
+    layer_bytes: int  # the widest layer's routed experts
+    staged: bool  # two whole-layer buffers set aside
+    raised: bool  # the budget was below one slot per layer: raised to that minimum
+
+    @classmethod
+    def of(cls, layers: dict[int, tuple[TensorInfo, TensorInfo, TensorInfo]], budget: int) -> "BankPlan":
+        stacks = {il: tuple(ExpertStack.of(i) for i in infos) for il, infos in layers.items()}
+        slot_bytes = max(sum(s.expert_bytes for s in st) for st in stacks.values())
+        layer_bytes = max(sum(s.n_experts * s.expert_bytes for s in st) for st in stacks.values())
+        staged = 2 * layer_bytes * STAGING_SHARE <= budget
+        want = (budget - (2 * layer_bytes if staged else 0)) // slot_bytes // max(len(stacks), 1)
+        slots = {il: min(max(want, 1), st[0].n_experts) for il, st in stacks.items()}
+        return cls(stacks, slots, slot_bytes, layer_bytes, staged, want < 1)
+
+    @property
+    def bank_bytes(self) -> int:
+        """Each layer's slots x its expert size."""
+        return sum(n * sum(s.expert_bytes for s in self.stacks[il]) for il, n in self.slots.items())
+
+    @property
+    def staging_bytes(self) -> int:
+        return 2 * self.layer_bytes if self.staged else 0
+
+    @property
+    def nbytes(self) -> int:
+        """What the cache allocates."""
+        return self.bank_bytes + self.staging_bytes
+
+
 class ExpertFile:
     """Positional reads from the model file; the identity at open tells later changes apart."""
 
@@ -179,6 +221,12 @@ class ExpertFile:
             self.fd = -1
 
 
+def _timed(read_into, view: memoryview, offset: int) -> float:
+    """Run a read on a pool thread; returns when it finished, for wall-time bandwidth."""
+    read_into(view, offset)
+    return time.perf_counter()
+
+
 def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -195,6 +243,7 @@ class StreamStats:
     uses: int = 0  # experts needed by a selection
     hits: int = 0  # ... of which were resident when needed
     read_ahead: int = 0  # ... of which were being read ahead (hash layers)
+    layers_streamed: int = 0  # whole layers read for long prefills
     experts_read: int = 0
     bytes_read: int = 0
     read_seconds: float = 0.0  # wall time spent waiting on reads
@@ -236,22 +285,93 @@ class LayerBank:
         return int(np.count_nonzero(self.slot_of >= 0))
 
 
+class StagedLayers:
+    """Two buffers of one whole routed layer each (ds4's prefill headroom): the next layer is
+    read in large pieces from the pool while this one computes. Bookkeeping on the engine
+    thread; the pool only writes bytes."""
+
+    def __init__(self, layer_bytes: int):
+        self.buffers = [mmap.mmap(-1, layer_bytes) for _ in range(2)]
+        self.owner: list[int | None] = [None, None]  # layer each buffer holds or is being read for
+        self.reads: dict[int, tuple[int, float, list]] = {}  # layer -> (buffer, start, futures)
+        self.views: dict[int, tuple[np.ndarray, ...]] = {}
+        self.seconds, self.nbytes = 0.0, 0  # whole-layer reads so far: their bandwidth
+        self.compute_seconds = 0.0  # from one layer's expert step to the next one's: what a read can hide
+        self._last_exit = None
+
+    def holds(self, layer: int) -> bool:
+        return layer in self.reads
+
+    def free_buffer(self) -> int | None:
+        return next((i for i, owner in enumerate(self.owner) if owner is None), None)
+
+    def bandwidth(self) -> float | None:
+        return self.nbytes / self.seconds if self.seconds else None
+
+    def start(self, bank: LayerBank, pool: ThreadPoolExecutor, read_into, now: float) -> None:
+        index = self.free_buffer()
+        self.owner[index] = bank.layer
+        views, futures, at = [], [], 0
+        for stack in bank.stacks:
+            size = stack.n_experts * stack.expert_bytes
+            view = np.frombuffer(self.buffers[index], np.uint8, size, at).reshape(
+                stack.n_experts, stack.rows, stack.row_bytes)
+            raw = memoryview(self.buffers[index])[at:at + size]
+            for p0 in range(0, size, WHOLE_LAYER_PIECE):
+                futures.append(pool.submit(_timed, read_into, raw[p0:p0 + WHOLE_LAYER_PIECE], stack.offset + p0))
+            views.append(view)
+            at += size
+        self.views[bank.layer] = tuple(views)
+        self.reads[bank.layer] = (index, time.perf_counter(), futures)
+
+    def wait(self, layer: int) -> tuple[tuple[np.ndarray, ...], int, float]:
+        """The layer's stacks once read in full (ExpertReadError if a piece failed), their bytes
+        and the read's wall time."""
+        index, start, futures = self.reads[layer]
+        failed = next((f.exception() for f in futures if f.exception() is not None), None)
+        if failed is not None:
+            self.release(layer)
+            raise failed if isinstance(failed, MagnetarError) else ExpertReadError(f"expert read failed: {failed}")
+        nbytes = sum(v.nbytes for v in self.views[layer])
+        seconds = max(f.result() for f in futures) - start
+        self.seconds += seconds
+        self.nbytes += nbytes
+        return self.views[layer], nbytes, seconds
+
+    def release(self, layer: int) -> None:
+        index, _, futures = self.reads.pop(layer)
+        for f in futures:
+            f.exception()  # no read may still write into a buffer handed to the next layer
+        self.owner[index] = None
+        del self.views[layer]
+
+    def layer_done(self, entered: float) -> None:
+        now = time.perf_counter()
+        if self._last_exit is not None and entered - self._last_exit < 60:
+            self.compute_seconds = now - self._last_exit  # attention, routing and this expert step
+        self._last_exit = now
+
+    def drain(self) -> None:
+        for layer in list(self.reads):
+            self.release(layer)
+
+
 class ExpertCache:
     """The slot banks of every routed layer, their reader and their statistics."""
 
     def __init__(self, path: str | os.PathLike, layers: dict[int, tuple[TensorInfo, TensorInfo, TensorInfo]],
                  budget: int, threads: int = READ_THREADS):
-        stacks = {il: tuple(ExpertStack.of(i) for i in infos) for il, infos in layers.items()}
-        self.slot_bytes = max(sum(s.expert_bytes for s in st) for st in stacks.values())
-        want = budget // self.slot_bytes // max(len(stacks), 1)
-        self.raised = want < 1  # below one slot per layer: raised to that minimum
-        per_layer = {il: min(max(want, 1), st[0].n_experts) for il, st in stacks.items()}
-        self.banks = {il: LayerBank(il, st, per_layer[il]) for il, st in stacks.items()}
+        plan = BankPlan.of(layers, budget)
+        self.slot_bytes, self.layer_bytes, self.raised = plan.slot_bytes, plan.layer_bytes, plan.raised
+        self.staging = StagedLayers(plan.layer_bytes) if plan.staged else None
+        self.banks = {il: LayerBank(il, st, plan.slots[il]) for il, st in plan.stacks.items()}
         self.file = ExpertFile(path)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="expert-read")
         self.stats = StreamStats()
+        self.bank_read = [0, 0.0]  # bytes and wall seconds of expert-by-expert reads: their bandwidth
         self.tick = 0
         self.decoded = 0
+        self.route_hook = None  # benchmarks only: (layer, ids) -> the ids to run instead (forced routing)
 
     # -- sizes ---------------------------------------------------------------------------------
 
@@ -261,7 +381,8 @@ class ExpertCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(sum(a.nbytes for a in b.banks) for b in self.banks.values())
+        banks = sum(sum(a.nbytes for a in b.banks) for b in self.banks.values())
+        return banks + (2 * self.layer_bytes if self.staging else 0)
 
     @property
     def total_experts(self) -> int:
@@ -269,18 +390,35 @@ class ExpertCache:
 
     def describe(self) -> str:
         note = " (raised to the minimum of one slot per layer)" if self.raised else ""
+        staging = f", 2 layers ({_size(2 * self.layer_bytes)}) for long prefills" if self.staging else ""
         return (f"expert cache: {_size(self.nbytes)}, {self.n_slots} of {self.total_experts} routed experts "
-                f"({self.n_slots // max(len(self.banks), 1)} slots per layer){note}")
+                f"({self.n_slots // max(len(self.banks), 1)} slots per layer){staging}{note}")
 
     # -- the expert step -----------------------------------------------------------------------
 
     def moe(self, layer: int, kernels: Backend, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
             limit: float) -> np.ndarray:
         """Layer ``layer``'s routed experts for ``x [T, D]`` through the kernels' ``moe_slots``;
-        in rounds when the selection is larger than the bank."""
+        in rounds when the selection is larger than the bank. In a prefill chunk the next
+        layer may be read whole meanwhile, when that costs less than reading its misses."""
+        t_enter = time.perf_counter()
+        if self.route_hook:
+            ids = self.route_hook(layer, ids)
         bank = self.banks[layer]
         bank.hot += np.bincount(ids.ravel(), minlength=len(bank.hot))
         used = np.unique(ids)  # ascending: the kernel's own summation order
+        if self.staging and len(ids) > 1:
+            self._maybe_stage_next(layer, len(used), t_enter)
+        if self.staging and self.staging.holds(layer):
+            out = self._moe_staged(bank, kernels, x, ids, weights, limit, used)
+        else:
+            out = self._moe_banked(bank, kernels, x, ids, weights, limit, used)
+        if self.staging:
+            self.staging.layer_done(t_enter)
+        return out
+
+    def _moe_banked(self, bank: LayerBank, kernels: Backend, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                    limit: float, used: np.ndarray) -> np.ndarray:
         out = np.zeros(x.shape, np.float32)
         for r0 in range(0, len(used), bank.n_slots):
             group = used[r0:r0 + bank.n_slots]
@@ -289,6 +427,55 @@ class ExpertCache:
             slot_of[group] = bank.slot_of[group]  # only this round's experts add
             kernels.moe_slots(x, ids, weights, *(QTensor(b, s.ggml_type) for b, s in zip(bank.banks, bank.stacks)),
                               limit, slot_of, out)
+        return out
+
+    # -- long prefills: whole layers, double-buffered ----------------------------------------------
+
+    def _maybe_stage_next(self, layer: int, n_used: int, now: float) -> None:
+        """Start reading the next layer whole if the measured costs say it pays: its expected
+        misses (this layer's count of picked experts, less what the next bank holds) read
+        one by one, against one whole-layer read of which the compute until then hides part."""
+        order = list(self.banks)
+        at = order.index(layer)
+        if at + 1 == len(order) or self.staging.holds(order[at + 1]) or self.staging.free_buffer() is None:
+            return
+        nxt = self.banks[order[at + 1]]
+        misses = n_used * (1 - nxt.resident / len(nxt.hot))
+        bank_bw = self.bank_read[0] / self.bank_read[1] if self.bank_read[1] else None
+        bw = bank_bw or self.staging.bandwidth() or DEFAULT_READ_BW
+        by_expert = misses * self.slot_bytes / bw
+        whole = self.layer_bytes / (self.staging.bandwidth() or bw) - self.staging.compute_seconds
+        if whole < by_expert:
+            self.file.check_unchanged()
+            self.staging.start(nxt, self.pool, self.file.read_into, now)
+
+    def _moe_staged(self, bank: LayerBank, kernels: Backend, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                    limit: float, used: np.ndarray) -> np.ndarray:
+        """The layer from its whole-layer buffer; its hottest picked experts then fill the bank
+        from memory, so decode starts warm."""
+        for slot in list(bank.pending):  # reads ahead (a hash layer's): land them before slots move
+            self._settle_quietly(bank, slot)
+        self.stats.uses += len(used)
+        stacks, nbytes, seconds = self.staging.wait(bank.layer)
+        self.stats.bytes_read += nbytes
+        self.stats.read_seconds += seconds
+        self.stats.layers_streamed += 1
+        out = np.zeros(x.shape, np.float32)
+        identity = np.arange(len(bank.hot), dtype=np.int32)
+        kernels.moe_slots(x, ids, weights, *(QTensor(a, s.ggml_type) for a, s in zip(stacks, bank.stacks)),
+                          limit, identity, out)
+        self.tick += 1
+        keep = sorted(used.tolist(), key=lambda e: -bank.hot[e])[:bank.n_slots]
+        for e in keep:
+            if bank.slot_of[e] < 0:
+                slot = self._victim(bank, set(keep))
+                if bank.expert_in[slot] >= 0:
+                    bank.slot_of[bank.expert_in[slot]] = -1
+                for dst, src in zip(bank.banks, stacks):
+                    dst[slot] = src[e]
+                bank.expert_in[slot], bank.slot_of[e] = e, slot
+            bank.last_used[bank.slot_of[e]] = self.tick
+        self.staging.release(bank.layer)
         return out
 
     def _ensure(self, bank: LayerBank, experts: np.ndarray) -> None:
@@ -321,8 +508,11 @@ class ExpertCache:
         if len(free):
             return int(free[0])
         candidates = [s for s in range(bank.n_slots) if s not in bank.pending and int(bank.expert_in[s]) not in pinned]
-        if not candidates:  # only reads ahead are left: let them land, then choose again
-            for slot in list(bank.pending):
+        if not candidates:  # the rest are reads ahead of other experts: let them land, then choose again
+            ahead = [slot for slot in bank.pending if int(bank.expert_in[slot]) not in pinned]
+            if not ahead:
+                raise RuntimeError("expert cache: every slot is pinned")  # rounds never exceed the bank
+            for slot in ahead:
                 self._settle_quietly(bank, slot)
             return self._victim(bank, pinned)
         return min(candidates, key=lambda s: (bank.hot[bank.expert_in[s]], bank.last_used[s]))
@@ -340,8 +530,7 @@ class ExpertCache:
         return slot
 
     def _read(self, view: memoryview, offset: int) -> float:
-        self.file.read_into(view, offset)
-        return time.perf_counter()
+        return _timed(self.file.read_into, view, offset)
 
     def _settle(self, bank: LayerBank, slots: list[int]) -> None:
         """Wait for ``slots``' reads: each slot is valid once its three reads completed in
@@ -360,7 +549,10 @@ class ExpertCache:
                 bank.expert_in[slot] = -1
                 error = error or failed
         if ends:
-            self.stats.read_seconds += max(ends) - min(starts)  # wall time of the batch: its reads overlap
+            seconds = max(ends) - min(starts)  # wall time of the batch: its reads overlap
+            self.stats.read_seconds += seconds
+            self.bank_read[0] += len(starts) * self.slot_bytes
+            self.bank_read[1] += seconds
         if error is not None:
             raise error if isinstance(error, MagnetarError) else ExpertReadError(f"expert read failed: {error}")
 
@@ -377,6 +569,8 @@ class ExpertCache:
         """Start reading ``experts`` of ``layer`` now (hash layers: known from the token ids
         before the layer runs); the expert step waits for them. At most a bank's worth, the
         lowest ids first (the first round)."""
+        if self.route_hook:  # routing is forced: the model's picks are not what will run
+            return
         bank = self.banks[layer]
         want = [int(e) for e in np.unique(np.asarray(experts))[:bank.n_slots]]
         todo = [e for e in want if bank.slot_of[e] < 0 and self._pending_slot(bank, e) < 0]
@@ -399,6 +593,8 @@ class ExpertCache:
         for bank in self.banks.values():
             for slot in list(bank.pending):
                 self._settle_quietly(bank, slot)
+        if self.staging:
+            self.staging.drain()
 
     # -- hotness tables (hotlists and sessions) --------------------------------------------------
 

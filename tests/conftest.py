@@ -48,3 +48,23 @@ def tiny_models(tmp_path_factory):
         return built[recipe]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def preset_models(tmp_path_factory):
+    """``preset_models(preset, recipe)``: a ``small`` or ``mini-flash`` file, built on first use
+    through ``magnetar make-model`` and shared by the tests that need one (each build takes
+    tens of seconds)."""
+    from magnetar.cli import main
+
+    root = tmp_path_factory.mktemp("presets")
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(preset: str, recipe: str = "q2") -> Path:
+        if (preset, recipe) not in built:
+            path = root / f"{preset}-{recipe}.gguf"
+            assert main(["make-model", "--preset", preset, "--recipe", recipe, "-o", str(path)]) == 0
+            built[preset, recipe] = path
+        return built[preset, recipe]
+
+    return get

@@ -46,15 +46,40 @@ def _slot_bytes(path) -> int:
 def test_streamed_engine_equals_resident_bit_for_bit(resident, slots_per_layer):
     path, (every, tokens, last) = resident
     n_layer = open_model(path).config.n_layer
-    engine = Engine.load(path, ctx=256, expert_cache=slots_per_layer * n_layer * _slot_bytes(path))
-    assert all(b.n_slots == slots_per_layer for b in engine.model.experts.banks.values())
+    staging = 3 * 8 * _slot_bytes(path) if slots_per_layer == 8 else 0  # 2 whole layers, a quarter at most
+    engine = Engine.load(path, ctx=256, expert_cache=slots_per_layer * n_layer * _slot_bytes(path) + staging)
+    cache = engine.model.experts
+    assert all(b.n_slots == slots_per_layer for b in cache.banks.values())
+    assert (cache.staging is not None) == bool(staging)
     got_every, got_tokens, got_last = _run(engine)
     assert np.array_equal(got_every, every)  # prefill: below 3 slots a selection runs in rounds
     assert got_tokens == tokens and np.array_equal(got_last, last)
     stats = engine.stats.streaming
-    assert stats.experts_read > 0 and stats.bytes_read == stats.experts_read * _slot_bytes(path)
-    if slots_per_layer == 8:  # everything fits: each expert is read once
-        assert stats.experts_read <= 8 * n_layer
+    assert stats.experts_read > 0
+    if staging:  # the 40-token prompt picks every expert: whole layers were read, from layer 2 on
+        assert stats.layers_streamed > 0
+    else:
+        assert stats.layers_streamed == 0 and stats.bytes_read == stats.experts_read * _slot_bytes(path)
+
+
+def test_whole_layers_stream_only_when_the_measured_cost_says_so(tiny_models):
+    path = tiny_models("q2")
+    slot = _slot_bytes(path)
+    cache = ExpertCache(path, routed_tensors(open_model(path), [3, 4]), 4 * 2 * 8 * slot)
+    assert cache.staging is not None and cache.banks[4].n_slots == 8
+    cache.bank_read = [10**9, 1.0]  # 1 GB/s expert by expert, and as much whole
+    cache.staging.nbytes, cache.staging.seconds, cache.staging.compute_seconds = 10**9, 1.0, 0.0
+    cache._maybe_stage_next(3, 8, 0.0)  # all 8 expected misses: the same bytes either way, nothing hidden
+    assert not cache.staging.holds(4)
+    cache.banks[4].slot_of[:6] = 0  # 6 of 8 resident: 2 expected misses of the 8 picks
+    cache._maybe_stage_next(3, 8, 0.0)
+    assert not cache.staging.holds(4)
+    cache.banks[4].slot_of[:] = -1
+    cache.staging.compute_seconds = 8 * slot / 1e9  # compute hides the whole read
+    cache._maybe_stage_next(3, 8, 0.0)
+    assert cache.staging.holds(4)
+    cache.close()
+    assert not cache.staging.holds(4)
 
 
 def test_a_cache_below_one_slot_per_layer_is_raised_to_it(tiny_models, capsys):
@@ -233,3 +258,47 @@ def test_hotlist_round_trips_and_preloads_the_hottest(tiny_models, tmp_path):
     bad.write_text("3 five 9\n")
     with pytest.raises(UsageError, match="line 1"):
         read_hotlist(bad)
+
+
+# -- Flash shapes ---------------------------------------------------------------------------
+
+
+def _streamed_equals_resident(path, budgets, n_prompt: int, n_decode: int) -> None:
+    prompt = PROMPT[:n_prompt]
+
+    def run(engine):
+        every = engine.logits(prompt)
+        engine.prefill(prompt)
+        tokens = [ev.token for ev in engine.generate(max_tokens=n_decode, temperature=0, ignore_eos=True)]
+        return every, tokens, engine.next_logits()
+
+    every, tokens, last = run(Engine.load(path, ctx=64))
+    for budget in budgets:
+        engine = Engine.load(path, ctx=64, expert_cache=budget)
+        got_every, got_tokens, got_last = run(engine)
+        assert np.array_equal(got_every, every), budget
+        assert got_tokens == tokens and np.array_equal(got_last, last), budget
+        engine.model.experts.close()
+
+
+@pytest.mark.slow
+def test_small_streamed_equals_resident(preset_models):
+    path = preset_models("small")  # 43 layers, top-6 of 16 experts
+    routed = sum(i.nbytes for infos in routed_tensors(open_model(path), range(43)).values() for i in infos)
+    _streamed_equals_resident(path, [1, routed // 4], n_prompt=24, n_decode=3)
+
+
+@pytest.mark.slow
+def test_mini_flash_streamed_equals_resident(preset_models):
+    path = preset_models("mini-flash")  # Flash widths: 256 experts of 6.75 MiB per layer
+    _streamed_equals_resident(path, [1], n_prompt=4, n_decode=2)
+
+
+def test_bench_streaming_reports_every_cache_size_against_resident(tiny_models, tmp_path, capsys):
+    out = tmp_path / "s.csv"
+    assert main(["bench", "streaming", "-m", str(tiny_models("q2")), "--tokens", "2", "--prompt-tokens", "8",
+                 "--cache-shares", "25,100", "--csv", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "resident" in table and "zipf-1.1" in table and "disk:" in table
+    rows = out.read_text().splitlines()
+    assert rows[0].startswith("routing,cache_share,tok_s,ratio") and len(rows) == 1 + 1 + 2 * 2

@@ -48,18 +48,15 @@ def test_q2_experts_are_valid_blocks_with_unit_scaled_values(tiny_models):
         assert abs(float(w.mean())) < 0.2 * fan_in ** -0.5
 
 
-def test_small_preset_has_flash_schedule(tmp_path):
-    assert main(["make-model", "--preset", "small", "--recipe", "q2", "-o", str(tmp_path / "s.gguf")]) == 0
-    cfg = open_model(tmp_path / "s.gguf").config
+def test_small_preset_has_flash_schedule(preset_models):
+    cfg = open_model(preset_models("small")).config
     assert cfg.n_layer == 43 and cfg.compress_ratios[:4] == [0, 0, 4, 128]
     assert cfg.compress_ratios[42] == 4 and cfg.compress_ratios[41] == 128
 
 
 @pytest.mark.slow
-def test_mini_flash_has_full_flash_widths(tmp_path):
-    path = tmp_path / "mf.gguf"
-    assert main(["make-model", "--preset", "mini-flash", "--recipe", "q2", "-o", str(path)]) == 0
-    m = open_model(path)
+def test_mini_flash_has_full_flash_widths(preset_models):
+    m = open_model(preset_models("mini-flash"))
     cfg = m.config
     assert (cfg.d_model, cfg.n_head, cfg.head_dim, cfg.n_expert, cfg.expert_ffn) == (4096, 64, 512, 256, 2048)
     # One q2 routed expert layer is 1.812 GB (docs/spec/v4-model.md §7.1).
