@@ -293,7 +293,8 @@ def render(samples: list[Sample], model: str, args: argparse.Namespace) -> str:
                   + f"{_median(samples, path, 'decode_tok_s'):>14.2f}{_median(samples, path, 'tokens'):>8.0f}\n")
     ttft = _median(samples, "server", "ttft_ms") / _median(samples, "in-process", "ttft_ms")
     decode = _median(samples, "in-process", "decode_tok_s") / max(_median(samples, "server", "decode_tok_s"), 1e-9)
-    outside = {p: _median(samples, p, "ttft_ms") - _median(samples, p, "sync_ms") for p in ("in-process", "server")}
+    outside = {p: statistics.median(s.ttft_ms - s.sync_ms for s in samples if s.path == p)
+               for p in ("in-process", "server")}
     out.write(f"ratio server/in-process: TTFT {ttft:.3f}x, time per decoded token {decode:.3f}x (goal <= 1.05x)\n"
               f"outside render+prefill: {outside['server']:.1f} ms through the server, {outside['in-process']:.1f} ms "
               f"in-process; client floor (GET /v1/models round trip): {floor:.1f} ms\n\n")
