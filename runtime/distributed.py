@@ -64,8 +64,7 @@ class PipelineModel:
         self.describe_loss = describe_loss
         self.last_decode_build_seconds = 0.0
         self.broken = False  # the ring failed: nothing more goes over it
-        self.local_seconds = 0.0  # last decode: rank 0's own span
-        self.hop_seconds = 0.0  # last decode: from sending the hidden state to the logits' arrival
+        self.decode_timing = [0, 0.0, 0.0]  # decode steps; seconds in rank 0's span; from send to logits
         self._sids: dict[int, int] = {}  # id(state) -> session id, while the state lives
         self._next_sid = 1
         self._drops: list[int] = []
@@ -80,6 +79,7 @@ class PipelineModel:
             sid, self._next_sid = self._next_sid, self._next_sid + 1
             self._sids[id(state)] = sid
             weakref.finalize(state, self._forget, id(state), sid)
+            state.grown = self.local.span  # the other layers are the workers': they stay empty here
         return sid
 
     def _forget(self, key: int, sid: int) -> None:
@@ -134,8 +134,9 @@ class PipelineModel:
         t1 = time.perf_counter()
         self._send(head, arrays)
         _, logits = self._answer(sid, state, deque([(0, head, arrays)]))
-        self.hop_seconds = time.perf_counter() - t1
-        self.local_seconds = t1 - t0
+        self.decode_timing[0] += 1
+        self.decode_timing[1] += t1 - t0
+        self.decode_timing[2] += time.perf_counter() - t1
         return logits
 
     def _work(self, sid: int, state: KVState, ids: list[int], out: str, decode: bool):
@@ -177,6 +178,7 @@ class PipelineModel:
         """Rebuild the workers' session from the transcript ``state.tokens[:upto]``: the local
         span runs again on a scratch state to make the hidden states they need."""
         scratch, h = KVState.empty(self.cfg, self.ctx), FNV_BASIS
+        scratch.grown = self.local.span
         for c0 in range(0, upto, self.prefill_chunk):
             ids = state.tokens[c0:min(upto, c0 + self.prefill_chunk)]
             X = self.local.prefill(ids, scratch)
@@ -204,6 +206,13 @@ class PipelineModel:
             k = len(state.layers[il].arrays())
             state.layers[il].replace(arrays[it:it + k])
             it += k
+
+    def release(self, state: KVState) -> None:
+        """Empty the workers' layers in rank 0's copy of ``state`` again (after a save or a
+        restore), so rank 0 holds only its own rows."""
+        empty = KVState.empty(self.cfg, 1).layers
+        for il in range(self.local.span.stop, self.cfg.n_layer):
+            state.layers[il] = empty[il]
 
     def scatter(self, state: KVState) -> None:
         """Give each worker its layers of a whole (restored) ``state`` as a new session."""
@@ -272,12 +281,16 @@ class PipelineEngine(Engine):
     def checkpoint(self, path, note: str = "") -> int:
         self._flush_pending()
         self.model.gather(self._live.state)
-        return super().checkpoint(path, note)
+        try:
+            return super().checkpoint(path, note)
+        finally:
+            self.model.release(self._live.state)
 
     @_engine_method
     def restore(self, path) -> None:
         super().restore(path)
         self.model.scatter(self._live.state)
+        self.model.release(self._live.state)
 
     def close(self) -> None:
         """Stop the other ranks (once); the engine cannot run after this."""

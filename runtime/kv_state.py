@@ -70,6 +70,7 @@ class KVState:
     ctx: int
     layers: list[LayerState] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    grown: range | None = None  # the layers ``reserve`` grows (a pipeline stage's own); None: all
 
     @classmethod
     def empty(cls, cfg: ModelConfig, ctx: int) -> "KVState":
@@ -98,7 +99,7 @@ class KVState:
 
     def reserve(self, n_tokens: int) -> None:
         """Make compressed buffers hold every slot a step up to ``n_tokens`` tokens may write."""
-        for st in self.layers:
+        for st in self.layers if self.grown is None else [self.layers[il] for il in self.grown]:
             if not st.ratio:
                 continue
             need = (n_tokens - 1) // st.ratio + 1  # slot p // ratio for p < n_tokens

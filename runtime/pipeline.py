@@ -199,7 +199,7 @@ class Worker:
         tokens, X = np.array(arrays[0]).tolist(), arrays[1]
         sid, pos0 = head["sid"], head["pos0"]
         if pos0 == 0:
-            self._open(sid, KVState.empty(self.cfg, self.ctx), FNV_BASIS)
+            self._open(sid, self._empty(), FNV_BASIS)
         s = self.sessions.get(sid)
         if s is None or s.state.n_tokens != pos0 or s.hash != head["h0"] or fnv1a(tokens, head["h0"]) != head["h1"]:
             have = None if s is None else s.state.n_tokens
@@ -223,6 +223,12 @@ class Worker:
         else:
             self.link.send({"kind": "logits", "sid": sid}, [np.asarray(out, np.float32)])
 
+    def _empty(self) -> KVState:
+        """A session's state: only this span's layers ever grow (the others stay empty)."""
+        state = KVState.empty(self.cfg, self.ctx)
+        state.grown = self.model.span
+        return state
+
     def _open(self, sid: int, state: KVState, h: int) -> None:
         self.sessions[sid] = _Session(state, h)
         self.sessions.move_to_end(sid)
@@ -242,7 +248,7 @@ class Worker:
     def _load(self, head: dict, arrays: list[mx.array]) -> None:
         """Take this span's layers out of a restored sequence (they follow the tokens, layer by
         layer from the first remote layer) and pass the rest on."""
-        state = KVState.empty(self.cfg, self.ctx)
+        state = self._empty()
         state.tokens = np.array(arrays[0]).tolist()[1:]  # after a leading 0: never an empty send
         it = 1
         for il in range(head["first"], self.model.span.stop):

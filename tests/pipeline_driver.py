@@ -3,7 +3,7 @@ ring is formed once per process). Through the Engine's door only: prefill a prom
 chunks, pure logits of a prefix, then greedy decode steps; every logits row is saved.
 
     python tests/pipeline_driver.py MODEL OUT.npz [--ranks N --layers L] [--restore CK]
-        [--save CK] [--kill-rank R --kill-at prefill|decode]
+        [--save CK] [--kill-rank R --kill-at prefill|decode] [--detour]
 
 Without --ranks it is the single-process reference. Errors end it like the CLI: one
 line ``magnetar: error: ...`` on stderr and the error's exit code.
@@ -27,14 +27,24 @@ def prompt_ids() -> list[int]:
     return [0] + np.random.default_rng(0).integers(2, 129280, PROMPT - 1).tolist()
 
 
-def exercise(engine, restore: str | None = None, save: str | None = None, kill=lambda at: None) -> dict:
-    """Prefill (or restore), pure logits, greedy steps, optionally save: every logits row."""
+def exercise(engine, restore: str | None = None, save: str | None = None, kill=lambda at: None,
+             detour: bool = False) -> dict:
+    """Prefill (or restore), pure logits, greedy steps, optionally save: every logits row.
+    ``detour``: before the steps, a split engine's workers lose the live session (as a
+    restarted worker would: they say so and rank 0 replays), then two tokens are sampled
+    and rewound (rank 0 replays to the snapshot for the workers)."""
     rows = {}
     if restore:
         engine.restore(restore)
     else:
         engine.prefill(prompt_ids(), progress=lambda done, total: done == CHUNK and kill("prefill"))
         rows["pure"] = engine.logits(prompt_ids()[:PURE])
+    if detour:
+        if hasattr(engine.model, "link"):  # a split engine: tell the workers to drop the live session
+            engine.model._drops.append(engine.model._sid(engine._live.state))
+        snap = engine.snapshot()
+        list(engine.generate(max_tokens=2, temperature=0, ignore_eos=True))
+        engine.rewind(snap)
     steps = [engine.next_logits()]
     for i, _ in enumerate(engine.generate(max_tokens=STEPS, temperature=0, ignore_eos=True)):
         if i == 2:
@@ -57,6 +67,7 @@ def main() -> int:
     p.add_argument("--save")
     p.add_argument("--kill-rank", type=int)
     p.add_argument("--kill-at", choices=("prefill", "decode"))
+    p.add_argument("--detour", action="store_true")
     args = p.parse_args()
     engine = None
     try:
@@ -72,7 +83,7 @@ def main() -> int:
                 child = dict((r, c) for r, c, _ in engine.local_ranks.children)[args.kill_rank]
                 os.kill(child.pid, signal.SIGKILL)
 
-        rows = exercise(engine, args.restore, args.save, kill)
+        rows = exercise(engine, args.restore, args.save, kill, args.detour)
         np.savez(args.out, **rows)
         return 0
     except MagnetarError as err:

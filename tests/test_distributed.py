@@ -3,11 +3,14 @@
 Rank 0 runs tests/pipeline_driver.py in its own process (a process joins one MLX
 ring, once) and starts the other ranks itself. Proved here: 2 and 3 ranks with
 uneven splits give the single-process engine's logits bit for bit (chunked and
-windowed prefill, pure logits, decode, after a restore); a session saved on 2
+windowed prefill, pure logits, decode, after a restore, after the workers lost the
+session and after a rewind, both replayed from the transcript); a session saved on 2
 ranks is the single-machine file and restores in one process, and one saved in
 one process restores on 3 ranks; a rank killed mid-prefill or mid-decode ends
 rank 0 within seconds with one error line and a non-zero exit, no file written.
-Every run has a timeout, so a hang fails instead of stalling CI.
+Every run has a timeout, so a hang fails instead of stalling CI. The fast set: the
+CLI's greedy text on 2 ranks, the kill mid-prefill, the split and hash rules
+(tests/test_pipeline_stages.py proves the stages bit for bit in one process).
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ def single(model, tmp_path_factory) -> dict:
     """The single-process engine: the rows, and its saved session."""
     ck = tmp_path_factory.mktemp("single") / "one.ck"
     engine = Engine.load(model, ctx=256, prefill_chunk=driver.CHUNK)
-    rows = driver.exercise(engine, save=str(ck))
+    rows = driver.exercise(engine, save=str(ck), detour=True)
     restored = driver.exercise(engine, restore=str(ck))
-    return {"rows": rows, "ck": ck, "restored": restored}
+    return {"rows": rows, "ck": ck, "restored": restored, "engine": engine}
 
 
 def _same_rows(got: Path, want: dict) -> None:
@@ -64,13 +67,15 @@ def _same_session(a: Path, b: Path, model: Path) -> None:
     assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(one.state.arrays(), two.state.arrays()))
 
 
+@pytest.mark.slow  # ~15 s alone, ~30 s on a loaded 2-core machine
 def test_two_ranks_equal_one_process_and_save_a_single_machine_session(model, single, tmp_path):
+    """Also through both replays: workers that lost the live session, and a rewind."""
     ck = tmp_path / "two.ck"
-    run = _drive(model, tmp_path / "two.npz", "--ranks", "2", "--layers", "0:4,4:5", "--save", str(ck))
+    run = _drive(model, tmp_path / "two.npz", "--ranks", "2", "--layers", "0:4,4:5", "--save", str(ck), "--detour")
     assert run.returncode == 0, run.stderr
     _same_rows(tmp_path / "two.npz", single["rows"])
     _same_session(ck, single["ck"], model)
-    back = driver.exercise(Engine.load(model, ctx=256, prefill_chunk=driver.CHUNK), restore=str(ck))
+    back = driver.exercise(single["engine"], restore=str(ck))
     for key in back:
         assert np.array_equal(back[key], single["restored"][key])
 
@@ -115,3 +120,16 @@ def test_prefix_hash_is_fnv1a_over_little_endian_token_bytes():
     for byte in raw:
         h = ((h ^ byte) * 1099511628211) % (1 << 64)
     assert fnv1a([1, 300, 129279]) == h == fnv1a([129279], fnv1a([1, 300]))
+
+
+def test_generate_with_two_local_ranks_writes_the_single_process_text(model):
+    def generate(*flags: str) -> subprocess.CompletedProcess:
+        cli = "import sys; from magnetar.cli import main; sys.exit(main())"  # its own process: one ring each
+        return subprocess.run([sys.executable, "-c", cli, "generate", "-m", str(model), "-p", "hello there",
+                               "-n", "8", "--temp", "0", "--ctx", "256", *flags],
+                              capture_output=True, text=True, timeout=120)
+
+    one, two = generate(), generate("--ranks", "2", "--layers", "0:2,2:5")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and one.stdout.strip()
+    assert "magnetar: layers rank 0: 0:2, rank 1: 2:5" in two.stderr
