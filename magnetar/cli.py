@@ -203,7 +203,7 @@ def _measuring_commands(sub) -> None:
 
     p = sub.add_parser("bench", help="decode/prefill speed side by side with optional peers; kernels vs the "
                                      "memory floor; checkpoint resume vs re-prefill; the server vs generate")
-    p.add_argument("mode", choices=("decode", "prefill", "kernels", "resume", "server"))
+    p.add_argument("mode", choices=("decode", "prefill", "kernels", "resume", "server", "distributed"))
     p.add_argument("-m", "--model", metavar="MODEL", help="the model (decode, prefill, resume and server)")
     p.add_argument("--peers", default="", metavar="LIST",
                    help="comma list of transformers, mlx-lm, llama.cpp (dev-only packages)")
@@ -230,7 +230,9 @@ def _measuring_commands(sub) -> None:
     p.add_argument("--backend", default="cpu", help="kernels: the backend to time")
     p.add_argument("--experts", type=int, default=256, help="kernels: experts in the stack")
     p.add_argument("--lengths", default="8192,32768", metavar="N,N",
-                   help="resume: sequence lengths in tokens (default 8192,32768)")
+                   help="resume, distributed: sequence lengths in tokens (default 8192,32768)")
+    p.add_argument("--ranks", type=int, default=2, help="distributed: local ranks (default 2)")
+    p.add_argument("--layers", default="auto", metavar="auto|A:B,...", help="distributed: the split (default auto)")
     _add_streaming_flags(p)
     p.set_defaults(run=_bench)
 

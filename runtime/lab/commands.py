@@ -120,6 +120,8 @@ def bench(args: argparse.Namespace) -> int:
         return bench_kernels(args)
     if args.mode == "resume":
         return bench_resume(args)
+    if args.mode == "distributed":
+        return bench_distributed(args)
     if not args.model:
         raise UsageError(f"bench {args.mode} needs a model", "pass -m MODEL")
     if args.tokens < 1 or args.reps < 1 or args.prompt_tokens < 1:
@@ -176,6 +178,24 @@ def bench_resume(args: argparse.Namespace) -> int:
     cases = br.run(args.model, lengths, args.reps,
                    progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
     print(br.render(cases, str(args.model)))
+    return 0
+
+
+def bench_distributed(args: argparse.Namespace) -> int:
+    from . import bench_distributed as bd
+
+    if not args.model:
+        raise UsageError("bench distributed needs a model", "pass -m MODEL")
+    try:
+        lengths = [int(v) for v in args.lengths.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--lengths must be comma-separated token counts, got {args.lengths!r}") from None
+    if not lengths or min(lengths) < 1 or args.reps < 1 or args.tokens < 1:
+        raise UsageError("--lengths needs positive token counts; --reps and --tokens must be positive")
+    console = Console(stderr=True)
+    cases, note = bd.run(args.model, lengths, args.ranks, args.layers, args.tokens, args.reps,
+                         progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
+    print(bd.render(cases, args.ranks, note, args.model))
     return 0
 
 
