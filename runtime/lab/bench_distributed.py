@@ -87,7 +87,7 @@ def run(model, lengths: Sequence[int], ranks: int = 2, layers: str = "auto", tok
             fastest = min(splits, key=lambda m: m[1])
             cases.append(Case(n, min(m[0] for m in ones), min(m[0] for m in splits), min(m[1] for m in ones),
                               fastest[1], fastest[3], fastest[4], bool(np.array_equal(ones[0][2], splits[0][2]))))
-        return cases, split.pipeline_note
+        return cases, f"{split.pipeline_note}; prefill chunks of {chunk}, {tokens} decode tokens, best of {reps}"
     finally:
         split.close()
 
