@@ -68,6 +68,8 @@ def _model_file_commands(sub) -> None:
 
     p = sub.add_parser("inspect", help="summarize a model file")
     p.add_argument("model", metavar="MODEL")
+    p.add_argument("--expert-cache", type=_expert_cache_size, default=None, metavar="SIZE|auto",
+                   help="also show what stays resident and what streams from the file with this expert cache")
     p.set_defaults(run=_command("runtime.lab.commands", "inspect"))
 
 

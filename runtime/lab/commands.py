@@ -14,7 +14,8 @@ from magnetar.console import engine_options, progress_bar, read_prompt
 from ..engine import Engine
 from ..errors import UsageError
 from ..gguf_read import open_model
-from .summary import layer_ranges, summarize
+from ..limits import DEFAULT_CTX
+from .summary import layer_ranges, streaming_split, summarize
 
 RATIO_NAMES = {0: "sliding window only", 4: "CSA: ratio 4 + lightning indexer", 128: "HCA: ratio 128"}
 
@@ -61,7 +62,8 @@ def tokenize(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    s = summarize(open_model(args.model))
+    model = open_model(args.model)
+    s = summarize(model)
     cfg = s.config
     console = Console()
     console.print(f"[bold]{s.name}[/bold]  architecture [cyan]{s.architecture}[/cyan]  "
@@ -100,7 +102,24 @@ def inspect(args: argparse.Namespace) -> int:
         f"KV cache: {per_token * 2:,.0f} B/token as f16 ({per_token * 4:,.0f} B/token in ds4's f32 "
         f"layout) + a fixed raw window of {_bytes(s.raw_window_elems * 2)} (f16); "
         f"at {cfg.context_length:,} tokens ~{_bytes(per_token * 2 * cfg.context_length)}")
+    if args.expert_cache is not None:
+        _print_streaming(console, streaming_split(model, args.expert_cache, DEFAULT_CTX))
     return 0
+
+
+def _print_streaming(console: Console, split) -> None:
+    """``inspect --expert-cache``: what a cache of that size keeps in RAM and what it streams."""
+    plan = split.plan
+    slots, n_experts = next(iter(plan.slots.values())), next(iter(plan.stacks.values()))[0].n_experts
+    if split.note:
+        console.print(split.note, highlight=False)
+    raised = " (raised to the minimum of one per layer)" if plan.raised else ""
+    staged = f" + 2 whole layers for long prefills {_bytes(plan.staging_bytes)}" if plan.staged else ""
+    console.print(f"expert cache {_bytes(split.budget)}: {slots} of {n_experts} experts per layer{raised}\n"
+                  f"  resident {_bytes(split.resident_bytes)}: non-expert weights {_bytes(split.non_expert_bytes)} "
+                  f"+ slot banks {_bytes(plan.bank_bytes)}{staged}\n"
+                  f"  streamed from the file: routed experts {_bytes(split.routed_bytes)}, "
+                  f"{100 * slots / n_experts:.1f}% of them in the cache at a time", highlight=False, soft_wrap=True)
 
 
 def _bytes(n: float) -> str:

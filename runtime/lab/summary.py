@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import ModelConfig
+from ..expert_cache import BankPlan, auto_budget, routed_tensors
 from ..gguf_read import ModelFile
 
 # Groups as in docs/spec/v4-model.md §7.1, matched on tensor name pieces in order.
@@ -67,6 +68,32 @@ def summarize(model: ModelFile) -> ModelSummary:
         raw_window_elems=cfg.n_layer * cfg.window * cfg.head_dim,
         expert_recipes=model.expert_recipes,
     )
+
+
+@dataclass
+class StreamingSplit:
+    """What stays in RAM and what streams from the file with an expert cache of ``budget`` bytes."""
+
+    budget: int
+    plan: BankPlan  # the cache as ExpertCache would allocate it
+    non_expert_bytes: int  # always resident
+    routed_bytes: int  # every routed expert, in the file
+    note: str = ""  # how ``auto`` chose the budget
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.non_expert_bytes + self.plan.nbytes
+
+
+def streaming_split(model: ModelFile, budget: int | str, ctx: int) -> StreamingSplit:
+    """``budget``: bytes, or ``"auto"`` (sized as ``Engine.load`` sizes it for ``ctx`` tokens)."""
+    layers = routed_tensors(model, range(model.config.n_layer))
+    routed = sum(i.nbytes for infos in layers.values() for i in infos)
+    non_expert = sum(i.nbytes for i in model.tensors.values()) - routed
+    note = ""
+    if budget == "auto":
+        budget, note = auto_budget(model, ctx, non_expert)
+    return StreamingSplit(budget, BankPlan.of(layers, budget), non_expert, routed, note)
 
 
 def layer_ranges(layers: list[int]) -> str:
