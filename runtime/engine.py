@@ -178,12 +178,16 @@ class Engine(Conversing):
         self.stats = Stats(streaming=self.model.experts.stats if self.model.experts else None)
         if self.model.experts:
             self.expert_cache_note = "; ".join(filter(None, (self.expert_cache_note, self.model.experts.describe())))
-            if hotlist:
-                read = self.model.experts.warm(read_hotlist(hotlist))
-                self.expert_cache_note += f"; hotlist {os.fspath(hotlist)}: {read} experts preloaded"
-        elif hotlist:
-            raise UsageError("--hotlist needs --expert-cache", "add --expert-cache auto or a size")
         self._live = _Live(KVState.empty(self.config, ctx))
+        if hotlist:
+            self.preload(hotlist)
+
+    def preload(self, hotlist: str | os.PathLike) -> None:
+        """Read the hottest experts a ds4-format hotlist names into the cache's free slots."""
+        if not self.model.experts:
+            raise UsageError("--hotlist needs --expert-cache", "add --expert-cache auto or a size")
+        read = self.model.experts.warm(read_hotlist(hotlist))
+        self.expert_cache_note += f"; hotlist {os.fspath(hotlist)}: {read} experts preloaded"
 
     def _auto_expert_cache(self, mf: ModelFile, ctx: int, request: str) -> int:
         if parse_cache_size(request) != "auto":
@@ -213,10 +217,14 @@ class Engine(Conversing):
             kernels = select_backend(backend)  # also switches MLX to the backend's device
         except BackendUnavailable as e:
             raise UsageError(str(e), "use --backend auto or cpu") from None
-        engine = cls(open_model(path), ctx, precision, prefill_chunk, expand_budget, kernels, expert_cache, hotlist)
+        if hotlist and expert_cache is None:
+            raise UsageError("--hotlist needs --expert-cache", "add --expert-cache auto or a size")
+        engine = cls(open_model(path), ctx, precision, prefill_chunk, expand_budget, kernels, expert_cache)
+        engine.warm(notice)
+        if hotlist:  # after warm: its scratch token must not push preloaded experts out
+            engine.preload(hotlist)
         if notice and engine.expert_cache_note:
             notice(engine.expert_cache_note)
-        engine.warm(notice)
         return engine
 
     # -- text (render, sync, respond: runtime/conversation.py) ------------------------------
@@ -252,7 +260,11 @@ class Engine(Conversing):
             return
         if notice:
             notice(f"compiling MLX's CPU kernels for this model shape, once (kept in {jit_cache.persistent_dir()})")
-        self.model.decode(0, KVState.empty(self.config, self.ctx))
+        if self.model.experts:
+            with self.model.experts.set_aside():  # a scratch token is no route the cache should learn
+                self.model.decode(0, KVState.empty(self.config, self.ctx))
+        else:
+            self.model.decode(0, KVState.empty(self.config, self.ctx))
         jit_cache.mark_warm(key)
 
     # -- checkpoints -------------------------------------------------------------------------

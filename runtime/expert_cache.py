@@ -33,6 +33,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,7 +142,8 @@ class ExpertStack:
 @dataclass(frozen=True)
 class BankPlan:
     """How a budget becomes memory, before any is allocated (``inspect`` shows it): two whole
-    layers for long prefills when they are a small part of the budget (ds4's headroom), then the
+    layers for long prefills when they are a small part of the budget (ds4's headroom) and the
+    rest does not hold every expert anyway, then the
     same number of slots in every layer (a slot fits the widest layer's expert), at least one,
     at most all of a layer's experts."""
 
@@ -157,8 +159,10 @@ class BankPlan:
         stacks = {il: tuple(ExpertStack.of(i) for i in infos) for il, infos in layers.items()}
         slot_bytes = max(sum(s.expert_bytes for s in st) for st in stacks.values())
         layer_bytes = max(sum(s.n_experts * s.expert_bytes for s in st) for st in stacks.values())
-        staged = 2 * layer_bytes * STAGING_SHARE <= budget
-        want = (budget - (2 * layer_bytes if staged else 0)) // slot_bytes // max(len(stacks), 1)
+        n_layers, most = max(len(stacks), 1), max(st[0].n_experts for st in stacks.values())
+        staged = 2 * layer_bytes * STAGING_SHARE <= budget \
+            and (budget - 2 * layer_bytes) // slot_bytes // n_layers < most  # not when every expert fits
+        want = (budget - (2 * layer_bytes if staged else 0)) // slot_bytes // n_layers
         slots = {il: min(max(want, 1), st[0].n_experts) for il, st in stacks.items()}
         return cls(stacks, slots, slot_bytes, layer_bytes, staged, want < 1)
 
@@ -595,6 +599,20 @@ class ExpertCache:
                 self._settle_quietly(bank, slot)
         if self.staging:
             self.staging.drain()
+
+    @contextmanager
+    def set_aside(self):
+        """Work inside leaves the hotness, the decoded-token count and the stats as they were
+        (what it read stays resident: those bytes are right whoever asked for them)."""
+        hot = {il: b.hot.copy() for il, b in self.banks.items()}
+        stats, decoded = dict(vars(self.stats)), self.decoded
+        try:
+            yield
+        finally:
+            for il, b in self.banks.items():
+                b.hot[:] = hot[il]
+            vars(self.stats).update(stats)
+            self.decoded = decoded
 
     # -- hotness tables (hotlists and sessions) --------------------------------------------------
 

@@ -14,6 +14,7 @@ import pytest
 from magnetar.cli import main
 from magnetar.kernels import native
 from magnetar.kernels.backend import select
+from magnetar.runtime import expert_cache
 from magnetar.runtime.engine import Engine
 from magnetar.runtime.errors import ExpertReadError, UsageError
 from magnetar.runtime.expert_cache import DECAY_TOKENS, ExpertCache, format_hotlist, read_hotlist, routed_tensors
@@ -46,27 +47,48 @@ def _slot_bytes(path) -> int:
 def test_streamed_engine_equals_resident_bit_for_bit(resident, slots_per_layer):
     path, (every, tokens, last) = resident
     n_layer = open_model(path).config.n_layer
-    staging = 3 * 8 * _slot_bytes(path) if slots_per_layer == 8 else 0  # 2 whole layers, a quarter at most
-    engine = Engine.load(path, ctx=256, expert_cache=slots_per_layer * n_layer * _slot_bytes(path) + staging)
+    engine = Engine.load(path, ctx=256, expert_cache=slots_per_layer * n_layer * _slot_bytes(path))
     cache = engine.model.experts
     assert all(b.n_slots == slots_per_layer for b in cache.banks.values())
-    assert (cache.staging is not None) == bool(staging)
     got_every, got_tokens, got_last = _run(engine)
     assert np.array_equal(got_every, every)  # prefill: below 3 slots a selection runs in rounds
     assert got_tokens == tokens and np.array_equal(got_last, last)
     stats = engine.stats.streaming
-    assert stats.experts_read > 0
-    if staging:  # the 40-token prompt picks every expert: whole layers were read, from layer 2 on
-        assert stats.layers_streamed > 0
-    else:
-        assert stats.layers_streamed == 0 and stats.bytes_read == stats.experts_read * _slot_bytes(path)
+    assert stats.experts_read > 0 and stats.bytes_read == stats.experts_read * _slot_bytes(path)
+    if slots_per_layer == 8:  # everything fits: each expert is read once, no whole layers set aside
+        assert stats.experts_read <= 8 * n_layer and cache.staging is None
 
 
-def test_whole_layers_stream_only_when_the_measured_cost_says_so(tiny_models):
+def test_whole_layers_streamed_in_prefill_give_the_same_bits(resident, monkeypatch):
+    path, (every, tokens, last) = resident
+    monkeypatch.setattr(expert_cache, "STAGING_SHARE", 1)  # tiny's 5 layers: 2 whole ones are 40% of them
+    engine = Engine.load(path, ctx=256, expert_cache=(2 * 8 + 4 * 5) * _slot_bytes(path))
+    cache = engine.model.experts
+    assert cache.staging is not None and all(b.n_slots == 4 for b in cache.banks.values())
+    got_every, got_tokens, got_last = _run(engine)
+    assert np.array_equal(got_every, every)
+    assert got_tokens == tokens and np.array_equal(got_last, last)
+    assert engine.stats.streaming.layers_streamed > 0  # the 40-token prompt picks every expert
+
+
+def test_scratch_work_is_set_aside(resident):
+    path, _ = resident
+    engine = Engine.load(path, ctx=256, expert_cache=2 * 5 * _slot_bytes(path))
+    cache = engine.model.experts
+    engine.prefill(PROMPT[:8])
+    hot, stats = cache.hotness(), dict(vars(cache.stats))
+    with cache.set_aside():  # as Engine.warm compiles the decode step on a scratch state
+        engine.logits(PROMPT[8:16])
+    assert all(np.array_equal(cache.hotness()[il], h) for il, h in hot.items())
+    assert dict(vars(cache.stats)) == stats
+
+
+def test_whole_layers_stream_only_when_the_measured_cost_says_so(tiny_models, monkeypatch):
     path = tiny_models("q2")
     slot = _slot_bytes(path)
-    cache = ExpertCache(path, routed_tensors(open_model(path), [3, 4]), 4 * 2 * 8 * slot)
-    assert cache.staging is not None and cache.banks[4].n_slots == 8
+    monkeypatch.setattr(expert_cache, "STAGING_SHARE", 1)
+    cache = ExpertCache(path, routed_tensors(open_model(path), [3, 4]), (2 * 8 + 2 * 4) * slot)
+    assert cache.staging is not None and cache.banks[4].n_slots == 4
     cache.bank_read = [10**9, 1.0]  # 1 GB/s expert by expert, and as much whole
     cache.staging.nbytes, cache.staging.seconds, cache.staging.compute_seconds = 10**9, 1.0, 0.0
     cache._maybe_stage_next(3, 8, 0.0)  # all 8 expected misses: the same bytes either way, nothing hidden
