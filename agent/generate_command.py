@@ -9,8 +9,8 @@ import time
 
 from rich.console import Console
 
-from magnetar.console import engine_options, progress_bar, read_prompt, streaming_summary
-from magnetar.runtime import Engine, Message, UsageError, atomic_write_bytes, start_pipeline
+from magnetar.console import load_engine, progress_bar, read_prompt, streaming_summary
+from magnetar.runtime import Message, UsageError, atomic_write_bytes
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -18,23 +18,9 @@ def generate(args: argparse.Namespace) -> int:
         raise UsageError("--logprobs-top-k needs --dump-logprobs OUT.json")
     if args.max_tokens < 0:
         raise UsageError(f"-n must be >= 0, got {args.max_tokens}")
-    if not (args.ranks or args.distributed):
-        if args.layers != "auto":
-            raise UsageError("--layers needs --ranks N or --distributed HOSTFILE")
-        return _generate(Engine.load(args.model, ctx=args.ctx, **engine_options(args)), args)
-    if args.expert_cache or args.hotlist:
-        raise UsageError("--expert-cache is not available with a layer split yet", "drop --expert-cache")
-    engine = start_pipeline(args.model, ranks=args.ranks, hostfile=args.distributed, layers=args.layers, ctx=args.ctx)
+    engine = load_engine(args, args.model)
     if engine is None:  # a rank > 0 of --distributed: it served its layers until rank 0 stopped it
         return 0
-    print(f"magnetar: {engine.pipeline_note}", file=sys.stderr)
-    try:
-        return _generate(engine, args)
-    finally:
-        engine.close()
-
-
-def _generate(engine: Engine, args: argparse.Namespace) -> int:
     messages = [Message(role="system", content=args.system)] if args.system else []
     messages.append(Message(role="user", content=read_prompt(args.prompt)))
     mode, notice = engine.think_mode(args.mode)

@@ -129,6 +129,7 @@ def _agent_commands(sub) -> None:
     p.add_argument("--kv-disk-space-mb", type=int, default=16384, metavar="N", help="its budget (LRU, default 16384)")
     p.add_argument("--cors", default=None, metavar="ORIGIN", help="allow browser requests from ORIGIN")
     _add_streaming_flags(p)
+    _add_pipeline_flags(p)
     p.set_defaults(run=_command("agent.server.run", "run"))
 
     p = sub.add_parser("sandbox", help="run one command exactly as the agent's shell tool would (same OS "

@@ -43,6 +43,27 @@ def engine_options(args) -> dict:
             "notice": lambda line: print(f"magnetar: {line}", file=sys.stderr)}
 
 
+def load_engine(args, model):
+    """The command's engine: ``Engine.load``, or with ``--ranks N`` / ``--distributed HOSTFILE``
+    rank 0's end of a layer split (runtime/distributed.py; it stops the other ranks when this
+    process exits). On another rank of a split this serves its layers until rank 0 stops it
+    and returns None: the command then simply ends."""
+    from magnetar.runtime import Engine, start_pipeline
+
+    ranks, hostfile = getattr(args, "ranks", None), getattr(args, "distributed", None)
+    layers = getattr(args, "layers", "auto")
+    if ranks is None and hostfile is None:
+        if layers != "auto":
+            raise UsageError("--layers needs --ranks N or --distributed HOSTFILE")
+        return Engine.load(model, ctx=args.ctx, **engine_options(args))
+    if getattr(args, "expert_cache", None) or getattr(args, "hotlist", None):
+        raise UsageError("--expert-cache is not available with a layer split yet", "drop --expert-cache")
+    engine = start_pipeline(model, ranks=ranks, hostfile=hostfile, layers=layers, ctx=args.ctx)
+    if engine is not None:
+        print(f"magnetar: {engine.pipeline_note}", file=sys.stderr)
+    return engine
+
+
 def streaming_summary(stream) -> str:
     """An engine's ``stats.streaming`` (routed experts read from the file) in a few words:
     how often a needed expert was already in the cache, what was read, and how fast."""

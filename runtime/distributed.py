@@ -46,6 +46,8 @@ from .model import Model
 from .pipeline import FNV_BASIS, Link, PipelineError, Worker, fnv1a, parse_layers, say
 
 GRACE_S = 5.0  # after a local rank died: how long rank 0 may stay blocked before it is ended
+REPLY_TIMEOUT_S = 300.0  # a ring send or receive that takes longer: a peer hangs without dying
+LOST_FIX = "the run stops; saved sessions are intact, restart with all ranks"
 EXIT_LOST = PipelineError.exit_code
 
 
@@ -64,6 +66,7 @@ class PipelineModel:
         self.describe_loss = describe_loss
         self.last_decode_build_seconds = 0.0
         self.broken = False  # the ring failed: nothing more goes over it
+        self.waiting_since: float | None = None  # monotonic time rank 0 began waiting on the ring
         self.decode_timing = [0, 0.0, 0.0]  # decode steps; seconds in rank 0's span; from send to logits
         self._sids: dict[int, int] = {}  # id(state) -> session id, while the state lives
         self._next_sid = 1
@@ -246,12 +249,14 @@ class PipelineModel:
         return reply, arrays
 
     def _guard(self, call):
+        self.waiting_since = time.monotonic()
         try:
             return call()
         except RuntimeError as err:  # MLX's ring: a peer closed its connection
             self.broken = True
-            raise PipelineError(f"a pipeline rank was lost ({self.describe_loss() or err})",
-                                "the run stops; saved sessions are intact, restart with all ranks") from None
+            raise PipelineError(f"a pipeline rank was lost ({self.describe_loss() or err})", LOST_FIX) from None
+        finally:
+            self.waiting_since = None
 
 
 class PipelineEngine(Engine):
@@ -343,7 +348,8 @@ class _LocalRanks:
                     self.lost = self._describe(r, code, log)
                     time.sleep(GRACE_S)
                     if not self.stopping:  # rank 0 did not get MLX's error: blocked somewhere else
-                        print(f"magnetar: error: a pipeline rank was lost ({self.lost})", file=sys.stderr, flush=True)
+                        print(f"magnetar: error: a pipeline rank was lost ({self.lost}) ({LOST_FIX})",
+                              file=sys.stderr, flush=True)
                         self.end()
                         os._exit(EXIT_LOST)
                     return
@@ -393,7 +399,8 @@ def _init_group():
 
 def start_pipeline(model_path, *, ranks: int | None = None, hostfile: str | None = None, layers: str = "auto",
           ctx: int = DEFAULT_CTX, precision: str = "official", backend: str = "auto",
-          prefill_chunk: int = DEFAULT_PREFILL_CHUNK, window: int | None = None) -> PipelineEngine | None:
+          prefill_chunk: int = DEFAULT_PREFILL_CHUNK, window: int | None = None,
+          reply_timeout: float = REPLY_TIMEOUT_S) -> PipelineEngine | None:
     """Form the pipeline: ``ranks`` local processes, or this process as rank ``$MLX_RANK`` of
     ``hostfile``. Rank 0 gets its Engine (``close()`` it when done); other ranks serve their
     span here until rank 0 stops them, then get None."""
@@ -445,8 +452,11 @@ def start_pipeline(model_path, *, ranks: int | None = None, hostfile: str | None
     engine = on_engine_thread(build)
 
     def close():
-        try:
-            on_engine_thread(engine.model.stop)
+        try:  # not while rank 0 waits on the ring (Ctrl+C, a hang): the workers just get killed
+            if engine.model.waiting_since is None and not engine.model.broken:
+                on_engine_thread(engine.model.stop)
+        except PipelineError:
+            pass
         finally:
             if local:
                 local.stopping = True
@@ -454,8 +464,25 @@ def start_pipeline(model_path, *, ranks: int | None = None, hostfile: str | None
                 local.end()
 
     engine._closers.append(close)
+    atexit.register(engine.close)  # after _LocalRanks.end's registration, so it runs first
+    threading.Thread(target=_deadline, args=(engine.model, local, reply_timeout), name="magnetar-deadline",
+                     daemon=True).start()
     engine.local_ranks = local
     return engine
+
+
+def _deadline(model: PipelineModel, local: _LocalRanks | None, timeout: float) -> None:
+    """MLX's ring has no receive timeout: a peer that hangs without dying (stopped, deadlocked,
+    a cable pulled without a reset) would block rank 0 for ever. Past ``timeout`` it ends rank 0."""
+    while True:
+        since = model.waiting_since
+        if since is not None and time.monotonic() - since > timeout:
+            print(f"magnetar: error: a pipeline rank stopped answering (nothing for {timeout:.0f} s) ({LOST_FIX})",
+                  file=sys.stderr, flush=True)
+            if local:
+                local.end()
+            os._exit(EXIT_LOST)
+        time.sleep(min(0.5, timeout / 4))
 
 
 def serve_rank(mf, link: Link, spans, ctx: int, precision: str, kernels) -> None:

@@ -3,7 +3,7 @@ ring is formed once per process). Through the Engine's door only: prefill a prom
 chunks, pure logits of a prefix, then greedy decode steps; every logits row is saved.
 
     python tests/pipeline_driver.py MODEL OUT.npz [--ranks N --layers L] [--restore CK]
-        [--save CK] [--kill-rank R --kill-at prefill|decode] [--detour]
+        [--save CK] [--kill-rank R --kill-at prefill|decode [--freeze --reply-timeout S]] [--detour]
 
 Without --ranks it is the single-process reference. Errors end it like the CLI: one
 line ``magnetar: error: ...`` on stderr and the error's exit code.
@@ -68,20 +68,23 @@ def main() -> int:
     p.add_argument("--kill-rank", type=int)
     p.add_argument("--kill-at", choices=("prefill", "decode"))
     p.add_argument("--detour", action="store_true")
+    p.add_argument("--freeze", action="store_true", help="stop the rank (SIGSTOP) instead of killing it")
+    p.add_argument("--reply-timeout", type=float, default=300.0)
     args = p.parse_args()
     engine = None
     try:
         if args.ranks:
             from magnetar.runtime.distributed import start_pipeline as start
 
-            engine = start(args.model, ranks=args.ranks, layers=args.layers, ctx=256, prefill_chunk=CHUNK)
+            engine = start(args.model, ranks=args.ranks, layers=args.layers, ctx=256, prefill_chunk=CHUNK,
+                           reply_timeout=args.reply_timeout)
         else:
             engine = Engine.load(args.model, ctx=256, prefill_chunk=CHUNK)
 
         def kill(at: str) -> None:
             if args.kill_at == at:
                 child = dict((r, c) for r, c, _ in engine.local_ranks.children)[args.kill_rank]
-                os.kill(child.pid, signal.SIGKILL)
+                os.kill(child.pid, signal.SIGSTOP if args.freeze else signal.SIGKILL)
 
         rows = exercise(engine, args.restore, args.save, kill, args.detour)
         np.savez(args.out, **rows)

@@ -7,7 +7,8 @@ windowed prefill, pure logits, decode, after a restore, after the workers lost t
 session and after a rewind, both replayed from the transcript); a session saved on 2
 ranks is the single-machine file and restores in one process, and one saved in
 one process restores on 3 ranks; a rank killed mid-prefill or mid-decode ends
-rank 0 within seconds with one error line and a non-zero exit, no file written.
+rank 0 within seconds with one error line and a non-zero exit, no file written; a
+rank that hangs alive ends rank 0 at its reply timeout.
 Every run has a timeout, so a hang fails instead of stalling CI. The fast set: the
 CLI's greedy text on 2 ranks, the kill mid-prefill, the split and hash rules
 (tests/test_pipeline_stages.py proves the stages bit for bit in one process).
@@ -99,6 +100,16 @@ def test_a_killed_rank_ends_rank_0_with_one_error(model, tmp_path, at):
                     "(the run stops; saved sessions are intact, restart with all ranks)"]
     assert "Traceback" not in run.stderr
     assert list(tmp_path.iterdir()) == []  # no session, no half-written temp file
+
+
+def test_a_rank_that_hangs_without_dying_ends_rank_0_at_the_reply_timeout(model, tmp_path):
+    """SIGSTOP: the peer's sockets stay open, so only rank 0's own deadline can end the wait."""
+    run = _drive(model, tmp_path / "k.npz", "--ranks", "2", "--layers", "0:2,2:5", "--kill-rank", "1",
+                 "--kill-at", "decode", "--freeze", "--reply-timeout", "2", timeout=60)
+    assert run.returncode == PipelineError.exit_code
+    ours = [ln for ln in run.stderr.splitlines() if ln.startswith("magnetar")]
+    assert ours == ["magnetar: error: a pipeline rank stopped answering (nothing for 2 s) "
+                    "(the run stops; saved sessions are intact, restart with all ranks)"]
 
 
 def test_layers_auto_balances_weight_bytes_and_explicit_splits_are_checked(model):

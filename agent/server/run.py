@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from magnetar.console import engine_options
-from magnetar.runtime import Engine, PrefixCache, UsageError
+from magnetar.console import load_engine
+from magnetar.runtime import PrefixCache, UsageError
 
 from .app import Server
 from .worker import Worker
@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
 
     from magnetar.agent import models
     path = models.resolve_model(args.model)
-    engine = Engine.load(path, ctx=args.ctx, **engine_options(args))
+    engine = load_engine(args, path)
+    if engine is None:  # a rank > 0 of --distributed: it served its layers until rank 0 stopped it
+        return 0
     cache = memory = None
     if args.kv_disk_dir:
         if args.kv_disk_space_mb < 1:
