@@ -1,9 +1,9 @@
 """``magnetar bench streaming``: decode speed with the routed experts streamed from
 the file through caches of several sizes, against the engine that holds them all.
 
-Each case drops the file's pages from the OS cache first (``POSIX_FADV_DONTNEED``,
-clean pages only: no root needed), loads a fresh engine, prefills the prompt and
-times greedy decode tokens. Routing is the model's own, or Zipf(s)-distributed
+Each case runs in a process of its own: it drops the file's pages from the OS
+cache (``POSIX_FADV_DONTNEED``, clean pages only: no root needed), loads an
+engine, prefills the prompt and times greedy decode tokens. Routing is the model's own, or Zipf(s)-distributed
 over each layer's experts, forced through the cache's route hook (docs/spec/
 streaming-distributed.md §9: real routing is skewed; random test weights are not).
 The resident engine's speed does not depend on which experts run (the same count
@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import random
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -26,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from magnetar.runtime.engine import Engine
+from magnetar.runtime.errors import UsageError
 from magnetar.runtime.expert_cache import READ_THREADS, ExpertFile, ExpertStack, routed_tensors
 from magnetar.runtime.fileio import atomic_write_bytes
 from magnetar.runtime.gguf_read import open_model
@@ -98,31 +102,47 @@ def _decode(engine: Engine, prompt: list[int], tokens: int) -> tuple[float, dict
     return tokens / seconds, {k: after[k] - before.get(k, 0) for k in after}
 
 
+def measure(model: str, routing: str, share: float, zipf: float, prompt_tokens: int, tokens: int) -> dict:
+    """One case in this process, page cache dropped first: decode tok/s and the cache's counters
+    over the timed tokens (share 0: the resident engine)."""
+    cfg = open_model(model).config
+    prompt = [0] + [(7919 * i) % (cfg.vocab_size - 2) + 2 for i in range(1, prompt_tokens)]
+    routed = sum(i.nbytes for infos in routed_tensors(open_model(model), range(cfg.n_layer)).values() for i in infos)
+    drop_page_cache(model)
+    engine = Engine.load(model, ctx=prompt_tokens + tokens + 8,
+                         expert_cache=max(int(share * routed), 1) if share else None)
+    if routing != "model":
+        engine.model.experts.route_hook = zipf_routing(cfg.n_expert, zipf)
+    tok_s, delta = _decode(engine, prompt, tokens)
+    return {"tok_s": tok_s, **delta}
+
+
 def run(model, shares=(0.1, 0.25, 0.5, 1.0), zipf: float = 1.1, prompt_tokens: int = 32, tokens: int = 8,
         progress: Callable[[str], None] = lambda what: None) -> list[Case]:
-    mf = open_model(model)
-    cfg = mf.config
-    routed = sum(i.nbytes for infos in routed_tensors(mf, range(cfg.n_layer)).values() for i in infos)
-    prompt = [0] + [(7919 * i) % (cfg.vocab_size - 2) + 2 for i in range(1, prompt_tokens)]
+    """Every case in a process of its own: memory and the OS cache start clean, and an engine's
+    buffers (a resident Flash-width model holds every expert) do not stay behind for the next."""
     progress("measuring the disk: cold expert-sized preadv from a thread pool")
     disk = disk_bandwidth(model)
-    progress("resident baseline")
-    drop_page_cache(model)
-    base, _ = _decode(Engine.load(model, ctx=prompt_tokens + tokens + 8), prompt, tokens)
+
+    def case(routing: str, share: float) -> dict:
+        progress(f"{routing} routing, " + (f"cache {share:.0%} of the routed experts" if share else "resident"))
+        args = json.dumps([os.fspath(model), routing, share, zipf, prompt_tokens, tokens])
+        run = subprocess.run([sys.executable, "-m", "magnetar.runtime.lab.bench_streaming", args],
+                             capture_output=True, text=True)
+        if run.returncode:
+            tail = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
+            raise UsageError(f"bench streaming: the {routing} case at {share:.0%} failed: {tail}")
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    base = case("model", 0.0)["tok_s"]
     cases = [Case("model", 0.0, base, 1.0, 1.0, 0.0, 0.0, disk)]
     for routing in ("model", f"zipf-{zipf:g}"):
         for share in shares:
-            progress(f"{routing} routing, cache {share:.0%} of the routed experts")
-            drop_page_cache(model)
-            engine = Engine.load(model, ctx=prompt_tokens + tokens + 8, expert_cache=max(int(share * routed), 1))
-            if routing != "model":
-                engine.model.experts.route_hook = zipf_routing(cfg.n_expert, zipf)
-            tok_s, delta = _decode(engine, prompt, tokens)
-            uses, secs = delta["uses"], delta["read_seconds"]
-            cases.append(Case(routing, share, tok_s, tok_s / base, delta["hits"] / uses if uses else 0.0,
-                              delta["bytes_read"] / tokens / 1e6, delta["bytes_read"] / secs / 1e9 if secs else 0.0,
+            got = case(routing, share)
+            uses, secs = got["uses"], got["read_seconds"]
+            cases.append(Case(routing, share, got["tok_s"], got["tok_s"] / base, got["hits"] / uses if uses else 0.0,
+                              got["bytes_read"] / tokens / 1e6, got["bytes_read"] / secs / 1e9 if secs else 0.0,
                               disk))
-            engine.model.experts.close()
     return cases
 
 
@@ -145,3 +165,7 @@ def write_csv(cases: list[Case], path) -> None:
     writer.writeheader()
     writer.writerows(asdict(c) for c in cases)
     atomic_write_bytes(path, out.getvalue().encode())
+
+
+if __name__ == "__main__":  # one case, for run(): JSON arguments in, one JSON line out
+    print(json.dumps(measure(*json.loads(sys.argv[1]))))
