@@ -206,7 +206,7 @@ def _measuring_commands(sub) -> None:
 
     p = sub.add_parser("bench", help="decode/prefill speed side by side with optional peers; kernels vs the "
                                      "memory floor; checkpoint resume vs re-prefill; the server vs generate")
-    p.add_argument("mode", choices=("decode", "prefill", "kernels", "resume", "server", "distributed"))
+    p.add_argument("mode", choices=("decode", "prefill", "kernels", "resume", "server", "distributed", "streaming"))
     p.add_argument("-m", "--model", metavar="MODEL", help="the model (decode, prefill, resume and server)")
     p.add_argument("--peers", default="", metavar="LIST",
                    help="comma list of transformers, mlx-lm, llama.cpp (dev-only packages)")
@@ -236,6 +236,9 @@ def _measuring_commands(sub) -> None:
                    help="resume, distributed: sequence lengths in tokens (default 8192,32768)")
     p.add_argument("--ranks", type=int, default=2, help="distributed: local ranks (default 2)")
     p.add_argument("--layers", default="auto", metavar="auto|A:B,...", help="distributed: the split (default auto)")
+    p.add_argument("--cache-shares", default="10,25,50,100", metavar="P,P",
+                   help="streaming: expert-cache sizes in percent of the routed experts (default 10,25,50,100)")
+    p.add_argument("--zipf", type=float, default=1.1, help="streaming: exponent of the forced skewed routing")
     _add_streaming_flags(p)
     p.set_defaults(run=_bench)
 

@@ -141,6 +141,8 @@ def bench(args: argparse.Namespace) -> int:
         return bench_resume(args)
     if args.mode == "distributed":
         return bench_distributed(args)
+    if args.mode == "streaming":
+        return bench_streaming(args)
     if not args.model:
         raise UsageError(f"bench {args.mode} needs a model", "pass -m MODEL")
     if args.tokens < 1 or args.reps < 1 or args.prompt_tokens < 1:
@@ -271,4 +273,24 @@ def quality(args: argparse.Namespace) -> int:
     print(q.render(result))
     if args.json:
         q.write_json(args.json, result, prompts_file=str(args.prompts))
+    return 0
+
+
+def bench_streaming(args: argparse.Namespace) -> int:
+    from . import bench_streaming as bs
+
+    if not args.model:
+        raise UsageError("bench streaming needs a model", "pass -m MODEL")
+    try:
+        shares = [float(v) / 100 for v in args.cache_shares.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--cache-shares must be comma-separated percentages, got {args.cache_shares!r}") from None
+    if not shares or not all(0 < v <= 1 for v in shares) or args.tokens < 1:
+        raise UsageError("--cache-shares must be percentages in (0, 100] and --tokens positive")
+    console = Console(stderr=True)
+    cases = bs.run(args.model, shares, zipf=args.zipf, prompt_tokens=args.prompt_tokens, tokens=args.tokens,
+                   progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
+    print(bs.render(cases, str(args.model)))
+    if args.csv:
+        bs.write_csv(cases, args.csv)
     return 0
