@@ -103,9 +103,9 @@ def test_a_killed_rank_ends_rank_0_with_one_error(model, tmp_path, at):
 
 
 def test_a_rank_that_hangs_without_dying_ends_rank_0_at_the_reply_timeout(model, tmp_path):
-    """SIGSTOP: the peer's sockets stay open, so only rank 0's own deadline can end the wait."""
+    """SIGSTOP mid-prefill: the peer's sockets stay open, so only rank 0's own deadline ends the wait."""
     run = _drive(model, tmp_path / "k.npz", "--ranks", "2", "--layers", "0:2,2:5", "--kill-rank", "1",
-                 "--kill-at", "decode", "--freeze", "--reply-timeout", "2", timeout=60)
+                 "--kill-at", "prefill", "--freeze", "--reply-timeout", "2", timeout=60)
     assert run.returncode == PipelineError.exit_code
     ours = [ln for ln in run.stderr.splitlines() if ln.startswith("magnetar")]
     assert ours == ["magnetar: error: a pipeline rank stopped answering (nothing for 2 s) "
