@@ -323,4 +323,4 @@ def test_bench_streaming_reports_every_cache_size_against_resident(tiny_models, 
     table = capsys.readouterr().out
     assert "resident" in table and "zipf-1.1" in table and "disk:" in table
     rows = out.read_text().splitlines()
-    assert rows[0].startswith("routing,cache_share,tok_s,ratio") and len(rows) == 1 + 1 + 2 * 2
+    assert rows[0].startswith("routing,cache_share,tok_s,ratio") and len(rows) == 1 + 2 + 2 * 2

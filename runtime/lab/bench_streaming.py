@@ -40,7 +40,7 @@ class Case:
     routing: str  # "model" or "zipf-1.1"
     cache_share: float  # of the routed experts' bytes; 0 = resident (the baseline)
     tok_s: float
-    ratio: float  # tok/s against the resident engine
+    ratio: float  # tok/s against the resident engine (the mean of its runs before and after)
     hit_rate: float  # during the timed decode
     mb_per_token: float  # read from the file per decoded token
     read_gb_s: float  # the cache's reads, wall time while waited on
@@ -134,15 +134,16 @@ def run(model, shares=(0.1, 0.25, 0.5, 1.0), zipf: float = 1.1, prompt_tokens: i
             raise UsageError(f"bench streaming: the {routing} case at {share:.0%} failed: {tail}")
         return json.loads(run.stdout.strip().splitlines()[-1])
 
-    base = case("model", 0.0)["tok_s"]
-    cases = [Case("model", 0.0, base, 1.0, 1.0, 0.0, 0.0, disk)]
-    for routing in ("model", f"zipf-{zipf:g}"):
-        for share in shares:
-            got = case(routing, share)
-            uses, secs = got["uses"], got["read_seconds"]
-            cases.append(Case(routing, share, got["tok_s"], got["tok_s"] / base, got["hits"] / uses if uses else 0.0,
-                              got["bytes_read"] / tokens / 1e6, got["bytes_read"] / secs / 1e9 if secs else 0.0,
-                              disk))
+    first = case("model", 0.0)["tok_s"]
+    runs = [(routing, share, case(routing, share)) for routing in ("model", f"zipf-{zipf:g}") for share in shares]
+    last = case("model", 0.0)["tok_s"]  # the baseline again at the end: the machine may have changed
+    base = (first + last) / 2
+    cases = [Case("model", 0.0, first, first / base, 1.0, 0.0, 0.0, disk),
+             Case("model", 0.0, last, last / base, 1.0, 0.0, 0.0, disk)]
+    for routing, share, got in runs:
+        uses, secs = got["uses"], got["read_seconds"]
+        cases.append(Case(routing, share, got["tok_s"], got["tok_s"] / base, got["hits"] / uses if uses else 0.0,
+                          got["bytes_read"] / tokens / 1e6, got["bytes_read"] / secs / 1e9 if secs else 0.0, disk))
     return cases
 
 
