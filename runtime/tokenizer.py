@@ -20,13 +20,15 @@ from __future__ import annotations
 import codecs
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import Regex, decoders, models, pre_tokenizers
 
 from .errors import TokenizerError
+
+RUN_MEMO = 2048  # text runs kept: a long agent conversation has a few hundred
 
 # llama.cpp token types as stored in ``tokenizer.ggml.token_type``.
 TOKEN_NORMAL = 1
@@ -192,12 +194,20 @@ class Tokenizer:
         run: list[str] = []
         for piece in pieces:
             if isinstance(piece, Special):
-                ids += self.encode("".join(run))
+                ids += self._encode_run("".join(run))
                 run.clear()
                 ids.append(self.token_id(piece.text))
             else:
                 run.append(piece)
-        return ids + self.encode("".join(run))
+        ids += self._encode_run("".join(run))
+        return ids
+
+    @cached_property
+    def _encode_run(self):
+        """A text run between specials -> its ids, remembered: a conversation re-rendered each
+        turn (the server counts every request, ``sync`` renders it again) re-encodes only its new
+        runs. One memo per tokenizer."""
+        return lru_cache(maxsize=RUN_MEMO)(lambda text: tuple(self.encode(text)))
 
     @cached_property
     def _token_bytes(self) -> list[bytes]:

@@ -91,3 +91,24 @@ def test_bad_merges_are_a_clear_error(v4_tokenizer):
         Tokenizer(v4_tokenizer.tokens, ["nosuchtoken xyz"], None)
     with pytest.raises(TokenizerError, match="merge #1 'ab'"):  # no space: not a pair
         Tokenizer(v4_tokenizer.tokens, ["a b", "ab"], None)
+
+
+def test_re_rendering_a_conversation_encodes_only_its_new_runs(v4_tokenizer):
+    from magnetar.runtime.chat import Message, Special, render
+
+    turns = [Message(role="user", content="Fix the bug in parser.py, it drops the last line. " * 20)]
+    v4_tokenizer.encode_pieces(render(turns, None, "think").pieces)
+    before = v4_tokenizer._encode_run.cache_info()
+    turns += [Message(role="assistant", content="Done: the loop stopped one line early."),
+              Message(role="user", content="Thanks; now the tests?")]
+    pieces = render(turns, None, "think").pieces
+    again = v4_tokenizer.encode_pieces(pieces)
+    assert v4_tokenizer._encode_run.cache_info().hits > before.hits  # the long first message: not encoded again
+    fresh, run = [], []  # and the memo changes nothing: every run as a fresh encode gives the same ids
+    for piece in pieces:
+        if isinstance(piece, Special):
+            fresh += v4_tokenizer.encode("".join(run)) + [v4_tokenizer.token_id(piece.text)]
+            run = []
+        else:
+            run.append(piece)
+    assert again == fresh + v4_tokenizer.encode("".join(run))
