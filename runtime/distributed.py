@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -348,17 +349,18 @@ class _LocalRanks:
                     self.lost = self._describe(r, code, log)
                     time.sleep(GRACE_S)
                     if not self.stopping:  # rank 0 did not get MLX's error: blocked somewhere else
-                        print(f"magnetar: error: a pipeline rank was lost ({self.lost}) ({LOST_FIX})",
-                              file=sys.stderr, flush=True)
-                        self.end()
-                        os._exit(EXIT_LOST)
+                        _fatal(f"a pipeline rank was lost ({self.lost})", self)
                     return
             time.sleep(0.1)
 
     @staticmethod
     def _describe(r: int, code: int, log: Path) -> str:
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("magnetar rank")]
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:  # already cleaned up: rank 0 is leaving
+            text = ""
+        lines = [ln for ln in text.splitlines() if ln.startswith("magnetar rank")]
         return f"rank {r} ended, {how}" + (f": {lines[-1]}" if lines else "")
 
     def describe_loss(self) -> str | None:
@@ -381,12 +383,13 @@ class _LocalRanks:
                 pass
 
     def end(self) -> None:
-        """Children still running are killed (rank 0 is leaving)."""
+        """Children still running are killed (rank 0 is leaving); the hostfile and logs go."""
         self.stopping = True
         for _, child, _ in self.children:
             if child.poll() is None:
                 child.kill()
                 child.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _init_group():
@@ -471,17 +474,23 @@ def start_pipeline(model_path, *, ranks: int | None = None, hostfile: str | None
     return engine
 
 
+def _fatal(cause: str, local: _LocalRanks | None) -> None:
+    """End rank 0 from a watchdog thread with one line. Stderr is closed first: killing the
+    children wakes the blocked engine thread, whose own error must not make a second line."""
+    print(f"magnetar: error: {cause} ({LOST_FIX})", file=sys.stderr, flush=True)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    if local:
+        local.end()
+    os._exit(EXIT_LOST)
+
+
 def _deadline(model: PipelineModel, local: _LocalRanks | None, timeout: float) -> None:
     """MLX's ring has no receive timeout: a peer that hangs without dying (stopped, deadlocked,
     a cable pulled without a reset) would block rank 0 for ever. Past ``timeout`` it ends rank 0."""
     while True:
         since = model.waiting_since
         if since is not None and time.monotonic() - since > timeout:
-            print(f"magnetar: error: a pipeline rank stopped answering (nothing for {timeout:.0f} s) ({LOST_FIX})",
-                  file=sys.stderr, flush=True)
-            if local:
-                local.end()
-            os._exit(EXIT_LOST)
+            _fatal(f"a pipeline rank stopped answering (nothing for {timeout:.0f} s)", local)
         time.sleep(min(0.5, timeout / 4))
 
 
