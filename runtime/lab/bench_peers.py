@@ -589,13 +589,16 @@ class EnginePeer:
 
     name = "magnetar"
 
-    def __init__(self, path: str, ctx: int, nodes: bool = False):
+    def __init__(self, path: str, ctx: int, nodes: bool = False, **load):
         """``nodes``: count the decode step's graph nodes once (graph_nodes.py), reported
-        with every sample as ``nodes`` and ``nodes/layer``."""
-        self.engine = Engine.load(path, ctx=ctx)
+        with every sample as ``nodes`` and ``nodes/layer``. ``load``: more ``Engine.load``
+        keywords (``--expert-cache``, ``--hotlist``)."""
+        self.engine = Engine.load(path, ctx=ctx, **load)
         cfg = self.engine.config
         self.detail = (f"MLX {mx.__version__} ({mx.default_device()}), {cfg.n_layer} layers, d {cfg.d_model}, "
                        f"{self.engine.file.recipe} file, precision {self.engine.precision}")
+        if self.engine.model.experts:
+            self.detail += f", {self.engine.expert_cache_note}"
         self._host: list[float] = []
         self._nodes: dict[str, float] = {}
         if nodes:

@@ -50,8 +50,8 @@ def drop_page_cache(path: Path) -> bool:
         os.close(fd)
 
 
-def _timed_restore(model: str, ctx: int, path: Path, expected: np.ndarray) -> float:
-    engine = Engine.load(model, ctx=ctx)
+def _timed_restore(model: str, ctx: int, path: Path, expected: np.ndarray, load: dict) -> float:
+    engine = Engine.load(model, ctx=ctx, **load)
     t0 = time.perf_counter()
     engine.restore(path)
     seconds = time.perf_counter() - t0
@@ -61,12 +61,14 @@ def _timed_restore(model: str, ctx: int, path: Path, expected: np.ndarray) -> fl
 
 
 def run(model: str, lengths: Sequence[int], reps: int = 3, folder: str | None = None,
-        progress: Callable[[str], None] | None = None) -> list[Case]:
+        progress: Callable[[str], None] | None = None, load: dict | None = None) -> list[Case]:
+    """``load``: more ``Engine.load`` keywords (``--expert-cache``, ``--hotlist``)."""
+    load = load or {}
     cases = []
     with tempfile.TemporaryDirectory(dir=folder, prefix="magnetar-bench-resume-") as tmp:
         for n in lengths:
             ctx = n + 1
-            engine = Engine.load(model, ctx=ctx)
+            engine = Engine.load(model, ctx=ctx, **load)
             ids = [0] + np.random.default_rng(n).integers(2, engine.config.vocab_size, n - 1).tolist()
             if progress:
                 progress(f"prefilling {n} tokens")
@@ -84,8 +86,8 @@ def run(model: str, lengths: Sequence[int], reps: int = 3, folder: str | None = 
                 if progress:
                     progress(f"restoring {n} tokens")
                 drop_page_cache(path)
-                cold.append(_timed_restore(model, ctx, path, expected))
-                warm.append(_timed_restore(model, ctx, path, expected))
+                cold.append(_timed_restore(model, ctx, path, expected, load))
+                warm.append(_timed_restore(model, ctx, path, expected, load))
             cases.append(Case(n, prefill_s, checkpoint_s, statistics.median(cold), statistics.median(warm), nbytes))
     return cases
 

@@ -34,6 +34,8 @@ from magnetar.runtime.expert_cache import READ_THREADS, ExpertFile, ExpertStack,
 from magnetar.runtime.fileio import atomic_write_bytes
 from magnetar.runtime.gguf_read import open_model
 
+from .bench_resume import drop_page_cache
+
 
 @dataclass
 class Case:
@@ -45,14 +47,6 @@ class Case:
     mb_per_token: float  # read from the file per decoded token
     read_gb_s: float  # the cache's reads, wall time while waited on
     disk_gb_s: float  # preadv from a thread pool on the same file, cold
-
-
-def drop_page_cache(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def disk_bandwidth(path, n_reads: int = 96, seed: int = 0) -> float:

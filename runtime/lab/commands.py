@@ -151,7 +151,7 @@ def bench(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.plot:
         harness.figure_class()  # a missing matplotlib fails before the benchmark, not after
-    peers = [EnginePeer(args.model, ctx=args.ctx, nodes=args.nodes)]
+    peers = [EnginePeer(args.model, ctx=args.ctx, nodes=args.nodes, **engine_options(args))]
     peers += isolated_peers(args.peers, args.model, ctx=args.ctx,
                             progress=lambda name, s: console.print(f"[dim]built {name} in {s:.1f} s[/]",
                                                                    highlight=False))
@@ -197,7 +197,7 @@ def bench_resume(args: argparse.Namespace) -> int:
         raise UsageError("--lengths needs positive token counts and --reps must be positive")
     console = Console(stderr=True)
     cases = br.run(args.model, lengths, args.reps,
-                   progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
+                   progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False), load=engine_options(args))
     print(br.render(cases, str(args.model)))
     return 0
 
