@@ -250,7 +250,7 @@ class StreamStats:
     layers_streamed: int = 0  # whole layers read for long prefills
     experts_read: int = 0
     bytes_read: int = 0
-    read_seconds: float = 0.0  # wall time spent waiting on reads
+    read_seconds: float = 0.0  # wall time with reads in flight (the union of their spans)
 
     @property
     def hit_rate(self) -> float:
@@ -328,19 +328,19 @@ class StagedLayers:
         self.views[bank.layer] = tuple(views)
         self.reads[bank.layer] = (index, time.perf_counter(), futures)
 
-    def wait(self, layer: int) -> tuple[tuple[np.ndarray, ...], int, float]:
+    def wait(self, layer: int) -> tuple[tuple[np.ndarray, ...], int, float, float]:
         """The layer's stacks once read in full (ExpertReadError if a piece failed), their bytes
-        and the read's wall time."""
+        and when the read started and ended."""
         index, start, futures = self.reads[layer]
         failed = next((f.exception() for f in futures if f.exception() is not None), None)
         if failed is not None:
             self.release(layer)
             raise failed if isinstance(failed, MagnetarError) else ExpertReadError(f"expert read failed: {failed}")
         nbytes = sum(v.nbytes for v in self.views[layer])
-        seconds = max(f.result() for f in futures) - start
-        self.seconds += seconds
+        end = max(f.result() for f in futures)
+        self.seconds += end - start
         self.nbytes += nbytes
-        return self.views[layer], nbytes, seconds
+        return self.views[layer], nbytes, start, end
 
     def release(self, layer: int) -> None:
         index, _, futures = self.reads.pop(layer)
@@ -373,6 +373,7 @@ class ExpertCache:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="expert-read")
         self.stats = StreamStats()
         self.bank_read = [0, 0.0]  # bytes and wall seconds of expert-by-expert reads: their bandwidth
+        self._read_until = 0.0  # the end of the read time counted so far
         self.tick = 0
         self.decoded = 0
         self.route_hook = None  # benchmarks only: (layer, ids) -> the ids to run instead (forced routing)
@@ -460,9 +461,9 @@ class ExpertCache:
         for slot in list(bank.pending):  # reads ahead (a hash layer's): land them before slots move
             self._settle_quietly(bank, slot)
         self.stats.uses += len(used)
-        stacks, nbytes, seconds = self.staging.wait(bank.layer)
+        stacks, nbytes, start, end = self.staging.wait(bank.layer)
         self.stats.bytes_read += nbytes
-        self.stats.read_seconds += seconds
+        self.stats.read_seconds += self._reading(start, end)
         self.stats.layers_streamed += 1
         out = np.zeros(x.shape, np.float32)
         identity = np.arange(len(bank.hot), dtype=np.int32)
@@ -553,12 +554,19 @@ class ExpertCache:
                 bank.expert_in[slot] = -1
                 error = error or failed
         if ends:
-            seconds = max(ends) - min(starts)  # wall time of the batch: its reads overlap
+            seconds = self._reading(min(starts), max(ends))
             self.stats.read_seconds += seconds
             self.bank_read[0] += len(starts) * self.slot_bytes
             self.bank_read[1] += seconds
         if error is not None:
             raise error if isinstance(error, MagnetarError) else ExpertReadError(f"expert read failed: {error}")
+
+    def _reading(self, start: float, end: float) -> float:
+        """Wall seconds of reading in ``[start, end]`` not counted yet: batches overlap (a token's
+        hash layers are read ahead together), and read time is the union of their spans."""
+        seconds = max(0.0, end - max(start, self._read_until))
+        self._read_until = max(self._read_until, end)
+        return seconds
 
     def _settle_quietly(self, bank: LayerBank, slot: int) -> None:
         """Land a read ahead that nobody waits for; a failure just leaves the slot free."""
