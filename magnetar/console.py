@@ -56,11 +56,14 @@ def load_engine(args, model):
         if layers != "auto":
             raise UsageError("--layers needs --ranks N or --distributed HOSTFILE")
         return Engine.load(model, ctx=args.ctx, **engine_options(args))
-    if getattr(args, "expert_cache", None) or getattr(args, "hotlist", None):
-        raise UsageError("--expert-cache is not available with a layer split yet", "drop --expert-cache")
-    engine = start_pipeline(model, ranks=ranks, hostfile=hostfile, layers=layers, ctx=args.ctx)
+    if getattr(args, "hotlist", None):
+        raise UsageError("--hotlist is not available with a layer split yet", "drop --hotlist")
+    engine = start_pipeline(model, ranks=ranks, hostfile=hostfile, layers=layers, ctx=args.ctx,
+                            expert_cache=getattr(args, "expert_cache", None))
     if engine is not None:
         print(f"magnetar: {engine.pipeline_note}", file=sys.stderr)
+        if engine.expert_cache_note:
+            print(f"magnetar: {engine.expert_cache_note}", file=sys.stderr)
     return engine
 
 

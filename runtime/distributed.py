@@ -40,9 +40,10 @@ from magnetar.kernels.backend import select as select_backend
 
 from .engine import DEFAULT_PREFILL_CHUNK, Engine, Stats, _engine_method, _Live, on_engine_thread
 from .errors import UsageError
+from .expert_cache import expert_budget
 from .gguf_read import open_model
 from .kv_state import KVState
-from .limits import DEFAULT_CTX, MAX_CTX
+from .limits import DEFAULT_CTX, MAX_CTX, parse_cache_size
 from .model import Model
 from .pipeline import FNV_BASIS, Link, PipelineError, Worker, fnv1a, parse_layers, say
 
@@ -57,11 +58,11 @@ class PipelineModel:
     the rest of the ring. Sessions: each KVState the Engine passes is one session on the
     workers (the live sequence, or ``Engine.logits``' scratch one), dropped when it is."""
 
-    experts = None  # streamed experts are per rank (not wired here yet)
 
     def __init__(self, local: Model, link: Link, ctx: int, prefill_chunk: int, window: int,
                  describe_loss: Callable[[], str | None]):
         self.local, self.link, self.ctx = local, link, ctx
+        self.experts = local.experts  # rank 0's own streaming cache (each rank has its own)
         self.cfg, self.kernels = local.cfg, local.kernels
         self.prefill_chunk, self.window = prefill_chunk, window
         self.describe_loss = describe_loss
@@ -403,10 +404,11 @@ def _init_group():
 def start_pipeline(model_path, *, ranks: int | None = None, hostfile: str | None = None, layers: str = "auto",
           ctx: int = DEFAULT_CTX, precision: str = "official", backend: str = "auto",
           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, window: int | None = None,
-          reply_timeout: float = REPLY_TIMEOUT_S) -> PipelineEngine | None:
+          reply_timeout: float = REPLY_TIMEOUT_S, expert_cache: int | str | None = None) -> PipelineEngine | None:
     """Form the pipeline: ``ranks`` local processes, or this process as rank ``$MLX_RANK`` of
     ``hostfile``. Rank 0 gets its Engine (``close()`` it when done); other ranks serve their
-    span here until rank 0 stops them, then get None."""
+    span here until rank 0 stops them, then get None. ``expert_cache``: every rank streams
+    its own layers' routed experts through a cache of that size (``auto``: what its RAM allows)."""
     if (ranks is None) == (hostfile is None):
         raise UsageError("give either --ranks N or --distributed HOSTFILE")
     if not 0 < ctx <= MAX_CTX:
@@ -429,7 +431,8 @@ def start_pipeline(model_path, *, ranks: int | None = None, hostfile: str | None
         spans = parse_layers(layers, mf, ranks)
         layout = ",".join(f"{a}:{b}" for a, b in spans)
         local = _LocalRanks(ranks, ["--model", os.fspath(model_path), "--layers", layout, "--ctx", str(ctx),
-                                    "--precision", precision, "--backend", backend])
+                                    "--precision", precision, "--backend", backend]
+                            + ([] if expert_cache is None else ["--expert-cache", str(expert_cache)]))
         os.environ.update(local.env)
     group = _init_group()
     if group.size() != len(spans):
@@ -440,17 +443,22 @@ def start_pipeline(model_path, *, ranks: int | None = None, hostfile: str | None
     except BackendUnavailable as e:
         raise UsageError(str(e), "use --backend auto or cpu") from None
     if link.rank:
-        serve_rank(mf, link, spans, ctx, precision, kernels)
+        serve_rank(mf, link, spans, ctx, precision, kernels, expert_cache)
         return None
 
     def build():
-        model = Model(mf, precision, None, kernels, span=spans[0])
+        budget, cache_note = expert_budget(mf, ctx, expert_cache, spans[0])
+        model = Model(mf, precision, None, kernels, span=spans[0], expert_cache=budget)
         pm = PipelineModel(model, link, ctx, prefill_chunk, window or min(len(spans) + 2, 8),
                            local.describe_loss if local else lambda: None)
         note = "layers " + ", ".join(f"rank {r}: {a}:{b}" for r, (a, b) in enumerate(spans))
         if layers == "auto":
             note += " (auto: balanced by each layer's weight bytes, not by timing)"
-        return PipelineEngine(mf, pm, ctx, precision, prefill_chunk, spans, note)
+        engine = PipelineEngine(mf, pm, ctx, precision, prefill_chunk, spans, note)
+        if model.experts:
+            engine.stats.streaming = model.experts.stats
+            engine.expert_cache_note = "; ".join(filter(None, (cache_note, f"rank 0 {model.experts.describe()}")))
+        return engine
 
     engine = on_engine_thread(build)
 
@@ -494,8 +502,10 @@ def _deadline(model: PipelineModel, local: _LocalRanks | None, timeout: float) -
         time.sleep(min(0.5, timeout / 4))
 
 
-def serve_rank(mf, link: Link, spans, ctx: int, precision: str, kernels) -> None:
-    model = Model(mf, precision, None, kernels, span=spans[link.rank])
+def serve_rank(mf, link: Link, spans, ctx: int, precision: str, kernels,
+               expert_cache: int | str | None = None) -> None:
+    budget, _ = expert_budget(mf, ctx, expert_cache, spans[link.rank])
+    model = Model(mf, precision, None, kernels, span=spans[link.rank], expert_cache=budget)
     Worker(link, model, ctx).serve()
 
 
@@ -507,13 +517,14 @@ def _worker_main(argv: list[str]) -> int:
     for flag in ("--model", "--layers", "--precision", "--backend"):
         p.add_argument(flag, required=True)
     p.add_argument("--ctx", type=int, required=True)
+    p.add_argument("--expert-cache", type=parse_cache_size, default=None)
     args = p.parse_args(argv)
     rank = int(os.environ.get("MLX_RANK", "-1"))
     try:
         mf = open_model(args.model)
         spans = parse_layers(args.layers, mf, len(args.layers.split(",")))
         group = _init_group()
-        serve_rank(mf, Link(group), spans, args.ctx, args.precision, select_backend(args.backend))
+        serve_rank(mf, Link(group), spans, args.ctx, args.precision, select_backend(args.backend), args.expert_cache)
     except RuntimeError as err:
         say(rank, f"error: a pipeline peer was lost ({err})")
         return EXIT_LOST

@@ -31,7 +31,7 @@ from magnetar.kernels.backend import select as select_backend
 from . import checkpoint as ckpt
 from .conversation import THINK_MAX_MIN_CTX, Conversing, require_room  # the constant stays importable from here
 from .errors import ContextFull, ExpertReadError, UsageError
-from .expert_cache import StreamStats, auto_budget, read_hotlist, routed_tensors
+from .expert_cache import StreamStats, expert_budget, read_hotlist
 from .gguf_read import ModelFile, open_model
 from .kv_state import KVState
 from .limits import DEFAULT_CTX, MAX_CTX, parse_cache_size
@@ -171,9 +171,9 @@ class Engine(Conversing):
         self.file = model_file
         self.config = model_file.config
         self.ctx, self.precision, self.prefill_chunk = ctx, precision, prefill_chunk
-        self.expert_cache_note = ""  # how --expert-cache was sized, for the CLI to print
-        if isinstance(expert_cache, str):
-            expert_cache = self._auto_expert_cache(model_file, ctx, expert_cache)
+        if isinstance(expert_cache, str) and expert_cache != "auto":
+            expert_cache = parse_cache_size(expert_cache)
+        expert_cache, self.expert_cache_note = expert_budget(model_file, ctx, expert_cache)  # the note: for the CLI
         self.model = Model(model_file, precision, expand_budget, kernels, expert_cache=expert_cache)
         self.stats = Stats(streaming=self.model.experts.stats if self.model.experts else None)
         if self.model.experts:
@@ -188,14 +188,6 @@ class Engine(Conversing):
             raise UsageError("--hotlist needs --expert-cache", "add --expert-cache auto or a size")
         read = self.model.experts.warm(read_hotlist(hotlist))
         self.expert_cache_note += f"; hotlist {os.fspath(hotlist)}: {read} experts preloaded"
-
-    def _auto_expert_cache(self, mf: ModelFile, ctx: int, request: str) -> int:
-        if parse_cache_size(request) != "auto":
-            return parse_cache_size(request)
-        experts = {i.name for infos in routed_tensors(mf, range(mf.config.n_layer)).values() for i in infos}
-        resident = sum(i.nbytes for name, i in mf.tensors.items() if name not in experts)
-        budget, self.expert_cache_note = auto_budget(mf, ctx, resident)
-        return budget
 
     @classmethod
     def load(cls, path: str | os.PathLike, ctx: int = DEFAULT_CTX, precision: str = "official",

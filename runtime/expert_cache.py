@@ -82,6 +82,25 @@ def auto_budget(mf: ModelFile, ctx: int, resident: int) -> tuple[int, str]:
                     f"= {budget / 2**30:.1f} GiB")
 
 
+def expert_budget(mf: ModelFile, ctx: int, request: int | str | None,
+                  span: tuple[int, int] | None = None) -> tuple[int | None, str]:
+    """``--expert-cache`` as bytes for the layers ``span`` (default all) and a line saying how
+    ``auto`` chose it: the weights of those layers that stay resident (the embedding with layer
+    0, the head with the last) come off what is free."""
+    if request != "auto":
+        return request, ""
+    a, b = span or (0, mf.config.n_layer)
+    routed = {i.name for infos in routed_tensors(mf, range(mf.config.n_layer)).values() for i in infos}
+
+    def mine(name: str) -> bool:
+        if name.startswith("blk."):
+            return a <= int(name.split(".")[1]) < b
+        return a == 0 if name.startswith("token_embd") else b == mf.config.n_layer
+
+    resident = sum(i.nbytes for name, i in mf.tensors.items() if name not in routed and mine(name))
+    return auto_budget(mf, ctx, resident)
+
+
 HOTLIST_HEADER = "# ds4 expert hotlist v1"
 
 

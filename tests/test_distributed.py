@@ -144,3 +144,7 @@ def test_generate_with_two_local_ranks_writes_the_single_process_text(model):
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     assert two.stdout == one.stdout and one.stdout.strip()
     assert "magnetar: layers rank 0: 0:2, rank 1: 2:5" in two.stderr
+    # each rank streams its own layers' experts, one slot per layer: the same text
+    streamed = generate("--ranks", "2", "--layers", "0:2,2:5", "--expert-cache", "1")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == one.stdout and "rank 0 expert cache" in streamed.stderr
