@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import anthropic
 import httpx2 as httpx
@@ -254,6 +255,17 @@ def test_prefix_reuse_from_disk_after_restart(v4_tokenizer, tmp_path):
             message, {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "ok"}])
     assert r.usage.prompt_tokens_details.cached_tokens == sampled  # saved at shutdown, restored exactly
     assert second.stats.prefill_tokens == r.usage.prompt_tokens - sampled
+
+
+def test_tool_memory_is_on_disk_after_each_answer_not_only_at_shutdown(v4_tokenizer, tmp_path):
+    memory = tmp_path / "memory.json"
+    with running(CachedScriptedEngine(v4_tokenizer, [THINK_TOOL]), None, memory) as (url, _):
+        r = clients(url)[0].chat.completions.create(model="m", messages=HI, tools=TOOLS)
+        call_id = r.choices[0].message.tool_calls[0].id
+        deadline = time.monotonic() + 10  # written by the worker right after the answer went out
+        while call_id not in (memory.read_text() if memory.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert call_id in json.loads(memory.read_text())  # a crash now would keep it
 
 
 def test_tiny_model_wiring(tiny_models):

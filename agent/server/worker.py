@@ -80,9 +80,11 @@ class ToolMemory:
         self.size = size
         self._calls: OrderedDict[str, dict] = OrderedDict()
         self._lock = threading.Lock()
+        self.dirty = False  # remembered something since the last save
 
     def remember(self, call_id: str, dsml: str, reasoning: str) -> None:
         with self._lock:
+            self.dirty = True
             self._calls[call_id] = {"dsml": dsml, "reasoning": reasoning}
             while len(self._calls) > self.size:
                 self._calls.popitem(last=False)
@@ -94,6 +96,7 @@ class ToolMemory:
     def save(self, path: Path) -> None:
         with self._lock:
             atomic_write_bytes(path, json.dumps(dict(self._calls)).encode())
+            self.dirty = False
 
     def load(self, path: Path) -> None:
         try:
@@ -260,6 +263,8 @@ class Worker:
         # Logged before the end goes out: a client that has its answer finds the line written.
         _log_request(job, report, prompt, turn.counter.tokens, finish, picked, synced)
         job.emit(Out("end", finish=finish, usage=usage, stop_sequence=stops.hit))
+        if self.memory_path is not None and self.memory.dirty:  # after the answer: a crash keeps what was sampled
+            self.memory.save(self.memory_path)
 
 
 class _Turn:
