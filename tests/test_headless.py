@@ -37,7 +37,7 @@ def scripted(v4_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(headless, "PrefixCache", NoPrefixCache)
 
     def use(replies):
-        def load(path, ctx):
+        def load(path, ctx, **options):  # options: the streaming flags (unset here)
             made.append(ScriptedEngine(v4_tokenizer, list(replies), ctx=ctx))
             return made[-1]
         monkeypatch.setattr(headless.Engine, "load", load)

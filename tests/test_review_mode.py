@@ -247,7 +247,7 @@ def test_the_command_writes_the_report_and_exits_by_outcome(v4_tokenizer, repo, 
                                                             fail_on, code):
     monkeypatch.setenv("MAGNETAR_HOME", str(repo.parent / "home"))
     monkeypatch.setattr(review_mode, "resolve_model", lambda explicit: Path("model.gguf"))
-    monkeypatch.setattr(review_mode.Engine, "load", lambda path, ctx: ScriptedEngine(v4_tokenizer, list(replies)))
+    monkeypatch.setattr(review_mode.Engine, "load", lambda path, ctx, **options: ScriptedEngine(v4_tokenizer, list(replies)))
     monkeypatch.setattr(review_mode, "PrefixCache", NoPrefixCache)
     out = repo.parent / "review.json"
     argv = ["review", str(repo), "--format", "json", "-o", str(out), "--ctx", "4096", "--seed", "0"]

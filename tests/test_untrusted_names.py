@@ -142,7 +142,7 @@ def test_review_of_a_non_utf8_name(project, v4_tokenizer, monkeypatch, capsys):
     monkeypatch.setattr(review_mode, "PrefixCache", NoPrefixCache)
     for fmt in ("json", "sarif", "markdown"):
         made.append(ScriptedEngine(v4_tokenizer, list(replies)))
-        monkeypatch.setattr(review_mode.Engine, "load", lambda path, ctx, engine=made[-1]: engine)
+        monkeypatch.setattr(review_mode.Engine, "load", lambda path, ctx, engine=made[-1], **options: engine)
         out = project.parent / f"review.{fmt}"
         args = build_parser().parse_args(["review", str(project), "--format", fmt, "-o", str(out)])
         assert review_mode.run(args) == 0
