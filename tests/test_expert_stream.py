@@ -290,11 +290,11 @@ def test_hotlist_round_trips_and_preloads_the_hottest(tiny_models, tmp_path):
 # -- Flash shapes ---------------------------------------------------------------------------
 
 
-def _streamed_equals_resident(path, budgets, n_prompt: int, n_decode: int) -> None:
+def _streamed_equals_resident(path, budgets, n_prompt: int, n_decode: int, every_position: bool = True) -> None:
     prompt = PROMPT[:n_prompt]
 
     def run(engine):
-        every = engine.logits(prompt)
+        every = engine.logits(prompt) if every_position else None
         engine.prefill(prompt)
         tokens = [ev.token for ev in engine.generate(max_tokens=n_decode, temperature=0, ignore_eos=True)]
         return every, tokens, engine.next_logits()
@@ -305,7 +305,7 @@ def _streamed_equals_resident(path, budgets, n_prompt: int, n_decode: int) -> No
     for budget in budgets:
         engine = Engine.load(path, ctx=64, expert_cache=budget)
         got_every, got_tokens, got_last = run(engine)
-        assert np.array_equal(got_every, every), budget
+        assert every is None or np.array_equal(got_every, every), budget
         assert got_tokens == tokens and np.array_equal(got_last, last), budget
         engine.model.experts.close()
 
@@ -322,7 +322,7 @@ def test_mini_flash_streamed_equals_resident(preset_models):
     path = preset_models("mini-flash")  # Flash widths: 256 experts of 6.75 MiB per layer
     # in a process of its own: the resident engine holds 7 GB of experts (plus the file's pages)
     check = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_expert_stream as t; "
-             f"t._streamed_equals_resident({str(path)!r}, [1], n_prompt=4, n_decode=2)")
+             f"t._streamed_equals_resident({str(path)!r}, [1], n_prompt=4, n_decode=2, every_position=False)")
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-2000:]
 
