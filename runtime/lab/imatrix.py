@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,14 +27,13 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import MagnetarError
+from ..expert_cache import ROUTED
 from ..fileio import atomic_write_bytes
+from .router_watch import RouterWatch
 
 
 class ImatrixError(MagnetarError):
     pass
-
-
-EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
 @dataclass
@@ -50,28 +49,17 @@ class ExpertStats:
             self.count = np.zeros(len(self.x2), np.int64)
 
 
-class Collector:
+class Collector(RouterWatch):
     """Hooks every MoE layer of an engine's model and accumulates the statistics."""
 
     def __init__(self, engine):
-        self.model = engine.model
+        super().__init__(engine)
         cfg = engine.config
         self.layers = [ExpertStats(np.zeros((cfg.n_expert, cfg.d_model)), np.zeros((cfg.n_expert, cfg.expert_ffn)))
                        for _ in range(cfg.n_layer)]
-        self.tokens = 0
-        self.chunks = 0
 
-    def __enter__(self) -> "Collector":
-        for il, layer in enumerate(self.model.layers):
-            layer.moe.observer = self._observer(il, layer.moe)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for layer in self.model.layers:
-            layer.moe.observer = None
-
-    def _observer(self, il: int, moe) -> Callable[[mx.array, mx.array, mx.array], None]:
-        stats = self.layers[il]
+    def _observer(self, moe) -> Callable[[mx.array, mx.array, mx.array], None]:
+        stats = self.layers[moe.il]
         kernels = moe.kernels
 
         def observe(xn: mx.array, idx: mx.array, w: mx.array) -> None:
@@ -89,26 +77,13 @@ class Collector:
 
         return observe
 
-    def run(self, engine, prompts: Sequence[list[int]], progress: Callable[[int, int], None] | None = None) -> None:
-        """Prefill each token list from an empty state; every chunk feeds the statistics."""
-        total = sum(len(ids) for ids in prompts)
-        with self:
-            for ids in prompts:
-                engine.reset()
-                engine.prefill(ids)
-                self.tokens += len(ids)
-                self.chunks += 1
-                if progress:
-                    progress(self.tokens, total)
-        engine.reset()
-
     def entries(self) -> dict[str, tuple[int, np.ndarray]]:
         """``name -> (ncall, values)`` for the ``.dat`` file: per-expert means times ``ncall``."""
         out = {}
         ncall = max(self.chunks, 1)
         for il, stats in enumerate(self.layers):
             seen = np.maximum(stats.count, 1)[:, None]
-            for tensor, sums in zip(EXPERT_TENSORS, (stats.x2, stats.x2, stats.mid2)):
+            for tensor, sums in zip(ROUTED, (stats.x2, stats.x2, stats.mid2)):
                 values = (sums / seen * ncall).astype(np.float32).reshape(-1)
                 out[f"blk.{il}.{tensor}.weight"] = (ncall, values)
         return out

@@ -9,38 +9,30 @@ is ds4's (docs/spec/streaming-distributed.md §3.5), so files move between the t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
 
+from .router_watch import RouterWatch
 
-class RouteCounter:
+
+class RouteCounter(RouterWatch):
     """Hooks the routers of an engine's model and counts picks and route weights."""
 
     def __init__(self, engine):
-        self.model = engine.model
+        super().__init__(engine)
         n_expert = engine.config.n_expert
         self.hits = {layer.moe.il: np.zeros(n_expert, np.int64) for layer in self.model.layers}
         self.weights = {layer.moe.il: np.zeros(n_expert, np.float64) for layer in self.model.layers}
-        self.tokens = 0
 
     @property
     def picked(self) -> int:
         """(layer, expert) pairs picked at least once."""
         return sum(int(np.count_nonzero(h)) for h in self.hits.values())
 
-    def __enter__(self) -> "RouteCounter":
-        for layer in self.model.layers:
-            layer.moe.observer = self._observer(layer.moe.il)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for layer in self.model.layers:
-            layer.moe.observer = None
-
-    def _observer(self, il: int) -> Callable[[mx.array, mx.array, mx.array], None]:
-        hits, weights = self.hits[il], self.weights[il]
+    def _observer(self, moe) -> Callable[[mx.array, mx.array, mx.array], None]:
+        hits, weights = self.hits[moe.il], self.weights[moe.il]
 
         def observe(xn: mx.array, idx: mx.array, w: mx.array) -> None:
             ids = np.asarray(idx).ravel()
@@ -48,15 +40,3 @@ class RouteCounter:
             np.add.at(weights, ids, np.asarray(w, np.float64).ravel())
 
         return observe
-
-    def run(self, engine, prompts: Sequence[list[int]], progress: Callable[[int, int], None] | None = None) -> None:
-        """Prefill each token list from an empty state; every chunk is counted."""
-        total = sum(len(ids) for ids in prompts)
-        with self:
-            for ids in prompts:
-                engine.reset()
-                engine.prefill(ids)
-                self.tokens += len(ids)
-                if progress:
-                    progress(self.tokens, total)
-        engine.reset()
