@@ -99,9 +99,10 @@ def _decode(engine: Engine, prompt: list[int], tokens: int) -> tuple[float, dict
 def measure(model: str, routing: str, share: float, zipf: float, prompt_tokens: int, tokens: int) -> dict:
     """One case in this process, page cache dropped first: decode tok/s and the cache's counters
     over the timed tokens (share 0: the resident engine)."""
-    cfg = open_model(model).config
+    mf = open_model(model)
+    cfg = mf.config
     prompt = [0] + [(7919 * i) % (cfg.vocab_size - 2) + 2 for i in range(1, prompt_tokens)]
-    routed = sum(i.nbytes for infos in routed_tensors(open_model(model), range(cfg.n_layer)).values() for i in infos)
+    routed = sum(i.nbytes for infos in routed_tensors(mf, range(cfg.n_layer)).values() for i in infos)
     drop_page_cache(model)
     engine = Engine.load(model, ctx=prompt_tokens + tokens + 8,
                          expert_cache=max(int(share * routed), 1) if share else None)
