@@ -131,13 +131,16 @@ class Backend:
         raise NotImplementedError
 
     streams_experts = False  # whether ``moe_slots`` works (SSD expert streaming needs it)
+    device_banks = False  # the slot banks are MLX arrays on the device, not host memory
 
-    def moe_slots(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: QTensor, up: QTensor,
-                  down: QTensor, limit: float, slot_of: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``moe`` on host arrays over banks of resident experts ``[S, rows, row_bytes]``:
-        expert ``e`` is bank row ``slot_of[e]``, ``-1`` leaves its pairs out, and the sums
-        add onto ``out`` (float32 [T, D], returned). A selection split into rounds of
-        ascending expert ids gives the bits of one ``moe`` call over the whole stacks."""
+    def moe_slots(self, x, ids: np.ndarray, weights, gate: QTensor, up: QTensor, down: QTensor, limit: float,
+                  slot_of: np.ndarray, out):
+        """``moe`` over banks of resident experts ``[S, rows, row_bytes]``: expert ``e`` is bank
+        row ``slot_of[e]``, ``-1`` leaves its pairs out, and the sums add onto ``out``
+        (float32 [T, D]), which is returned. Host backends take numpy arrays throughout and
+        add in place; a selection split into rounds of ascending expert ids gives the bits of
+        one ``moe`` call over the whole stacks. ``device_banks`` backends take MLX arrays and
+        banks and return a new array (``out`` None: the sum alone, the bits of one ``moe``)."""
         raise NotImplementedError
 
 

@@ -69,6 +69,7 @@ class GpuBackend(Backend):
     """Quantized dequantize / matmul / moe as GPU kernels; subclasses give the launch hooks."""
 
     dense_tile_tokens = 32  # BN of matmul_tiled
+    streams_experts = device_banks = True  # the MoE kernels take any stack, so a bank of slots too
 
     # -- hooks ----------------------------------------------------------------
 
@@ -171,3 +172,11 @@ class GpuBackend(Backend):
         (y,) = self._run("moe_down", [mid, ids, raw_bytes(down)], [(n_tok, d_model)], geometry,
                          dict(QT=down.ggml_type, NR=nr, **dims))
         return y
+
+    def moe_slots(self, x, ids, weights, gate, up, down, limit, slot_of, out):
+        """The kernels see slot rows as expert ids (``E`` = the bank's slots); an absent
+        expert maps to -1, which they skip. A decode selection that fits the bank is one
+        ``moe`` call, so its bits are the resident ones."""
+        slots = mx.take(mx.array(np.ascontiguousarray(slot_of, np.int32)), mx.array(np.asarray(ids, np.int32)))
+        y = self.moe(x, slots, weights, gate, up, down, limit)
+        return y if out is None else out + y

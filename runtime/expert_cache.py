@@ -24,6 +24,15 @@ first among equals. The experts of the selection being computed and slots with
 reads in flight are never victims. A selection larger than the bank runs in
 rounds of ascending expert ids, each adding onto the same output, which the
 kernel makes bit-identical to one call over the whole stack.
+
+On a GPU backend (``device_banks``: Metal, CUDA) the banks are MLX arrays and
+the kernels are the resident path's own, given slot rows as expert ids. A read
+still lands in a host slot; the slot is then copied into its device bank row in
+place (MLX reuses the bank's buffer) and the host pages are handed back, so
+RAM holds the banks once. Every layer there keeps at least the K experts a
+token picks, so a decode step is one kernel call with the resident bits; a
+prefill chunk needing rounds adds their sums (the resident GPU prefill itself
+adds with atomics, in no fixed order).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import mlx.core as mx
 import numpy as np
 
 from magnetar.kernels.backend import Backend, QTensor
@@ -171,10 +181,12 @@ class BankPlan:
     slot_bytes: int
     layer_bytes: int  # the widest layer's routed experts
     staged: bool  # two whole-layer buffers set aside
-    raised: bool  # the budget was below one slot per layer: raised to that minimum
+    raised: bool  # the budget was below ``min_slots`` per layer: raised to that minimum
+    min_slots: int = 1
 
     @classmethod
-    def of(cls, layers: dict[int, tuple[TensorInfo, TensorInfo, TensorInfo]], budget: int) -> "BankPlan":
+    def of(cls, layers: dict[int, tuple[TensorInfo, TensorInfo, TensorInfo]], budget: int,
+           min_slots: int = 1) -> "BankPlan":
         stacks = {il: tuple(ExpertStack.of(i) for i in infos) for il, infos in layers.items()}
         slot_bytes = max(sum(s.expert_bytes for s in st) for st in stacks.values())
         layer_bytes = max(sum(s.n_experts * s.expert_bytes for s in st) for st in stacks.values())
@@ -182,8 +194,8 @@ class BankPlan:
         staged = 2 * layer_bytes * STAGING_SHARE <= budget \
             and (budget - 2 * layer_bytes) // slot_bytes // n_layers < most  # not when every expert fits
         want = (budget - (2 * layer_bytes if staged else 0)) // slot_bytes // n_layers
-        slots = {il: min(max(want, 1), st[0].n_experts) for il, st in stacks.items()}
-        return cls(stacks, slots, slot_bytes, layer_bytes, staged, want < 1)
+        slots = {il: min(max(want, min_slots), st[0].n_experts) for il, st in stacks.items()}
+        return cls(stacks, slots, slot_bytes, layer_bytes, staged, want < min_slots, min_slots)
 
     @property
     def bank_bytes(self) -> int:
@@ -261,6 +273,25 @@ def _page_aligned(shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8, n).reshape(shape)
 
 
+# Pages handed back stay mapped and read as zeros until written again (Linux frees them
+# at once; macOS's MADV_FREE when memory is wanted).
+_RELEASE = getattr(mmap, "MADV_FREE", None) if sys.platform == "darwin" else getattr(mmap, "MADV_DONTNEED", None)
+
+
+def _release_rows(bank: np.ndarray, row: int) -> None:
+    """Give the OS back the whole pages of ``bank[row]`` (a ``_page_aligned`` array)."""
+    mapping = bank.base
+    while mapping is not None and not isinstance(mapping, mmap.mmap):
+        mapping = getattr(mapping, "obj", None) or getattr(mapping, "base", None)
+    if _RELEASE is None or mapping is None:
+        return
+    size = bank[row].nbytes
+    start = -(-row * size // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (row + 1) * size // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        mapping.madvise(_RELEASE, start, end - start)
+
+
 @dataclass
 class StreamStats:
     uses: int = 0  # experts needed by a selection
@@ -288,7 +319,9 @@ class LayerBank:
     layer: int
     stacks: tuple[ExpertStack, ExpertStack, ExpertStack]  # gate, up, down
     n_slots: int
+    device: bool = False  # device banks (MLX arrays) beside host slots that only land reads
     banks: tuple[np.ndarray, ...] = ()
+    on_device: tuple[mx.array, ...] = ()
     slot_of: np.ndarray = field(default=None)  # [E] bank row of each valid expert, -1 if absent
     expert_in: np.ndarray = field(default=None)  # [S] expert held or being read, -1 if free
     last_used: np.ndarray = field(default=None)  # [S] tick of the last use
@@ -297,6 +330,9 @@ class LayerBank:
 
     def __post_init__(self):
         self.banks = tuple(_page_aligned((self.n_slots, s.rows, s.row_bytes)) for s in self.stacks)
+        if self.device:
+            self.on_device = tuple(mx.zeros(b.shape, mx.uint8) for b in self.banks)
+            mx.eval(*self.on_device)
         n_experts = self.stacks[0].n_experts
         self.slot_of = np.full(n_experts, -1, np.int32)
         self.expert_in = np.full(self.n_slots, -1, np.int64)
@@ -306,6 +342,28 @@ class LayerBank:
     @property
     def resident(self) -> int:
         return int(np.count_nonzero(self.slot_of >= 0))
+
+    def tensors(self) -> tuple[QTensor, ...]:
+        """The banks as the kernels take them."""
+        return tuple(QTensor(b, s.ggml_type) for b, s in zip(self.on_device or self.banks, self.stacks))
+
+    def upload(self, slots: list[int]) -> None:
+        """Device banks: copy landed host slots into their rows, in place, then hand the
+        host pages back."""
+        if not self.device or not slots:
+            return
+        for dev, host in zip(self.on_device, self.banks):
+            for slot in slots:
+                dev[slot] = mx.array(host[slot])
+        mx.eval(*self.on_device)
+        for host in self.banks:
+            for slot in slots:
+                _release_rows(host, slot)
+
+    def copy_in(self, slot: int, stacks: tuple, expert: int) -> None:
+        """Fill ``slot`` with ``expert`` from a whole layer already in memory (host or device)."""
+        for dst, src in zip(self.on_device or self.banks, stacks):
+            dst[slot] = src[expert]
 
 
 class StagedLayers:
@@ -383,11 +441,14 @@ class ExpertCache:
     """The slot banks of every routed layer, their reader and their statistics."""
 
     def __init__(self, path: str | os.PathLike, layers: dict[int, tuple[TensorInfo, TensorInfo, TensorInfo]],
-                 budget: int, threads: int = READ_THREADS):
-        plan = BankPlan.of(layers, budget)
+                 budget: int, threads: int = READ_THREADS, device: bool = False, min_slots: int = 1):
+        """``device``: banks in MLX arrays for a ``device_banks`` backend; ``min_slots``: the
+        fewest slots a layer may have."""
+        plan = BankPlan.of(layers, budget, min_slots)
         self.slot_bytes, self.layer_bytes, self.raised = plan.slot_bytes, plan.layer_bytes, plan.raised
+        self.min_slots, self.device = min_slots, device
         self.staging = StagedLayers(plan.layer_bytes) if plan.staged else None
-        self.banks = {il: LayerBank(il, st, plan.slots[il]) for il, st in plan.stacks.items()}
+        self.banks = {il: LayerBank(il, st, plan.slots[il], device) for il, st in plan.stacks.items()}
         self.file = ExpertFile(path)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="expert-read")
         self.stats = StreamStats()
@@ -413,19 +474,22 @@ class ExpertCache:
         return sum(b.stacks[0].n_experts for b in self.banks.values())
 
     def describe(self) -> str:
-        note = " (raised to the minimum of one slot per layer)" if self.raised else ""
+        least = "one slot" if self.min_slots == 1 else f"{self.min_slots} slots, a token's experts,"
+        note = f" (raised to the minimum of {least} per layer)" if self.raised else ""
         staging = f", 2 layers ({_size(2 * self.layer_bytes)}) for long prefills" if self.staging else ""
         return (f"expert cache: {_size(self.nbytes)}, {self.n_slots} of {self.total_experts} routed experts "
                 f"({self.n_slots // max(len(self.banks), 1)} slots per layer){staging}{note}")
 
     # -- the expert step -----------------------------------------------------------------------
 
-    def moe(self, layer: int, kernels: Backend, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
-            limit: float) -> np.ndarray:
+    def moe(self, layer: int, kernels: Backend, x: mx.array, ids: np.ndarray, weights: mx.array,
+            limit: float) -> mx.array:
         """Layer ``layer``'s routed experts for ``x [T, D]`` through the kernels' ``moe_slots``;
         in rounds when the selection is larger than the bank. In a prefill chunk the next
         layer may be read whole meanwhile, when that costs less than reading its misses."""
         t_enter = time.perf_counter()
+        if not self.device:  # host kernels: numpy in and out
+            x, weights = np.asarray(x, np.float32), np.asarray(weights, np.float32)
         if self.route_hook:
             ids = self.route_hook(layer, ids)
         bank = self.banks[layer]
@@ -439,18 +503,17 @@ class ExpertCache:
             out = self._moe_banked(bank, kernels, x, ids, weights, limit, used)
         if self.staging:
             self.staging.layer_done(t_enter)
-        return out
+        return out if self.device else mx.array(out)
 
-    def _moe_banked(self, bank: LayerBank, kernels: Backend, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
-                    limit: float, used: np.ndarray) -> np.ndarray:
-        out = np.zeros(x.shape, np.float32)
+    def _moe_banked(self, bank: LayerBank, kernels: Backend, x, ids: np.ndarray, weights, limit: float,
+                    used: np.ndarray):
+        out = None if self.device else np.zeros(x.shape, np.float32)
         for r0 in range(0, len(used), bank.n_slots):
             group = used[r0:r0 + bank.n_slots]
             self._ensure(bank, group)
             slot_of = np.full_like(bank.slot_of, -1)
             slot_of[group] = bank.slot_of[group]  # only this round's experts add
-            kernels.moe_slots(x, ids, weights, *(QTensor(b, s.ggml_type) for b, s in zip(bank.banks, bank.stacks)),
-                              limit, slot_of, out)
+            out = kernels.moe_slots(x, ids, weights, *bank.tensors(), limit, slot_of, out)
         return out
 
     # -- long prefills: whole layers, double-buffered ----------------------------------------------
@@ -473,8 +536,8 @@ class ExpertCache:
             self.file.check_unchanged()
             self.staging.start(nxt, self.pool, self.file.read_into, now)
 
-    def _moe_staged(self, bank: LayerBank, kernels: Backend, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
-                    limit: float, used: np.ndarray) -> np.ndarray:
+    def _moe_staged(self, bank: LayerBank, kernels: Backend, x, ids: np.ndarray, weights, limit: float,
+                    used: np.ndarray):
         """The layer from its whole-layer buffer; its hottest picked experts then fill the bank
         from memory, so decode starts warm."""
         for slot in list(bank.pending):  # reads ahead (a hash layer's): land them before slots move
@@ -484,10 +547,11 @@ class ExpertCache:
         self.stats.bytes_read += nbytes
         self.stats.read_seconds += self._reading(start, end)
         self.stats.layers_streamed += 1
-        out = np.zeros(x.shape, np.float32)
+        if self.device:  # the whole layer goes up once; the bank then fills from it on the device
+            stacks = tuple(mx.array(a) for a in stacks)
         identity = np.arange(len(bank.hot), dtype=np.int32)
-        kernels.moe_slots(x, ids, weights, *(QTensor(a, s.ggml_type) for a, s in zip(stacks, bank.stacks)),
-                          limit, identity, out)
+        out = kernels.moe_slots(x, ids, weights, *(QTensor(a, s.ggml_type) for a, s in zip(stacks, bank.stacks)),
+                                limit, identity, None if self.device else np.zeros(x.shape, np.float32))
         self.tick += 1
         keep = sorted(used.tolist(), key=lambda e: -bank.hot[e])[:bank.n_slots]
         for e in keep:
@@ -495,10 +559,11 @@ class ExpertCache:
                 slot = self._victim(bank, set(keep))
                 if bank.expert_in[slot] >= 0:
                     bank.slot_of[bank.expert_in[slot]] = -1
-                for dst, src in zip(bank.banks, stacks):
-                    dst[slot] = src[e]
+                bank.copy_in(slot, stacks, e)
                 bank.expert_in[slot], bank.slot_of[e] = e, slot
             bank.last_used[bank.slot_of[e]] = self.tick
+        if self.device:
+            mx.eval(out, *bank.on_device)  # before the staging buffer is handed to the next layer
         self.staging.release(bank.layer)
         return out
 
@@ -559,11 +624,12 @@ class ExpertCache:
     def _settle(self, bank: LayerBank, slots: list[int]) -> None:
         """Wait for ``slots``' reads: each slot is valid once its three reads completed in
         full, else freed; the first failure is raised after the whole batch landed."""
-        starts, ends, error = [], [], None
+        starts, ends, error, landed = [], [], None, []
         for slot in slots:
             start, futures = bank.pending.pop(slot)
             failed = next((f.exception() for f in futures if f.exception() is not None), None)
             if failed is None:
+                landed.append(slot)
                 bank.slot_of[bank.expert_in[slot]] = slot
                 self.stats.experts_read += 1
                 self.stats.bytes_read += sum(s.expert_bytes for s in bank.stacks)
@@ -572,6 +638,7 @@ class ExpertCache:
             else:
                 bank.expert_in[slot] = -1
                 error = error or failed
+        bank.upload(landed)
         if ends:
             seconds = self._reading(min(starts), max(ends))
             self.stats.read_seconds += seconds

@@ -75,9 +75,8 @@ class MoE:
 
     def routed(self, xn: mx.array, idx: mx.array, w: mx.array) -> mx.array:
         """The selected experts, summed with their weights (the kernels' ``moe``)."""
-        if self.stream is not None:
-            return mx.array(self.stream.moe(self.il, self.kernels, np.asarray(xn, np.float32), np.asarray(idx),
-                                            np.asarray(w, np.float32), self.limit))
+        if self.stream is not None:  # which experts must be resident is decided on the host
+            return self.stream.moe(self.il, self.kernels, xn, np.asarray(idx), w, self.limit)
         return self.kernels.moe(xn, idx, w, self.gate, self.up, self.down, self.limit)
 
     def prefill(self, xn: mx.array, ids: mx.array) -> mx.array:
@@ -163,7 +162,9 @@ class Model:
         if not self.kernels.streams_experts:
             raise UsageError(f"--expert-cache needs kernels that read experts from slot banks; the "
                              f"{self.kernels.name} backend has none here", "use --backend cpu with a C compiler")
-        return ExpertCache(mf.path, routed_tensors(mf, self.span), budget)
+        device = self.kernels.device_banks  # a decode step's experts all resident: one kernel call
+        return ExpertCache(mf.path, routed_tensors(mf, self.span), budget, device=device,
+                           min_slots=self.cfg.n_expert_used if device else 1)
 
     def _prefetch_hash_layers(self, tokens: list[int]) -> None:
         """Hash layers route by token id: their experts can be read before the layer runs."""

@@ -6,8 +6,9 @@ becomes MLX graphs, from two flags of the backend (``kernels/base.py``):
 
 - experts that run inside MLX's graph: the whole step is one compiled graph,
   built once per state shape, with no Python work per layer;
-- experts that run on the host (``host_moe``, e.g. the native C kernels): the
-  step is cut at each layer's experts. One compiled piece runs from one layer's
+- experts that run on the host (``host_moe``, e.g. the native C kernels), or
+  that stream from the file (the host decides which to read): the step is cut
+  at each layer's experts. One compiled piece runs from one layer's
   experts to the next (fold the previous experts back, attention, route), the
   host kernel runs between them on evaluated inputs (each eval is the hand-off
   it needs), and a last piece folds the final experts back and applies the head.
@@ -40,7 +41,7 @@ class DecodeStep:
         full = KVState.empty(model.cfg, 1).layers
         self.template = [full[il] for il in model.span]  # which arrays each layer's state holds
         kernels = model.kernels
-        self.host_experts = kernels.host_moe
+        self.host_experts = kernels.host_moe or model.experts is not None  # streamed: the host picks the reads
         self.host_seconds = 0.0  # the last call's host time: building and dispatching graphs, not evaluating
         if self.host_experts:
             wrap = mx.compile if kernels.traceable else (lambda f: f)
