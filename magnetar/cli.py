@@ -278,8 +278,8 @@ def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
                    help="this machine is rank $MLX_RANK of MLX's ring hostfile (as mlx.launch starts it); "
                         "every rank runs the same command, ranks > 0 serve their layers")
     p.add_argument("--layers", default="auto", metavar="auto|A:B,C:D,...",
-                   help="each rank's layers, half-open and contiguous from 0 (default auto: balanced by "
-                        "each layer's weight bytes)")
+                   help="each rank's layers, half-open and contiguous from 0 (default auto: the ranks time "
+                        "their layers and the split balances measured prefill time)")
 
 
 def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,8 @@ returns 0 when a rank fails (§6.2), so rank 0 reports it itself.
 from __future__ import annotations
 
 import atexit
+import functools
+import gc
 import json
 import os
 import shutil
@@ -43,9 +45,11 @@ from .errors import UsageError
 from .expert_cache import expert_budget
 from .gguf_read import open_model
 from .kv_state import KVState
+from .layer_balance import CHUNK_TOKENS, DECODE_STEPS, PASSES, Calibration, Measured
 from .limits import DEFAULT_CTX, MAX_CTX, parse_cache_size
 from .model import Model
-from .pipeline import FNV_BASIS, Link, PipelineError, Worker, fnv1a, parse_layers, say
+from .pipeline import (CALIBRATION_SID, FNV_BASIS, Link, PipelineError, Worker, fnv1a, layer_costs, parse_layers,
+                       say, time_span)
 
 GRACE_S = 5.0  # after a local rank died: how long rank 0 may stay blocked before it is ended
 REPLY_TIMEOUT_S = 300.0  # a ring send or receive that takes longer: a peer hangs without dying
@@ -60,8 +64,8 @@ class PipelineModel:
 
 
     def __init__(self, local: Model, link: Link, ctx: int, prefill_chunk: int, window: int,
-                 describe_loss: Callable[[], str | None]):
-        self.local, self.link, self.ctx = local, link, ctx
+                 describe_loss: Callable[[], str | None], build: Callable[[tuple[int, int]], Model]):
+        self.local, self.link, self.ctx, self.build = local, link, ctx, build
         self.experts = local.experts  # rank 0's own streaming cache (each rank has its own)
         self.cfg, self.kernels = local.cfg, local.kernels
         self.prefill_chunk, self.window = prefill_chunk, window
@@ -231,6 +235,50 @@ class PipelineModel:
             raise PipelineError(f"handing the restored layers to the workers failed: {reply}")
         self._held[sid] = (n, h)
 
+    # -- --layers auto: measuring the ranks, re-spanning ------------------------------------------
+
+    def measure(self, spans: list[tuple[int, int]], tokens: int) -> Measured:
+        """Every rank's prefill time per layer on chunks of ``tokens`` and its decode step time,
+        best of ``PASSES`` chunks and ``DECODE_STEPS`` steps after an untimed one each. One item
+        goes round at a time, so each rank is timed while the others wait."""
+        state = KVState.empty(self.cfg, self.ctx)
+        state.grown = self.local.span
+        ids = np.random.default_rng(0).integers(2, self.cfg.vocab_size, (PASSES + 1) * tokens + DECODE_STEPS + 1)
+        prefill = decode = None
+        for p in range(PASSES + 1):
+            times = self._time_hop(state, ids[p * tokens:(p + 1) * tokens].tolist(), False)
+            prefill = times if p == 1 else _least(prefill, times) if p else None
+        for k in range(DECODE_STEPS + 1):
+            times = self._time_hop(state, [int(ids[state.n_tokens])], True)
+            decode = times if k == 1 else _least(decode, times) if k else None
+        self._drops.append(CALIBRATION_SID)
+        return Measured(list(spans), prefill, [t[0] for t in decode])
+
+    def _time_hop(self, state: KVState, ids: list[int], decode: bool) -> list[list[float]]:
+        pos0 = state.n_tokens
+        mine, X = time_span(self.local, state, ids, None, decode)
+        self._send({"kind": "calibrate", "pos0": pos0, "decode": decode, "times": [mine]},
+                   [mx.array(np.asarray(ids, np.int32)), X])
+        reply, _ = self._recv()
+        if reply["kind"] != "calibrated":
+            raise PipelineError(f"timing the ranks failed: {reply}")
+        return reply["times"]
+
+    def respan(self, spans: list[tuple[int, int]]) -> None:
+        """Every rank takes its layers of ``spans``, rank 0 too; the workers' sessions are
+        dropped, so this is for before any sequence runs."""
+        self._send({"kind": "respan", "spans": [list(s) for s in spans]}, [])
+        self.local = self.experts = None  # the old span's weights go before the new span's are mapped
+        gc.collect()
+        self.local = self.build(tuple(spans[0]))
+        self.experts, self.kernels = self.local.experts, self.local.kernels
+        self._sids.clear()
+        self._held.clear()
+        self._hashes.clear()
+        reply, _ = self._recv()
+        if reply["kind"] != "ack":
+            raise PipelineError(f"re-spanning the ranks failed: {reply}")
+
     def stop(self) -> None:
         if not self.broken:
             self._send({"kind": "stop"}, [])
@@ -261,6 +309,28 @@ class PipelineModel:
             self.waiting_since = None
 
 
+def _least(a: list[list[float]], b: list[list[float]]) -> list[list[float]]:
+    """Element by element, the shorter of two timings (other load only ever adds time)."""
+    return [[min(x, y) for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+
+
+def auto_split(pm: PipelineModel, mf, spans: list[tuple[int, int]], prefill_chunk: int) -> Calibration | None:
+    """``--layers auto``: time the ranks on the byte-balanced ``spans``; if the time model
+    (runtime/layer_balance.py) proposes a split worth it, re-span to it and measure again,
+    and go back to the byte split if its slowest rank was not faster after all. None when
+    the context is too small to hold the workload (the byte split stays)."""
+    tokens = min(CHUNK_TOKENS, prefill_chunk, (pm.ctx - DECODE_STEPS - 1) // (PASSES + 1))
+    if tokens < 1:
+        return None
+    cal = Calibration.of(pm.measure(spans, tokens), layer_costs(mf, head=False), tokens)
+    if cal.worth_trying:
+        pm.respan(cal.proposed)
+        cal.tried = pm.measure(cal.proposed, tokens)
+        if cal.chosen is cal.by_bytes:
+            pm.respan(spans)
+    return cal
+
+
 class PipelineEngine(Engine):
     """The Engine on rank 0 of a pipeline: the same door; ``close`` stops the other ranks."""
 
@@ -275,6 +345,7 @@ class PipelineEngine(Engine):
         self._live = _Live(KVState.empty(self.config, ctx))
         self._closers: list[Callable[[], None]] = []
         self.local_ranks: _LocalRanks | None = None  # with --ranks: the child processes
+        self.calibration: Calibration | None = None  # what --layers auto measured
 
     def _run_chunks(self, ids, state, all_logits, progress):
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
@@ -446,21 +517,32 @@ def start_pipeline(model_path, *, ranks: int | None = None, hostfile: str | None
         serve_rank(mf, link, spans, ctx, precision, kernels, expert_cache)
         return None
 
-    def build():
-        budget, cache_note = expert_budget(mf, ctx, expert_cache, spans[0])
-        model = Model(mf, precision, None, kernels, span=spans[0], expert_cache=budget)
-        pm = PipelineModel(model, link, ctx, prefill_chunk, window or min(len(spans) + 2, 8),
-                           local.describe_loss if local else lambda: None)
-        note = "layers " + ", ".join(f"rank {r}: {a}:{b}" for r, (a, b) in enumerate(spans))
-        if layers == "auto":
-            note += " (auto: balanced by each layer's weight bytes, not by timing)"
+    build = functools.partial(span_model, mf, ctx=ctx, precision=precision, kernels=kernels,
+                              expert_cache=expert_cache)
+    pm = on_engine_thread(lambda: PipelineModel(build(spans[0]), link, ctx, prefill_chunk,
+                                                window or min(len(spans) + 2, 8),
+                                                local.describe_loss if local else lambda: None, build))
+    threading.Thread(target=_deadline, args=(pm, local, reply_timeout), name="magnetar-deadline",
+                     daemon=True).start()
+    note = "layers " + ", ".join(f"rank {r}: {a}:{b}" for r, (a, b) in enumerate(spans))
+    calibration = None
+    if layers == "auto":
+        calibration = on_engine_thread(auto_split, pm, mf, spans, prefill_chunk)
+        if calibration is None:
+            note += " (auto: by each layer's weight bytes; the context is too small to time the ranks)"
+        else:
+            spans, note = calibration.spans, calibration.line()
+
+    def make_engine():
         engine = PipelineEngine(mf, pm, ctx, precision, prefill_chunk, spans, note)
-        if model.experts:
-            engine.stats.streaming = model.experts.stats
-            engine.expert_cache_note = "; ".join(filter(None, (cache_note, f"rank 0 {model.experts.describe()}")))
+        engine.calibration = calibration
+        if pm.experts:
+            engine.stats.streaming = pm.experts.stats
+            cache_note = expert_budget(mf, ctx, expert_cache, spans[0])[1]
+            engine.expert_cache_note = "; ".join(filter(None, (cache_note, f"rank 0 {pm.experts.describe()}")))
         return engine
 
-    engine = on_engine_thread(build)
+    engine = on_engine_thread(make_engine)
 
     def close():
         try:  # not while rank 0 waits on the ring (Ctrl+C, a hang): the workers just get killed
@@ -476,8 +558,6 @@ def start_pipeline(model_path, *, ranks: int | None = None, hostfile: str | None
 
     engine._closers.append(close)
     atexit.register(engine.close)  # after _LocalRanks.end's registration, so it runs first
-    threading.Thread(target=_deadline, args=(engine.model, local, reply_timeout), name="magnetar-deadline",
-                     daemon=True).start()
     engine.local_ranks = local
     return engine
 
@@ -502,11 +582,18 @@ def _deadline(model: PipelineModel, local: _LocalRanks | None, timeout: float) -
         time.sleep(min(0.5, timeout / 4))
 
 
+def span_model(mf, span: tuple[int, int], *, ctx: int, precision: str, kernels,
+               expert_cache: int | str | None = None) -> Model:
+    """One rank's model: layers ``span`` only, their routed experts streamed with ``expert_cache``."""
+    budget, _ = expert_budget(mf, ctx, expert_cache, span)
+    return Model(mf, precision, None, kernels, span=span, expert_cache=budget)
+
+
 def serve_rank(mf, link: Link, spans, ctx: int, precision: str, kernels,
                expert_cache: int | str | None = None) -> None:
-    budget, _ = expert_budget(mf, ctx, expert_cache, spans[link.rank])
-    model = Model(mf, precision, None, kernels, span=spans[link.rank], expert_cache=budget)
-    Worker(link, model, ctx).serve()
+    build = functools.partial(span_model, mf, ctx=ctx, precision=precision, kernels=kernels,
+                              expert_cache=expert_cache)
+    Worker(link, build(spans[link.rank]), ctx, build).serve()
 
 
 def _worker_main(argv: list[str]) -> int:

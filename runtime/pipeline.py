@@ -20,9 +20,13 @@ bytes). A worker whose session does not end where the item starts says so
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+import time
 from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -37,6 +41,7 @@ FNV_PRIME = 1099511628211
 _MASK = (1 << 64) - 1
 HEADER_BYTES = 1024  # one fixed-size send; a longer header (a session load) sends the rest after it
 MAX_SESSIONS = 8  # per worker: the live sequence plus a few scratch ones (Engine.logits)
+CALIBRATION_SID = 0  # the worker session ``--layers auto`` times its workload on (rank 0 counts from 1)
 _DTYPES = {"float32": mx.float32, "int32": mx.int32}
 
 
@@ -57,27 +62,30 @@ def fnv1a(tokens, h: int = FNV_BASIS) -> int:
 
 # -- the split --------------------------------------------------------------------------------
 
-def layer_costs(mf: ModelFile) -> list[float]:
-    """Each layer's weight bytes, the head's bytes added to the last layer (the last rank runs
-    it). Decode reads every weight once per token, so bytes are what a layer costs there."""
+def layer_costs(mf: ModelFile, head: bool = True) -> list[float]:
+    """Each layer's weight bytes, with ``head`` the head's bytes added to the last layer (the
+    last rank runs it). Decode reads every weight once per token, so bytes are what a layer
+    costs there. A hash layer's token -> experts table is left out: a token reads one row."""
     n = mf.config.n_layer
     costs = [0.0] * n
     for name, info in mf.tensors.items():
-        if name.startswith("blk."):
+        if name.startswith("blk.") and "tid2eid" not in name:
             costs[int(name.split(".")[1])] += info.nbytes
-        elif name.startswith("output"):
+        elif name.startswith("output") and head:
             costs[-1] += info.nbytes
     return costs
 
 
-def balanced_spans(costs: list[float], ranks: int) -> list[tuple[int, int]]:
-    """Contiguous spans, one per rank, each non-empty, minimizing the costliest one (DP)."""
+def balanced_spans(costs: list[float], ranks: int, speeds: list[float] | None = None) -> list[tuple[int, int]]:
+    """Contiguous spans, one per rank, each non-empty, minimizing the costliest one (DP). With
+    ``speeds``, rank r takes ``speeds[r]`` per unit of cost (seconds per byte, say)."""
     n = len(costs)
+    speeds = speeds or [1.0] * ranks
     prefix = np.concatenate([[0.0], np.cumsum(costs)])
     best = {(0, 0): (0.0, None)}  # (ranks used, layers covered) -> (max cost, previous cut)
     for r in range(1, ranks + 1):
         for end in range(r, n - (ranks - r) + 1):
-            options = [(max(best[(r - 1, cut)][0], prefix[end] - prefix[cut]), cut)
+            options = [(max(best[(r - 1, cut)][0], speeds[r - 1] * (prefix[end] - prefix[cut])), cut)
                        for cut in range(r - 1, end) if (r - 1, cut) in best]
             best[(r, end)] = min(options)
     cuts, end = [], n
@@ -111,6 +119,21 @@ def parse_layers(spec: str, mf: ModelFile, ranks: int) -> list[tuple[int, int]]:
         raise UsageError(f"--layers {spec!r} must cover layers 0..{n - 1} in contiguous, non-empty "
                             f"half-open ranges A:B (layers A..B-1)", f"e.g. --layers 0:{n // 2},{n // 2}:{n}")
     return [(a, b) for a, b in spans]
+
+
+def time_span(model, state: KVState, ids: list[int], X: mx.array | None, decode: bool) -> tuple[list[float], object]:
+    """Run ``model``'s span on ``ids`` after ``state`` and time it: for a prefill chunk the wall
+    seconds of each layer, then of what follows the last one (the head, on the last rank); for
+    a decode step the whole span's (one compiled graph, no layer boundaries). Prefill evaluates
+    layer by layer anyway, so the marks add no sync. -> (seconds, what the span hands on)."""
+    marks = [time.perf_counter()]
+    with model.experts.set_aside() if model.experts else nullcontext():  # no routes learnt from it
+        if decode:
+            out = model.decode(ids[0], state, X=X)
+        else:
+            out = model.prefill(ids, state, X=X, on_layer=lambda il: marks.append(time.perf_counter()))
+    marks.append(time.perf_counter())
+    return np.diff(marks).tolist(), out
 
 
 # -- the wire ---------------------------------------------------------------------------------
@@ -170,10 +193,11 @@ class _Session:
 
 class Worker:
     """Rank r > 0: runs its span for every work item from rank r-1 and hands the result on;
-    the last rank sends logits (or an ack) back to rank 0. Serves until ``stop``."""
+    the last rank sends logits (or an ack) back to rank 0. Serves until ``stop``. ``build``
+    makes the model of a span (a re-span)."""
 
-    def __init__(self, link: Link, model, ctx: int):
-        self.link, self.model, self.ctx = link, model, ctx
+    def __init__(self, link: Link, model, ctx: int, build: Callable[[tuple[int, int]], object]):
+        self.link, self.model, self.ctx, self.build = link, model, ctx, build
         self.cfg = model.cfg
         self.sessions: OrderedDict[int, _Session] = OrderedDict()
         self.last = link.next == 0
@@ -190,6 +214,10 @@ class Worker:
                 self._save(head, arrays)
             elif kind == "load":
                 self._load(head, arrays)
+            elif kind == "calibrate":
+                self._calibrate(head, arrays)
+            elif kind == "respan":
+                self._respan(head)
             else:  # stop, or a mismatch/error/ack passing through to rank 0
                 self.link.send(head, arrays)
                 if kind == "stop":
@@ -222,6 +250,36 @@ class Worker:
             self.link.send({"kind": "ack", "sid": sid})
         else:
             self.link.send({"kind": "logits", "sid": sid}, [np.asarray(out, np.float32)])
+
+    def _calibrate(self, head: dict, arrays: list[mx.array]) -> None:
+        """Time this span on rank 0's calibration workload (``--layers auto``) and add the
+        seconds to the message; the last rank sends every rank's back to rank 0."""
+        ids, X = np.array(arrays[0]).tolist(), arrays[1]
+        if head["pos0"] == 0:
+            self._open(CALIBRATION_SID, self._empty(), FNV_BASIS)
+        s = self.sessions.get(CALIBRATION_SID)
+        if s is None or s.state.n_tokens != head["pos0"]:
+            self.link.send({"kind": "error", "rank": self.link.rank, "message": "lost the calibration sequence"})
+            return
+        seconds, out = time_span(self.model, s.state, ids, X, head["decode"])
+        times = head["times"] + [seconds]
+        if self.last:
+            self.link.send({"kind": "calibrated", "times": times})
+        else:
+            self.link.send(dict(head, times=times), [arrays[0], out])
+
+    def _respan(self, head: dict) -> None:
+        """Take the layers ``head["spans"]`` gives this rank: the message goes on first, so the
+        ranks rebuild side by side; the last one answers once its model is built. Every session
+        is dropped (only the calibration one exists when ``--layers auto`` re-spans)."""
+        if not self.last:
+            self.link.send(head)
+        self.sessions.clear()
+        self.model = None  # the old span's weights go before the new span's are mapped
+        gc.collect()
+        self.model = self.build(tuple(head["spans"][self.link.rank]))
+        if self.last:
+            self.link.send({"kind": "ack"})
 
     def _empty(self) -> KVState:
         """A session's state: only this span's layers ever grow (the others stay empty)."""

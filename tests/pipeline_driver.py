@@ -4,8 +4,11 @@ chunks, pure logits of a prefix, then greedy decode steps; every logits row is s
 
     python tests/pipeline_driver.py MODEL OUT.npz [--ranks N --layers L] [--restore CK]
         [--save CK] [--kill-rank R --kill-at prefill|decode [--freeze --reply-timeout S]] [--detour]
+        [--respan L] [--note OUT.txt]
 
-Without --ranks it is the single-process reference. Errors end it like the CLI: one
+Without --ranks it is the single-process reference. ``--respan`` moves the ranks to the
+split L before anything runs (as ``--layers auto`` does after timing them); ``--note``
+writes the split's note (what ``--layers auto`` chose) to a file. Errors end it like the CLI: one
 line ``magnetar: error: ...`` on stderr and the error's exit code.
 """
 
@@ -70,6 +73,8 @@ def main() -> int:
     p.add_argument("--detour", action="store_true")
     p.add_argument("--freeze", action="store_true", help="stop the rank (SIGSTOP) instead of killing it")
     p.add_argument("--reply-timeout", type=float, default=300.0)
+    p.add_argument("--respan")
+    p.add_argument("--note")
     args = p.parse_args()
     engine = None
     try:
@@ -78,6 +83,13 @@ def main() -> int:
 
             engine = start(args.model, ranks=args.ranks, layers=args.layers, ctx=256, prefill_chunk=CHUNK,
                            reply_timeout=args.reply_timeout)
+            if args.respan:
+                from magnetar.runtime.engine import on_engine_thread
+
+                on_engine_thread(engine.model.respan, [tuple(map(int, s.split(":"))) for s in args.respan.split(",")])
+            if args.note:
+                with open(args.note, "w") as fh:
+                    fh.write(engine.pipeline_note)
         else:
             engine = Engine.load(args.model, ctx=256, prefill_chunk=CHUNK)
 

@@ -26,6 +26,7 @@ import pytest
 from magnetar.runtime import Engine, UsageError
 from magnetar.runtime import checkpoint as ckpt
 from magnetar.runtime.gguf_read import open_model
+from magnetar.runtime.layer_balance import Calibration, Measured, time_balanced
 from magnetar.runtime.pipeline import PipelineError, balanced_spans, fnv1a, parse_layers
 
 import pipeline_driver as driver
@@ -148,3 +149,57 @@ def test_generate_with_two_local_ranks_writes_the_single_process_text(model):
     streamed = generate("--ranks", "2", "--layers", "0:2,2:5", "--expert-cache", "1")
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == one.stdout and "rank 0 expert cache" in streamed.stderr
+
+
+def test_layers_auto_times_the_ranks_and_keeps_the_single_process_logits(model, single, tmp_path):
+    """Whatever split the timing picks (on tiny, by bytes 0:4,4:5 leaves rank 1 one layer and
+    the head), every rank ends on it and the logits stay bit for bit one process's."""
+    note = tmp_path / "note.txt"
+    run = _drive(model, tmp_path / "auto.npz", "--ranks", "2", "--layers", "auto", "--note", str(note))
+    assert run.returncode == 0, run.stderr
+    _same_rows(tmp_path / "auto.npz", single["rows"])
+    line = note.read_text()
+    assert line.startswith("split 0:") and ":5 by " in line and "ms per 32-token prefill chunk" in line, line
+
+
+def test_ranks_that_re_span_keep_the_single_process_logits(model, single, tmp_path):
+    """What --layers auto does when the measured split differs: every rank rebuilds its model
+    for its new layers (rank 1 gains three here)."""
+    run = _drive(model, tmp_path / "re.npz", "--ranks", "2", "--layers", "0:4,4:5", "--respan", "0:1,1:5")
+    assert run.returncode == 0, run.stderr
+    _same_rows(tmp_path / "re.npz", single["rows"])
+
+
+def test_the_time_model_balances_measured_layer_times_over_rank_speeds():
+    """time(layer l on rank r) = w_l * s_r: s_r = a rank's measured layer seconds over its layers'
+    bytes, w_l = a layer's seconds over its rank's s_r, the head's seconds moving with the last
+    layer. Each expected split is worked out by hand below."""
+    # Equal machines, equal layers, a head worth 1.5 layers on the last rank: w = 1,1,1,1,1,2.5;
+    # 0:3,3:6 costs 3 / 4.5, 0:4,4:6 costs 4 / 3.5 (best), 0:5,5:6 costs 5 / 2.5.
+    assert time_balanced([[1, 1, 1], [1, 1, 1]], 1.5, [(0, 3), (3, 6)], [1] * 6) == ([(0, 4), (4, 6)], [4, 3.5])
+    # Rank 1 takes 3 s per byte, rank 0 1 s: 0:2,2:4 costs 2 / 6, 0:3,3:4 costs 3 / 3 (best).
+    assert time_balanced([[1, 1], [3, 3]], 0, [(0, 2), (2, 4)], [1] * 4) == ([(0, 3), (3, 4)], [3, 3])
+    # Three ranks; s = 1, 1, 3 (rank 2: 6 s over 2 bytes); w = 2,1,1,1,2,1, 1 + 0.5/3 (the head).
+    # 0:3,3:6,6:7 costs 4 / 4 / 3.5; every other split has a rank at 5 or more.
+    spans, predicted = time_balanced([[2, 1], [1, 1, 2], [3, 3]], 0.5, [(0, 2), (2, 5), (5, 7)], [2, 1, 1, 1, 2, 1, 1])
+    assert spans == [(0, 3), (3, 6), (6, 7)] and np.allclose(predicted, [4, 4, 3.5])
+    assert balanced_spans([1, 1, 1, 1], 2, speeds=[1, 3]) == [(0, 3), (3, 4)]
+
+
+def test_a_calibration_keeps_the_measured_split_only_when_it_measured_faster():
+    ms = 1e-3
+    by_bytes = Measured([(0, 3), (3, 6)], [[10 * ms] * 3 + [0], [10 * ms] * 3 + [15 * ms]], [5 * ms, 6 * ms])
+    cal = Calibration.of(by_bytes, [1] * 6, 32)
+    assert cal.proposed == [(0, 4), (4, 6)] and np.allclose(cal.predicted, [0.040, 0.035]) and cal.worth_trying
+    assert cal.chosen is by_bytes  # nothing tried yet
+    cal.tried = Measured([(0, 4), (4, 6)], [[10 * ms] * 4 + [0], [10 * ms] * 2 + [15 * ms]], [6 * ms, 5 * ms])
+    assert cal.spans == [(0, 4), (4, 6)]
+    assert cal.line() == ("split 0:4,4:6 by measured time (rank times 40.0/35.0 ms per 32-token prefill chunk; "
+                          "by bytes it was 0:3,3:6: 30.0/45.0 ms)")
+    cal.tried = Measured([(0, 4), (4, 6)], [[12 * ms] * 4 + [0], [10 * ms] * 2 + [15 * ms]], [6 * ms, 5 * ms])
+    assert cal.spans == [(0, 3), (3, 6)]  # 48 ms is no better than 45: the byte split stays
+    assert cal.line().startswith("split 0:3,3:6 by bytes (rank times 30.0/45.0 ms per 32-token prefill chunk; "
+                                 "by measured time 0:4,4:6 measured slower: 48.0/35.0 ms)")
+    even = Measured([(0, 3), (3, 6)], [[10 * ms] * 3 + [0], [10 * ms] * 3 + [1 * ms]], [5 * ms, 5 * ms])
+    assert not Calibration.of(even, [1] * 6, 32).worth_trying  # 0:3,3:6 is already the best split
+

@@ -23,6 +23,7 @@ import numpy as np
 from ..distributed import start_pipeline
 from ..engine import Engine
 from ..gguf_read import open_model
+from ..layer_balance import Calibration
 from ..pipeline import HEADER_BYTES
 
 
@@ -64,9 +65,11 @@ def _measure(engine, prompt: list[int], tokens: int) -> tuple[float, float, np.n
 
 
 def run(model, lengths: Sequence[int], ranks: int = 2, layers: str = "auto", tokens: int = 8, reps: int = 2,
-        chunk: int = 512, progress: Callable[[str], None] = lambda line: None) -> tuple[list[Case], str]:
+        chunk: int = 512, progress: Callable[[str], None] = lambda line: None
+        ) -> tuple[list[Case], str, Calibration | None]:
     """Both engines live at once and take turns, ``reps`` times per length, best of each kept:
-    other load on the machine then falls on both alike."""
+    other load on the machine then falls on both alike. With ``layers`` auto, also what the
+    split's calibration measured (runtime/layer_balance.py)."""
     ctx = max(lengths) + tokens + 8
     single = Engine.load(model, ctx=ctx, prefill_chunk=chunk)
     split = start_pipeline(model, ranks=ranks, layers=layers, ctx=ctx, prefill_chunk=chunk)
@@ -87,12 +90,13 @@ def run(model, lengths: Sequence[int], ranks: int = 2, layers: str = "auto", tok
             fastest = min(splits, key=lambda m: m[1])
             cases.append(Case(n, min(m[0] for m in ones), min(m[0] for m in splits), min(m[1] for m in ones),
                               fastest[1], fastest[3], fastest[4], bool(np.array_equal(ones[0][2], splits[0][2]))))
-        return cases, f"{split.pipeline_note}; prefill chunks of {chunk}, {tokens} decode tokens, best of {reps}"
+        note = f"{split.pipeline_note}; prefill chunks of {chunk}, {tokens} decode tokens, best of {reps}"
+        return cases, note, split.calibration
     finally:
         split.close()
 
 
-def render(cases: list[Case], ranks: int, note: str, model) -> str:
+def render(cases: list[Case], ranks: int, note: str, model, calibration: Calibration | None = None) -> str:
     decode_bytes, hop_bytes = wire_bytes(model, ranks)
     lines = [f"{ranks} local ranks ({note})",
              f"{'tokens':>7} {'prefill 1':>10} {'prefill N':>10} {'speedup':>8} {'decode 1':>9} {'decode N':>9} "
@@ -104,4 +108,4 @@ def render(cases: list[Case], ranks: int, note: str, model) -> str:
                      f"{'yes' if c.same_logits else 'NO':>5}")
     lines.append(f"wire: decode {decode_bytes / 1024:.1f} KiB per token over the ring (hidden state f32 on "
                  f"{ranks - 1} hop(s) + logits back); prefill {hop_bytes / 1024:.1f} KiB per token per hop")
-    return "\n".join(lines)
+    return "\n".join(lines + (calibration.table() if calibration else []))

@@ -214,9 +214,9 @@ def bench_distributed(args: argparse.Namespace) -> int:
     if not lengths or min(lengths) < 1 or args.reps < 1 or args.tokens < 1:
         raise UsageError("--lengths needs positive token counts; --reps and --tokens must be positive")
     console = Console(stderr=True)
-    cases, note = bd.run(args.model, lengths, args.ranks, args.layers, args.tokens, args.reps,
-                         progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
-    print(bd.render(cases, args.ranks, note, args.model))
+    cases, note, calibration = bd.run(args.model, lengths, args.ranks, args.layers, args.tokens, args.reps,
+                                      progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
+    print(bd.render(cases, args.ranks, note, args.model, calibration))
     return 0
 
 
