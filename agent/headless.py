@@ -15,9 +15,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from magnetar.console import engine_options
+from magnetar.console import load_engine
 from magnetar.prompts import load
-from magnetar.runtime import Engine, PrefixCache
+from magnetar.runtime import PrefixCache
 from magnetar.tools.base import ToolContext
 
 from .loop import Agent, LoopSettings, Text, TurnEnd
@@ -34,7 +34,9 @@ def event_json(event, **extra) -> str:
 
 def run(args) -> int:
     model = resolve_model(args.model)
-    engine = Engine.load(model, ctx=args.ctx, **engine_options(args))
+    engine = load_engine(args, model)
+    if engine is None:  # a rank > 0 of --distributed: it served its layers until rank 0 stopped it
+        return 0
     root = project_root(Path(args.cwd or "."))
     ctx = ToolContext(root=root, permissions=args.mode, confirm=None, data_dir=data_dir(), **tool_options(args))
     settings = LoopSettings(thinking=args.think_mode, max_steps=args.max_steps, max_tokens_per_step=args.max_tokens,

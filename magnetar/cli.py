@@ -112,6 +112,7 @@ def _agent_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     _add_sandbox_flags(p)
     _add_streaming_flags(p)
+    _add_pipeline_flags(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--nothink", dest="think_mode", action="store_const", const="nothink")
     g.add_argument("--think", dest="think_mode", action="store_const", const="think")

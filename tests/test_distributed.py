@@ -16,6 +16,8 @@ CLI's greedy text on 2 ranks, the kill mid-prefill, the split and hash rules
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,10 +63,10 @@ def _same_rows(got: Path, want: dict) -> None:
         assert np.array_equal(rows[key], want[key]), key
 
 
-def _same_session(a: Path, b: Path, model: Path) -> None:
+def _same_session(a: Path, b: Path, model: Path, ctx: int = 256) -> None:
     mf = open_model(model)
     ident = ckpt.model_identity(mf, "official")
-    one, two = (ckpt.read(p, mf.config, ident, 256) for p in (a, b))
+    one, two = (ckpt.read(p, mf.config, ident, ctx) for p in (a, b))
     assert one.state.tokens == two.state.tokens and np.array_equal(one.logits, two.logits)
     assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(one.state.arrays(), two.state.arrays()))
 
@@ -203,3 +205,37 @@ def test_a_calibration_keeps_the_measured_split_only_when_it_measured_faster():
     even = Measured([(0, 3), (3, 6)], [[10 * ms] * 3 + [0], [10 * ms] * 3 + [1 * ms]], [5 * ms, 5 * ms])
     assert not Calibration.of(even, [1] * 6, 32).worth_trying  # 0:3,3:6 is already the best split
 
+
+@pytest.mark.slow  # two runs of the agent's ~2.6k-token prompt; the first compiles MLX's CPU kernels
+def test_run_on_two_local_ranks_answers_and_saves_what_one_process_does(model, tmp_path):
+    """magnetar run --ranks 2: the same events, transcript and session file as one process, and
+    the session resumes in one process from its checkpoint (no replay)."""
+    from magnetar.agent.sessions import SessionStore
+
+    repo = tmp_path / "proj"
+    repo.mkdir()
+    (repo / "app.py").write_text("def add(a, b):\n    return a + b\n")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+
+    def run(name: str, *flags: str) -> tuple[list[dict], Path]:
+        env = {k: v for k, v in os.environ.items() if k != "MAGNETAR_HOME"}
+        env.update(XDG_DATA_HOME=str(tmp_path / name), XDG_CACHE_HOME=str(tmp_path / "cache"))
+        cli = "import sys; from magnetar.cli import main; sys.exit(main())"  # its own process: one ring each
+        done = subprocess.run([sys.executable, "-c", cli, "run", "-m", str(model), "--cwd", str(repo), "--json",
+                               "--ctx", "4096", "--max-tokens", "12", "--max-steps", "2", "--temp", "0",
+                               "-p", "List the files.", *flags], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr
+        events = [json.loads(line) for line in done.stdout.splitlines()]
+        return events, tmp_path / name / "magnetar" / "sessions" / events[-1]["session"]
+
+    one, one_dir = run("one")
+    two, two_dir = run("two", "--ranks", "2")
+    said = [[e for e in events[:-1] if e["type"] != "Prefill"] for events in (one, two)]  # what the model wrote
+    assert said[0] == said[1] and said[0]
+    assert {**two[-1], "session": None} == {**one[-1], "session": None}  # TurnEnd: the answer, why it ended
+    messages = [SessionStore(d.parent).open(d.name).messages() for d in (one_dir, two_dir)]
+    assert messages[0] == messages[1] and messages[0][-1].role == "assistant"
+    _same_session(one_dir / "state.ckpt", two_dir / "state.ckpt", model, ctx=4096)
+    engine = Engine.load(model, ctx=4096)
+    resumed = SessionStore(two_dir.parent).open(two_dir.name).resume(engine, replay=lambda *a: pytest.fail("replayed"))
+    assert resumed == "restored" and len(engine.tokens) > 2000

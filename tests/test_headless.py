@@ -13,6 +13,7 @@ import pytest
 
 from magnetar.agent import headless
 from magnetar.cli import main
+from magnetar.runtime import Engine
 from scripted_engine import NoPrefixCache, ScriptedEngine
 from test_agent_loop import block, call
 
@@ -40,7 +41,7 @@ def scripted(v4_tokenizer, tmp_path, monkeypatch):
         def load(path, ctx, **options):  # options: the streaming flags (unset here)
             made.append(ScriptedEngine(v4_tokenizer, list(replies), ctx=ctx))
             return made[-1]
-        monkeypatch.setattr(headless.Engine, "load", load)
+        monkeypatch.setattr(Engine, "load", load)  # what load_engine calls without --ranks
         return str(model), made
     return use
 
@@ -85,6 +86,15 @@ def test_a_missing_model_is_one_clear_line(repo, tmp_path, capsys, monkeypatch):
     assert main(["run", "--cwd", str(repo), "-p", "hi"]) != 0
     err = capsys.readouterr().err
     assert err.startswith("magnetar: error: no model") and "Traceback" not in err
+
+
+def test_the_layer_split_flags_go_to_the_engine_loader(scripted, repo, capsys):
+    """run takes --ranks/--distributed/--layers like generate and serve (tests/test_distributed.py
+    runs it on 2 ranks); a split without ranks is one line."""
+    model, made = scripted(["</think>Done."])
+    assert main(["run", "-m", model, "--cwd", str(repo), "-p", "hi", "--layers", "0:2,2:5"]) == 2
+    assert capsys.readouterr().err.startswith("magnetar: error: --layers needs --ranks N or --distributed HOSTFILE")
+    assert made == []
 
 
 def test_the_real_engine_on_a_tiny_model(tiny_models, repo, tmp_path, capsys, monkeypatch):
