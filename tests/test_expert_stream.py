@@ -4,6 +4,7 @@ faults that leave no half-read slot valid and the engine usable afterwards."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import gc
 import os
@@ -335,3 +336,5 @@ def test_bench_streaming_reports_every_cache_size_against_resident(tiny_models, 
     assert "resident" in table and "zipf-1.1" in table and "disk:" in table
     rows = out.read_text().splitlines()
     assert rows[0].startswith("routing,cache_share,tok_s,ratio") and len(rows) == 1 + 2 + 2 * 2
+    shares = {(r["routing"], float(r["cache_share"])): float(r["read_share"]) for r in csv.DictReader(rows)}
+    assert shares[("model", 0.0)] == 0.0 and shares[("zipf-1.1", 0.25)] > 0.0  # a quarter cache misses
