@@ -39,8 +39,7 @@ def speed_factors(layer_seconds: list[list[float]], spans: list[tuple[int, int]]
     return [sum(t) / sum(layer_bytes[a:b]) for t, (a, b) in zip(layer_seconds, spans)]
 
 
-def layer_work(layer_seconds: list[list[float]], tail_seconds: float, spans: list[tuple[int, int]],
-               speeds: list[float]) -> list[float]:
+def layer_work(layer_seconds: list[list[float]], tail_seconds: float, speeds: list[float]) -> list[float]:
     """Each layer's work in byte-equivalents: its time over its rank's speed; the last rank's
     ``tail_seconds`` (the head) is added to the last layer."""
     work = [t / s for times, s in zip(layer_seconds, speeds) for t in times]
@@ -52,8 +51,8 @@ def time_balanced(layer_seconds: list[list[float]], tail_seconds: float, spans: 
                   layer_bytes: list[float]) -> tuple[list[tuple[int, int]], list[float]]:
     """The contiguous split that minimizes the slowest rank's predicted chunk time, and those
     times per rank. ``layer_seconds[r]``: rank r's measured seconds per layer of ``spans[r]``."""
-    speeds = speed_factors(layer_seconds, spans, layer_bytes)
-    work = layer_work(layer_seconds, tail_seconds, spans, speeds)
+    speeds = speed_factors(layer_seconds, spans, layer_bytes)  # time(l on r) = w_l * s_r
+    work = layer_work(layer_seconds, tail_seconds, speeds)
     best = balanced_spans(work, len(spans), speeds)
     return best, [s * sum(work[a:b]) for s, (a, b) in zip(speeds, best)]
 
