@@ -25,9 +25,12 @@ evaluated inputs, so the decode graph is cut around it) and ``traceable``
 The backend also owns the device choices for the model's plain f32 work, so
 the model code stays device-free: ``dense`` (``a @ b``), ``attend`` /
 ``attend_chunk`` (softmax attention with sinks, docs/spec/v4-model.md §3.7),
-``logits_head`` (the output projection) and ``expand_budget`` (how much of the
-non-expert weights to widen to f32 at load). Here they are plain MLX, right on
-a GPU; ``host.HostBackend`` moves host-paced work to numpy's BLAS on the CPU.
+``hc_pre`` / ``hc_post`` (the hyper-connection steps around each sublayer,
+§3.3), ``logits_head`` (the output projection) and ``expand_budget`` (how
+much of the non-expert weights to widen to f32 at load). Here they are plain
+MLX, right on a GPU; ``host.HostBackend`` moves host-paced work to numpy's
+BLAS on the CPU, and the GPU and CPU backends fuse the hyper-connection steps
+into single graph nodes.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from typing import Any, Protocol
 import mlx.core as mx
 import numpy as np
 
+from . import hyper
 from .formats import BLOCK, GGMLType, row_blocks
+from .hyper import HcParams
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,11 @@ class QTensor:
 
 
 class DenseWeight(Protocol):
-    """A model matrix ``W [rows, cols]`` as the runtime holds it (``runtime.weights.Matrix``)."""
+    """A model matrix ``W [rows, cols]`` as the runtime holds it (``runtime.weights.Matrix``):
+    ``data`` as stored (f32/f16 ``[rows, cols]``, or raw blocks ``[rows, row_bytes]`` uint8)."""
+
+    data: mx.array
+    ggml_type: int
 
     def __call__(self, x: mx.array) -> mx.array: ...  # x @ W.T
 
@@ -115,6 +124,18 @@ class Backend:
     def attend_chunk(self, q: mx.array, keys: mx.array, bias: mx.array, sinks: mx.array) -> mx.array:
         """The same for a block of prefill queries; host-paced, so it may evaluate its inputs."""
         return self.attend(q, keys, bias, sinks)
+
+    def hc_pre(self, X: mx.array, fn: DenseWeight, scale: mx.array, base: mx.array, params: HcParams
+               ) -> tuple[mx.array, mx.array, mx.array]:
+        """The hyper-connection input step (``hyper.hc_pre``): X [T, hc, D] -> (x_in [T, D],
+        post [T, hc], comb [T, hc, hc]), ``fn`` the [(2 + hc) * hc, hc * D] mix matrix.
+        Here MLX ops, ~100 graph nodes a call; backends fuse it into one."""
+        return hyper.hc_pre(X, lambda f: self.dense(f, fn.dense().T), scale, base, params)
+
+    def hc_post(self, y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+        """The hyper-connection output step (``hyper.hc_post``): X' [T, hc, D] from the
+        sublayer's output y [T, D] and ``hc_pre``'s post and comb."""
+        return hyper.hc_post(y, X, post, comb)
 
     def logits_head(self, output: DenseWeight) -> Callable[[mx.array], np.ndarray]:
         """The output projection ``y [T, D] -> logits [T, vocab]`` as float32 numpy (the sampler's input)."""

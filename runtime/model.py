@@ -26,7 +26,7 @@ from .errors import UsageError
 from .expert_cache import ExpertCache, routed_tensors
 from .gguf_read import ModelFile
 from .kv_state import KVState, LayerState
-from .ops import hc_post, hc_pre, rms, rmsnorm, softplus, swiglu
+from .ops import hc_params, rms, rmsnorm, softplus, swiglu
 from .precision import Precision
 from .step import DecodeStep
 from .weights import Weights
@@ -91,9 +91,15 @@ class HyperConnection:
     def __init__(self, w: Weights, prefix: str):
         self.fn = w.matrix(prefix + "_fn.weight")
         self.scale, self.base = w.vector(prefix + "_scale.weight"), w.vector(prefix + "_base.weight")
+        self.kernels, self.params = w.kernels, hc_params(w.cfg)
 
-    def pre(self, X: mx.array, cfg: ModelConfig) -> tuple[mx.array, mx.array, mx.array]:
-        return hc_pre(X, self.fn.dense_product, self.scale, self.base, cfg)
+    def pre(self, X: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """(x_in, post, comb) of ``ops.hc_pre``, as the kernel backend runs it (a fused node)."""
+        return self.kernels.hc_pre(X, self.fn, self.scale, self.base, self.params)
+
+    def post(self, y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+        """``ops.hc_post``: fold the sublayer's output back into the streams."""
+        return self.kernels.hc_post(y, X, post, comb)
 
 
 class Layer:
@@ -107,18 +113,18 @@ class Layer:
 
     def prefill(self, X: mx.array, ids: mx.array, pos0: int, st: LayerState) -> mx.array:
         eps = self.cfg.rms_eps
-        x_in, post, comb = self.attn_hc.pre(X, self.cfg)
-        X = hc_post(self.attn.prefill(rmsnorm(x_in, self.attn_norm, eps), pos0, st), X, post, comb)
-        x_in, post, comb = self.ffn_hc.pre(X, self.cfg)
-        return hc_post(self.moe.prefill(rmsnorm(x_in, self.ffn_norm, eps), ids), X, post, comb)
+        x_in, post, comb = self.attn_hc.pre(X)
+        X = self.attn_hc.post(self.attn.prefill(rmsnorm(x_in, self.attn_norm, eps), pos0, st), X, post, comb)
+        x_in, post, comb = self.ffn_hc.pre(X)
+        return self.ffn_hc.post(self.moe.prefill(rmsnorm(x_in, self.ffn_norm, eps), ids), X, post, comb)
 
     def decode_to_experts(self, X: mx.array, ids: mx.array, p: mx.array, st: LayerState
                           ) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array, mx.array]:
         """One token up to the routed experts: the attention sublayer, then the MoE input and
         its routing -> (X, xn, expert ids, expert weights, post, comb)."""
-        x_in, post, comb = self.attn_hc.pre(X, self.cfg)
-        X = hc_post(self.attn.decode(rmsnorm(x_in, self.attn_norm, self.cfg.rms_eps), p, st), X, post, comb)
-        x_in, post, comb = self.ffn_hc.pre(X, self.cfg)
+        x_in, post, comb = self.attn_hc.pre(X)
+        X = self.attn_hc.post(self.attn.decode(rmsnorm(x_in, self.attn_norm, self.cfg.rms_eps), p, st), X, post, comb)
+        x_in, post, comb = self.ffn_hc.pre(X)
         xn = rmsnorm(x_in, self.ffn_norm, self.cfg.rms_eps)
         idx, w = self.moe.route(xn, ids)
         return X, xn, idx, w, post, comb
@@ -126,7 +132,7 @@ class Layer:
     def decode_from_experts(self, routed: mx.array, X: mx.array, xn: mx.array, post: mx.array,
                             comb: mx.array) -> mx.array:
         """Add the shared expert to the routed experts' sum and fold it back into the streams."""
-        return hc_post(routed + self.moe.shared_expert(xn), X, post, comb)
+        return self.ffn_hc.post(routed + self.moe.shared_expert(xn), X, post, comb)
 
 
 class Model:

@@ -12,6 +12,9 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
+from magnetar.kernels import hyper
+from magnetar.kernels.hyper import HcParams
+
 from .config import ModelConfig
 
 
@@ -73,32 +76,21 @@ def rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 # ---------------------------------------------------------------------------
 # Hyper-connections (spec §3.3): the residual is `hc` streams mixed around
-# each sublayer by weights computed from the streams themselves.
+# each sublayer by weights computed from the streams themselves. The MLX math
+# lives with the kernels (the backends' default ``hc_pre``); these are the
+# model-config forms of it, the oracle every fused ``hc_pre`` is tested against.
+
+def hc_params(cfg: ModelConfig) -> HcParams:
+    return HcParams(cfg.rms_eps, cfg.hc_eps, cfg.sinkhorn_iters)
+
 
 def hc_pre(X: mx.array, mix: Callable[[mx.array], mx.array], scale: mx.array, base: mx.array, cfg: ModelConfig
            ) -> tuple[mx.array, mx.array, mx.array]:
     """X [T, hc, D] -> (sublayer input [T, D], post [T, hc], comb [T, hc, hc]).
 
     ``mix`` is the product with the hyper-connection's fn matrix: [T, hc*D] -> [T, (2+hc)*hc]."""
-    T, hc, D = X.shape
-    m = mix(rms(X.reshape(T, hc * D), cfg.rms_eps))
-    pre = mx.sigmoid(m[:, :hc] * scale[0] + base[:hc]) + cfg.hc_eps
-    post = 2.0 * mx.sigmoid(m[:, hc:2 * hc] * scale[1] + base[hc:2 * hc])
-    comb = (m[:, 2 * hc:] * scale[2] + base[2 * hc:]).reshape(T, hc, hc)
-    comb = sinkhorn(mx.softmax(comb, axis=-1) + cfg.hc_eps, cfg.sinkhorn_iters, cfg.hc_eps)
-    x_in = mx.sum(pre[:, :, None] * X, axis=1)
-    return x_in, post, comb
+    return hyper.hc_pre(X, mix, scale, base, hc_params(cfg))
 
 
-def sinkhorn(c: mx.array, iters: int, eps: float) -> mx.array:
-    """Columns first, then `iters - 1` row/column passes (the order matters: C is not symmetric)."""
-    c = c / (mx.sum(c, axis=-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        c = c / (mx.sum(c, axis=-1, keepdims=True) + eps)
-        c = c / (mx.sum(c, axis=-2, keepdims=True) + eps)
-    return c
-
-
-def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
-    """X' = post ⊗ y + Cᵀ X: stream j takes sum_i C[i, j] X[i]."""
-    return post[:, :, None] * y[:, None, :] + mx.swapaxes(comb, -1, -2) @ X
+sinkhorn = hyper.sinkhorn
+hc_post = hyper.hc_post
