@@ -97,6 +97,9 @@ KERNELS = {
         "moe_down_tiled",
         (("mid", _F), ("order", _I), ("sorted_ids", _I), ("tile_id", _I), ("down", _W), ("params", _I)),
         ("y",), ("QT", "D", "F", "K", "E", "BN")),
+    "hc_pre": KernelSpec("hc_pre", (("x", _F), ("fn", _W), ("scale", _F), ("base", _F), ("eps", _F)),
+                         ("x_in", "post", "comb"), ("QT", "HC", "D", "ITERS")),
+    "hc_post": KernelSpec("hc_post", (("y", _F), ("x", _F), ("post", _F), ("comb", _F)), ("x_out",), ("HC", "D")),
 }
 
 
@@ -182,6 +185,9 @@ def compile_check_instances() -> list[tuple[str, dict[str, int]]]:
         out.append(("moe_down", dict(QT=dn, D=d, F=f, K=k, E=e, NR=ROWS_PER_WARP)))
         out.append(("moe_gate_up_tiled", dict(QTG=g, QTU=u, F=f, D=d, K=k, E=e, BN=MOE_TILE_PAIRS)))
         out.append(("moe_down_tiled", dict(QT=dn, D=d, F=f, K=k, E=e, BN=MOE_TILE_PAIRS)))
+    for t in (q.F16, q.F32):  # V4 files store hc fn as F16
+        out.append(("hc_pre", dict(QT=t, HC=4, D=d, ITERS=20)))
+    out.append(("hc_post", dict(HC=4, D=d)))
     return [(name, {key: int(v) for key, v in tpl.items()}) for name, tpl in out]
 
 

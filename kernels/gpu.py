@@ -25,6 +25,7 @@ TILE_ROWS = 64  # ... over 64 weight rows
 MOE_TILE_PAIRS = 32  # (token, slot) pairs of one expert per tile of the grouped MoE kernels
 MATVEC_MAX_TOKENS = 8  # matmul: rows-per-warp/simdgroup kernel up to here, tiles above
 MOE_DECODE_MAX_TOKENS = 4  # moe: fused per-pair decode kernels up to here, grouped tiles above
+HC_THREADS = 256  # hc_pre: threads per token (the kernel bodies assume it)
 
 Geometry = tuple[tuple[int, int, int], tuple[int, int, int]]  # (grid, threadgroup), both in threads
 
@@ -38,6 +39,16 @@ def dequantize_geometry(n_sel: int, rows: int, cols: int, threads: int = 256) ->
 def tiled_geometry(rows: int, n_tok: int, bn: int) -> Geometry:
     """matmul_tiled: threadgroup (bx, by) = 64 rows from 64 bx x ``bn`` tokens from bn by."""
     return (TILE_THREADS * math.ceil(rows / TILE_ROWS), math.ceil(n_tok / bn), 1), (TILE_THREADS, 1, 1)
+
+
+def hc_pre_geometry(n_tok: int) -> Geometry:
+    """hc_pre: one threadgroup (block) of ``HC_THREADS`` per token, token = grid y."""
+    return (HC_THREADS, n_tok, 1), (HC_THREADS, 1, 1)
+
+
+def hc_post_geometry(n_tok: int, d_model: int) -> Geometry:
+    """hc_post: a thread per (value d, token), token = grid y."""
+    return (HC_THREADS * math.ceil(d_model / HC_THREADS), n_tok, 1), (HC_THREADS, 1, 1)
 
 
 def moe_max_tiles(n_pairs: int, n_experts: int, bn: int = MOE_TILE_PAIRS) -> int:
@@ -142,6 +153,30 @@ class GpuBackend(Backend):
             tpl = dict(QT=qtype, ROWS=rows, COLS=cols, BN=bn)
             (y,) = self._run("matmul_tiled", [data, x, count], [(n_tok, rows)], tiled_geometry(rows, n_tok, bn), tpl)
         return y.reshape(*lead, rows)
+
+    # -- hyper-connections ------------------------------------------------------
+
+    def hc_pre(self, X, fn, scale, base, params):
+        """One launch per call (``hc_pre`` kernel); fn is read as stored (F16 in V4 files)."""
+        n_tok, hc, d_model = X.shape
+        if n_tok == 0 or (hc * d_model) % CHUNK or fn.data.shape[0] != (2 + hc) * hc:
+            return super().hc_pre(X, fn, scale, base, params)
+        eps = mx.array([params.rms_eps, params.hc_eps], mx.float32)
+        inputs = [X.astype(mx.float32), raw_bytes(QTensor(fn.data, fn.ggml_type)), scale, base, eps]
+        x_in, post, comb = self._run("hc_pre", inputs, [(n_tok, d_model), (n_tok, hc), (n_tok, hc, hc)],
+                                     hc_pre_geometry(n_tok),
+                                     dict(QT=fn.ggml_type, HC=hc, D=d_model, ITERS=params.sinkhorn_iters))
+        return x_in, post, comb
+
+    def hc_post(self, y, X, post, comb):
+        """One launch per call (``hc_post`` kernel) instead of a matmul and an elementwise pass."""
+        n_tok, hc, d_model = X.shape
+        if n_tok == 0:
+            return super().hc_post(y, X, post, comb)
+        inputs = [a.astype(mx.float32) for a in (y, X, post, comb)]
+        (x_out,) = self._run("hc_post", inputs, [(n_tok, hc, d_model)], hc_post_geometry(n_tok, d_model),
+                             dict(HC=hc, D=d_model))
+        return x_out
 
     # -- routed experts ---------------------------------------------------------
 

@@ -31,6 +31,10 @@ Kernels (threadgroups of simdgroups of 32; grids counted in threads):
   up to ``MOE_TILE_PAIRS`` pairs of one expert, so each weight chunk is
   decoded once per tile; the per-pair down products are summed over slots
   with ``mx.sum``.
+* ``hc_pre``: the hyper-connection input step (RMS norm, the mix product with
+  the fn matrix as stored, sigmoids, softmax and Sinkhorn, the weighted sum
+  of the streams), a threadgroup of 256 threads per token.
+* ``hc_post``: the hyper-connection output step, a thread per (value, token).
 
 All activations, decoded weights and sums are f32 (no Q8_K activations; no
 half tiles), so products agree with the float64 reference to ~1e-6 and
@@ -100,6 +104,8 @@ KERNELS = {k.name: k for k in (
                ("QTG", "QTU", "F", "D", "K", "E", "BN")),
     KernelSpec("moe_down_tiled", ("mid", "order", "tile_end", "group_end", "down"), ("y_pair",),
                ("QT", "D", "F", "K", "E", "BN")),
+    KernelSpec("hc_pre", ("x", "fn", "scale", "base", "eps"), ("x_in", "post", "comb"), ("QT", "HC", "D", "ITERS")),
+    KernelSpec("hc_post", ("y", "x", "post", "comb"), ("x_out",), ("HC", "D")),
 )}
 
 

@@ -31,8 +31,8 @@ What is emulated (details in fibers.h and prelude.h):
   NaN) for each threadgroup; ``constant`` tables;
 * MSL's vector types with their sizes and alignments, ``half`` as IEEE
   binary16, ``as_type``, ``select``, ``dot``, ``min``/``max``/``clamp``, ``fma``,
-  ``precise::exp``; address spaces as far as C++ can tell them apart (a
-  ``constant`` pointer does not convert to a ``device`` one);
+  ``precise::exp``, ``precise::sqrt``; address spaces as far as C++ can tell
+  them apart (a ``constant`` pointer does not convert to a ``device`` one);
 * MLX's launch contract: the threadgroup clipped to the grid per axis
   (``min(threadgroup, grid)``, as MLX does), the grid counted in threads
   with partial threadgroups at its edges (``dispatchThreads``), outputs

@@ -202,6 +202,7 @@ inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
 
 namespace precise {
 inline float exp(float x) { return std::exp(x); }  // the CPU's expf, not Apple's (both within a few ulp)
+inline float sqrt(float x) { return std::sqrt(x); }  // correctly rounded, as IEEE asks of both
 }  // namespace precise
 
 // ---------------------------------------------------------------------------
