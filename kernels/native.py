@@ -74,7 +74,7 @@ def _compiler_version(cc: str) -> str:
     return run.stdout
 
 
-def _cpu_id() -> str:
+def cpu_id() -> str:
     """-march=native code only runs on a like CPU: key the cache on its model and flags."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -98,7 +98,7 @@ def build(directory: Path | str | None = None) -> Path:
     directory = Path(directory) if directory is not None else cache_dir()
     cc = _compiler()
     source = SOURCE.read_bytes()
-    key = source + b"\0".join(s.encode() for s in (cc, _compiler_version(cc), _cpu_id(), platform.machine()))
+    key = source + b"\0".join(s.encode() for s in (cc, _compiler_version(cc), cpu_id(), platform.machine()))
     candidates = []
     for extra in FLAG_SETS:
         flags = BASE_FLAGS + extra
@@ -317,5 +317,5 @@ def moe(x, ids, weights, gate, up, down, limit: float, slot_of=None, out=None) -
     return out
 
 
-__all__ = ["NativeBuildError", "available", "build", "cache_dir", "dequantize", "library_path", "matmul", "moe",
-           "unavailable_reason"]
+__all__ = ["NativeBuildError", "available", "build", "cache_dir", "cpu_id", "dequantize", "library_path", "matmul",
+           "moe", "unavailable_reason"]

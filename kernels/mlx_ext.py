@@ -1,0 +1,207 @@
+"""MLX primitives with CPU kernels (``native/mlx_ops.cpp``), compiled at first use.
+
+On the CPU every MLX graph node costs ~3 µs of dispatch (docs/spec/peer-overhead.md),
+and the hyper-connection input step is ~100 nodes of MLX ops (the output step 5),
+twice per layer. As primitives of their own (C++ ``mlx::core::Primitive`` with
+``eval_cpu``) each is one node, and they stay inside the compiled decode graph, so
+the graph is not cut for them.
+
+MLX has no Python API for CPU kernels, so this builds a small Python extension the
+way MLX's extension docs do, without CMake: the system C++ compiler (``$CXX``, else
+``c++``, ``g++`` or ``clang++``), C++20 (MLX's headers need it), the MLX wheel's
+headers and ``libmlx`` (``mlx/include``, ``mlx/lib``), and nanobind's sources compiled
+in (``nb_combined.cpp``). The extension takes and returns ``mx.array`` only because it
+joins MLX's own nanobind registry: the same nanobind ABI (internals version, compiler
+family, C++ library) and MLX's domain (``NB_DOMAIN=mlx``). The library is cached like
+``native``'s (``native.cache_dir()``), named by a digest of the source, the flags, the
+compiler, the CPU and the MLX, nanobind and Python versions, and probed once after
+loading: if MLX's arrays do not pass (an MLX built with another nanobind ABI),
+``available()`` is False and ``unavailable_reason()`` says so; the CPU backend then
+keeps the MLX ops. Nothing here raises at import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import mlx.core as mx
+
+from .hyper import HcParams
+from .native import cache_dir, cpu_id
+
+SOURCE = Path(__file__).resolve().parent / "native" / "mlx_ops.cpp"
+MODULE = "_magnetar_mlx_ops"  # the name NB_MODULE gives the extension
+NB_DOMAIN = "mlx"  # the nanobind domain MLX registers its types in
+BASE_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-strict-aliasing",
+              "-ffp-contract=fast", "-DNDEBUG", "-DNB_COMPACT_ASSERTIONS", f"-DNB_DOMAIN={NB_DOMAIN}")
+FLAG_SETS = (("-march=native",), ())  # tried in order; the first that compiles is cached
+
+
+class MlxExtBuildError(RuntimeError):
+    """The extension could not be built, loaded or used with this MLX (one-line message)."""
+
+
+def _compiler() -> str:
+    if os.environ.get("CXX"):
+        return os.environ["CXX"]
+    for name in ("c++", "g++", "clang++"):
+        if shutil.which(name):
+            return name
+    raise MlxExtBuildError("no C++ compiler found (set CXX, or install g++/clang++)")
+
+
+def _run(cmd: list[str], what: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise MlxExtBuildError(f"{what}: {exc}") from None
+
+
+def _nanobind() -> ModuleType:
+    try:
+        import nanobind
+    except ImportError:
+        raise MlxExtBuildError("nanobind is not installed (pip install nanobind)") from None
+    return nanobind
+
+
+def _paths() -> dict[str, Path]:
+    """Headers and libraries the build needs, checked to exist."""
+    nanobind = _nanobind()
+    mlx_dir = Path(mx.__file__).resolve().parent
+    nb_dir = Path(nanobind.include_dir()).parent
+    paths = {"python": Path(sysconfig.get_paths()["include"]), "nanobind": nb_dir / "include",
+             "robin_map": nb_dir / "ext" / "robin_map" / "include", "nb_source": nb_dir / "src" / "nb_combined.cpp",
+             "mlx_include": mlx_dir / "include", "mlx_lib": mlx_dir / "lib"}
+    if not (paths["python"] / "Python.h").exists():
+        raise MlxExtBuildError(f"Python headers not found in {paths['python']} (install python3-dev)")
+    for name, path in paths.items():
+        if not path.exists():
+            raise MlxExtBuildError(f"{path} is missing ({name}): an MLX wheel without headers, or a partial nanobind")
+    return paths
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()] or [ln.strip() for ln in text.splitlines()]
+    return (lines[0] if lines else "no output")[:300]
+
+
+def build(directory: Path | str | None = None) -> Path:
+    """The compiled extension in ``directory`` (default ``native.cache_dir()``), built if
+    missing; written to a temporary file and renamed into place. Raises MlxExtBuildError."""
+    directory = Path(directory) if directory is not None else cache_dir()
+    cxx, paths = _compiler(), _paths()
+    version = _run([cxx, "--version"], f"C++ compiler {cxx!r} cannot run")
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    key = "\0".join([SOURCE.read_text(), cxx, version.stdout, cpu_id(), mx.__version__, _nanobind().__version__,
+                     sys.version, suffix])
+    includes = [f"-I{paths[k]}" for k in ("python", "nanobind", "robin_map", "mlx_include")]
+    link = [f"-L{paths['mlx_lib']}", "-lmlx", f"-Wl,-rpath,{paths['mlx_lib']}"]
+    if sys.platform == "darwin":
+        link += ["-undefined", "dynamic_lookup"]  # Python's symbols come from the interpreter
+    candidates = []
+    for extra in FLAG_SETS:
+        flags = [*BASE_FLAGS, *extra]
+        digest = hashlib.sha256((key + " ".join(flags)).encode()).hexdigest()[:16]
+        candidates.append((flags, directory / f"mlx_ops-{digest}{suffix}"))
+    for _, path in candidates:
+        if path.exists():
+            return path
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MlxExtBuildError(f"cannot create cache dir {directory}: {exc}") from None
+    errors = []
+    for flags, path in candidates:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            run = _run([cxx, *flags, *includes, "-o", tmp, str(SOURCE), str(paths["nb_source"]), *link],
+                       f"{cxx} could not run")
+            if run.returncode == 0:
+                os.replace(tmp, path)
+                return path
+            errors.append(f"{' '.join(flags)}: {_one_line(run.stderr)}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise MlxExtBuildError(f"{cxx} could not build {SOURCE.name}: {errors[-1]}")
+
+
+def _load(path: Path) -> ModuleType:
+    """Import the extension and check that MLX's arrays pass through it."""
+    spec = importlib.util.spec_from_file_location(MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        raise MlxExtBuildError(f"cannot load {path.name}: {exc}") from None
+    with mx.stream(mx.cpu):
+        probe = (mx.ones((1, 1, 32)), mx.ones((3, 32)), mx.ones((3,)), mx.zeros((3,)))
+        try:
+            out = module.hc_pre(*probe, 1e-6, 1e-6, 2)
+        except TypeError:
+            raise MlxExtBuildError(f"nanobind {_nanobind().__version__} does not share MLX {mx.__version__}'s array "
+                                   "type (MLX was built with another nanobind ABI)") from None
+        mx.eval(out)
+    return module
+
+
+_lock = threading.Lock()
+_state: dict = {}  # "module" and "path", or "reason"; set once
+
+
+def _module() -> ModuleType | None:
+    with _lock:
+        if not _state:
+            try:
+                path = build()
+                _state["module"], _state["path"] = _load(path), path
+            except (MlxExtBuildError, OSError) as exc:
+                _state["reason"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return _state.get("module")
+
+
+def available() -> bool:
+    """Whether the extension is built (building it now if needed), loaded and usable."""
+    return _module() is not None
+
+
+def unavailable_reason() -> str:
+    """Why ``available()`` is False, in one line ("" when it is True)."""
+    return "" if _module() is not None else _state["reason"]
+
+
+def library_path() -> Path | None:
+    return _state.get("path") if _module() is not None else None
+
+
+def _need() -> ModuleType:
+    module = _module()
+    if module is None:
+        raise MlxExtBuildError(f"MLX CPU extension unavailable: {_state['reason']}")
+    return module
+
+
+def hc_pre(X: mx.array, fn: mx.array, scale: mx.array, base: mx.array, params: HcParams
+           ) -> tuple[mx.array, mx.array, mx.array]:
+    """``hyper.hc_pre`` as one CPU node; ``fn`` is the mix matrix as stored (f32, f16 or bf16)."""
+    return _need().hc_pre(X, fn, scale, base, params.rms_eps, params.hc_eps, params.sinkhorn_iters)
+
+
+def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """``hyper.hc_post`` as one CPU node (float32 inputs)."""
+    return _need().hc_post(y, X, post, comb)
+
+
+__all__ = ["MlxExtBuildError", "available", "build", "hc_post", "hc_pre", "library_path", "unavailable_reason"]

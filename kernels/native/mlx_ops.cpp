@@ -1,0 +1,248 @@
+// mlx_ops.cpp: hot blocks of the decode step as MLX primitives with a CPU
+// kernel, so each is one node of MLX's graph (kernels/mlx_ext.py builds this
+// at first use, with nanobind, against the MLX wheel's headers and libmlx).
+//
+// HcPre is kernels/hyper.py's hc_pre (docs/spec/v4-model.md section 3.3): RMS
+// norm of the token's hc streams, the product with the (2 + hc) * hc mix rows
+// of fn (f32, f16 or bf16 as stored), sigmoid pre / post, the hc x hc comb
+// softmaxed per row and Sinkhorn-normalized in ops.sinkhorn's order (columns,
+// then iters - 1 row / column passes), and x_in = sum_i pre[i] * X[i].
+// HcPost is hyper.hc_post: X'[j] = post[j] * y + sum_i comb[i][j] * X[i].
+// Called inside mx.compile like any op: the primitive only records its
+// inputs; eval_cpu allocates the outputs and queues the work on the CPU
+// stream's encoder, as MLX's own CPU primitives do (the inputs' buffers are
+// held by the graph until the task has run).
+
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+struct HcConst {
+  float rms_eps, hc_eps;
+  int iters;
+};
+
+// dot(w[0..n), x[0..n)) with 8 independent partial sums, so the compiler can
+// vectorize it without reassociating floats on its own.
+template <typename W>
+float dot(const W* w, const float* x, int n) {
+  float acc[8] = {};
+  int k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += float(w[k + l]) * x[k + l];
+  for (; k < n; ++k) acc[0] += float(w[k]) * x[k];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// The small per-token math after the mix product m[(2 + hc) * hc] (already
+// RMS-scaled): pre, post and the Sinkhorn-normalized comb.
+void hc_mix(const float* m, const float* scale, const float* base, int hc, const HcConst& k, float* pre,
+            float* post, float* comb) {
+  auto sigmoid = [](float v) { return 1.0f / (1.0f + std::exp(-v)); };
+  for (int i = 0; i < hc; ++i) {
+    pre[i] = sigmoid(m[i] * scale[0] + base[i]) + k.hc_eps;
+    post[i] = 2.0f * sigmoid(m[hc + i] * scale[1] + base[hc + i]);
+  }
+  float* c = comb;
+  for (int a = 0; a < hc; ++a) {
+    float* row = c + a * hc;
+    float top = -INFINITY;
+    for (int b = 0; b < hc; ++b) {
+      row[b] = m[2 * hc + a * hc + b] * scale[2] + base[2 * hc + a * hc + b];
+      top = std::fmax(top, row[b]);
+    }
+    float sum = 0.0f;
+    for (int b = 0; b < hc; ++b) sum += (row[b] = std::exp(row[b] - top));
+    for (int b = 0; b < hc; ++b) row[b] = row[b] / sum + k.hc_eps;
+  }
+  for (int it = 0; it < k.iters; ++it) {
+    if (it > 0) {  // rows, from the second pass on
+      for (int a = 0; a < hc; ++a) {
+        float sum = 0.0f;
+        for (int b = 0; b < hc; ++b) sum += c[a * hc + b];
+        for (int b = 0; b < hc; ++b) c[a * hc + b] /= sum + k.hc_eps;
+      }
+    }
+    for (int b = 0; b < hc; ++b) {  // columns
+      float sum = 0.0f;
+      for (int a = 0; a < hc; ++a) sum += c[a * hc + b];
+      for (int a = 0; a < hc; ++a) c[a * hc + b] /= sum + k.hc_eps;
+    }
+  }
+}
+
+// Strided views of the inputs, captured by value into the queued task.
+struct View {
+  const void* data;
+  int64_t s0, s1, s2;
+};
+View view(const mx::array& a) {
+  const auto& st = a.strides();
+  return {a.data<void>(), st.size() > 0 ? st[0] : 0, st.size() > 1 ? st[1] : 0, st.size() > 2 ? st[2] : 0};
+}
+
+template <typename W>
+void hc_pre_tokens(View X, View fn, View scale_v, View base_v, int T, int hc, int D, HcConst k, float* x_in,
+                   float* post, float* comb) {
+  const int n = hc * D, mix = (2 + hc) * hc;
+  std::vector<float> xs(n), m(mix), pre(hc), scale(3), base(mix);
+  for (int i = 0; i < 3; ++i) scale[i] = static_cast<const float*>(scale_v.data)[i * scale_v.s0];
+  for (int j = 0; j < mix; ++j) base[j] = static_cast<const float*>(base_v.data)[j * base_v.s0];
+  std::vector<W> wrow(fn.s1 == 1 ? 0 : n);
+  for (int t = 0; t < T; ++t) {
+    const float* xt = static_cast<const float*>(X.data) + t * X.s0;
+    double squares = 0.0;  // ds4 sums the squares in double
+    for (int i = 0; i < hc; ++i)
+      for (int d = 0; d < D; ++d) {
+        const float v = xt[i * X.s1 + d * X.s2];
+        xs[i * D + d] = v;
+        squares += double(v) * v;
+      }
+    const float r = 1.0f / std::sqrt(float(squares / n) + k.rms_eps);
+    for (int j = 0; j < mix; ++j) {
+      const W* row = static_cast<const W*>(fn.data) + j * fn.s0;
+      if (fn.s1 != 1) {
+        for (int c = 0; c < n; ++c) wrow[c] = row[c * fn.s1];
+        row = wrow.data();
+      }
+      m[j] = r * dot(row, xs.data(), n);  // fn @ (x * r) = r * (fn @ x)
+    }
+    hc_mix(m.data(), scale.data(), base.data(), hc, k, pre.data(), post + t * hc, comb + t * hc * hc);
+    for (int d = 0; d < D; ++d) {
+      float v = 0.0f;
+      for (int i = 0; i < hc; ++i) v += pre[i] * xs[i * D + d];
+      x_in[t * D + d] = v;
+    }
+  }
+}
+
+class HcPre : public mx::Primitive {
+ public:
+  HcPre(mx::Stream s, HcConst k) : mx::Primitive(s), k_(k) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    for (auto& o : out) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    for (auto& o : out) enc.set_output_array(o);
+    const mx::array &X = in[0], &fn = in[1];
+    const int T = X.shape(0), hc = X.shape(1), D = X.shape(2);
+    const View x = view(X), w = view(fn), scale = view(in[2]), base = view(in[3]);
+    float *x_in = out[0].data<float>(), *post = out[1].data<float>(), *comb = out[2].data<float>();
+    const HcConst k = k_;
+    const mx::Dtype type = fn.dtype();
+    enc.dispatch([=]() {
+      if (type == mx::float32)
+        hc_pre_tokens<float>(x, w, scale, base, T, hc, D, k, x_in, post, comb);
+      else if (type == mx::float16)
+        hc_pre_tokens<mx::float16_t>(x, w, scale, base, T, hc, D, k, x_in, post, comb);
+      else
+        hc_pre_tokens<mx::bfloat16_t>(x, w, scale, base, T, hc, D, k, x_in, post, comb);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("MagnetarHcPre has a CPU kernel only");
+  }
+
+  const char* name() const override { return "MagnetarHcPre"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const HcPre&>(other);
+    return k_.rms_eps == o.k_.rms_eps && k_.hc_eps == o.k_.hc_eps && k_.iters == o.k_.iters;
+  }
+
+ private:
+  HcConst k_;
+};
+
+void hc_post_tokens(View y, View X, View post, View comb, int T, int hc, int D, float* out) {
+  auto at = [](View v, int64_t a, int64_t b, int64_t c = 0) {
+    return static_cast<const float*>(v.data)[a * v.s0 + b * v.s1 + c * v.s2];
+  };
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < hc; ++j) {
+      float* o = out + (int64_t(t) * hc + j) * D;
+      const float p = at(post, t, j);
+      for (int d = 0; d < D; ++d) o[d] = p * at(y, t, d);
+      for (int i = 0; i < hc; ++i) {
+        const float c = at(comb, t, i, j);
+        for (int d = 0; d < D; ++d) o[d] += c * at(X, t, i, d);
+      }
+    }
+}
+
+class HcPost : public mx::Primitive {
+ public:
+  explicit HcPost(mx::Stream s) : mx::Primitive(s) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    mx::array& o = out[0];
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(o);
+    const int T = o.shape(0), hc = o.shape(1), D = o.shape(2);
+    const View y = view(in[0]), X = view(in[1]), post = view(in[2]), comb = view(in[3]);
+    float* dst = o.data<float>();
+    enc.dispatch([=]() { hc_post_tokens(y, X, post, comb, T, hc, D, dst); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("MagnetarHcPost has a CPU kernel only");
+  }
+
+  const char* name() const override { return "MagnetarHcPost"; }
+
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+mx::array hc_post(const mx::array& y, const mx::array& X, const mx::array& post, const mx::array& comb) {
+  if (X.ndim() != 3 || y.ndim() != 2 || post.ndim() != 2 || comb.ndim() != 3)
+    throw std::invalid_argument("hc_post: y [T, D], X [T, hc, D], post [T, hc], comb [T, hc, hc]");
+  const int T = X.shape(0), hc = X.shape(1), D = X.shape(2);
+  if (y.shape() != mx::Shape{T, D} || post.shape() != mx::Shape{T, hc} || comb.shape() != mx::Shape{T, hc, hc})
+    throw std::invalid_argument("hc_post: y [T, D], X [T, hc, D], post [T, hc], comb [T, hc, hc] disagree");
+  for (const mx::array* a : {&y, &X, &post, &comb})
+    if (a->dtype() != mx::float32) throw std::invalid_argument("hc_post: float32 inputs only");
+  return mx::array({T, hc, D}, mx::float32, std::make_shared<HcPost>(mx::default_stream(mx::Device::cpu)),
+                   {y, X, post, comb});
+}
+
+nb::tuple hc_pre(const mx::array& X, const mx::array& fn, const mx::array& scale, const mx::array& base,
+                 float rms_eps, float hc_eps, int iters) {
+  if (X.ndim() != 3 || X.dtype() != mx::float32)
+    throw std::invalid_argument("hc_pre: X must be float32 [T, hc, D]");
+  const int T = X.shape(0), hc = X.shape(1), D = X.shape(2), mix = (2 + hc) * hc;
+  if (fn.ndim() != 2 || fn.shape(0) != mix || fn.shape(1) != hc * D ||
+      (fn.dtype() != mx::float32 && fn.dtype() != mx::float16 && fn.dtype() != mx::bfloat16))
+    throw std::invalid_argument("hc_pre: fn must be float32/float16/bfloat16 [(2 + hc) * hc, hc * D]");
+  if (scale.ndim() != 1 || scale.size() != 3 || base.ndim() != 1 || base.size() != size_t(mix) ||
+      scale.dtype() != mx::float32 || base.dtype() != mx::float32)
+    throw std::invalid_argument("hc_pre: scale must be float32 [3], base float32 [(2 + hc) * hc]");
+  auto outs = mx::array::make_arrays({{T, D}, {T, hc}, {T, hc, hc}}, {mx::float32, mx::float32, mx::float32},
+                                     std::make_shared<HcPre>(mx::default_stream(mx::Device::cpu),
+                                                             HcConst{rms_eps, hc_eps, iters}),
+                                     {X, fn, scale, base});
+  return nb::make_tuple(outs[0], outs[1], outs[2]);
+}
+
+}  // namespace
+
+NB_MODULE(_magnetar_mlx_ops, m) {
+  m.def("hc_pre", &hc_pre, "X [T, hc, D], fn, scale [3], base, rms_eps, hc_eps, iters -> (x_in, post, comb)");
+  m.def("hc_post", &hc_post, "y [T, D], X [T, hc, D], post [T, hc], comb [T, hc, hc] -> X' [T, hc, D]");
+}
