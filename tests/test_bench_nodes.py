@@ -51,6 +51,20 @@ def test_counting_nodes_leaves_the_engine_as_it_was(tiny_models, native):
     assert tokens == want_tokens and np.array_equal(logits, want_logits)
 
 
+# The compiled decode graph of tiny q2 (5 layers), in MLX nodes per token, as reached with
+# the hyper-connection steps fused (kernels/mlx_ext.py; 2344 and 2703 before). A change that
+# adds nodes fails here: lower the count again, or raise the budget knowingly.
+NODE_BUDGET = {True: 1254, False: 1613}
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cut-at-host-experts", "one-graph"])
+def test_decode_graph_stays_within_its_node_budget(tiny_models, native):
+    engine = _engine(tiny_models("q2"), native)
+    count = on_engine_thread(decode_nodes, engine.model, 256)
+    assert count.per_token <= NODE_BUDGET[native], (
+        f"{count.per_token} nodes per token ({count.per_layer:.0f} per layer), budget {NODE_BUDGET[native]}")
+
+
 def test_bench_decode_reports_nodes_per_token_and_layer(tiny_models, tmp_path, capsys):
     out = tmp_path / "bench.csv"
     assert main(["bench", "decode", "-m", str(tiny_models("q2")), "--tokens", "2", "--reps", "1",
