@@ -270,7 +270,8 @@ def _page_aligned(shape: tuple[int, ...]) -> np.ndarray:
     """Zeroed uint8 memory from an anonymous mapping: starts on a page, and pages only
     become resident as slots fill."""
     n = int(np.prod(shape))
-    return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8, n).reshape(shape)
+    private = mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would keep released pages
+    return np.frombuffer(private, np.uint8, n).reshape(shape)
 
 
 # Pages handed back stay mapped and read as zeros until written again (Linux frees them
