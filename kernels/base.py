@@ -145,7 +145,13 @@ class Backend:
         raise NotImplementedError
 
     def matmul(self, x: mx.array, w: QTensor) -> mx.array:
+        """``x @ W.T`` for ``w`` as stored, or as ``pack`` re-laid it."""
         raise NotImplementedError
+
+    def pack(self, w: QTensor):
+        """The form a dense matrix is kept in, if not as stored (None): made once at load,
+        passed to ``matmul`` instead of ``w``, and it has a ``dequantize()``."""
+        return None
 
     def moe(self, x: mx.array, ids: mx.array, weights: mx.array, gate: QTensor, up: QTensor,
             down: QTensor, limit: float) -> mx.array:

@@ -26,7 +26,9 @@ import mlx.core as mx
 import numpy as np
 
 from . import mlx_ext, native
+from .affine import AffineQ8
 from .base import BackendUnavailable, QTensor
+from .formats import GGMLType
 from .dequant import dequantize
 from .host import HOST_BLAS_MIN_ROWS, HostBackend
 
@@ -90,11 +92,18 @@ class CpuBackend(HostBackend):
             return mlx_ext.hc_post(*(a.astype(mx.float32) for a in (y, X, post, comb)))
         return super().hc_post(y, X, post, comb)
 
-    def matmul(self, x: mx.array, w: QTensor) -> mx.array:
+    def matmul(self, x: mx.array, w: QTensor | AffineQ8) -> mx.array:
         """``x @ W.T``; with many rows it evaluates its inputs (host-paced code only)."""
+        wide = w.dequantize if isinstance(w, AffineQ8) else lambda: _expand(w)
         if x.shape[0] >= HOST_BLAS_MIN_ROWS:
-            return mx.array(np.asarray(x) @ np.asarray(_expand(w)).T)
-        return x @ _expand(w).T
+            return mx.array(np.asarray(x) @ np.asarray(wide()).T)
+        if isinstance(w, AffineQ8):  # from the codes: no f32 copy of the matrix per token
+            return w.matmul(x)
+        return x @ wide().T
+
+    def pack(self, w: QTensor) -> AffineQ8 | None:
+        """Q8_0 as MLX's 8-bit quantization (kernels/affine.py): exact, and multiplied as codes."""
+        return AffineQ8.of(np.asarray(w.data)) if w.ggml_type == GGMLType.Q8_0 and w.n_experts == 0 else None
 
     def moe(self, x, ids, weights, gate, up, down, limit):
         if self.native:

@@ -3,14 +3,17 @@
 Every matrix keeps its stored encoding: F32 stays f32, F16 stays half (widened
 to f32 inside the graph, so the math is f32 like the reference), and blocked
 types (Q8_0, Q2_K, Q4_K, IQ2_XXS) stay raw uint8 blocks that
-``kernels.dequantize`` expands inside the graph at the point of use. Nothing
-keeps a dequantized copy of the model; routed experts go to the kernel
-backend as raw blocks (``kernels.backend.QTensor``).
+``kernels.dequantize`` expands inside the graph at the point of use, unless
+the kernel backend re-lays a matrix once at load (``Backend.pack``: the CPU
+keeps Q8_0 as MLX's 8-bit codes, kernels/affine.py, multiplied without
+widening). Nothing keeps a dequantized copy of the model; routed experts go to
+the kernel backend as raw blocks (``kernels.backend.QTensor``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -39,18 +42,27 @@ def _raw(info: TensorInfo, leading: tuple[int, ...]) -> mx.array:
 
 @dataclass(frozen=True)
 class Matrix:
-    """A weight ``[out, in]``: ``x @ W.T`` without materializing an f32 copy between calls."""
+    """A weight ``[out, in]``: ``x @ W.T`` without materializing an f32 copy between calls.
+    A backend may keep it re-laid instead of as stored (``packed``; then ``data`` is None)."""
 
-    data: mx.array
+    data: mx.array | None
     ggml_type: GGMLType
     kernels: Backend  # multiplies it: the stored encoding, or f32 through the backend's dense product
+    packed: Any = None  # what ``kernels.pack`` made of it
 
     @classmethod
-    def load(cls, info: TensorInfo, kernels: Backend) -> "Matrix":
+    def load(cls, info: TensorInfo, kernels: Backend, pack: bool = True) -> "Matrix":
         out = int(np.prod(info.shape[1:]))
+        if pack and info.ggml_type not in _PLAIN:
+            packed = kernels.pack(QTensor(np.asarray(info.data).reshape(-1).view(np.uint8).reshape(out, -1),
+                                          info.ggml_type))
+            if packed is not None:
+                return cls(None, info.ggml_type, kernels, packed)
         return cls(_rows(info, (out,)), info.ggml_type, kernels)
 
     def dense(self) -> mx.array:
+        if self.packed is not None:
+            return self.packed.dequantize()
         if self.ggml_type == GGMLType.F32:
             return self.data
         if self.ggml_type == GGMLType.F16:
@@ -59,6 +71,8 @@ class Matrix:
 
     def __call__(self, x: mx.array) -> mx.array:
         """``x @ W.T``; x is [T, in] (T = 1 inside the compiled decode step)."""
+        if self.packed is not None:
+            return self.kernels.matmul(x, self.packed)
         if self.ggml_type == GGMLType.F32:
             return self.kernels.dense(x, self.data.T)
         return self.kernels.matmul(x, QTensor(mx.view(self.data, mx.uint8), self.ggml_type))
@@ -90,12 +104,12 @@ class Weights:
 
     def matrix(self, name: str) -> Matrix:
         info = self.file.tensors[name]
-        m = Matrix.load(info, self.kernels)
         wide = int(np.prod(info.shape)) * 4  # bytes as f32
-        if m.ggml_type != GGMLType.F32 and wide <= self.expand_left:
-            self.expand_left -= wide
-            m = Matrix(m.dense(), GGMLType.F32, self.kernels)
-            mx.eval(m.data)
+        if info.ggml_type == GGMLType.F32 or wide > self.expand_left:
+            return Matrix.load(info, self.kernels)
+        self.expand_left -= wide
+        m = Matrix(Matrix.load(info, self.kernels, pack=False).dense(), GGMLType.F32, self.kernels)
+        mx.eval(m.data)
         return m
 
     def experts(self, name: str) -> QTensor:
