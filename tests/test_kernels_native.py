@@ -40,6 +40,29 @@ def test_matmul_matches_reference(ggml_type, n_tokens):
     assert rel_err(native.matmul(x, raw, ggml_type), reference.matmul(x, raw, ggml_type)) < 1e-5
 
 
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_a_token_gets_the_same_bits_alone_and_in_a_batch(ggml_type):
+    """Decode (one token) and prefill (many) must agree bit for bit: the q2 types take a
+    registers-only path at one token and a laid-out block at several."""
+    rng = np.random.default_rng([int(ggml_type), 9])
+    raw = random_weight(rng, ggml_type, (37, 1024))
+    x = rng.standard_normal((6, 1024)).astype(np.float32)
+    batch = native.matmul(x, raw, ggml_type)
+    alone = np.concatenate([native.matmul(x[t:t + 1], raw, ggml_type) for t in range(6)])
+    assert np.array_equal(batch.view(np.uint32), alone.view(np.uint32))
+
+
+def test_moe_gives_a_token_the_same_bits_alone_and_in_a_batch():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((6, 1024)).astype(np.float32)
+    stacks = [(random_weight(rng, t, (5, 512, 1024)), t) for t in (GGMLType.IQ2_XXS, GGMLType.IQ2_XXS)]
+    stacks.append((random_weight(rng, GGMLType.Q2_K, (5, 1024, 512)), GGMLType.Q2_K))
+    ids, w = random_routing(rng, 6, 5, 3)  # 18 pairs over 5 experts: groups of several tokens
+    batch = native.moe(x, ids, w, *stacks, 7.0)
+    alone = np.concatenate([native.moe(x[t:t + 1], ids[t:t + 1], w[t:t + 1], *stacks, 7.0) for t in range(6)])
+    assert np.array_equal(batch.view(np.uint32), alone.view(np.uint32))
+
 def test_moe_reads_memory_maps_without_a_copy(tmp_path):
     """Expert stacks come from the model file's memory map: they must go in as they are."""
     rng = np.random.default_rng(5)

@@ -26,6 +26,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FAST_Q2 1  /* IQ2_XXS and Q2_K dotted from codes with their scales factored out (below) */
+#endif
 
 enum { T_F32 = 0, T_F16 = 1, T_Q8_0 = 8, T_Q2_K = 10, T_Q4_K = 12, T_IQ2_XXS = 16 };
 enum { E_TYPE = -1, E_SHAPE = -2, E_ID = -3, E_NOMEM = -4, E_INIT = -5 };
@@ -43,6 +47,12 @@ enum { E_TYPE = -1, E_SHAPE = -2, E_ID = -3, E_NOMEM = -4, E_INIT = -5 };
  * 256 grid patterns (8 magnitudes each) and, for each 7-bit sign index, 8
  * byte masks (0xff = negate). 3 KiB in all, so lookups stay in L1. */
 static uint8_t iq2_grid[256][8], iq2_neg[128][8];
+#ifdef FAST_Q2
+/* the same tables as f32 magnitudes and sign-bit masks: a grid pattern with its
+ * signs is one load and one xor (negation is exact) */
+static _Alignas(32) float iq2_gridf[256][8];
+static _Alignas(32) uint32_t iq2_signf[128][8];
+#endif
 static int iq2_ready;
 
 int mg_init(const uint8_t *grid, const uint8_t *signs)
@@ -54,6 +64,12 @@ int mg_init(const uint8_t *grid, const uint8_t *signs)
         }
     for (int s = 0; s < 128; s++)
         for (int i = 0; i < 8; i++) iq2_neg[s][i] = ((signs[s] >> i) & 1) ? 0xff : 0;
+#ifdef FAST_Q2
+    for (int g = 0; g < 256; g++)
+        for (int i = 0; i < 8; i++) iq2_gridf[g][i] = (float)iq2_grid[g][i];
+    for (int s = 0; s < 128; s++)
+        for (int i = 0; i < 8; i++) iq2_signf[s][i] = iq2_neg[s][i] ? 0x80000000u : 0;
+#endif
     iq2_ready = 1;
     return 0;
 }
@@ -239,12 +255,197 @@ static void dot_rows(const float (*restrict w)[CHUNK], int n, const float *restr
     memcpy(acc + 3 * LANES, a3, sizeof a3);
 }
 
+#ifdef FAST_Q2
+/* IQ2_XXS and Q2_K rows (the q2 experts), AVX2 + FMA. Decoding every value to
+ * f32 and then multiplying it (tile_dots) costs more instructions than the
+ * memory bus leaves time for. Here a block is laid out as its codes, small
+ * integers exact in f32, with the signs applied (qblock), and the scales are
+ * applied once per sub-block:
+ *   IQ2_XXS, 32-value group g: acc += db_g * (q . x), in 8 lanes;
+ *   Q2_K, 16-value sub-block j: acc += dl_j * (q . x), macc += ml_j * (x_lo + x_hi),
+ * and the row's value is the lanes' sum (minus the mins' sum). This is not
+ * the reference's rounding (it rounds each weight first), only the same up to
+ * f32 rounding of the sums; but one (row, token) pair's arithmetic never
+ * depends on the other tokens in the call, so decode and prefill give the
+ * same bits, as do streamed rounds and one call. */
+
+typedef struct { _Alignas(32) float q[256]; float sc[16], mn[16]; } qblock;
+
+static inline void lay_iq2_xxs(const uint8_t *restrict b, qblock *restrict o)
+{
+    const float d = f16(ld16(b));
+    for (int g = 0; g < 8; g++) {
+        const uint32_t a = ld32(b + 2 + 8 * g), s = ld32(b + 6 + 8 * g);
+        o->sc[g] = d * (0.5f + (float)(s >> 28)) * 0.25f;
+        for (int k = 0; k < 4; k++) {
+            const __m256 sign = _mm256_load_ps((const float *)iq2_signf[(s >> (7 * k)) & 127]);
+            _mm256_store_ps(o->q + 32 * g + 8 * k, _mm256_xor_ps(_mm256_load_ps(iq2_gridf[(a >> (8 * k)) & 255]), sign));
+        }
+    }
+}
+
+/* dl_j = d * sc_j and ml_j = dmin * m_j for the 16 sub-blocks (one rounding each, as in the reference) */
+static inline void q2_k_scales(const uint8_t *restrict b, float *restrict sc, float *restrict mn)
+{
+    const __m128i v = _mm_loadu_si128((const __m128i *)b), nib = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+    const __m256 d = _mm256_set1_ps(f16(ld16(b + 80))), dmin = _mm256_set1_ps(f16(ld16(b + 82)));
+    _mm256_storeu_ps(sc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo))));
+    _mm256_storeu_ps(sc + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)))));
+    _mm256_storeu_ps(mn, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi))));
+    _mm256_storeu_ps(mn + 8, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))));
+}
+
+static inline void lay_q2_k(const uint8_t *restrict b, qblock *restrict o)
+{
+    q2_k_scales(b, o->sc, o->mn);
+    const __m256i three = _mm256_set1_epi32(3);
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l += 8) {  /* 8 code bytes hold 4 runs of 8 values, at shifts 0, 2, 4, 6 */
+            const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 16 + 32 * h + l)));
+            float *q = o->q + 128 * h + l;
+            _mm256_store_ps(q, _mm256_cvtepi32_ps(_mm256_and_si256(v, three)));
+            _mm256_store_ps(q + 32, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 2), three)));
+            _mm256_store_ps(q + 64, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4), three)));
+            _mm256_store_ps(q + 96, _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 6)));
+        }
+}
+
+/* One token's 256 values into acc[0..1] (IQ2_XXS: groups alternate) or acc[0..7] (Q2_K: sums, then mins). */
+static inline void dot_iq2_xxs(const qblock *restrict o, const float *restrict x, __m256 *restrict acc)
+{
+    for (int g = 0; g < 8; g++) {
+        const float *q = o->q + 32 * g, *xg = x + 32 * g;
+        __m256 s = _mm256_mul_ps(_mm256_load_ps(q), _mm256_loadu_ps(xg));
+        s = _mm256_fmadd_ps(_mm256_load_ps(q + 8), _mm256_loadu_ps(xg + 8), s);
+        s = _mm256_fmadd_ps(_mm256_load_ps(q + 16), _mm256_loadu_ps(xg + 16), s);
+        s = _mm256_fmadd_ps(_mm256_load_ps(q + 24), _mm256_loadu_ps(xg + 24), s);
+        acc[g & 1] = _mm256_fmadd_ps(_mm256_set1_ps(o->sc[g]), s, acc[g & 1]);
+    }
+}
+
+static inline void dot_q2_k(const qblock *restrict o, const float *restrict x, __m256 *restrict acc)
+{
+    for (int j = 0; j < 16; j++) {
+        const __m256 x0 = _mm256_loadu_ps(x + 16 * j), x1 = _mm256_loadu_ps(x + 16 * j + 8);
+        __m256 s = _mm256_mul_ps(_mm256_load_ps(o->q + 16 * j), x0);
+        s = _mm256_fmadd_ps(_mm256_load_ps(o->q + 16 * j + 8), x1, s);
+        const int a = (j >> 1) & 3;
+        acc[a] = _mm256_fmadd_ps(_mm256_set1_ps(o->sc[j]), s, acc[a]);
+        acc[4 + a] = _mm256_fmadd_ps(_mm256_set1_ps(o->mn[j]), _mm256_add_ps(x0, x1), acc[4 + a]);
+    }
+}
+
+/* The same arithmetic as lay_* then dot_* for one token, with the codes kept in
+ * registers instead of a qblock (decode: each block is used once). */
+static inline void fused_iq2_xxs(const uint8_t *restrict b, const float *restrict x, __m256 *restrict acc)
+{
+    const float d = f16(ld16(b));
+    for (int g = 0; g < 8; g++) {
+        const uint32_t a = ld32(b + 2 + 8 * g), s = ld32(b + 6 + 8 * g);
+        const float *xg = x + 32 * g;
+#define IQ2_Q(k) _mm256_xor_ps(_mm256_load_ps(iq2_gridf[(a >> (8 * (k))) & 255]), \
+                               _mm256_load_ps((const float *)iq2_signf[(s >> (7 * (k))) & 127]))
+        __m256 sum = _mm256_mul_ps(IQ2_Q(0), _mm256_loadu_ps(xg));
+        sum = _mm256_fmadd_ps(IQ2_Q(1), _mm256_loadu_ps(xg + 8), sum);
+        sum = _mm256_fmadd_ps(IQ2_Q(2), _mm256_loadu_ps(xg + 16), sum);
+        sum = _mm256_fmadd_ps(IQ2_Q(3), _mm256_loadu_ps(xg + 24), sum);
+#undef IQ2_Q
+        acc[g & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d * (0.5f + (float)(s >> 28)) * 0.25f), sum, acc[g & 1]);
+    }
+}
+
+static inline void fused_q2_k(const uint8_t *restrict b, const float *restrict x, __m256 *restrict acc)
+{
+    float sc[16], mn[16];
+    q2_k_scales(b, sc, mn);
+    const __m256i three = _mm256_set1_epi32(3);
+    for (int h = 0; h < 2; h++)
+        for (int half = 0; half < 2; half++) {  /* sub-blocks j = 8h + 2s + half, s = 0..3: codes at shift 2s */
+            const uint8_t *qs = b + 16 + 32 * h + 16 * half;
+            const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qs));
+            const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8)));
+#define Q2_SUB(s, q0, q1) do { \
+                const int j = 8 * h + 2 * (s) + half; \
+                const __m256 x0 = _mm256_loadu_ps(x + 16 * j), x1 = _mm256_loadu_ps(x + 16 * j + 8); \
+                __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), x0); \
+                sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), x1, sum); \
+                acc[s] = _mm256_fmadd_ps(_mm256_set1_ps(sc[j]), sum, acc[s]); \
+                acc[4 + (s)] = _mm256_fmadd_ps(_mm256_set1_ps(mn[j]), _mm256_add_ps(x0, x1), acc[4 + (s)]); \
+            } while (0)
+            Q2_SUB(0, _mm256_and_si256(v0, three), _mm256_and_si256(v1, three));
+            Q2_SUB(1, _mm256_and_si256(_mm256_srli_epi32(v0, 2), three), _mm256_and_si256(_mm256_srli_epi32(v1, 2), three));
+            Q2_SUB(2, _mm256_and_si256(_mm256_srli_epi32(v0, 4), three), _mm256_and_si256(_mm256_srli_epi32(v1, 4), three));
+            Q2_SUB(3, _mm256_srli_epi32(v0, 6), _mm256_srli_epi32(v1, 6));
+#undef Q2_SUB
+        }
+}
+
+static inline float hsum8(__m256 v)
+{
+    float t[8], s = 0.0f;
+    _mm256_storeu_ps(t, v);
+    for (int i = 0; i < 8; i++) s += t[i];
+    return s;
+}
+
+static inline float finish_q2(int type, const __m256 *a)
+{
+    if (type == T_IQ2_XXS) return hsum8(_mm256_add_ps(a[0], a[1]));
+    return hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])))
+         - hsum8(_mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])));
+}
+
+/* tile_dots for IQ2_XXS / Q2_K rows; acc: nx * RT * LANES (>= 64 per token) floats of scratch. */
+static void tile_dots_q2(const uint8_t *const *rows, int nr, int type, int64_t cols, const float *const *xs, int nx,
+                         float *restrict acc, float *restrict y)
+{
+    qblock blk;
+    const int iq2 = type == T_IQ2_XXS, bb = iq2 ? 66 : 84;
+    const int64_t nb = cols / 256;
+    for (int r = 0; r < nr; r++) {
+        __m256 a[8];
+        if (nx == 1) {  /* decode: the sums stay in registers */
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (int64_t ib = 0; ib < nb; ib++) {
+                if (iq2) fused_iq2_xxs(rows[r] + ib * bb, xs[0] + 256 * ib, a);
+                else fused_q2_k(rows[r] + ib * bb, xs[0] + 256 * ib, a);
+            }
+            y[r] = finish_q2(type, a);
+            continue;
+        }
+        memset(acc, 0, sizeof(float) * 64 * (size_t)nx);
+        for (int64_t ib = 0; ib < nb; ib++) {
+            if (iq2) lay_iq2_xxs(rows[r] + ib * bb, &blk);
+            else lay_q2_k(rows[r] + ib * bb, &blk);
+            for (int t = 0; t < nx; t++) {
+                float *at = acc + 64 * (size_t)t;
+                for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(at + 8 * i);
+                if (iq2) dot_iq2_xxs(&blk, xs[t] + 256 * ib, a);
+                else dot_q2_k(&blk, xs[t] + 256 * ib, a);
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(at + 8 * i, a[i]);
+            }
+        }
+        for (int t = 0; t < nx; t++) {
+            for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(acc + 64 * (size_t)t + 8 * i);
+            y[t * RT + r] = finish_q2(type, a);
+        }
+    }
+}
+#endif
+
 /* y[t * RT + r] = rows[r] . xs[t] for nr <= RT weight rows of one type and nx
  * activation rows (acc: nx * RT * LANES floats of scratch). Each chunk of the
  * rows is decoded once and then used by every activation row. */
 static void tile_dots(const uint8_t *const *rows, int nr, int type, int64_t cols, const float *const *xs, int nx,
                       float *restrict acc, float *restrict y)
 {
+#ifdef FAST_Q2
+    if (type == T_IQ2_XXS || type == T_Q2_K) {
+        tile_dots_q2(rows, nr, type, cols, xs, nx, acc, y);
+        return;
+    }
+#endif
     _Alignas(64) float buf[RT][CHUNK];
     int bb, per = block_shape(type, &bb);
     const int step = per == 1 ? CHUNK : CHUNK / per * per;  /* whole blocks */
@@ -261,6 +462,7 @@ static void tile_dots(const uint8_t *const *rows, int nr, int type, int64_t cols
         y[t] = sum;
     }
 }
+
 
 static int n_threads(void)
 {
