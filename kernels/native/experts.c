@@ -344,13 +344,16 @@ static inline void fused_iq2_xxs(const uint8_t *restrict b, const float *restric
     for (int g = 0; g < 8; g++) {
         const uint32_t a = ld32(b + 2 + 8 * g), s = ld32(b + 6 + 8 * g);
         const float *xg = x + 32 * g;
-#define IQ2_Q(k) _mm256_xor_ps(_mm256_load_ps(iq2_gridf[(a >> (8 * (k))) & 255]), \
-                               _mm256_load_ps((const float *)iq2_signf[(s >> (7 * (k))) & 127]))
+        /* byte offsets into the 32-byte table rows, shifted and masked in one step each */
+#define IQ2_SH(v, bit) ((bit) >= 5 ? (v) >> ((bit) - 5) : (v) << (5 - (bit)))
+#define IQ2_Q(k) _mm256_xor_ps(_mm256_load_ps((const float *)((const char *)iq2_gridf + (IQ2_SH(a, 8 * (k)) & (255u << 5)))), \
+                               _mm256_load_ps((const float *)((const char *)iq2_signf + (IQ2_SH(s, 7 * (k)) & (127u << 5)))))
         __m256 sum = _mm256_mul_ps(IQ2_Q(0), _mm256_loadu_ps(xg));
         sum = _mm256_fmadd_ps(IQ2_Q(1), _mm256_loadu_ps(xg + 8), sum);
         sum = _mm256_fmadd_ps(IQ2_Q(2), _mm256_loadu_ps(xg + 16), sum);
         sum = _mm256_fmadd_ps(IQ2_Q(3), _mm256_loadu_ps(xg + 24), sum);
 #undef IQ2_Q
+#undef IQ2_SH
         acc[g & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d * (0.5f + (float)(s >> 28)) * 0.25f), sum, acc[g & 1]);
     }
 }
