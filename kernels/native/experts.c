@@ -271,12 +271,23 @@ static void dot_rows(const float (*restrict w)[CHUNK], int n, const float *restr
 
 typedef struct { _Alignas(32) float q[256]; float sc[16], mn[16]; } qblock;
 
+/* db_g = d * (0.5 + s_g >> 28) * 0.25 for the 8 groups at once, rounded as the reference does */
+static inline void iq2_xxs_scales(const uint8_t *restrict b, float *restrict db)
+{
+    const __m256 lo = _mm256_loadu_ps((const float *)(b + 2)), hi = _mm256_loadu_ps((const float *)(b + 34));
+    /* the odd words (each group's sign-and-scale word) of groups 0-3 and 4-7, in group order */
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(lo, hi, 0xdd)), 0xd8);
+    const __m256 ls = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28));
+    const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(f16(ld16(b))), _mm256_add_ps(_mm256_set1_ps(0.5f), ls)),
+                                   _mm256_set1_ps(0.25f));
+    _mm256_storeu_ps(db, v);
+}
+
 static inline void lay_iq2_xxs(const uint8_t *restrict b, qblock *restrict o)
 {
-    const float d = f16(ld16(b));
+    iq2_xxs_scales(b, o->sc);
     for (int g = 0; g < 8; g++) {
         const uint32_t a = ld32(b + 2 + 8 * g), s = ld32(b + 6 + 8 * g);
-        o->sc[g] = d * (0.5f + (float)(s >> 28)) * 0.25f;
         for (int k = 0; k < 4; k++) {
             const __m256 sign = _mm256_load_ps((const float *)iq2_signf[(s >> (7 * k)) & 127]);
             _mm256_store_ps(o->q + 32 * g + 8 * k, _mm256_xor_ps(_mm256_load_ps(iq2_gridf[(a >> (8 * k)) & 255]), sign));
@@ -340,8 +351,10 @@ static inline void dot_q2_k(const qblock *restrict o, const float *restrict x, _
  * registers instead of a qblock (decode: each block is used once). */
 static inline void fused_iq2_xxs(const uint8_t *restrict b, const float *restrict x, __m256 *restrict acc)
 {
-    const float d = f16(ld16(b));
-    for (int g = 0; g < 8; g++) {
+    float db[8];
+    iq2_xxs_scales(b, db);
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; g++) {  /* unrolled: acc[g & 1] stays in a register */
         const uint32_t a = ld32(b + 2 + 8 * g), s = ld32(b + 6 + 8 * g);
         const float *xg = x + 32 * g;
         /* byte offsets into the 32-byte table rows, shifted and masked in one step each */
@@ -354,7 +367,7 @@ static inline void fused_iq2_xxs(const uint8_t *restrict b, const float *restric
         sum = _mm256_fmadd_ps(IQ2_Q(3), _mm256_loadu_ps(xg + 24), sum);
 #undef IQ2_Q
 #undef IQ2_SH
-        acc[g & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d * (0.5f + (float)(s >> 28)) * 0.25f), sum, acc[g & 1]);
+        acc[g & 1] = _mm256_fmadd_ps(_mm256_set1_ps(db[g]), sum, acc[g & 1]);
     }
 }
 
