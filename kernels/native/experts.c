@@ -5,6 +5,9 @@
  * K/IQ block, or up to 256 values of Q8_0/F16/F32) is decoded into a small
  * f32 buffer, bit-exact with kernels/reference.py, and then dotted with every
  * activation row that needs it, so a weight row is read once per call.
+ * With AVX2 and FMA the q2 expert types (IQ2_XXS, Q2_K) are dotted from their
+ * codes instead, scales factored out (FAST_Q2 below): the decode-time step
+ * is bound by instructions per weight byte, not by memory.
  * Block layouts: docs/spec/quant-kernels.md section 1.
  *
  * Exported (all return 0, or a negative code on bad input / no memory):
@@ -397,12 +400,13 @@ static inline void fused_q2_k(const uint8_t *restrict b, const float *restrict x
         }
 }
 
+/* the 8 lanes' sum as a tree: at small widths a row is one block, and a 7-add chain
+ * per row showed in profiles */
 static inline float hsum8(__m256 v)
 {
-    float t[8], s = 0.0f;
-    _mm256_storeu_ps(t, v);
-    for (int i = 0; i < 8; i++) s += t[i];
-    return s;
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
 static inline float finish_q2(int type, const __m256 *a)
