@@ -221,6 +221,12 @@ def _qtype(ggml_type) -> GGMLType:
     return qtype
 
 
+def _c(a: np.ndarray, dtype) -> np.ndarray:
+    """``a`` as C-contiguous ``dtype``, copied only when it is not; np.require's flag
+    parsing cost more than the decode-sized C call it guards."""
+    return a if a.dtype == dtype and a.flags.c_contiguous else np.ascontiguousarray(a, dtype)
+
+
 def _raw(raw, ggml_type, ndim: int | None, what: str) -> tuple[np.ndarray, GGMLType, int]:
     """Raw rows as C-contiguous uint8 (no copy when already so), their type and column count."""
     raw = np.asarray(raw)
@@ -231,7 +237,7 @@ def _raw(raw, ggml_type, ndim: int | None, what: str) -> tuple[np.ndarray, GGMLT
     if raw.ndim == 0:
         raise ValueError(f"{what}: raw weights need a row axis")
     qtype, n_blocks = row_blocks(_qtype(ggml_type), raw.shape[-1])
-    return np.require(raw, np.uint8, "C"), qtype, n_blocks * BLOCK[qtype][0]
+    return _c(raw, np.uint8), qtype, n_blocks * BLOCK[qtype][0]
 
 
 def _f32(a, ndim: int, what: str) -> np.ndarray:
@@ -240,7 +246,7 @@ def _f32(a, ndim: int, what: str) -> np.ndarray:
         raise ValueError(f"{what}: expected {ndim} dims, got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"{what}: expected floats, got {a.dtype}")
-    return np.require(a, np.float32, "C")
+    return _c(a, np.float32)
 
 
 def dequantize(raw, ggml_type) -> np.ndarray:
@@ -293,12 +299,12 @@ def moe(x, ids, weights, gate, up, down, limit: float, slot_of=None, out=None) -
                          f"[E, F] x D={d_model}")
     if d.shape[:2] != (n_slots, d_model) or d_cols != ffn:
         raise ValueError(f"moe: down must be [E={n_slots}, D={d_model}] x F={ffn}, got {d.shape[:2]}x{d_cols}")
-    if ids.size and (ids.min() < 0 or ids.max() >= n_experts):
+    if ids.dtype != np.int32 and ids.size and (ids.min() < 0 or ids.max() >= n_experts):  # before a cast could wrap
         raise ValueError(f"moe: expert ids must be in [0, {n_experts}), got {ids.min()}..{ids.max()}")
-    ids = np.require(ids, np.int32, "C")
+    ids = _c(ids, np.int32)  # int32 ids are range-checked in C (the message is made below)
     slot_ptr = None
     if slot_of is not None:
-        slot_of = np.require(slot_of, np.int32, "C")
+        slot_of = _c(np.asarray(slot_of), np.int32)
         if slot_of.ndim != 1 or slot_of.size and (slot_of.min() < -1 or slot_of.max() >= n_slots):
             raise ValueError(f"moe: slot_of must be [E] bank rows in [-1, {n_slots}), got shape {slot_of.shape}")
         if out is None:
@@ -313,6 +319,8 @@ def moe(x, ids, weights, gate, up, down, limit: float, slot_of=None, out=None) -
     rc = _need().mg_moe(x.ctypes.data, n_tokens, d_model, ids.ctypes.data, weights.ctypes.data, ids.shape[1],
                         n_experts, ffn, g.ctypes.data, int(gt), g.shape[2], u.ctypes.data, int(ut), u.shape[2],
                         d.ctypes.data, int(dt), d.shape[2], float(limit), out.ctypes.data, slot_ptr, n_slots)
+    if rc == -3 and (ids.min() < 0 or ids.max() >= n_experts):
+        raise ValueError(f"moe: expert ids must be in [0, {n_experts}), got {ids.min()}..{ids.max()}")
     _check(rc, "moe")
     return out
 

@@ -86,6 +86,8 @@ def test_bad_arguments_are_one_line_value_errors():
     stacks = [(g, GGMLType.Q4_K), (g, GGMLType.Q4_K), (d, GGMLType.Q4_K)]
     with pytest.raises(ValueError, match=r"expert ids must be in \[0, 4\)"):
         native.moe(x, ids + 3, w, *stacks, 7.0)
+    with pytest.raises(ValueError, match=r"expert ids must be in \[0, 4\)"):  # caught before int32 would wrap it
+        native.moe(x, ids.astype(np.int64) + 2 ** 32, w, *stacks, 7.0)
     with pytest.raises(ValueError, match="x has 255 columns"):
         native.matmul(np.ones((1, 255), np.float32), g[0], GGMLType.Q4_K)
     with pytest.raises(ValueError, match="do not handle"):
