@@ -70,19 +70,31 @@ def _greedy(engine: Engine, prompt: list[int], n_decode: int) -> tuple[list[np.n
 def test_streamed_decode_equals_resident_bit_for_bit(tiny_models, build_dir, platform):
     """One-token prompt, then decode: every step is one kernel call over slot rows, so the
     bits are the resident ones, at the fewest slots a GPU layer takes (K = 3 of tiny's 8;
-    a budget of one byte is raised to it) and with every expert cached."""
+    a budget of one byte is raised to it) and with every expert cached. Afterwards each
+    valid device slot holds its expert's raw bytes as in the file, and the whole pages of
+    the host slots that landed the reads read as zeros again (given back to the OS): the
+    banks take RAM once."""
     path = tiny_models("q2")
-    n_layer = open_model(path).config.n_layer
+    mf = open_model(path)
     with emulated(platform, build_dir) as kernels:
-        want = _greedy(Engine(open_model(path), 64, kernels=kernels), [1000], 4)
-        for budget, slots in ((1, 3), (8 * n_layer * _slot_bytes(path), 8)):
-            engine = Engine(open_model(path), 64, kernels=kernels, expert_cache=budget)
+        want = _greedy(Engine(mf, 64, kernels=kernels), [1000], 4)
+        for budget, slots in ((1, 3), (8 * mf.config.n_layer * _slot_bytes(path), 8)):
+            engine = Engine(mf, 64, kernels=kernels, expert_cache=budget)
             cache = engine.model.experts
             assert cache.device and all(b.n_slots == slots for b in cache.banks.values())
             logits, tokens = _greedy(engine, [1000], 4)
             assert tokens == want[1]
             assert all(np.array_equal(a, b) for a, b in zip(logits, want[0]))
             assert cache.stats.experts_read > 0 and cache.stats.uses > cache.stats.experts_read  # misses and hits
+            cache.drain()
+            for bank in cache.banks.values():
+                for expert in np.flatnonzero(bank.slot_of >= 0):
+                    slot = int(bank.slot_of[expert])
+                    for device, host, name in zip(bank.on_device, bank.banks, expert_cache.ROUTED):
+                        stored = mf.raw(f"blk.{bank.layer}.{name}.weight").reshape(len(bank.hot), -1)[expert]
+                        assert np.array_equal(np.asarray(device[slot]).reshape(-1), stored)
+                        inner = _whole_pages(host, slot)
+                        assert inner.stop > inner.start and not host[slot].reshape(-1)[inner].any()
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
@@ -105,30 +117,6 @@ def test_streamed_prefill_in_rounds_and_whole_layers_matches_resident(tiny_model
             for got, want in zip(logits, want_logits):
                 assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
             assert (cache.stats.layers_streamed > 0) == staged
-
-
-@pytest.mark.parametrize("platform", PLATFORMS)
-def test_device_banks_hold_the_file_bytes_and_the_host_copy_is_handed_back(tiny_models, build_dir, platform):
-    """After streaming, each valid device slot holds its expert's raw bytes as in the file,
-    and the whole pages of the host slots that landed the reads read as zeros again (given
-    back to the OS): the banks take RAM once."""
-    path = tiny_models("q2")
-    mf = open_model(path)
-    with emulated(platform, build_dir) as kernels:
-        engine = Engine(mf, 64, kernels=kernels, expert_cache=1)
-        _greedy(engine, [1000, 1001], 2)
-        cache = engine.model.experts
-        cache.drain()
-        for bank in cache.banks.values():
-            assert bank.resident > 0
-            for expert in np.flatnonzero(bank.slot_of >= 0):
-                slot = int(bank.slot_of[expert])
-                for device, host, name in zip(bank.on_device, bank.banks, expert_cache.ROUTED):
-                    stored = mf.raw(f"blk.{bank.layer}.{name}.weight").reshape(len(bank.hot), -1)[expert]
-                    assert np.array_equal(np.asarray(device[slot]).reshape(-1), stored)
-                    row = host[slot].reshape(-1)
-                    inner = _whole_pages(host, slot)
-                    assert inner.stop > inner.start and not row[inner].any()
 
 
 def _whole_pages(bank: np.ndarray, row: int) -> slice:
