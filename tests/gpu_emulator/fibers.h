@@ -351,6 +351,12 @@ inline bool begin(uint64_t seed, size_t max_threads, void (*fiber_body)()) {
 // with the first problem in `error`.
 inline int finish() {
   cur = nullptr;
+  // Every kernel instance is its own library with its own stacks: kept between launches, a
+  // stack and its guard page (two mappings) per thread per library reached the kernel's
+  // 65530-mapping limit over a whole test run, and dlopen then failed ("failed to map segment").
+  if (stacks) munmap(stacks, stack_count * STACK_BYTES);
+  stacks = nullptr;
+  stack_count = 0;
   sigaction(SIGSEGV, &saved_segv, nullptr);
   sigaction(SIGBUS, &saved_bus, nullptr);
   sigaltstack(&saved_altstack, nullptr);
