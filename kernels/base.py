@@ -25,12 +25,14 @@ evaluated inputs, so the decode graph is cut around it) and ``traceable``
 The backend also owns the device choices for the model's plain f32 work, so
 the model code stays device-free: ``dense`` (``a @ b``), ``attend`` /
 ``attend_chunk`` (softmax attention with sinks, docs/spec/v4-model.md §3.7),
+``attention_decode`` (one token's attention after its projections: norms, RoPE,
+the KV ring, compressors and indexer, §3.4-3.7),
 ``hc_pre`` / ``hc_post`` (the hyper-connection steps around each sublayer,
 §3.3), ``logits_head`` (the output projection) and ``expand_budget`` (how
 much of the non-expert weights to widen to f32 at load). Here they are plain
 MLX, right on a GPU; ``host.HostBackend`` moves host-paced work to numpy's
-BLAS on the CPU, and the GPU and CPU backends fuse the hyper-connection steps
-into single graph nodes.
+BLAS on the CPU, the GPU and CPU backends fuse the hyper-connection steps
+into single graph nodes, and the CPU backend fuses ``attention_decode`` too.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from typing import Any, Protocol
 import mlx.core as mx
 import numpy as np
 
+from . import attention_decode as attn_decode
 from . import hyper
+from .attention_decode import DecodeShape, DecodeStep
 from .formats import BLOCK, GGMLType, row_blocks
 from .hyper import HcParams
 
@@ -124,6 +128,12 @@ class Backend:
     def attend_chunk(self, q: mx.array, keys: mx.array, bias: mx.array, sinks: mx.array) -> mx.array:
         """The same for a block of prefill queries; host-paced, so it may evaluate its inputs."""
         return self.attend(q, keys, bias, sinks)
+
+    def attention_decode(self, step: DecodeStep, shape: DecodeShape) -> tuple[mx.array, list[mx.array]]:
+        """One token's attention after the dense projections (``attention_decode.attention_decode``):
+        -> (output [1, n_head, head_dim], new state arrays). Traceable: the decode step calls it.
+        Here MLX ops, ~105-255 graph nodes a layer; the CPU backend fuses it into one."""
+        return attn_decode.attention_decode(step, shape, self.attend)
 
     def hc_pre(self, X: mx.array, fn: DenseWeight, scale: mx.array, base: mx.array, params: HcParams
                ) -> tuple[mx.array, mx.array, mx.array]:

@@ -15,7 +15,11 @@ The hyper-connection steps are MLX primitives with C++ CPU kernels
 ~106 and 5, inside the compiled graph. Measured against cutting the graph to
 run hc_pre in numpy instead: one [1, 4, 256] call with its eval took ~110 µs
 as the primitive, ~400 µs as MLX ops and ~380-450 µs cut to numpy (a busy
-2-core VM). Where the extension cannot be built, the MLX ops stay.
+2-core VM). So is one token's attention after its dense projections
+(``attention_decode``: norms, RoPE, the KV ring, compressors, indexer top-k,
+attention with sinks): one node per layer instead of ~105 (sliding window),
+~175 (ratio 128) or ~255 (ratio 4) on ``small``. Where the extension cannot be
+built, the MLX ops stay.
 """
 
 from __future__ import annotations
@@ -58,11 +62,13 @@ def _scatter_add(out: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
 class CpuBackend(HostBackend):
     name = "cpu"
 
-    def __init__(self, use_native: bool | None = None, fused_hc: bool | None = None):
+    def __init__(self, use_native: bool | None = None, fused_hc: bool | None = None,
+                 fused_attention: bool | None = None):
         """``use_native``: None picks the native kernels when they build here and
         ``$MAGNETAR_NATIVE`` is not ``0`` (the escape hatch if a build misbehaves).
         ``fused_hc``: ``hc_pre`` and ``hc_post`` as one node each (``mlx_ext``); None: when it builds and loads
-        here and ``$MAGNETAR_MLX_EXT`` is not ``0``."""
+        here and ``$MAGNETAR_MLX_EXT`` is not ``0``.
+        ``fused_attention``: ``attention_decode`` as one node (``mlx_ext``; None: the same)."""
         if use_native is None:
             use_native = os.environ.get("MAGNETAR_NATIVE", "1") != "0" and native.available()
         elif use_native and not native.available():
@@ -74,6 +80,11 @@ class CpuBackend(HostBackend):
         self.native = use_native
         self.host_moe = self.native
         self.fused_hc = fused_hc
+        if fused_attention is None:
+            fused_attention = os.environ.get("MAGNETAR_MLX_EXT", "1") != "0" and mlx_ext.available()
+        elif fused_attention and not mlx_ext.available():
+            raise BackendUnavailable(f"MLX CPU extension unavailable: {mlx_ext.unavailable_reason()}")
+        self.fused_attention = fused_attention
 
     @property
     def streams_experts(self) -> bool:
@@ -86,6 +97,11 @@ class CpuBackend(HostBackend):
         if self.fused_hc and fn.data.dtype in (mx.float32, mx.float16, mx.bfloat16):  # fn is F16 or widened
             return mlx_ext.hc_pre(X.astype(mx.float32), fn.data, scale, base, params)
         return super().hc_pre(X, fn, scale, base, params)
+
+    def attention_decode(self, step, shape):
+        if self.fused_attention:
+            return mlx_ext.attention_decode(step, shape)
+        return super().attention_decode(step, shape)
 
     def hc_post(self, y, X, post, comb):
         if self.fused_hc:

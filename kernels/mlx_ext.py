@@ -2,7 +2,8 @@
 
 On the CPU every MLX graph node costs ~3 µs of dispatch (docs/spec/peer-overhead.md),
 and the hyper-connection input step is ~100 nodes of MLX ops (the output step 5),
-twice per layer. As primitives of their own (C++ ``mlx::core::Primitive`` with
+twice per layer; one token's attention after its projections is 105-255 more
+(``native/mlx_attention.cpp``). As primitives of their own (C++ ``mlx::core::Primitive`` with
 ``eval_cpu``) each is one node, and they stay inside the compiled decode graph, so
 the graph is not cut for them.
 
@@ -36,10 +37,14 @@ from types import ModuleType
 
 import mlx.core as mx
 
+from .attention_decode import DecodeShape, DecodeStep
 from .hyper import HcParams
 from .native import cache_dir, cpu_id
 
-SOURCE = Path(__file__).resolve().parent / "native" / "mlx_ops.cpp"
+NATIVE_DIR = Path(__file__).resolve().parent / "native"
+# mlx_ops.cpp holds the module; each other file adds its primitives through a
+# register_* function that mlx_ops.cpp declares and calls.
+SOURCES = (NATIVE_DIR / "mlx_ops.cpp", NATIVE_DIR / "mlx_attention.cpp")
 MODULE = "_magnetar_mlx_ops"  # the name NB_MODULE gives the extension
 NB_DOMAIN = "mlx"  # the nanobind domain MLX registers its types in
 BASE_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-strict-aliasing",
@@ -103,8 +108,8 @@ def build(directory: Path | str | None = None) -> Path:
     cxx, paths = _compiler(), _paths()
     version = _run([cxx, "--version"], f"C++ compiler {cxx!r} cannot run")
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    key = "\0".join([SOURCE.read_text(), cxx, version.stdout, cpu_id(), mx.__version__, _nanobind().__version__,
-                     sys.version, suffix])
+    key = "\0".join([*(source.read_text() for source in SOURCES), cxx, version.stdout, cpu_id(),
+                     mx.__version__, _nanobind().__version__, sys.version, suffix])
     includes = [f"-I{paths[k]}" for k in ("python", "nanobind", "robin_map", "mlx_include")]
     link = [f"-L{paths['mlx_lib']}", "-lmlx", f"-Wl,-rpath,{paths['mlx_lib']}"]
     if sys.platform == "darwin":
@@ -126,7 +131,7 @@ def build(directory: Path | str | None = None) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=directory)
         os.close(fd)
         try:
-            run = _run([cxx, *flags, *includes, "-o", tmp, str(SOURCE), str(paths["nb_source"]), *link],
+            run = _run([cxx, *flags, *includes, "-o", tmp, *map(str, SOURCES), str(paths["nb_source"]), *link],
                        f"{cxx} could not run")
             if run.returncode == 0:
                 os.replace(tmp, path)
@@ -135,7 +140,7 @@ def build(directory: Path | str | None = None) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise MlxExtBuildError(f"{cxx} could not build {SOURCE.name}: {errors[-1]}")
+    raise MlxExtBuildError(f"{cxx} could not build {', '.join(source.name for source in SOURCES)}: {errors[-1]}")
 
 
 def _load(path: Path) -> ModuleType:
@@ -204,4 +209,20 @@ def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.arra
     return _need().hc_post(y, X, post, comb)
 
 
-__all__ = ["MlxExtBuildError", "available", "build", "hc_post", "hc_pre", "library_path", "unavailable_reason"]
+def attention_decode(step: DecodeStep, shape: DecodeShape) -> tuple[mx.array, list[mx.array]]:
+    """``attention_decode.attention_decode`` as one CPU node (``native/mlx_attention.cpp``)."""
+    f32 = [a.astype(mx.float32) for a in (step.q, step.kv, step.kv_norm, step.sinks, step.inv_freq, step.raw)]
+    ins = [step.p.astype(mx.int32), *f32]
+    for c in (step.comp, step.index):
+        if c is not None:
+            ins += [a.astype(mx.float32) for a in (c.kv, c.gate, c.ape, c.norm, c.rows, c.f_kv, c.f_sc)]
+    if step.index_q is not None:
+        ins += [step.index_q.astype(mx.float32), step.index_w.astype(mx.float32)]
+    r = shape.rounding
+    o, *states = _need().attention_decode(ins, shape.n_head, shape.head_dim, shape.window, shape.ratio, shape.eps,
+                                          r.official, r.nope, shape.indexer_heads, shape.indexer_dim, shape.top_k)
+    return o, states
+
+
+__all__ = ["MlxExtBuildError", "attention_decode", "available", "build", "hc_post", "hc_pre", "library_path",
+           "unavailable_reason"]

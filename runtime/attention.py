@@ -15,11 +15,17 @@ Two entry points share every formula:
 The attention itself (softmax over the keys with per-head sinks, §3.7) and the
 dense products run through the kernel backend (``kernels/base.py``), which
 decides where they run; this file only says which work is host-paced (prefill).
+In ``decode`` everything after the projections is the backend's
+``attention_decode`` (the MLX ops of ``kernels/attention_decode.py``, which
+also holds the pooling and top-k that prefill shares; one node on the CPU).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+
+from magnetar.kernels.attention_decode import (NEG_INF, DecodeShape, DecodeStep, Pooling, index_scores,
+                                               pool_windows, top_k_mask)
 
 from .config import ModelConfig
 from .kv_state import EMPTY, LayerState, frontier_rows
@@ -27,29 +33,11 @@ from .ops import rms, rmsnorm, rope, rope_angles, rope_inv_freq
 from .precision import Precision
 from .weights import Weights
 
-NEG_INF = float("-inf")
 ATTENTION_BLOCK = 1 << 25  # prefill score elements per query block (128 MB of f32)
-
-
-def _at(i: mx.array) -> mx.array:
-    """A dynamic start index for slice/slice_update on axis 0."""
-    return mx.reshape(i, (1,)).astype(mx.int32)
 
 
 def _mask(ok: mx.array) -> mx.array:
     return mx.where(ok, 0.0, NEG_INF)
-
-
-def top_k_mask(score: mx.array, k: int) -> mx.array:
-    """The k best of each row of ``score`` [T, n] as a mask; ties go to the lowest index (as ds4's CPU path).
-
-    Exact ties are common here: a row's score is 0 whenever every head's ReLU is 0.
-    """
-    kth = -mx.partition(-score, k - 1, axis=-1)[:, k - 1:k]
-    above = score > kth
-    tie = score == kth
-    need = k - mx.sum(above, axis=-1, keepdims=True)
-    return above | (tie & (mx.cumsum(tie.astype(mx.int32), axis=-1) <= need))
 
 
 class Compressor:
@@ -65,22 +53,6 @@ class Compressor:
     def project(self, xn: mx.array, positions: mx.array) -> tuple[mx.array, mx.array]:
         return self.kv(xn), self.gate(xn) + mx.take(self.ape, positions % self.ratio, axis=0)
 
-    def _pool(self, kv: mx.array, sc: mx.array) -> mx.array:
-        """Per-dimension softmax over the window slots (axis -2)."""
-        return mx.sum(kv * mx.softmax(sc, axis=-2), axis=-2)
-
-    def _pool_windows(self, kv: mx.array, sc: mx.array, n: int) -> mx.array:
-        """Pool ``n`` consecutive windows of a slot sequence that starts one window early for ratio 4."""
-        R, d = self.ratio, self.dim
-        if R != 4:
-            return self._pool(kv[: n * R].reshape(n, R, d), sc[: n * R].reshape(n, R, d))
-        # Window c: lane A of window c-1 (first half of the width) + lane B of window c.
-        prev = slice(0, 4 * n)
-        cur = slice(4, 4 * n + 4)
-        kv8 = mx.concatenate([kv[prev, :d].reshape(n, 4, d), kv[cur, d:].reshape(n, 4, d)], axis=1)
-        sc8 = mx.concatenate([sc[prev, :d].reshape(n, 4, d), sc[cur, d:].reshape(n, 4, d)], axis=1)
-        return self._pool(kv8, sc8)
-
     def prefill(self, kvp: mx.array, scp: mx.array, f_kv: mx.array, f_sc: mx.array, pos0: int
                 ) -> tuple[mx.array, mx.array, mx.array]:
         """Pool the windows the chunk closes -> (rows [n, dim] before norm, new frontier)."""
@@ -90,7 +62,7 @@ class Compressor:
         kv = mx.concatenate([f_kv[:lead], kvp], axis=0)
         sc = mx.concatenate([f_sc[:lead], scp], axis=0)
         n = (rem + T) // R
-        rows = self._pool_windows(kv, sc, n)
+        rows = pool_windows(kv, sc, n, R, self.dim)
         # New frontier: (ratio 4) the last closed window, then the open window's rows.
         # Ratio 4's sequence starts one window early, so for both ratios that is row n*R on.
         keep, keep_sc = kv[n * R:], sc[n * R:]
@@ -98,21 +70,6 @@ class Compressor:
         f_kv = mx.concatenate([keep, mx.zeros((pad, keep.shape[1]))], axis=0)
         f_sc = mx.concatenate([keep_sc, mx.full((pad, keep.shape[1]), EMPTY)], axis=0)
         return rows, f_kv, f_sc
-
-    def decode(self, kvp: mx.array, scp: mx.array, f_kv: mx.array, f_sc: mx.array, p: mx.array
-               ) -> tuple[mx.array, mx.array, mx.array]:
-        """Write token p into the frontier and pool its window (partial unless it closes at p)."""
-        R = self.ratio
-        slot = _at(p % R + (4 if R == 4 else 0))
-        f_kv = mx.slice_update(f_kv, kvp, slot, axes=(0,))
-        f_sc = mx.slice_update(f_sc, scp, slot, axes=(0,))
-        if R != 4:
-            return self._pool(f_kv, f_sc)[None], f_kv, f_sc
-        row = self._pool_windows(f_kv, f_sc, 1)
-        closes = (p + 1) % R == 0  # the closed window becomes lane A of the next one
-        f_kv = mx.where(closes, mx.concatenate([f_kv[4:], f_kv[4:]], axis=0), f_kv)
-        f_sc = mx.where(closes, mx.concatenate([f_sc[4:], f_sc[4:]], axis=0), f_sc)
-        return row, f_kv, f_sc
 
     def finish(self, pooled: mx.array, starts: mx.array, inv_freq: mx.array) -> mx.array:
         """Norm, then RoPE at each window's first token position."""
@@ -133,14 +90,8 @@ class Indexer:
                prec: Precision, mm=mx.matmul) -> mx.array:
         """[T, n_keys] = sum_h w_h * relu(q_h . k) (same association order as transformers).
 
-        ``mm`` multiplies the [T * heads, dim] queries by the keys: prefill passes the
-        backend's dense product; the decode step keeps the default, inside its graph."""
-        T = qr.shape[0]
-        q = rope(self.q_b(qr).reshape(T, self.heads, self.dim), cos[:, None], sin[:, None])
-        q = prec.index_query(q)
-        dots = mx.maximum(mm(q.reshape(T * self.heads, -1), keys.T), 0.0) * (self.dim ** -0.5)
-        weights = self.proj(xn) * (self.heads ** -0.5)
-        return mx.sum(dots.reshape(T, self.heads, -1) * weights[:, :, None], axis=1)
+        ``mm`` multiplies the [T * heads, dim] queries by the keys (``index_scores``)."""
+        return index_scores(self.q_b(qr), self.proj(xn), keys, cos, sin, self.heads, self.dim, prec, mm)
 
 
 class Attention:
@@ -156,6 +107,9 @@ class Attention:
         self.inv_freq = rope_inv_freq(cfg, compressed=self.ratio > 0)
         self.compressor = Compressor(w, p + "attn_compressor_", self.ratio, cfg.head_dim, cfg) if self.ratio else None
         self.indexer = Indexer(w, p, cfg) if self.ratio == 4 else None
+        ix = self.indexer
+        self.shape = DecodeShape(cfg.n_head, cfg.head_dim, cfg.window, self.ratio, cfg.rms_eps, prec,
+                                 *((ix.heads, ix.dim, ix.top_k) if ix else ()))
 
     def _qkv(self, xn: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         cfg, T = self.cfg, xn.shape[0]
@@ -165,11 +119,10 @@ class Attention:
         kv = rope(rmsnorm(self.kv(xn), self.kv_norm, cfg.rms_eps), cos, sin)
         return qr, q, self.prec.kv_row(kv)
 
-    def _out(self, o: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-        """Undo V's rotation, then the grouped low-rank output (group g = heads g*H/G ...)."""
+    def _out(self, o: mx.array) -> mx.array:
+        """The grouped low-rank output (group g = heads g*H/G ...) of o with V's rotation undone."""
         cfg, T = self.cfg, o.shape[0]
         G = cfg.o_groups
-        o = rope(o, cos[:, None], -sin[:, None])
         og = o.reshape(T, G, -1)  # group g = heads g*H/G .. (g+1)*H/G - 1
         wa = self.o_a.dense().reshape(G, cfg.o_lora_rank, -1)
         low = mx.concatenate([self.kernels.dense(og[:, g], wa[g].T) for g in range(G)], axis=-1)
@@ -216,7 +169,7 @@ class Attention:
                 keep = keep & top_k_mask(mx.where(keep, score, NEG_INF), ix.top_k)
             bias = mx.concatenate([_mask(raw_ok[rows]), _mask(keep)], axis=-1)
             out.append(self.kernels.attend_chunk(q[rows], keys, bias, self.sinks))
-        return self._out(mx.concatenate(out, axis=0), cos, sin)
+        return self._out(rope(mx.concatenate(out, axis=0), cos[:, None], -sin[:, None]))
 
     def _compress(self, comp: Compressor, xn: mx.array, positions: mx.array, pos0: int,
                   rows: mx.array, f_kv: mx.array, f_sc: mx.array, finish_row
@@ -233,42 +186,23 @@ class Attention:
     # -- decode: one token at graph-resident position p (fixed shapes, compiles) -------------
 
     def decode(self, xn: mx.array, p: mx.array, st: LayerState) -> mx.array:
-        W = self.cfg.window
-        cos, sin = rope_angles(mx.reshape(p, (1,)), self.inv_freq)
-        qr, q, kv = self._qkv(xn, cos, sin)
-        st.raw = mx.slice_update(st.raw, kv, _at(p % W), axes=(0,))
-        keys = [st.raw]
-        bias = [_mask((mx.arange(W) <= p)[None])]  # slot s holds a live row once position s is reached
-
+        """The projections here; the rest (norms, RoPE, ring, compressors, indexer, attention)
+        is the backend's ``attention_decode``, one node on the CPU."""
+        qr = rmsnorm(self.q_a(xn), self.q_a_norm, self.cfg.rms_eps)
+        comp = index = index_q = index_w = None
         if self.ratio:
-            R = self.ratio
-            cap = st.comp.shape[0]
-            st.comp, st.f_kv, st.f_sc = self._compress_one(self.compressor, xn, p, st.comp, st.f_kv,
-                                                           st.f_sc, self.prec.kv_row)
-            visible = mx.arange(cap) < (p + 1) // R
-            rows = st.comp
-            if self.indexer is not None:
-                ix = self.indexer
-                st.index, st.i_kv, st.i_sc = self._compress_one(ix.compressor, xn, p, st.index, st.i_kv,
-                                                                st.i_sc, self.prec.index_key)
-                if cap > ix.top_k:  # static: the buffer can hold more rows than top-k keeps
-                    score = ix.scores(qr, xn, cos, sin, st.index, self.prec)
-                    chosen = top_k_mask(mx.where(visible, score, NEG_INF), ix.top_k)[0]
-                    # Gather the k chosen rows: they are exactly the k smallest keys below.
-                    order = mx.arange(cap)
-                    top = mx.argpartition(mx.where(chosen, order, order + cap), ix.top_k - 1)[: ix.top_k]
-                    rows, visible = mx.take(st.comp, top, axis=0), mx.take(visible & chosen, top)
-            keys.append(rows)
-            bias.append(_mask(visible[None]))
+            comp = self._pooling(self.compressor, xn, st.comp, st.f_kv, st.f_sc)
+        if self.indexer is not None:
+            ix = self.indexer
+            index = self._pooling(ix.compressor, xn, st.index, st.i_kv, st.i_sc)
+            if st.comp.shape[0] > ix.top_k:  # static: the buffer can hold more rows than top-k keeps
+                index_q, index_w = ix.q_b(qr), ix.proj(xn)
+        step = DecodeStep(p, self.q_b(qr), self.kv(xn), self.kv_norm, self.sinks, self.inv_freq, st.raw,
+                          comp, index, index_q, index_w)
+        o, states = self.kernels.attention_decode(step, self.shape)
+        st.replace(states)
+        return self._out(o)
 
-        o = self.kernels.attend(q, mx.concatenate(keys, axis=0), mx.concatenate(bias, axis=-1), self.sinks)
-        return self._out(o, cos, sin)
-
-    def _compress_one(self, comp: Compressor, xn: mx.array, p: mx.array, rows: mx.array,
-                      f_kv: mx.array, f_sc: mx.array, finish_row) -> tuple[mx.array, mx.array, mx.array]:
-        kvp, scp = comp.project(xn, mx.reshape(p, (1,)))
-        pooled, f_kv, f_sc = comp.decode(kvp, scp, f_kv, f_sc, p)
-        start = (p // comp.ratio) * comp.ratio
-        row = finish_row(comp.finish(pooled, mx.reshape(start, (1,)), self.inv_freq))
-        # Slot p // ratio: the row that closes at p, or a partial one no token can see yet.
-        return mx.slice_update(rows, row, _at(p // comp.ratio), axes=(0,)), f_kv, f_sc
+    @staticmethod
+    def _pooling(comp: Compressor, xn: mx.array, rows: mx.array, f_kv: mx.array, f_sc: mx.array) -> Pooling:
+        return Pooling(comp.kv(xn), comp.gate(xn), comp.ape, comp.norm, rows, f_kv, f_sc)

@@ -1,5 +1,8 @@
 """Small numeric building blocks of the V4 graph (docs/spec/v4-model.md §3.1, §3.3).
 
+RMS norms and RoPE live with the kernels (``kernels/rowops.py``, the fused decode
+attention reproduces them); they are re-exported here with the model's own blocks.
+
 All math is f32. Every function works on any leading dims, so the same code
 serves a prefill chunk ``[T, ...]`` and a single decode token ``[1, ...]``.
 """
@@ -14,17 +17,9 @@ import numpy as np
 
 from magnetar.kernels import hyper
 from magnetar.kernels.hyper import HcParams
+from magnetar.kernels.rowops import rms, rmsnorm, rope, rope_angles
 
 from .config import ModelConfig
-
-
-def rms(x: mx.array, eps: float) -> mx.array:
-    """Unweighted RMS normalization over the last axis."""
-    return x * mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + eps)
-
-
-def rmsnorm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
-    return weight * rms(x, eps)  # a plain multiply by w (no 1 + w)
 
 
 def softplus(x: mx.array) -> mx.array:
@@ -56,22 +51,6 @@ def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> mx.array:
         keep = 1.0 - ramp  # 1: original frequency (fast pairs), 0: fully interpolated
         inv = inv * keep + inv / cfg.yarn_factor * (1.0 - keep)
     return mx.array(inv.astype(np.float32))
-
-
-def rope_angles(positions: mx.array, inv_freq: mx.array) -> tuple[mx.array, mx.array]:
-    """cos, sin of shape ``positions.shape + (rope_dim/2,)``."""
-    theta = positions.astype(mx.float32)[..., None] * inv_freq
-    return mx.cos(theta), mx.sin(theta)
-
-
-def rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate the trailing ``2*cos.shape[-1]`` dims of ``x`` pairwise; ``-sin`` undoes it."""
-    half = cos.shape[-1]
-    nope = x[..., : x.shape[-1] - 2 * half]
-    pairs = x[..., x.shape[-1] - 2 * half:].reshape(*x.shape[:-1], half, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
-    return mx.concatenate([nope, rotated.reshape(*x.shape[:-1], 2 * half)], axis=-1)
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magnetar.runtime import precision
+from magnetar.kernels import precision  # the round trips live with the kernels
 from magnetar.runtime.precision import f16_round, fp8_kv_round_trip, indexer_round_trip
 
 # ---- numpy reference -------------------------------------------------------

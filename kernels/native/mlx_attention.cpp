@@ -1,0 +1,466 @@
+// mlx_attention.cpp: one token's decode attention after its dense projections
+// (kernels/attention_decode.py, the MLX-ops oracle; docs/spec/v4-model.md
+// sections 3.4-3.7 and 5.1) as one MLX primitive with a CPU kernel, for all
+// three layer kinds: sliding window (ratio 0), plain compressed windows
+// (ratio 128) and overlapping windows with the lightning indexer (ratio 4).
+//
+// Per token at position p: q heads RMS-normalized and rotated; the kv row
+// normalized, rotated, rounded (Rounding.kv_row) and written at ring slot
+// p % window; each compressor's frontier gets the token's kv and gate + ape
+// rows, its window is pooled by a per-dimension softmax, normalized, rotated at
+// the window's first position, rounded and written at row p / ratio; the
+// indexer scores the visible compressed rows and keeps the top k (ties to the
+// lowest index) when the buffer holds more than k; attention with per-head
+// sinks over the live keys; V's rotation undone. The state outputs reuse their
+// inputs' buffers when those can be donated (as MLX's slice updates do), else
+// start from a copy: the compressed buffers can be megabytes per layer.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+struct AttnConst {
+  int n_head, head_dim, window, ratio, half;  // half: rope_dim / 2
+  int ix_heads, ix_dim, top_k;                // ratio 4
+  float eps;
+  bool official, select;
+  int nope;
+  bool operator==(const AttnConst&) const = default;
+};
+
+// A float32 input as the task reads it: data, shape and strides (elements).
+struct In {
+  const float* data;
+  std::vector<int> shape;
+  std::vector<int64_t> strides;
+  int64_t size;
+};
+
+In in_view(const mx::array& a) {
+  return {a.data<float>(), std::vector<int>(a.shape().begin(), a.shape().end()),
+          std::vector<int64_t>(a.strides().begin(), a.strides().end()), int64_t(a.size())};
+}
+
+// Row-major copy of a (possibly strided or broadcast) input.
+void gather(const In& a, float* dst) {
+  const int nd = int(a.shape.size());
+  if (nd == 0) {
+    dst[0] = a.data[0];
+    return;
+  }
+  const int inner = a.shape[nd - 1];
+  const int64_t s_in = a.strides[nd - 1];
+  std::vector<int> idx(nd, 0);
+  for (int64_t base = 0; base < a.size; base += inner) {
+    int64_t off = 0;
+    for (int d = 0; d < nd - 1; ++d) off += idx[d] * a.strides[d];
+    const float* src = a.data + off;
+    if (s_in == 1)
+      std::memcpy(dst + base, src, sizeof(float) * inner);
+    else
+      for (int i = 0; i < inner; ++i) dst[base + i] = src[i * s_in];
+    for (int d = nd - 2; d >= 0; --d) {
+      if (++idx[d] < a.shape[d]) break;
+      idx[d] = 0;
+    }
+  }
+}
+
+std::vector<float> load(const In& a) {
+  std::vector<float> v(a.size);
+  gather(a, v.data());
+  return v;
+}
+
+// x . y with 8 partial sums (vectorizes without the compiler reassociating).
+float dot(const float* x, const float* y, int n) {
+  float acc[8] = {};
+  int k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += x[k + l] * y[k + l];
+  for (; k < n; ++k) acc[0] += x[k] * y[k];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// x * rsqrt(mean(x^2) + eps), times w when given (rowops.rms / rmsnorm).
+void rms_norm(float* x, int n, const float* w, float eps) {
+  float sum = 0.0f;
+  for (int i = 0; i < n; ++i) sum += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(sum * float(1.0 / n) + eps);  // MLX's mean: sum times 1/n
+  for (int i = 0; i < n; ++i) x[i] = w ? w[i] * (x[i] * r) : x[i] * r;
+}
+
+struct Angles {
+  std::vector<float> cos, sin;
+};
+
+Angles angles(int64_t pos, const std::vector<float>& inv_freq) {
+  Angles a{std::vector<float>(inv_freq.size()), std::vector<float>(inv_freq.size())};
+  for (size_t i = 0; i < inv_freq.size(); ++i) {
+    const float theta = float(pos) * inv_freq[i];
+    a.cos[i] = std::cos(theta);
+    a.sin[i] = std::sin(theta);
+  }
+  return a;
+}
+
+// Rotate the trailing 2 * half dims of x[n] in interleaved pairs; sign -1 undoes it.
+void rope(float* x, int n, const Angles& a, float sign = 1.0f) {
+  const int half = int(a.cos.size());
+  float* r = x + n - 2 * half;
+  for (int i = 0; i < half; ++i) {
+    const float x0 = r[2 * i], x1 = r[2 * i + 1], c = a.cos[i], s = sign * a.sin[i];
+    r[2 * i] = x0 * c - x1 * s;
+    r[2 * i + 1] = x0 * s + x1 * c;
+  }
+}
+
+// -- the official precision's round trips (kernels/precision.py) ----------------------------
+
+uint32_t bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return b;
+}
+
+float from_bits(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+
+float pow2_ceil(float y) { return from_bits((bits(y) + 0x007FFFFFu) & 0x7F800000u); }
+
+// Nearest E4M3FN value, ties to even, subnormals (step 2^-9) included, 448 at most.
+float round_e4m3(float t) {
+  const float a = std::fabs(t);
+  if (a == 0.0f || !std::isfinite(a)) return t;
+  const int e = std::max(int((bits(a) >> 23) & 0xFF) - 127, -6);
+  const float step = std::ldexp(1.0f, e - 3);
+  return std::copysign(std::min(std::nearbyint(a / step) * step, 448.0f), t);
+}
+
+float round_e2m1(float t) {
+  const uint32_t exponent = bits(t) & 0x7F800000u;
+  const float step = from_bits(std::max(exponent, 127u << 23) - (1u << 23));
+  return std::nearbyint(t / step) * step;
+}
+
+template <typename Round>
+void blockwise(float* x, int n, int block, float limit, float floor, Round round) {
+  for (int b = 0; b < n; b += block) {
+    float amax = 0.0f;
+    for (int i = b; i < b + block; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+    const float scale = pow2_ceil(std::fmax(amax, floor) / limit);
+    for (int i = b; i < b + block; ++i) x[i] = round(x[i] / scale) * scale;
+  }
+}
+
+float f16(float v) { return float(mx::float16_t(v)); }
+
+void kv_row(float* x, int n, const AttnConst& k) {
+  if (!k.official) return;
+  blockwise(x, k.nope, 64, 448.0f, 1e-4f, round_e4m3);
+  for (int i = 0; i < n; ++i) x[i] = f16(x[i]);
+}
+
+// Walsh-Hadamard in MLX's CPU order (strides 1, 2, 4, ..., then the scale), then FP4 blocks of 32.
+void indexer_round_trip(float* x, int n) {
+  for (int h = 1; h < n; h <<= 1)
+    for (int i = 0; i < n; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+  const float scale = float(1.0 / std::sqrt(double(n)));
+  for (int i = 0; i < n; ++i) x[i] *= scale;
+  blockwise(x, n, 32, 6.0f, 6.0f * std::ldexp(1.0f, -126), round_e2m1);
+}
+
+// -- compressor and attention --------------------------------------------------------------
+
+// One compressor (attention_decode.pool_one) on its state buffers, in place.
+struct Pool {
+  In kv, gate, ape, norm;
+  float *rows, *f_kv, *f_sc;
+  int ratio, dim;
+};
+
+void pool_one(const Pool& c, int64_t p, const std::vector<float>& inv_freq, const AttnConst& k, bool index_key) {
+  const int R = c.ratio, d = c.dim, lanes = R == 4 ? 2 : 1, width = lanes * d;
+  const std::vector<float> kv = load(c.kv), gate = load(c.gate), ape = load(c.ape), norm = load(c.norm);
+  const int slot = int(p % R) + (R == 4 ? 4 : 0);
+  for (int j = 0; j < width; ++j) {
+    c.f_kv[slot * width + j] = kv[j];
+    c.f_sc[slot * width + j] = gate[j] + ape[(p % R) * width + j];
+  }
+  // Ratio 4: lane A (first d columns) of frontier rows 0-3, lane B of rows 4-7.
+  const int n = R == 4 ? 8 : R;
+  std::vector<float> row(d), e(n);
+  for (int j = 0; j < d; ++j) {
+    auto at = [&](const float* f, int r) { return R == 4 && r >= 4 ? f[r * width + d + j] : f[r * width + j]; };
+    float top = -INFINITY;
+    for (int r = 0; r < n; ++r) top = std::fmax(top, at(c.f_sc, r));
+    float sum = 0.0f;
+    for (int r = 0; r < n; ++r) sum += (e[r] = std::exp(at(c.f_sc, r) - top));
+    float v = 0.0f;
+    for (int r = 0; r < n; ++r) v += at(c.f_kv, r) * (e[r] / sum);
+    row[j] = v;
+  }
+  if (R == 4 && (p + 1) % 4 == 0) {  // the closed window becomes lane A of the next one
+    std::memcpy(c.f_kv, c.f_kv + 4 * width, sizeof(float) * 4 * width);
+    std::memcpy(c.f_sc, c.f_sc + 4 * width, sizeof(float) * 4 * width);
+  }
+  rms_norm(row.data(), d, norm.data(), k.eps);
+  rope(row.data(), d, angles(p / R * R, inv_freq));
+  if (index_key) {
+    if (k.official) {
+      indexer_round_trip(row.data(), d);
+      for (float& v : row) v = f16(v);
+    }
+  } else {
+    kv_row(row.data(), d, k);
+  }
+  std::memcpy(c.rows + (p / R) * d, row.data(), sizeof(float) * d);
+}
+
+// Rows of ``index`` [n_vis rows visible] the indexer keeps: the top k by score, ties to the lowest index.
+std::vector<int> select_rows(const In& iq_in, const In& iw_in, const float* index, int n_vis, const Angles& a,
+                             const AttnConst& k) {
+  const int IH = k.ix_heads, ID = k.ix_dim;
+  std::vector<float> q = load(iq_in), w = load(iw_in);
+  for (int h = 0; h < IH; ++h) {
+    rope(q.data() + h * ID, ID, a);
+    if (k.official) indexer_round_trip(q.data() + h * ID, ID);
+  }
+  const float dscale = float(std::pow(double(ID), -0.5)), hscale = float(std::pow(double(IH), -0.5));
+  for (float& v : w) v *= hscale;
+  std::vector<float> score(n_vis, 0.0f);
+  for (int n = 0; n < n_vis; ++n) {
+    float s = 0.0f;
+    for (int h = 0; h < IH; ++h)
+      s += std::fmax(dot(q.data() + h * ID, index + int64_t(n) * ID, ID), 0.0f) * dscale * w[h];
+    score[n] = s;
+  }
+  std::vector<int> keep;
+  if (n_vis <= k.top_k) {
+    for (int n = 0; n < n_vis; ++n) keep.push_back(n);
+    return keep;
+  }
+  std::vector<float> sorted = score;
+  std::nth_element(sorted.begin(), sorted.begin() + (k.top_k - 1), sorted.end(), std::greater<float>());
+  const float kth = sorted[k.top_k - 1];
+  int need = k.top_k;
+  for (float s : score) need -= s > kth;
+  for (int n = 0; n < n_vis; ++n)
+    if (score[n] > kth || (score[n] == kth && need-- > 0)) keep.push_back(n);
+  return keep;
+}
+
+struct Task {
+  AttnConst k;
+  const int32_t* p;
+  In q, kv, kv_norm, sinks, inv_freq;
+  Pool comp, index;  // ratio > 0, ratio 4
+  In iq, iw;         // k.select
+  float *out, *raw;
+  int cap;
+};
+
+void run(const Task& t) {
+  const AttnConst& k = t.k;
+  const int H = k.n_head, hd = k.head_dim, W = k.window, R = k.ratio;
+  const int64_t p = *t.p;
+  const std::vector<float> inv_freq = load(t.inv_freq), kv_norm = load(t.kv_norm), sinks = load(t.sinks);
+  const Angles a = angles(p, inv_freq);
+  std::vector<float> q = load(t.q), kv = load(t.kv);
+  for (int h = 0; h < H; ++h) {
+    rms_norm(q.data() + h * hd, hd, nullptr, k.eps);
+    rope(q.data() + h * hd, hd, a);
+  }
+  rms_norm(kv.data(), hd, kv_norm.data(), k.eps);
+  rope(kv.data(), hd, a);
+  kv_row(kv.data(), hd, k);
+  std::memcpy(t.raw + (p % W) * hd, kv.data(), sizeof(float) * hd);
+
+  std::vector<const float*> keys;  // the live keys: ring slots s <= p, then visible (kept) rows
+  for (int s = 0; s < W && s <= p; ++s) keys.push_back(t.raw + int64_t(s) * hd);
+  if (R) {
+    pool_one(t.comp, p, inv_freq, k, false);
+    const int n_vis = int(std::min<int64_t>((p + 1) / R, t.cap));
+    if (R == 4) pool_one(t.index, p, inv_freq, k, true);
+    if (k.select) {
+      for (int n : select_rows(t.iq, t.iw, t.index.rows, n_vis, a, k)) keys.push_back(t.comp.rows + int64_t(n) * hd);
+    } else {
+      for (int n = 0; n < n_vis; ++n) keys.push_back(t.comp.rows + int64_t(n) * hd);
+    }
+  }
+
+  const float scale = float(std::pow(double(hd), -0.5));  // as Python's hd ** -0.5
+  std::vector<float> s(keys.size());
+  for (int h = 0; h < H; ++h) {
+    const float* qh = q.data() + h * hd;
+    float top = sinks[h];
+    for (size_t j = 0; j < keys.size(); ++j) top = std::fmax(top, s[j] = dot(qh, keys[j], hd) * scale);
+    float denom = 0.0f;
+    for (float& v : s) denom += (v = std::exp(v - top));
+    denom += std::exp(sinks[h] - top);  // the sink takes mass, adds no value
+    float* o = t.out + h * hd;
+    std::fill(o, o + hd, 0.0f);
+    for (size_t j = 0; j < keys.size(); ++j)
+      for (int i = 0; i < hd; ++i) o[i] += s[j] * keys[j][i];
+    for (int i = 0; i < hd; ++i) o[i] /= denom;
+    rope(o, hd, a, -1.0f);
+  }
+}
+
+// The state output starts as its input: the same buffer when MLX lets us donate it.
+struct StateCopy {
+  In src;
+  float* dst;
+};
+
+float* adopt(const mx::array& in, mx::array& out, std::vector<StateCopy>& copies) {
+  if (in.is_donatable() && in.flags().row_contiguous && in.data_size() == in.size()) {
+    out.copy_shared_buffer(in);
+  } else {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    copies.push_back({in_view(in), out.data<float>()});
+  }
+  return out.data<float>();
+}
+
+class AttentionDecode : public mx::Primitive {
+ public:
+  AttentionDecode(mx::Stream s, AttnConst k) : mx::Primitive(s), k_(k) {}
+
+  // Inputs: p, q, kv, kv_norm, sinks, inv_freq, raw; ratio > 0: kv, gate, ape, norm, rows, f_kv,
+  // f_sc; ratio 4: the indexer's seven the same; select: indexer q, indexer weights.
+  // Outputs: o, raw, then each compressor's rows, f_kv, f_sc.
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    out[0].set_data(mx::allocator::malloc(out[0].nbytes()));
+    std::vector<StateCopy> copies;
+    Task t{k_, in[0].data<int32_t>(), in_view(in[1]), in_view(in[2]), in_view(in[3]), in_view(in[4]),
+           in_view(in[5])};
+    t.out = out[0].data<float>();
+    t.raw = adopt(in[6], out[1], copies);
+    auto pool = [&](int i, int o, int ratio, int dim) {
+      return Pool{in_view(in[i]), in_view(in[i + 1]), in_view(in[i + 2]), in_view(in[i + 3]),
+                  adopt(in[i + 4], out[o], copies), adopt(in[i + 5], out[o + 1], copies),
+                  adopt(in[i + 6], out[o + 2], copies), ratio, dim};
+    };
+    if (k_.ratio) {
+      t.comp = pool(7, 2, k_.ratio, k_.head_dim);
+      t.cap = in[11].shape(0);
+    }
+    if (k_.ratio == 4) t.index = pool(14, 5, 4, k_.ix_dim);
+    if (k_.select) t.iq = in_view(in[21]), t.iw = in_view(in[22]);
+    for (auto& o : out) enc.set_output_array(o);
+    enc.dispatch([t = std::move(t), copies = std::move(copies)]() {
+      for (const auto& c : copies) gather(c.src, c.dst);
+      run(t);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("MagnetarAttentionDecode has a CPU kernel only");
+  }
+
+  const char* name() const override { return "MagnetarAttentionDecode"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return k_ == static_cast<const AttentionDecode&>(other).k_;
+  }
+
+ private:
+  AttnConst k_;
+};
+
+void need(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(std::string("attention_decode: ") + what);
+}
+
+void need_f32(const mx::array& a, size_t size, const char* what) {
+  need(a.dtype() == mx::float32 && a.size() == size, what);
+}
+
+void need_state(const mx::array& a, int rows, int width, const char* what) {
+  need(a.dtype() == mx::float32 && a.ndim() == 2 && (rows < 0 || a.shape(0) == rows) && a.shape(1) == width, what);
+}
+
+nb::list attention_decode(const std::vector<mx::array>& in, int n_head, int head_dim, int window, int ratio,
+                          float eps, bool official, int nope, int ix_heads, int ix_dim, int top_k) {
+  const bool select = ratio == 4 && in.size() == 23;
+  const size_t want = ratio == 0 ? 7 : ratio == 4 ? (select ? 23 : 21) : 14;
+  need(in.size() == want, "7 inputs, 14 with a compressor, 21 with the indexer, 23 when it selects");
+  need(in[0].dtype() == mx::int32 && in[0].size() == 1, "p must be one int32");
+  need_f32(in[1], size_t(n_head) * head_dim, "q must be float32 [n_head * head_dim]");
+  need_f32(in[2], head_dim, "kv must be float32 [head_dim]");
+  need_f32(in[3], head_dim, "kv_norm must be float32 [head_dim]");
+  need_f32(in[4], n_head, "sinks must be float32 [n_head]");
+  const int half = int(in[5].size());
+  need(in[5].dtype() == mx::float32 && 2 * half <= head_dim && (ratio != 4 || 2 * half <= ix_dim),
+       "inv_freq must be float32 [rope_dim / 2]");
+  need_state(in[6], window, head_dim, "raw must be float32 [window, head_dim]");
+  need(nope % 64 == 0 && nope <= head_dim, "nope must be a multiple of 64 within head_dim");
+  auto check_pool = [&](int i, int R, int dim) {
+    const int width = (R == 4 ? 2 : 1) * dim, rows = R == 4 ? 8 : R;
+    need_f32(in[i], width, "compressor kv must be float32 [lanes * dim]");
+    need_f32(in[i + 1], width, "compressor gate must be float32 [lanes * dim]");
+    need_f32(in[i + 2], size_t(R) * width, "compressor ape must be float32 [ratio, lanes * dim]");
+    need_f32(in[i + 3], dim, "compressor norm must be float32 [dim]");
+    need_state(in[i + 4], -1, dim, "compressed rows must be float32 [cap, dim]");
+    need_state(in[i + 5], rows, width, "compressor frontier must be float32 [rows, lanes * dim]");
+    need_state(in[i + 6], rows, width, "compressor frontier scores must be float32 [rows, lanes * dim]");
+  };
+  std::vector<mx::Shape> shapes{{1, n_head, head_dim}, in[6].shape()};
+  if (ratio) {
+    check_pool(7, ratio, head_dim);
+    for (int i = 11; i < 14; ++i) shapes.push_back(in[i].shape());
+  }
+  if (ratio == 4) {
+    need((ix_dim & (ix_dim - 1)) == 0 && ix_dim % 32 == 0, "the indexer dim must be a power of two >= 32");
+    check_pool(14, 4, ix_dim);
+    need(in[18].shape(0) == in[11].shape(0), "indexer rows and compressed rows must have one capacity");
+    for (int i = 18; i < 21; ++i) shapes.push_back(in[i].shape());
+  }
+  if (select) {
+    need(top_k > 0 && top_k < in[11].shape(0), "top_k must be below the capacity when selecting");
+    need_f32(in[21], size_t(ix_heads) * ix_dim, "indexer q must be float32 [heads * dim]");
+    need_f32(in[22], ix_heads, "indexer weights must be float32 [heads]");
+  }
+  const AttnConst k{n_head, head_dim, window, ratio, half, ix_heads, ix_dim, top_k, eps, official, select, nope};
+  const std::vector<mx::Dtype> types(shapes.size(), mx::float32);
+  auto outs = mx::array::make_arrays(std::move(shapes), types,
+                                     std::make_shared<AttentionDecode>(mx::default_stream(mx::Device::cpu), k), in);
+  nb::list result;
+  for (auto& o : outs) result.append(o);
+  return result;
+}
+
+}  // namespace
+
+void register_attention(nb::module_& m) {
+  m.def("attention_decode", &attention_decode,
+        "inputs (see mlx_attention.cpp), n_head, head_dim, window, ratio, eps, official, nope, indexer heads, "
+        "indexer dim, top_k -> [o, raw, (rows, f_kv, f_sc) per compressor]");
+}
