@@ -206,8 +206,10 @@ def _measuring_commands(sub) -> None:
     p.set_defaults(run=_command("runtime.lab.commands", "quality"))
 
     p = sub.add_parser("bench", help="decode/prefill speed side by side with optional peers; kernels vs the "
-                                     "memory floor; checkpoint resume vs re-prefill; the server vs generate")
-    p.add_argument("mode", choices=("decode", "prefill", "kernels", "resume", "server", "distributed", "streaming"))
+                                     "memory floor; checkpoint resume vs re-prefill; the server vs generate; "
+                                     "one decode token's time per block and layer")
+    p.add_argument("mode", choices=("decode", "prefill", "kernels", "resume", "server", "distributed", "streaming",
+                                    "blocks"))
     p.add_argument("-m", "--model", metavar="MODEL", help="the model (decode, prefill, resume and server)")
     p.add_argument("--peers", default="", metavar="LIST",
                    help="comma list of transformers, mlx-lm, llama.cpp (dev-only packages)")
@@ -231,7 +233,7 @@ def _measuring_commands(sub) -> None:
     p.add_argument("--wait-quiet", action="store_true",
                    help="before each timed call, wait until other processes use < 0.25 cores")
     p.add_argument("--recipe", choices=("q2", "q4"), default="q2", help="kernels: expert encoding")
-    p.add_argument("--backend", default="cpu", help="kernels: the backend to time")
+    p.add_argument("--backend", default="cpu", help="kernels, blocks: the backend to time")
     p.add_argument("--experts", type=int, default=256, help="kernels: experts in the stack")
     p.add_argument("--lengths", default="8192,32768", metavar="N,N",
                    help="resume, distributed: sequence lengths in tokens (default 8192,32768)")

@@ -143,6 +143,8 @@ def bench(args: argparse.Namespace) -> int:
         return bench_distributed(args)
     if args.mode == "streaming":
         return bench_streaming(args)
+    if args.mode == "blocks":
+        return bench_blocks(args)
     if not args.model:
         raise UsageError(f"bench {args.mode} needs a model", "pass -m MODEL")
     if args.tokens < 1 or args.reps < 1 or args.prompt_tokens < 1:
@@ -155,7 +157,7 @@ def bench(args: argparse.Namespace) -> int:
     peers += isolated_peers(args.peers, args.model, ctx=args.ctx,
                             progress=lambda name, s: console.print(f"[dim]built {name} in {s:.1f} s[/]",
                                                                    highlight=False))
-    prompt = [0] + [(7919 * i) % (cfg.vocab_size - 2) + 2 for i in range(1, args.prompt_tokens)]
+    prompt = _bench_prompt(cfg.vocab_size, args.prompt_tokens)
     samples = harness.run(peers, args.mode, prompt, args.tokens, args.reps,
                           quiet_below=0.25 if args.wait_quiet else None)
     summary = harness.summarize(samples)
@@ -165,6 +167,11 @@ def bench(args: argparse.Namespace) -> int:
     if args.plot:
         harness.write_plot(summary, args.plot)
     return 0
+
+
+def _bench_prompt(vocab_size: int, n: int) -> list[int]:
+    """BOS, then ids spread over the vocabulary (the same prompt in every bench mode)."""
+    return [0] + [(7919 * i) % (vocab_size - 2) + 2 for i in range(1, n)]
 
 
 def bench_kernels(args: argparse.Namespace) -> int:
@@ -181,6 +188,26 @@ def bench_kernels(args: argparse.Namespace) -> int:
     except (BackendUnavailable, ValueError) as err:
         raise UsageError(str(err)) from None
     print(kb.render(cases, args.recipe, args.backend))
+    return 0
+
+
+def bench_blocks(args: argparse.Namespace) -> int:
+    from . import block_times as bt
+
+    if not args.model:
+        raise UsageError("bench blocks needs a model", "pass -m MODEL")
+    if args.expert_cache is not None or args.hotlist:
+        raise UsageError("bench blocks times experts held in memory", "drop --expert-cache and --hotlist")
+    if args.tokens < 1 or args.reps < 1 or args.prompt_tokens < 1:
+        raise UsageError("--tokens, --reps and --prompt-tokens must be positive")
+    console = Console(stderr=True)
+    engine = Engine.load(args.model, ctx=args.ctx, backend=args.backend, **engine_options(args))
+    prompt = _bench_prompt(engine.config.vocab_size, args.prompt_tokens)
+    result = bt.run(engine, prompt, args.tokens, args.reps, quiet=args.wait_quiet,
+                    progress=lambda what: console.print(f"[dim]{what}[/]", highlight=False))
+    print(bt.render(result, Path(args.model).name))
+    if args.csv:
+        bt.write_csv(result, args.csv)
     return 0
 
 
