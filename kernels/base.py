@@ -158,6 +158,18 @@ class Backend:
         """``x @ W.T`` for ``w`` as stored, or as ``pack`` re-laid it."""
         raise NotImplementedError
 
+    def grouped_matmul(self, x: mx.array, w: DenseWeight) -> mx.array:
+        """``x [T, G, cols]`` times ``W [G * R, cols]`` by groups: group g's R rows multiply
+        ``x[:, g]`` -> ``[T, G * R]`` (the attention output's low-rank step)."""
+        G = x.shape[1]
+        wg = w.dense().reshape(G, -1, x.shape[2])
+        return mx.concatenate([self.dense(x[:, g], wg[g].T) for g in range(G)], axis=-1)
+
+    def widens(self, ggml_type: int) -> bool:
+        """Whether widening a dense matrix of this encoding to f32 at load (within ``expand_budget``)
+        makes its products faster here."""
+        return True
+
     def pack(self, w: QTensor):
         """The form a dense matrix is kept in, if not as stored (None): made once at load,
         passed to ``matmul`` instead of ``w``, and it has a ``dequantize()``."""

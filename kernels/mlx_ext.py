@@ -44,7 +44,7 @@ from .native import cache_dir, cpu_id
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 # mlx_ops.cpp holds the module; each other file adds its primitives through a
 # register_* function that mlx_ops.cpp declares and calls.
-SOURCES = (NATIVE_DIR / "mlx_ops.cpp", NATIVE_DIR / "mlx_attention.cpp")
+SOURCES = (NATIVE_DIR / "mlx_ops.cpp", NATIVE_DIR / "mlx_q8.cpp", NATIVE_DIR / "mlx_attention.cpp")
 MODULE = "_magnetar_mlx_ops"  # the name NB_MODULE gives the extension
 NB_DOMAIN = "mlx"  # the nanobind domain MLX registers its types in
 BASE_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-strict-aliasing",
@@ -224,5 +224,12 @@ def attention_decode(step: DecodeStep, shape: DecodeShape) -> tuple[mx.array, li
     return o, states
 
 
+def q8_matmul(x: mx.array, blocks: mx.array, groups: int = 1) -> mx.array:
+    """``x @ W.T`` for a Q8_0 matrix ``W`` as stored (uint8 ``[rows, cols / 32 * 34]``), as one CPU
+    node that reads the codes and keeps ``x`` in float32 (``native/mlx_q8.cpp``). With ``groups``
+    G, ``x`` is ``[T, G * cols]`` and group g's ``rows / G`` rows multiply its g-th slice."""
+    return _need().q8_matmul(x.astype(mx.float32), blocks, groups)
+
+
 __all__ = ["MlxExtBuildError", "attention_decode", "available", "build", "hc_post", "hc_pre", "library_path",
-           "unavailable_reason"]
+           "q8_matmul", "unavailable_reason"]

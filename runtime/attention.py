@@ -121,12 +121,7 @@ class Attention:
 
     def _out(self, o: mx.array) -> mx.array:
         """The grouped low-rank output (group g = heads g*H/G ...) of o with V's rotation undone."""
-        cfg, T = self.cfg, o.shape[0]
-        G = cfg.o_groups
-        og = o.reshape(T, G, -1)  # group g = heads g*H/G .. (g+1)*H/G - 1
-        wa = self.o_a.dense().reshape(G, cfg.o_lora_rank, -1)
-        low = mx.concatenate([self.kernels.dense(og[:, g], wa[g].T) for g in range(G)], axis=-1)
-        return self.o_b(low)
+        return self.o_b(self.o_a.grouped(o.reshape(o.shape[0], self.cfg.o_groups, -1)))
 
     # -- prefill: a chunk of T tokens at host-known positions pos0 .. pos0+T-1 ----------------
 

@@ -77,6 +77,10 @@ class Matrix:
             return self.kernels.dense(x, self.data.T)
         return self.kernels.matmul(x, QTensor(mx.view(self.data, mx.uint8), self.ggml_type))
 
+    def grouped(self, x: mx.array) -> mx.array:
+        """``x [T, G, in / G]``: group g's rows of W (``out / G`` of them) times ``x[:, g]`` -> [T, out]."""
+        return self.kernels.grouped_matmul(x, self)
+
     def dense_product(self, x: mx.array) -> mx.array:
         """``x @ W.T`` with W widened to f32 first, whatever its encoding (small matrices)."""
         return self.kernels.dense(x, self.dense().T)
@@ -105,7 +109,7 @@ class Weights:
     def matrix(self, name: str) -> Matrix:
         info = self.file.tensors[name]
         wide = int(np.prod(info.shape)) * 4  # bytes as f32
-        if info.ggml_type == GGMLType.F32 or wide > self.expand_left:
+        if info.ggml_type == GGMLType.F32 or wide > self.expand_left or not self.kernels.widens(info.ggml_type):
             return Matrix.load(info, self.kernels)
         self.expand_left -= wide
         m = Matrix(Matrix.load(info, self.kernels, pack=False).dense(), GGMLType.F32, self.kernels)

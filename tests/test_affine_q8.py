@@ -40,7 +40,7 @@ def test_products_from_the_codes_match_the_widened_matrix(n_tok):
     rng = np.random.default_rng(n_tok)
     blocks = _q8(rng, 96, 512)
     x = mx.array(rng.standard_normal((n_tok, 512)).astype(np.float32))
-    kernels = CpuBackend(use_native=False)
+    kernels = CpuBackend(use_native=False, q8_codes=False)
     packed = kernels.pack(QTensor(blocks, GGMLType.Q8_0))
     got = np.asarray(kernels.matmul(x, packed))
     want = np.asarray(x) @ np.asarray(dequantize(mx.array(blocks), int(GGMLType.Q8_0))).astype(np.float64).T
@@ -67,12 +67,13 @@ def test_a_model_with_packed_q8_0_gives_the_widening_paths_logits(tiny_models):
     """With nothing widened at load (expand budget 0), every dense Q8_0 matrix is packed and
     multiplied from its codes, in the decode graph and in prefill, with the same results."""
     path = tiny_models("q2")
-    engine = Engine(open_model(path), 128, expand_budget=0, kernels=CpuBackend())
+    engine = Engine(open_model(path), 128, expand_budget=0, kernels=CpuBackend(q8_codes=False))
     layer = engine.model.layers[0]
     q8 = [m for m in (layer.attn.q_a, *layer.moe.shared) if m.ggml_type == GGMLType.Q8_0]
     assert q8 and all(isinstance(m.packed, AffineQ8) and m.data is None for m in q8)
     tokens, logits = _greedy(engine)
-    want_tokens, want_logits = _greedy(Engine(open_model(path), 128, expand_budget=0, kernels=_Widening()))
+    want_tokens, want_logits = _greedy(Engine(open_model(path), 128, expand_budget=0,
+                                              kernels=_Widening(q8_codes=False)))
     assert tokens == want_tokens
     for got, want in zip(logits, want_logits):
         assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))

@@ -43,7 +43,7 @@ def test_counting_nodes_leaves_the_engine_as_it_was(tiny_models, native):
     count = on_engine_thread(decode_nodes, counted.model, 256)
     layers = counted.config.n_layer
     assert count.calls == (layers + 1 if native else 1)
-    assert count.per_token > 50 * layers and count.per_layer == count.per_token / layers
+    assert count.per_token > 20 * layers and count.per_layer == count.per_token / layers
     assert on_engine_thread(decode_nodes, counted.model, 256) == count  # the same graph each time
     assert counted.tokens == []
     tokens, logits = _greedy(counted)
@@ -52,10 +52,11 @@ def test_counting_nodes_leaves_the_engine_as_it_was(tiny_models, native):
 
 
 # The compiled decode graph of tiny q2 (5 layers), in MLX nodes per token, as reached with
-# the hyper-connection steps and the decode attention fused (kernels/mlx_ext.py; 2344 and
-# 2703 before either, 1254 and 1613 before the attention). A change that adds nodes fails
-# here: lower the count again, or raise the budget knowingly.
-NODE_BUDGET = {True: 311, False: 700}
+# the hyper-connection steps, the decode attention and the Q8_0 products fused
+# (kernels/mlx_ext.py; 2344 and 2703 before any, 1254 and 1613 before the attention, 311
+# and 700 before the Q8_0 products). A change that adds nodes fails here: lower the count
+# again, or raise the budget knowingly.
+NODE_BUDGET = {True: 216, False: 605}
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["cut-at-host-experts", "one-graph"])

@@ -242,9 +242,11 @@ nb::tuple hc_pre(const mx::array& X, const mx::array& fn, const mx::array& scale
 
 }  // namespace
 
+void register_q8(nb::module_& m);  // mlx_q8.cpp
 void register_attention(nb::module_& m);  // mlx_attention.cpp
 
 NB_MODULE(_magnetar_mlx_ops, m) {
+  register_q8(m);
   register_attention(m);
   m.def("hc_pre", &hc_pre, "X [T, hc, D], fn, scale [3], base, rms_eps, hc_eps, iters -> (x_in, post, comb)");
   m.def("hc_post", &hc_post, "y [T, D], X [T, hc, D], post [T, hc], comb [T, hc, hc] -> X' [T, hc, D]");

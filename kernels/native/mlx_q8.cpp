@@ -1,0 +1,254 @@
+// mlx_q8.cpp: y = x @ W.T for a Q8_0 matrix W as stored in the GGUF, as one MLX
+// primitive with a CPU kernel (registered into mlx_ops.cpp's module).
+//
+// With groups = G, x is [T, G * cols] and W's rows split into G equal groups,
+// group g multiplying x's g-th slice of cols (V4's grouped attention output).
+//
+// A Q8_0 row is blocks of 34 bytes: an f16 scale d, then 32 int8 codes q, and
+// w = d * q. The kernel keeps x in float32 (no activation quantization, unlike
+// llama.cpp's q8 dot), sums x * q over each block in f32 and adds d times that
+// block sum to the row's total, so it reads each weight byte once and never
+// widens the matrix. That makes a decode-sized product (a few rows of x)
+// memory-bound: on the CPU backend MLX's own paths either dequantize the whole
+// matrix per token or run mx.quantized_matmul at ~1 GB/s (issue 16).
+//
+// Large matrices are split by output rows over a few threads (the MLX CPU
+// stream is one thread, and the experts' C kernels do not run meanwhile).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+constexpr int kBlock = 32;
+constexpr int kBlockBytes = 34;
+constexpr int64_t kWeightsPerThread = 1 << 21;  // below this a second thread costs more than it saves
+constexpr int64_t kChunkWeights = 1 << 17;  // rows handed to a thread at a time (~140 KB of blocks)
+
+float f16_to_f32(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000 | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while (!(man & 0x400));
+    bits = sign | ((112 - e) << 23) | ((man & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+constexpr int kTokens = 4;  // tokens that share one pass over a weight row
+
+#if defined(__AVX2__) && defined(__FMA__)
+float scale(const uint8_t* block) {
+  uint16_t h;
+  std::memcpy(&h, block, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return f16_to_f32(h);
+#endif
+}
+
+float horizontal_sum(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+
+__m256 widen8(const uint8_t* codes) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes))));
+}
+
+// sum over one block of x * q, 8-wide (d not applied)
+__m256 block_sum(const __m256 q[4], const float* x) {
+  __m256 s = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
+  s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x + 8), s);
+  s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + 16), s);
+  return _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + 24), s);
+}
+
+// One Q8_0 row against N tokens (x rows ``x_stride`` apart): each block's 32
+// codes are widened once; per token, 32 products go into one 8-wide sum,
+// scaled by d into that token's total. N is a template parameter so the
+// totals stay in registers. Two blocks per step, each into its own totals:
+// two chains of dependent FMAs through the row instead of one.
+template <int N>
+void row_dots_n(const uint8_t* row, const float* x, int cols, size_t x_stride, float* y, int y_stride) {
+  __m256 even[N], odd[N];
+  for (int t = 0; t < N; ++t) even[t] = odd[t] = _mm256_setzero_ps();
+  int c = 0;
+  for (; c + 2 * kBlock <= cols; c += 2 * kBlock, row += 2 * kBlockBytes) {
+    const __m256 d0 = _mm256_set1_ps(scale(row)), d1 = _mm256_set1_ps(scale(row + kBlockBytes));
+    const __m256 q0[4] = {widen8(row + 2), widen8(row + 10), widen8(row + 18), widen8(row + 26)};
+    const uint8_t* next = row + kBlockBytes;
+    const __m256 q1[4] = {widen8(next + 2), widen8(next + 10), widen8(next + 18), widen8(next + 26)};
+    for (int t = 0; t < N; ++t) {
+      const float* xt = x + t * x_stride + c;
+      even[t] = _mm256_fmadd_ps(d0, block_sum(q0, xt), even[t]);
+      odd[t] = _mm256_fmadd_ps(d1, block_sum(q1, xt + kBlock), odd[t]);
+    }
+  }
+  if (c < cols) {  // an odd number of blocks
+    const __m256 d0 = _mm256_set1_ps(scale(row));
+    const __m256 q0[4] = {widen8(row + 2), widen8(row + 10), widen8(row + 18), widen8(row + 26)};
+    for (int t = 0; t < N; ++t) even[t] = _mm256_fmadd_ps(d0, block_sum(q0, x + t * x_stride + c), even[t]);
+  }
+  for (int t = 0; t < N; ++t) y[size_t(t) * y_stride] = horizontal_sum(_mm256_add_ps(even[t], odd[t]));
+}
+
+void row_dots(const uint8_t* row, const float* x, int cols, size_t x_stride, int n, float* y, int y_stride) {
+  switch (n) {
+    case 1: return row_dots_n<1>(row, x, cols, x_stride, y, y_stride);
+    case 2: return row_dots_n<2>(row, x, cols, x_stride, y, y_stride);
+    case 3: return row_dots_n<3>(row, x, cols, x_stride, y, y_stride);
+    default: return row_dots_n<4>(row, x, cols, x_stride, y, y_stride);
+  }
+}
+#else
+void row_dots(const uint8_t* row, const float* x, int cols, size_t x_stride, int n, float* y, int y_stride) {
+  float total[kTokens] = {};
+  for (int c = 0; c < cols; c += kBlock, row += kBlockBytes) {
+    uint16_t h;
+    std::memcpy(&h, row, 2);
+    const float d = f16_to_f32(h);
+    const int8_t* q = reinterpret_cast<const int8_t*>(row + 2);
+    for (int t = 0; t < n; ++t) {
+      const float* xt = x + t * x_stride + c;
+      float acc[8] = {};
+      for (int k = 0; k < kBlock; k += 8)
+        for (int l = 0; l < 8; ++l) acc[l] += float(q[k + l]) * xt[k + l];
+      total[t] += d * (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
+    }
+  }
+  for (int t = 0; t < n; ++t) y[size_t(t) * y_stride] = total[t];
+}
+#endif
+
+struct Shape {
+  int T, rows, cols, groups;  // x [T, groups * cols], W [rows, cols]; rows / groups per group
+};
+
+// Output rows [r0, r1) for every token; rows of w are ``w_stride`` bytes apart.
+// Row r belongs to group r / (rows / groups), which reads its own cols of x.
+void q8_rows(const uint8_t* w, size_t w_stride, const float* x, float* y, Shape s, int r0, int r1) {
+  const int per_group = s.rows / s.groups;
+  const size_t x_stride = size_t(s.groups) * s.cols;
+  for (int r = r0; r < r1; ++r)
+    for (int t = 0; t < s.T; t += kTokens)
+      row_dots(w + r * w_stride, x + t * x_stride + size_t(r / per_group) * s.cols, s.cols, x_stride,
+               std::min(kTokens, s.T - t), y + size_t(t) * s.rows + r, s.rows);
+}
+
+void q8_matmul(const uint8_t* w, size_t w_stride, const float* x, float* y, Shape s) {
+  const int64_t weights = int64_t(s.rows) * s.cols;
+  const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
+  const int n = int(std::min<int64_t>({hw, 4, std::max<int64_t>(1, weights / kWeightsPerThread)}));
+  if (n == 1) {
+    q8_rows(w, w_stride, x, y, s, 0, s.rows);
+    return;
+  }
+  // Rows are handed out in chunks as threads ask, so a core that another process
+  // holds does not leave the others waiting on a fixed share.
+  const int chunk = std::max(1, int(kChunkWeights / s.cols));
+  std::atomic<int> next{0};
+  auto work = [&]() {
+    for (int r0 = next.fetch_add(chunk); r0 < s.rows; r0 = next.fetch_add(chunk))
+      q8_rows(w, w_stride, x, y, s, r0, std::min(s.rows, r0 + chunk));
+  };
+  std::vector<std::thread> workers;
+  for (int i = 1; i < n; ++i) workers.emplace_back(work);
+  work();
+  for (auto& worker : workers) worker.join();
+}
+
+class Q8Matmul : public mx::Primitive {
+ public:
+  Q8Matmul(mx::Stream stream, int groups) : mx::Primitive(stream), groups_(groups) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const mx::array &x = in[0], &w = in[1];
+    mx::array& y = out[0];
+    y.set_data(mx::allocator::malloc(y.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_input_array(w);
+    encoder.set_output_array(y);
+    const Shape shape{x.shape(0), w.shape(0), x.shape(1) / groups_, groups_};
+    const size_t w_stride = w.strides(0), w_inner = w.strides(1);
+    const int64_t x_s0 = x.strides(0), x_s1 = x.strides(1);
+    encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), yp = y.data<float>(), shape, w_stride, w_inner,
+                      x_s0, x_s1]() {
+      if (w_inner != 1) throw std::runtime_error("q8_matmul: the Q8_0 rows must be contiguous bytes");
+      std::vector<float> packed;  // x as dense rows, when it is a strided view
+      const float* xs = xp;
+      const int width = shape.groups * shape.cols;
+      if (x_s1 != 1 || x_s0 != width) {
+        packed.resize(size_t(shape.T) * width);
+        for (int t = 0; t < shape.T; ++t)
+          for (int c = 0; c < width; ++c) packed[size_t(t) * width + c] = xp[t * x_s0 + c * x_s1];
+        xs = packed.data();
+      }
+      q8_matmul(wp, w_stride, xs, yp, shape);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("q8_matmul has no GPU kernel (the GPU backends have their own)");
+  }
+
+  const char* name() const override { return "MagnetarQ8Matmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return groups_ == static_cast<const Q8Matmul&>(other).groups_;
+  }
+
+ private:
+  int groups_;
+};
+
+mx::array q8_matmul_op(const mx::array& x, const mx::array& w, int groups) {
+  if (x.ndim() != 2 || x.dtype() != mx::float32 || groups < 1 || x.shape(1) % groups)
+    throw std::invalid_argument("q8_matmul: x must be float32 [T, groups * cols]");
+  const int cols = x.shape(1) / groups;
+  if (cols % kBlock || w.ndim() != 2 || w.dtype() != mx::uint8 || w.shape(1) != cols / kBlock * kBlockBytes ||
+      w.shape(0) % groups)
+    throw std::invalid_argument("q8_matmul: w must be uint8 Q8_0 rows [groups * rows, cols / 32 * 34]");
+  return mx::array({x.shape(0), w.shape(0)}, mx::float32,
+                   std::make_shared<Q8Matmul>(mx::default_stream(mx::Device::cpu), groups), {x, w});
+}
+
+}  // namespace
+
+void register_q8(nb::module_& m) {
+  m.def("q8_matmul", &q8_matmul_op, nb::arg("x"), nb::arg("w"), nb::arg("groups") = 1,
+        "x [T, groups * cols] float32, w [groups * R, cols / 32 * 34] uint8 Q8_0 -> [T, groups * R]: "
+        "group g's R rows of W times x's g-th cols");
+}
