@@ -98,6 +98,20 @@ float dot(const float* x, const float* y, int n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+// exp(x) for x <= 0, skipping libm's slow underflow path where the result is 0 anyway
+// (EMPTY frontier scores and masked-out keys land far below -104).
+float exp_neg(float x) { return x < -110.0f ? 0.0f : std::exp(x); }
+
+float max(float a, float b) { return a < b ? b : a; }  // inlined, unlike std::fmax (no NaNs here)
+
+// o += e * x, in blocks of 8 the compiler vectorizes (o and x never overlap).
+void axpy(float* __restrict o, const float* __restrict x, float e, int n) {
+  int k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int l = 0; l < 8; ++l) o[k + l] += e * x[k + l];
+  for (; k < n; ++k) o[k] += e * x[k];
+}
+
 // x * rsqrt(mean(x^2) + eps), times w when given (rowops.rms / rmsnorm).
 void rms_norm(float* x, int n, const float* w, float eps) {
   float sum = 0.0f;
@@ -217,9 +231,9 @@ void pool_one(const Pool& c, int64_t p, const std::vector<float>& inv_freq, cons
   for (int j = 0; j < d; ++j) {
     auto at = [&](const float* f, int r) { return R == 4 && r >= 4 ? f[r * width + d + j] : f[r * width + j]; };
     float top = -INFINITY;
-    for (int r = 0; r < n; ++r) top = std::fmax(top, at(c.f_sc, r));
+    for (int r = 0; r < n; ++r) top = max(top, at(c.f_sc, r));
     float sum = 0.0f;
-    for (int r = 0; r < n; ++r) sum += (e[r] = std::exp(at(c.f_sc, r) - top));
+    for (int r = 0; r < n; ++r) sum += (e[r] = exp_neg(at(c.f_sc, r) - top));
     float v = 0.0f;
     for (int r = 0; r < n; ++r) v += at(c.f_kv, r) * (e[r] / sum);
     row[j] = v;
@@ -313,20 +327,27 @@ void run(const Task& t) {
     }
   }
 
+  // Keys in the outer loops, heads inside: each key row is read twice in all, while q, the
+  // scores and the outputs of all heads stay in cache (64 heads x 512 at Flash widths).
   const float scale = float(std::pow(double(hd), -0.5));  // as Python's hd ** -0.5
-  std::vector<float> s(keys.size());
+  const size_t N = keys.size();
+  std::vector<float> s(size_t(H) * N), denom(H);
+  for (size_t j = 0; j < N; ++j)
+    for (int h = 0; h < H; ++h) s[h * N + j] = dot(q.data() + h * hd, keys[j], hd) * scale;
   for (int h = 0; h < H; ++h) {
-    const float* qh = q.data() + h * hd;
+    float* sh = s.data() + h * N;
     float top = sinks[h];
-    for (size_t j = 0; j < keys.size(); ++j) top = std::fmax(top, s[j] = dot(qh, keys[j], hd) * scale);
-    float denom = 0.0f;
-    for (float& v : s) denom += (v = std::exp(v - top));
-    denom += std::exp(sinks[h] - top);  // the sink takes mass, adds no value
+    for (size_t j = 0; j < N; ++j) top = max(top, sh[j]);
+    float sum = 0.0f;
+    for (size_t j = 0; j < N; ++j) sum += (sh[j] = exp_neg(sh[j] - top));
+    denom[h] = sum + exp_neg(sinks[h] - top);  // the sink takes mass, adds no value
+  }
+  std::fill(t.out, t.out + size_t(H) * hd, 0.0f);
+  for (size_t j = 0; j < N; ++j)
+    for (int h = 0; h < H; ++h) axpy(t.out + h * hd, keys[j], s[h * N + j], hd);
+  for (int h = 0; h < H; ++h) {
     float* o = t.out + h * hd;
-    std::fill(o, o + hd, 0.0f);
-    for (size_t j = 0; j < keys.size(); ++j)
-      for (int i = 0; i < hd; ++i) o[i] += s[j] * keys[j][i];
-    for (int i = 0; i < hd; ++i) o[i] /= denom;
+    for (int i = 0; i < hd; ++i) o[i] /= denom[h];
     rope(o, hd, a, -1.0f);
   }
 }
