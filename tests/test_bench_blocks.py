@@ -42,7 +42,7 @@ def test_bench_blocks_prints_every_block_of_every_layer_kind_and_writes_the_csv(
     assert [int(r["ratio"]) for r in per_layer[::len(block_times.BLOCKS)]] == [0, 0, 4, 128, 4]
     assert all(float(r["ms"]) > 0 for r in table)
     assert {(r["layer"], r["block"]) for r in table if not r["layer"].isdigit()} == {
-        ("head", "head"), ("token", "sum of blocks"), ("token", "compiled step")}
+        ("head", "head"), ("token", "sum of blocks"), ("token", "compiled step"), ("token", "empty block")}
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["host-experts", "one-graph"])

@@ -14,7 +14,8 @@ one block at a time, evaluating (``mx.eval``) and timing each:
     ffn hc_post   the experts' sum + HyperConnection.post
 
 then ``head``: Model.head and the output projection to numpy logits. The
-embedding lookup (3 nodes) is evaluated untimed. Blocks are compiled when the
+embedding lookup (3 nodes) is evaluated untimed. An empty block (one node)
+is timed too, outside the sum: the call-and-eval cost every block pays. Blocks are compiled when the
 backend is traceable, as the real step's pieces are (runtime/step.py), so
 elementwise chains fuse the same way; every block's inputs are evaluated
 before its timer starts.
@@ -106,6 +107,7 @@ class _Walk:
         self.blocks = [_LayerBlocks(layer, templates[il], wrap, model.kernels.host_moe)
                        for il, layer in enumerate(model.layers)]
         self.head = wrap(model.head)
+        self.empty = wrap(lambda x: -x)  # one node: the cost of a block that does next to nothing
         self.seconds: dict[tuple[int | str, str], list[float]] = defaultdict(list)
 
     def _timed(self, key, fn, *args, keep: Callable | None = None):
@@ -126,6 +128,7 @@ class _Walk:
         ids, pos = mx.array([token], dtype=mx.int32), mx.array(p, dtype=mx.int32)
         X = self.model.embed(ids)
         mx.eval(X, ids, pos)
+        self._timed(("token", "empty block"), self.empty, X)  # before ``start``: not in the sum
         start = {k: len(v) for k, v in self.seconds.items()}
         for il, b in enumerate(self.blocks):
             st = state.layers[il]
@@ -223,6 +226,7 @@ def render(r: BlockTimes, model_name: str) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     walk, step = 1e3 * statistics.median(r.walk), 1e3 * statistics.median(r.step)
+    n_blocks = len(BLOCKS) * len(r.kinds) + 1
     return "\n".join([
         f"decode blocks of {model_name}, backend {r.backend}: median ms over {r.tokens} tokens x {r.reps} reps "
         f"after a {r.prompt_tokens}-token prompt; per layer kind the mean of its layers ('layer': one layer's "
@@ -231,6 +235,8 @@ def render(r: BlockTimes, model_name: str) -> str:
         f"head (Model.head + output projection): {r.ms('head', 'head'):.3f} ms",
         f"per token: sum of blocks {walk:.2f} ms, compiled step {step:.2f} ms ({walk / step:.2f}x; each block "
         f"evaluated on its own pays a dispatch the compiled step does not)",
+        f"an empty block (one compiled call of one node, and its eval) takes {r.ms('token', 'empty block'):.3f} ms; "
+        f"the sum holds {n_blocks} blocks",
         f"the blocks' logits are the step's within {r.logit_gap:.1e} of the largest",
     ])
 
@@ -246,4 +252,5 @@ def write_csv(r: BlockTimes, path) -> None:
     out.writerow(["head", "", "", "head", f"{r.ms('head', 'head'):.6f}"])
     out.writerow(["token", "", "", "sum of blocks", f"{1e3 * statistics.median(r.walk):.6f}"])
     out.writerow(["token", "", "", "compiled step", f"{1e3 * statistics.median(r.step):.6f}"])
+    out.writerow(["token", "", "", "empty block", f"{r.ms('token', 'empty block'):.6f}"])
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
