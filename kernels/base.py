@@ -32,7 +32,8 @@ the KV ring, compressors and indexer, §3.4-3.7),
 much of the non-expert weights to widen to f32 at load). Here they are plain
 MLX, right on a GPU; ``host.HostBackend`` moves host-paced work to numpy's
 BLAS on the CPU, the GPU and CPU backends fuse the hyper-connection steps
-into single graph nodes, and the CPU backend fuses ``attention_decode`` too.
+into single graph nodes, and ``attention_decode`` into one node (CPU) or two
+to three kernel launches (GPU).
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ class Backend:
     def attention_decode(self, step: DecodeStep, shape: DecodeShape) -> tuple[mx.array, list[mx.array]]:
         """One token's attention after the dense projections (``attention_decode.attention_decode``):
         -> (output [1, n_head, head_dim], new state arrays). Traceable: the decode step calls it.
-        Here MLX ops, ~105-255 graph nodes a layer; the CPU backend fuses it into one."""
+        Here MLX ops, ~105-255 graph nodes a layer; the CPU backend fuses it into one, the GPU
+        backends into a few (``gpu.GpuBackend.attention_decode``)."""
         return attn_decode.attention_decode(step, shape, self.attend)
 
     def hc_pre(self, X: mx.array, fn: DenseWeight, scale: mx.array, base: mx.array, params: HcParams

@@ -48,12 +48,14 @@ import numpy as np
 from .base import Backend, BackendUnavailable
 from .formats import GGMLType
 # Re-exported under this module's name too: tests and the docs above name them as ``cuda.X``.
-from .gpu import (CHUNK, MATVEC_MAX_TOKENS, MOE_DECODE_MAX_TOKENS, MOE_TILE_PAIRS, Geometry, GpuBackend,
-                  dequantize_geometry, moe_max_tiles, moe_tiled_geometry, raw_bytes, tiled_geometry)
+from .gpu import (ATTN_CORE_INPUTS, attention_templates, ATTN_CORE_TEMPLATES, ATTN_INDEX_TEMPLATES, ATTN_STATE_INPUTS,
+                  ATTN_STATE_OUTPUTS, ATTN_STATE_TEMPLATES, CHUNK, MATVEC_MAX_TOKENS, MOE_DECODE_MAX_TOKENS,
+                  MOE_TILE_PAIRS, Geometry, GpuBackend, dequantize_geometry, moe_max_tiles, moe_tiled_geometry,
+                  raw_bytes, tiled_geometry)
 from .reference import IQ2XXS_GRID, IQ2XXS_SIGNS
 
 SOURCE_DIR = Path(__file__).with_name("cuda")
-HEADER_FILES = ("portable.cuh", "blocks.cuh", "common.cuh")  # tables go after portable.cuh
+HEADER_FILES = ("portable.cuh", "blocks.cuh", "common.cuh", "attention.cuh")  # tables go after portable.cuh
 
 WARP = 32  # NVIDIA; the HIP build uses the target's wavefront (MG_WARP)
 WARP_THREADS = 256  # threads per block of the warp-per-rows kernels
@@ -100,6 +102,12 @@ KERNELS = {
     "hc_pre": KernelSpec("hc_pre", (("x", _F), ("fn", _W), ("scale", _F), ("base", _F), ("eps", _F)),
                          ("x_in", "post", "comb"), ("QT", "HC", "D", "ITERS")),
     "hc_post": KernelSpec("hc_post", (("y", _F), ("x", _F), ("post", _F), ("comb", _F)), ("x_out",), ("HC", "D")),
+    "attn_state": KernelSpec("attn_state", tuple((n, _I if n == "p" else _F) for n in ATTN_STATE_INPUTS),
+                             ATTN_STATE_OUTPUTS, ATTN_STATE_TEMPLATES),
+    "attn_index": KernelSpec("attn_index", (("p", _I), ("q", _F), ("w", _F), ("rows", _F)), ("score",),
+                             ATTN_INDEX_TEMPLATES),
+    "attn_core": KernelSpec("attn_core", tuple((n, _I if n == "p" else _F) for n in ATTN_CORE_INPUTS), ("o", "att"),
+                            ATTN_CORE_TEMPLATES),
 }
 
 
@@ -188,6 +196,9 @@ def compile_check_instances() -> list[tuple[str, dict[str, int]]]:
     for t in (q.F16, q.F32):  # V4 files store hc fn as F16
         out.append(("hc_pre", dict(QT=t, HC=4, D=d, ITERS=20)))
     out.append(("hc_post", dict(HC=4, D=d)))
+    for ratio, cap, official in ((0, 0, True), (128, 64, True), (4, 64, False), (4, 1024, True)):  # Flash widths
+        tpl = attention_templates(64, 512, 128, ratio, 1e-6, official, 448, 32, cap, 64, 128, 512)
+        out += list(tpl.items())
     return [(name, {key: int(v) for key, v in tpl.items()}) for name, tpl in out]
 
 

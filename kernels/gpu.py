@@ -7,7 +7,8 @@ take. ``GpuBackend`` holds that; a subclass says how its API launches a kernel
 (``_run``), passes a per-call value (``_scalar``), lays warps or simdgroups
 over rows (``_rows_geometry``) and groups prefill pairs by expert
 (``_moe_grouped``). The hooks look up their module's functions at call time,
-so the GPU emulators in tests can swap a module's ``_run``.
+so the GPU emulators in tests can swap a module's ``_run``. The hyper-connection
+steps and the decode attention (``attention_decode``) are fused kernels too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ MOE_TILE_PAIRS = 32  # (token, slot) pairs of one expert per tile of the grouped
 MATVEC_MAX_TOKENS = 8  # matmul: rows-per-warp/simdgroup kernel up to here, tiles above
 MOE_DECODE_MAX_TOKENS = 4  # moe: fused per-pair decode kernels up to here, grouped tiles above
 HC_THREADS = 256  # hc_pre: threads per token (the kernel bodies assume it)
+
+ATTN_THREADS = 256  # attn_state / attn_core: threads per threadgroup (block)
+ATTN_INDEX_THREADS = 64  # attn_index: a thread per compressed row
+ATTN_STATE_INPUTS = ("p", "kv", "kv_norm", "inv_freq", "raw", "c_kv", "c_gate", "c_ape", "c_norm", "c_fkv", "c_fsc",
+                     "i_kv", "i_gate", "i_ape", "i_norm", "i_fkv", "i_fsc", "iq")
+ATTN_STATE_OUTPUTS = ("raw_out", "c_row", "c_fkv_out", "c_fsc_out", "i_row", "i_fkv_out", "i_fsc_out", "iq_out")
+ATTN_STATE_TEMPLATES = ("HD", "W", "R", "IXH", "IXD", "HALF", "OFFICIAL", "NOPE", "EPS", "WHT")
+ATTN_INDEX_TEMPLATES = ("IXH", "IXD", "CAP", "DSC", "HSC")
+ATTN_CORE_INPUTS = ("p", "q", "sinks", "inv_freq", "raw", "rows", "score")
+ATTN_CORE_TEMPLATES = ("HD", "W", "R", "CAP", "TOPK", "SEL", "HALF", "EPS", "ASC", "NK")
 
 Geometry = tuple[tuple[int, int, int], tuple[int, int, int]]  # (grid, threadgroup), both in threads
 
@@ -49,6 +60,45 @@ def hc_pre_geometry(n_tok: int) -> Geometry:
 def hc_post_geometry(n_tok: int, d_model: int) -> Geometry:
     """hc_post: a thread per (value d, token), token = grid y."""
     return (HC_THREADS * math.ceil(d_model / HC_THREADS), n_tok, 1), (HC_THREADS, 1, 1)
+
+
+def f32_bits(x: float) -> int:
+    """A float constant as a template value: its float32 bits (what MLX's float32 ops would use)."""
+    return int(np.array(x, np.float32).view(np.uint32))
+
+
+def attention_templates(n_head: int, head_dim: int, window: int, ratio: int, eps: float, official: bool, nope: int,
+                        half: int, cap: int, ix_heads: int, ix_dim: int, top_k: int) -> dict[str, dict[str, int]]:
+    """The template values of each decode attention kernel one layer launches (attn_index only
+    when the indexer selects: ratio 4 with a capacity above top_k)."""
+    indexer = ratio == 4
+    select = indexer and cap > top_k
+    ixh, ixd = (ix_heads, ix_dim) if indexer else (0, 0)
+    out = {"attn_state": dict(HD=head_dim, W=window, R=ratio, IXH=ixh if select else 0, IXD=ixd,
+                              HALF=half, OFFICIAL=int(official), NOPE=nope, EPS=f32_bits(eps),
+                              WHT=f32_bits(ixd ** -0.5) if indexer else 0)}
+    if select:
+        out["attn_index"] = dict(IXH=ixh, IXD=ixd, CAP=cap, DSC=f32_bits(ixd ** -0.5), HSC=f32_bits(ixh ** -0.5))
+    keys = window + (top_k if select else cap if ratio else 0)
+    out["attn_core"] = dict(HD=head_dim, W=window, R=ratio, CAP=cap if ratio else 0, TOPK=top_k if select else 0,
+                            SEL=int(select), HALF=half, EPS=f32_bits(eps), ASC=f32_bits(head_dim ** -0.5), NK=keys)
+    return out
+
+
+def attention_state_geometry(ratio: int, select: bool) -> Geometry:
+    """attn_state: a threadgroup for the ring, one per compressor, one for the indexer's query."""
+    groups = 1 + (ratio > 0) + (ratio == 4) + select
+    return (ATTN_THREADS * groups, 1, 1), (ATTN_THREADS, 1, 1)
+
+
+def attention_index_geometry(cap: int) -> Geometry:
+    """attn_index: a thread per compressed row."""
+    return (ATTN_INDEX_THREADS * math.ceil(cap / ATTN_INDEX_THREADS), 1, 1), (ATTN_INDEX_THREADS, 1, 1)
+
+
+def attention_core_geometry(n_head: int) -> Geometry:
+    """attn_core: a threadgroup per head."""
+    return (ATTN_THREADS * n_head, 1, 1), (ATTN_THREADS, 1, 1)
 
 
 def moe_max_tiles(n_pairs: int, n_experts: int, bn: int = MOE_TILE_PAIRS) -> int:
@@ -177,6 +227,62 @@ class GpuBackend(Backend):
         (x_out,) = self._run("hc_post", inputs, [(n_tok, hc, d_model)], hc_post_geometry(n_tok, d_model),
                              dict(HC=hc, D=d_model))
         return x_out
+
+    # -- decode attention -------------------------------------------------------
+
+    def attention_decode(self, step, shape):
+        """Two kernel launches a layer, three when the indexer selects, and a slice update per
+        compressed buffer (``attention_decode.attention_decode``'s math):
+
+        * ``attn_state``: the state updates, a threadgroup each for the ring slot, each
+          compressor's frontier and pooled row, and the indexer's rotated FP4 query. The ring
+          and frontiers (at most 256 KB) come back whole; a compressor's new row comes back
+          alone and ``mx.slice_update`` writes it at row p // ratio, in place when MLX can
+          donate the buffer (megabytes at long context), as the MLX-ops path does.
+        * ``attn_index`` (the indexer selects): the scores of every visible row, a thread each.
+        * ``attn_core``: a threadgroup per head: q's norm and RoPE, the top-k choice (each
+          threadgroup makes the same one), attention with the sink, V's rotation undone.
+
+        The split follows the data: the heads need every updated row, and top-k needs every score."""
+        H, hd, W, R = shape.n_head, shape.head_dim, shape.window, shape.ratio
+        comp, index, select = step.comp, step.index, step.index_q is not None
+        cap = comp.rows.shape[0] if R else 0
+        half = step.inv_freq.shape[0]
+        tpl = attention_templates(H, hd, W, R, shape.eps, shape.rounding.official, shape.rounding.nope, half, cap,
+                                  shape.indexer_heads, shape.indexer_dim, shape.top_k)
+        if select != ("attn_index" in tpl):
+            raise ValueError(f"attention_decode: the indexer query is given iff the capacity ({cap}) exceeds "
+                             f"top_k ({shape.top_k})")
+        p = step.p.reshape(1).astype(mx.int32)
+        raw = step.raw
+        pools = []  # each compressor's six inputs and three outputs, or stand-ins (never read)
+        for c, ratio, dim in ((comp, R, hd), (index, 4, shape.indexer_dim)):
+            if c is None:
+                pools.append(([raw] * 6, [(1,)] * 3))
+            else:
+                width, rows = (2 if ratio == 4 else 1) * dim, 8 if ratio == 4 else ratio
+                pools.append(([c.kv, c.gate, c.ape, c.norm, c.f_kv, c.f_sc], [(1, dim), (rows, width), (rows, width)]))
+        iq = step.index_q if select else raw
+        iq_shape = (shape.indexer_heads * shape.indexer_dim,) if select else (1,)
+        inputs = [p, step.kv, step.kv_norm, step.inv_freq, raw, *pools[0][0], *pools[1][0], iq]
+        outs = self._run("attn_state", [a.astype(mx.float32) if a is not p else a for a in inputs],
+                         [(W, hd), *pools[0][1], *pools[1][1], iq_shape], attention_state_geometry(R, select),
+                         tpl["attn_state"])
+        raw, states, rows, score = outs[0], [outs[0]], outs[0], step.sinks
+        if R:
+            at = p // R
+            rows = mx.slice_update(comp.rows, outs[1], at, axes=(0,))
+            states += [rows, outs[2], outs[3]]
+        if index is not None:
+            index_rows = mx.slice_update(index.rows, outs[4], at, axes=(0,))
+            states += [index_rows, outs[5], outs[6]]
+            if select:
+                (score,) = self._run("attn_index", [p, outs[7], step.index_w.astype(mx.float32), index_rows], [(cap,)],
+                                     attention_index_geometry(cap), tpl["attn_index"])
+        core = tpl["attn_core"]
+        floats = [a.astype(mx.float32) for a in (step.q, step.sinks, step.inv_freq, raw, rows, score)]
+        o, _ = self._run("attn_core", [p, *floats], [(1, H, hd), (H, core["NK"])], attention_core_geometry(H), core)
+        return o, states
 
     # -- routed experts ---------------------------------------------------------
 

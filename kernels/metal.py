@@ -35,6 +35,8 @@ Kernels (threadgroups of simdgroups of 32; grids counted in threads):
   the fn matrix as stored, sigmoids, softmax and Sinkhorn, the weighted sum
   of the streams), a threadgroup of 256 threads per token.
 * ``hc_post``: the hyper-connection output step, a thread per (value, token).
+* ``attn_state``, ``attn_index``, ``attn_core``: one token's decode attention
+  after its projections (``GpuBackend.attention_decode`` says how they split).
 
 All activations, decoded weights and sums are f32 (no Q8_K activations; no
 half tiles), so products agree with the float64 reference to ~1e-6 and
@@ -59,12 +61,14 @@ import numpy as np
 from .base import BackendUnavailable
 from .formats import GGMLType
 # Re-exported under this module's name too: tests and the docs above name them as ``metal.X``.
-from .gpu import (CHUNK, MATVEC_MAX_TOKENS, MOE_DECODE_MAX_TOKENS, MOE_TILE_PAIRS, Geometry, GpuBackend,
-                  dequantize_geometry, moe_max_tiles, moe_tiled_geometry, raw_bytes, tiled_geometry)
+from .gpu import (ATTN_CORE_INPUTS, ATTN_CORE_TEMPLATES, ATTN_INDEX_TEMPLATES, ATTN_STATE_INPUTS,
+                  ATTN_STATE_OUTPUTS, ATTN_STATE_TEMPLATES, CHUNK, MATVEC_MAX_TOKENS, MOE_DECODE_MAX_TOKENS,
+                  MOE_TILE_PAIRS, Geometry, GpuBackend, dequantize_geometry, moe_max_tiles, moe_tiled_geometry,
+                  raw_bytes, tiled_geometry)
 from .reference import IQ2XXS_GRID, IQ2XXS_SIGNS
 
 SOURCE_DIR = Path(__file__).with_name("metal")
-HEADER_FILES = ("blocks.metal", "common.metal")  # pasted after the tables, in this order
+HEADER_FILES = ("blocks.metal", "common.metal", "attention.metal")  # pasted after the tables, in this order
 
 SIMD = 32  # lanes per simdgroup on every Apple GPU
 SIMDGROUPS = 2  # simdgroups per threadgroup of the simdgroup-per-rows kernels
@@ -106,6 +110,9 @@ KERNELS = {k.name: k for k in (
                ("QT", "D", "F", "K", "E", "BN")),
     KernelSpec("hc_pre", ("x", "fn", "scale", "base", "eps"), ("x_in", "post", "comb"), ("QT", "HC", "D", "ITERS")),
     KernelSpec("hc_post", ("y", "x", "post", "comb"), ("x_out",), ("HC", "D")),
+    KernelSpec("attn_state", ATTN_STATE_INPUTS, ATTN_STATE_OUTPUTS, ATTN_STATE_TEMPLATES),
+    KernelSpec("attn_index", ("p", "q", "w", "rows"), ("score",), ATTN_INDEX_TEMPLATES),
+    KernelSpec("attn_core", ATTN_CORE_INPUTS, ("o", "att"), ATTN_CORE_TEMPLATES),
 )}
 
 

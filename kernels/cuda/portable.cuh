@@ -40,6 +40,19 @@ __device__ __forceinline__ float mg_warp_sum(float v) {
   return v;
 }
 
+// Max of v over the whole warp, in lane 0 (as mg_warp_sum).
+__device__ __forceinline__ float mg_warp_max(float v) {
+#pragma unroll
+  for (int offset = MG_WARP / 2; offset > 0; offset >>= 1) {
+#if defined(__HIPCC__)
+    v = fmaxf(v, __shfl_down(v, offset, MG_WARP));
+#else
+    v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, offset));
+#endif
+  }
+  return v;
+}
+
 // An f16 bit pattern widened to f32 (exact: every f16 is an f32).
 __device__ __forceinline__ float mg_f16(uint16_t bits) {
   return __half2float(__ushort_as_half(bits));

@@ -68,6 +68,17 @@ inline float __half2float(__half h) {  // exact: every f16 is an f32
   return f;
 }
 
+inline float __uint_as_float(unsigned int b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline unsigned int __float_as_uint(float f) {
+  unsigned int b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
 // ---------------------------------------------------------------------------
 // Blocks over the grid
 

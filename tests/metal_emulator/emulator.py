@@ -26,12 +26,13 @@ What is emulated (details in fibers.h and prelude.h):
 * the kernel's position attributes (``thread_position_in_grid``,
   ``simdgroup_index_in_threadgroup``, ...) as per-thread parameters;
 * ``threadgroup_barrier`` as a real barrier of the whole threadgroup;
-  ``simd_sum`` over the simdgroup's lanes;
+  ``simd_sum`` and ``simd_max`` over the simdgroup's lanes;
 * ``threadgroup`` memory, one copy per threadgroup, poisoned (0xff bytes:
   NaN) for each threadgroup; ``constant`` tables;
 * MSL's vector types with their sizes and alignments, ``half`` as IEEE
   binary16, ``as_type``, ``select``, ``dot``, ``min``/``max``/``clamp``, ``fma``,
-  ``precise::exp``, ``precise::sqrt``; address spaces as far as C++ can tell
+  ``rint``, ``fabs``, ``copysign``, ``precise::exp``, ``precise::sqrt``,
+  ``precise::cos``, ``precise::sin``; address spaces as far as C++ can tell
   them apart (a ``constant`` pointer does not convert to a ``device`` one);
 * MLX's launch contract: the threadgroup clipped to the grid per axis
   (``min(threadgroup, grid)``, as MLX does), the grid counted in threads

@@ -17,7 +17,7 @@
 //   - the position attributes are computed per thread (EmuPosition) and passed
 //     as the kernel's [[attribute]] parameters, as Metal does;
 //   - threadgroup_barrier() is fibers.h's barrier, simd_sum an exchange of
-//     the simdgroup's lanes summed as a pairwise tree;
+//     the simdgroup's lanes summed as a pairwise tree (simd_max likewise);
 //   - threadgroup memory: MSL declares it only at kernel scope, so
 //     emulator.py rewrites each `threadgroup T name[N];` into a static array
 //     and a call to emu::threadgroup_memory, which fills it with 0xff bytes
@@ -200,9 +200,15 @@ T clamp(T x, T lo, T hi) {
 }
 inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
 
+inline float fabs(float x) { return std::fabs(x); }
+inline float rint(float x) { return std::nearbyint(x); }  // ties to even, as MSL's rint
+inline float copysign(float x, float y) { return std::copysign(x, y); }
+
 namespace precise {
 inline float exp(float x) { return std::exp(x); }  // the CPU's expf, not Apple's (both within a few ulp)
 inline float sqrt(float x) { return std::sqrt(x); }  // correctly rounded, as IEEE asks of both
+inline float cos(float x) { return std::cos(x); }  // the CPU's, not Apple's (both within a few ulp)
+inline float sin(float x) { return std::sin(x); }
 }  // namespace precise
 
 // ---------------------------------------------------------------------------
@@ -226,6 +232,13 @@ inline float simd_sum(float v, unsigned site = __builtin_LINE()) {
   for (int d = 1; d < n; d *= 2)
     for (int i = 0; i + d < n; i += 2 * d) s[i] += s[i + d];
   return s[0];
+}
+
+inline float simd_max(float v, unsigned site = __builtin_LINE()) {
+  const float* lanes = emu::exchange(v, "simd_max", 0, site);
+  float m = lanes[0];
+  for (int i = 1; i < emu::warp_lanes(); ++i) m = std::fmax(m, lanes[i]);
+  return m;
 }
 
 }  // namespace metal

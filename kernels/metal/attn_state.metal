@@ -1,0 +1,100 @@
+// Kernel body: the state side of one token's decode attention (kernels/attention_decode.py,
+// docs/spec/v4-model.md sections 3.4-3.7), one launch per layer: threadgroup 0 the raw ring,
+// threadgroup 1 the compressor, threadgroup 2 the indexer's compressor (ratio 4), threadgroup 3 the indexer's
+// query (ratio 4 when it selects top-k).
+//   inputs    p int32 [1]; kv, kv_norm float32 [HD]; inv_freq [HALF]; raw [W, HD];
+//             the compressor's kv, gate [L * HD] (L = 2 lanes at ratio 4, else 1), ape [R, L * HD],
+//             norm [HD], f_kv, f_sc [FR, L * HD] (FR = 8 at ratio 4, else R); the indexer
+//             compressor's seven the same at IXD; the indexer's q [IXH * IXD]. Parts the
+//             layer lacks get stand-ins (never read).
+//   outputs   raw_out [W, HD]; c_row [1, HD] (row p / R of the compressed buffer; the caller
+//             slice-updates it in, so the megabytes of rows are not copied); c_fkv, c_fsc;
+//             i_row [1, IXD]; i_fkv, i_fsc; iq_out [IXH * IXD] (rotated, FP4-rounded query).
+//             Outputs of absent parts are [1] and left unwritten.
+//   template  HD, W, R, IXH, IXD, HALF, OFFICIAL (0/1), NOPE, EPS (float32 bits), WHT (float32
+//             bits of 1 / sqrt(IXD))
+//   launch    threadgroup = 256 threads; grid = (256 * threadgroups, 1, 1) (attention_state_geometry, gpu.py).
+// The ring and frontiers are small and copied whole with the token's slot replaced; a pooled
+// row is made by a thread per dimension, then finished (norm, RoPE, rounding) by thread 0 in
+// the CPU kernel's order, so the rounding decisions are the same.
+constexpr int THREADS = 256;
+constexpr int MAXD = HD > IXD ? HD : IXD;
+threadgroup float row_s[MAXD];
+threadgroup float freq_s[HALF];
+const int tid = int(thread_index_in_threadgroup), role = int(threadgroup_position_in_grid.x), pos = p[0];
+const float eps = as_type<float>(uint(EPS));
+for (int i = tid; i < HALF; i += THREADS) freq_s[i] = inv_freq[i];
+
+if (role == 0) {  // the token's kv row into ring slot p % W
+  for (int i = tid; i < HD; i += THREADS) row_s[i] = kv[i];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (tid == 0) {
+    mg_rms_norm(row_s, HD, kv_norm, eps);
+    mg_rope(row_s, HD, HALF, freq_s, float(pos), 1.0f);
+    if (OFFICIAL) mg_kv_row(row_s, HD, NOPE);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const int slot = pos % W;
+  for (int i = tid; i < W * HD; i += THREADS) raw_out[i] = i / HD == slot ? row_s[i % HD] : raw[i];
+} else if (role <= 2) {  // a compressor: frontier update, pooling, row p / ratio
+  const bool ix = role == 2;
+  const int RR = ix ? 4 : R, D = ix ? IXD : HD, L = RR == 4 ? 2 : 1, WD = L * D, FR = RR == 4 ? 8 : RR;
+  const device float* ckv = ix ? i_kv : c_kv;
+  const device float* gate = ix ? i_gate : c_gate;
+  const device float* ape = (ix ? i_ape : c_ape) + (pos % RR) * WD;
+  const device float* norm = ix ? i_norm : c_norm;
+  const device float* fkv = ix ? i_fkv : c_fkv;
+  const device float* fsc = ix ? i_fsc : c_fsc;
+  device float* fkv_out = ix ? i_fkv_out : c_fkv_out;
+  device float* fsc_out = ix ? i_fsc_out : c_fsc_out;
+  device float* row_out = ix ? i_row : c_row;
+  const int slot = pos % RR + (RR == 4 ? 4 : 0);
+  const bool closes = RR == 4 && (pos + 1) % 4 == 0;  // the closed window becomes lane A of the next
+  for (int i = tid; i < FR * WD; i += THREADS) {
+    const int r = i / WD, j = i % WD, src = closes && r < 4 ? r + 4 : r;
+    fkv_out[i] = src == slot ? ckv[j] : fkv[src * WD + j];
+    fsc_out[i] = src == slot ? gate[j] + ape[j] : fsc[src * WD + j];
+  }
+  // Per-dimension softmax over the window's slots (ratio 4: lane A of rows 0-3, lane B of 4-7).
+  const int n = RR == 4 ? 8 : RR;
+  for (int j = tid; j < D; j += THREADS) {
+    float top = -INFINITY;
+    for (int r = 0; r < n; ++r) {
+      const int col = RR == 4 && r >= 4 ? D + j : j;
+      top = max(top, r == slot ? gate[col] + ape[col] : fsc[r * WD + col]);
+    }
+    float sum = 0.0f;
+    for (int r = 0; r < n; ++r) {
+      const int col = RR == 4 && r >= 4 ? D + j : j;
+      sum += precise::exp((r == slot ? gate[col] + ape[col] : fsc[r * WD + col]) - top);
+    }
+    float v = 0.0f;
+    for (int r = 0; r < n; ++r) {
+      const int col = RR == 4 && r >= 4 ? D + j : j;
+      const float e = precise::exp((r == slot ? gate[col] + ape[col] : fsc[r * WD + col]) - top);
+      v += (r == slot ? ckv[col] : fkv[r * WD + col]) * (e / sum);
+    }
+    row_s[j] = v;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (tid == 0) {
+    mg_rms_norm(row_s, D, norm, eps);
+    mg_rope(row_s, D, HALF, freq_s, float(pos / RR * RR), 1.0f);
+    if (OFFICIAL && ix) {
+      mg_indexer_round_trip(row_s, D, as_type<float>(uint(WHT)));
+      for (int i = 0; i < D; ++i) row_s[i] = mg_f16_round(row_s[i]);
+    } else if (OFFICIAL) {
+      mg_kv_row(row_s, D, NOPE);
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int j = tid; j < D; j += THREADS) row_out[j] = row_s[j];
+} else {  // the indexer's query: a thread per head rotates and rounds it in place
+  for (int i = tid; i < IXH * IXD; i += THREADS) iq_out[i] = iq[i];
+  threadgroup_barrier(mem_flags::mem_device);
+  for (int h = tid; h < IXH; h += THREADS) {
+    device float* x = iq_out + h * IXD;
+    mg_rope(x, IXD, HALF, freq_s, float(pos), 1.0f);
+    if (OFFICIAL) mg_indexer_round_trip(x, IXD, as_type<float>(uint(WHT)));
+  }
+}
