@@ -42,6 +42,7 @@ enum { E_TYPE = -1, E_SHAPE = -2, E_ID = -3, E_NOMEM = -4, E_INIT = -5 };
 #define RT 4       /* weight rows decoded together, so each activation load feeds RT rows */
 #define TOK_BLOCK 64 /* matmul: tokens per pass, so their activations stay in cache */
 #define PAR_MIN 32768 /* weight values below which a call stays on one thread */
+#define QCHUNK 8     /* mg_moe pass 2: row tiles per thread's turn */
 
 
 /* ---------------------------------------------------------------- decoding */
@@ -325,33 +326,8 @@ static inline void lay_q2_k(const uint8_t *restrict b, qblock *restrict o)
         }
 }
 
-/* One token's 256 values into acc[0..1] (IQ2_XXS: groups alternate) or acc[0..7] (Q2_K: sums, then mins). */
-static inline void dot_iq2_xxs(const qblock *restrict o, const float *restrict x, __m256 *restrict acc)
-{
-    for (int g = 0; g < 8; g++) {
-        const float *q = o->q + 32 * g, *xg = x + 32 * g;
-        __m256 s = _mm256_mul_ps(_mm256_load_ps(q), _mm256_loadu_ps(xg));
-        s = _mm256_fmadd_ps(_mm256_load_ps(q + 8), _mm256_loadu_ps(xg + 8), s);
-        s = _mm256_fmadd_ps(_mm256_load_ps(q + 16), _mm256_loadu_ps(xg + 16), s);
-        s = _mm256_fmadd_ps(_mm256_load_ps(q + 24), _mm256_loadu_ps(xg + 24), s);
-        acc[g & 1] = _mm256_fmadd_ps(_mm256_set1_ps(o->sc[g]), s, acc[g & 1]);
-    }
-}
-
-static inline void dot_q2_k(const qblock *restrict o, const float *restrict x, __m256 *restrict acc)
-{
-    for (int j = 0; j < 16; j++) {
-        const __m256 x0 = _mm256_loadu_ps(x + 16 * j), x1 = _mm256_loadu_ps(x + 16 * j + 8);
-        __m256 s = _mm256_mul_ps(_mm256_load_ps(o->q + 16 * j), x0);
-        s = _mm256_fmadd_ps(_mm256_load_ps(o->q + 16 * j + 8), x1, s);
-        const int a = (j >> 1) & 3;
-        acc[a] = _mm256_fmadd_ps(_mm256_set1_ps(o->sc[j]), s, acc[a]);
-        acc[4 + a] = _mm256_fmadd_ps(_mm256_set1_ps(o->mn[j]), _mm256_add_ps(x0, x1), acc[4 + a]);
-    }
-}
-
-/* The same arithmetic as lay_* then dot_* for one token, with the codes kept in
- * registers instead of a qblock (decode: each block is used once). */
+/* One token's 256 values into acc[0..1] (IQ2_XXS: groups alternate) or acc[0..7]
+ * (Q2_K: sums, then mins), the codes decoded into registers. */
 static inline void fused_iq2_xxs(const uint8_t *restrict b, const float *restrict x, __m256 *restrict acc)
 {
     float db[8];
@@ -416,53 +392,159 @@ static inline float finish_q2(int type, const __m256 *a)
          - hsum8(_mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])));
 }
 
-/* tile_dots for IQ2_XXS / Q2_K rows; acc: nx * RT * LANES (>= 64 per token) floats of scratch. */
-static void tile_dots_q2(const uint8_t *const *rows, int nr, int type, int64_t cols, const float *const *xs, int nx,
-                         float *restrict acc, float *restrict y)
+/* Several tokens: register tiles. tile_dots_q2 lays each of its rows' blocks out
+ * once (qblock) and then runs a tile of R rows x T tokens at a time, so each
+ * code vector loaded feeds T products and each x vector R, with the sums in
+ * registers for the whole row. Each pair's operations are those of fused_*
+ * above, in the same order (same products, chains and lanes): only the
+ * independent chains of different pairs interleave differently. The row is
+ * walked once per accumulator so that few stay live: IQ2_XXS acc[p] takes
+ * groups p, p + 2, p + 4, p + 6 of every block, Q2_K acc[a] and acc[4 + a]
+ * sub-blocks 2a, 2a + 1, 2a + 8, 2a + 9, the order they reach it in fused_*. */
+#define AI static inline __attribute__((always_inline))  /* R and T become constants: the tile's arrays are registers */
+#define TILE_MAX 4  /* bound on R and T for the arrays */
+#define UNROLL _Pragma("GCC unroll 4")
+
+/* y[t * RT + r] for rows lay[r * nb ..] and tokens xs[t], r < R, t < T */
+AI void tile_iq2_xxs(const qblock *lay, int64_t nb, const float *const *xs, int R, int T, float *y)
 {
-    qblock blk;
+    __m256 fin[2][TILE_MAX][TILE_MAX];
+    UNROLL for (int p = 0; p < 2; p++) {
+        __m256 acc[TILE_MAX][TILE_MAX];
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+        for (int64_t ib = 0; ib < nb; ib++)
+            UNROLL for (int g = p; g < 8; g += 2) {
+                __m256 s[TILE_MAX][TILE_MAX];
+                UNROLL for (int k = 0; k < 4; k++) {
+                    __m256 xv[TILE_MAX];
+                    UNROLL for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(xs[t] + 256 * ib + 32 * g + 8 * k);
+                    UNROLL for (int r = 0; r < R; r++) {
+                        const __m256 q = _mm256_load_ps(lay[r * nb + ib].q + 32 * g + 8 * k);
+                        UNROLL for (int t = 0; t < T; t++)
+                            s[r][t] = k ? _mm256_fmadd_ps(q, xv[t], s[r][t]) : _mm256_mul_ps(q, xv[t]);
+                    }
+                }
+                UNROLL for (int r = 0; r < R; r++) {
+                    const __m256 sc = _mm256_set1_ps(lay[r * nb + ib].sc[g]);
+                    UNROLL for (int t = 0; t < T; t++) acc[r][t] = _mm256_fmadd_ps(sc, s[r][t], acc[r][t]);
+                }
+            }
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) fin[p][r][t] = acc[r][t];
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) {
+        const __m256 a[2] = {fin[0][r][t], fin[1][r][t]};
+        y[t * RT + r] = finish_q2(T_IQ2_XXS, a);
+    }
+}
+
+AI void tile_q2_k(const qblock *lay, int64_t nb, const float *const *xs, int R, int T, float *y)
+{
+    __m256 fin[8][TILE_MAX][TILE_MAX];
+    UNROLL for (int a = 0; a < 4; a++) {
+        __m256 acc[TILE_MAX][TILE_MAX], macc[TILE_MAX][TILE_MAX];
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++)
+            acc[r][t] = macc[r][t] = _mm256_setzero_ps();
+        for (int64_t ib = 0; ib < nb; ib++)
+            UNROLL for (int i = 0; i < 4; i++) {
+                const int j = 2 * a + (i & 1) + 8 * (i >> 1);
+                __m256 x0[TILE_MAX], x1[TILE_MAX], xsum[TILE_MAX];
+                UNROLL for (int t = 0; t < T; t++) {
+                    x0[t] = _mm256_loadu_ps(xs[t] + 256 * ib + 16 * j);
+                    x1[t] = _mm256_loadu_ps(xs[t] + 256 * ib + 16 * j + 8);
+                    xsum[t] = _mm256_add_ps(x0[t], x1[t]);
+                }
+                UNROLL for (int r = 0; r < R; r++) {
+                    const qblock *o = lay + r * nb + ib;
+                    const __m256 q0 = _mm256_load_ps(o->q + 16 * j), q1 = _mm256_load_ps(o->q + 16 * j + 8);
+                    const __m256 sc = _mm256_set1_ps(o->sc[j]), mn = _mm256_set1_ps(o->mn[j]);
+                    UNROLL for (int t = 0; t < T; t++) {
+                        const __m256 s = _mm256_fmadd_ps(q1, x1[t], _mm256_mul_ps(q0, x0[t]));
+                        acc[r][t] = _mm256_fmadd_ps(sc, s, acc[r][t]);
+                        macc[r][t] = _mm256_fmadd_ps(mn, xsum[t], macc[r][t]);
+                    }
+                }
+            }
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) {
+            fin[a][r][t] = acc[r][t];
+            fin[4 + a][r][t] = macc[r][t];
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) {
+        __m256 v[8];
+        for (int i = 0; i < 8; i++) v[i] = fin[i][r][t];
+        y[t * RT + r] = finish_q2(T_Q2_K, v);
+    }
+}
+
+/* Tile shapes (rows x tokens). Measured on a 2-core EPYC (AVX2, 16 ymm registers): 4 x 1
+ * beat 2 x 2, 2 x 3, 3 x 2, 4 x 2 and 1 x 4 by 10-30% for both types (with more tokens
+ * per tile the sums no longer fit the registers); AVX-512's 32 may favour wider tiles. */
+#define IQ2_R 4
+#define IQ2_T 1
+#define Q2K_R 4
+#define Q2K_T 1
+
+/* every pair of nr rows x nx tokens: whole tiles, then the tokens left over, then rows left over */
+#define TILE_WALK(tile, TR, TT) do { \
+        int r = 0; \
+        for (; r + (TR) <= nr; r += (TR)) { \
+            int t = 0; \
+            for (; t + (TT) <= nx; t += (TT)) tile(lay + r * nb, nb, xs + t, (TR), (TT), y + t * RT + r); \
+            for (; t < nx; t++) tile(lay + r * nb, nb, xs + t, (TR), 1, y + t * RT + r); \
+        } \
+        for (; r < nr; r++) { \
+            int t = 0; \
+            for (; t + (TT) <= nx; t += (TT)) tile(lay + r * nb, nb, xs + t, 1, (TT), y + t * RT + r); \
+            for (; t < nx; t++) tile(lay + r * nb, nb, xs + t, 1, 1, y + t * RT + r); \
+        } \
+    } while (0)
+
+/* floats of scratch tile_dots_q2 lays RT rows of `cols` values out in (aligned inside) */
+static size_t lay_floats(int64_t cols) { return (size_t)(RT * (cols / 256)) * (sizeof(qblock) / sizeof(float)) + 8; }
+
+/* tile_dots for IQ2_XXS / Q2_K rows; scratch: lay_floats(cols) floats. */
+static void tile_dots_q2(const uint8_t *const *rows, int nr, int type, int64_t cols, const float *const *xs, int nx,
+                         float *restrict scratch, float *restrict y)
+{
     const int iq2 = type == T_IQ2_XXS, bb = iq2 ? 66 : 84;
     const int64_t nb = cols / 256;
-    for (int r = 0; r < nr; r++) {
-        __m256 a[8];
-        if (nx == 1) {  /* decode: the sums stay in registers */
+    if (nx == 1) {  /* decode: each block is used once, so its codes stay in registers */
+        for (int r = 0; r < nr; r++) {
+            __m256 a[8];
             for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
             for (int64_t ib = 0; ib < nb; ib++) {
                 if (iq2) fused_iq2_xxs(rows[r] + ib * bb, xs[0] + 256 * ib, a);
                 else fused_q2_k(rows[r] + ib * bb, xs[0] + 256 * ib, a);
             }
             y[r] = finish_q2(type, a);
-            continue;
         }
-        memset(acc, 0, sizeof(float) * 64 * (size_t)nx);
-        for (int64_t ib = 0; ib < nb; ib++) {
-            if (iq2) lay_iq2_xxs(rows[r] + ib * bb, &blk);
-            else lay_q2_k(rows[r] + ib * bb, &blk);
-            for (int t = 0; t < nx; t++) {
-                float *at = acc + 64 * (size_t)t;
-                for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(at + 8 * i);
-                if (iq2) dot_iq2_xxs(&blk, xs[t] + 256 * ib, a);
-                else dot_q2_k(&blk, xs[t] + 256 * ib, a);
-                for (int i = 0; i < 8; i++) _mm256_storeu_ps(at + 8 * i, a[i]);
-            }
-        }
-        for (int t = 0; t < nx; t++) {
-            for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(acc + 64 * (size_t)t + 8 * i);
-            y[t * RT + r] = finish_q2(type, a);
-        }
+        return;
     }
+    qblock *lay = (qblock *)(((uintptr_t)scratch + 31) & ~(uintptr_t)31);
+    for (int r = 0; r < nr; r++)
+        for (int64_t ib = 0; ib < nb; ib++) {
+            if (iq2) lay_iq2_xxs(rows[r] + ib * bb, lay + r * nb + ib);
+            else lay_q2_k(rows[r] + ib * bb, lay + r * nb + ib);
+        }
+    if (iq2) TILE_WALK(tile_iq2_xxs, IQ2_R, IQ2_T);
+    else TILE_WALK(tile_q2_k, Q2K_R, Q2K_T);
 }
+#undef TILE_WALK
+#undef UNROLL
+#undef AI
+#else
+static size_t lay_floats(int64_t cols) { (void)cols; return 0; }
 #endif
 
 /* y[t * RT + r] = rows[r] . xs[t] for nr <= RT weight rows of one type and nx
- * activation rows (acc: nx * RT * LANES floats of scratch). Each chunk of the
- * rows is decoded once and then used by every activation row. */
+ * activation rows (acc: nx * RT * LANES floats of scratch, lay: lay_floats(cols)).
+ * Each chunk of the rows is decoded once and then used by every activation row. */
 static void tile_dots(const uint8_t *const *rows, int nr, int type, int64_t cols, const float *const *xs, int nx,
-                      float *restrict acc, float *restrict y)
+                      float *restrict acc, float *restrict lay, float *restrict y)
 {
 #ifdef FAST_Q2
     if (type == T_IQ2_XXS || type == T_Q2_K) {
-        tile_dots_q2(rows, nr, type, cols, xs, nx, acc, y);
+        tile_dots_q2(rows, nr, type, cols, xs, nx, lay, y);
         return;
     }
 #endif
@@ -527,7 +609,7 @@ int mg_matmul(const float *x, int64_t T, int64_t cols, const uint8_t *w, int typ
     if (type == T_IQ2_XXS && !iq2_ready) return E_INIT;
     if (T <= 0 || rows <= 0) return 0;
     const int tb = T < TOK_BLOCK ? (int)T : TOK_BLOCK;
-    const size_t per_thread = (size_t)(RT * LANES + RT) * (size_t)tb;
+    const size_t per_thread = (size_t)(RT * LANES + RT) * (size_t)tb + lay_floats(cols);
     const int64_t nq = (rows + RT - 1) / RT;
     const float **xs = malloc(sizeof(*xs) * (size_t)T);
     float *scratch = malloc(sizeof(float) * per_thread * (size_t)n_threads());
@@ -544,7 +626,7 @@ int mg_matmul(const float *x, int64_t T, int64_t cols, const uint8_t *w, int typ
             const uint8_t *rp[RT];
             for (int r = 0; r < nr; r++) rp[r] = w + (q * RT + r) * row_bytes;
             float *acc = scratch + (size_t)thread_id() * per_thread, *yt = acc + (size_t)RT * LANES * tb;
-            tile_dots(rp, nr, type, cols, xs + t0, nx, acc, yt);
+            tile_dots(rp, nr, type, cols, xs + t0, nx, acc, yt + RT * tb, yt);
             for (int t = 0; t < nx; t++)
                 for (int r = 0; r < nr; r++) y[(t0 + t) * rows + q * RT + r] = yt[t * RT + r];
         }
@@ -598,7 +680,8 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
     const float **xs = malloc(sizeof(*xs) * (size_t)P), **ms = malloc(sizeof(*ms) * (size_t)P);
     float *mid = malloc(sizeof(float) * (size_t)(P * F));
     int rc = E_NOMEM, nth = n_threads();
-    float *scratch = malloc(sizeof(float) * (RT * LANES + 2 * RT) * (size_t)P * (size_t)nth);
+    const size_t lay_n = lay_floats(D > F ? D : F);
+    float *scratch = malloc(sizeof(float) * ((RT * LANES + 2 * RT) * (size_t)P + lay_n) * (size_t)nth);
     if (!start || !order || !gexp || !gbeg || !gend || !xs || !ms || !mid || !scratch) goto done;
 
     /* counting sort, stable: within an expert pairs stay in (token, slot) order */
@@ -617,7 +700,7 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
         xs[i] = x + order[i] / K * D;
         ms[i] = mid + order[i] * F;
     }
-    const size_t per_thread = (size_t)(RT * LANES + 2 * RT) * (size_t)maxn;
+    const size_t per_thread = (size_t)(RT * LANES + 2 * RT) * (size_t)maxn + lay_n;
     const int64_t nqf = (F + RT - 1) / RT, nqd = (D + RT - 1) / RT;
     const int par = G * F * D >= PAR_MIN;
 
@@ -627,34 +710,41 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
         const int64_t g = it / nqf, r0 = it % nqf * RT, e = gexp[g], b = gbeg[g];
         const int n = (int)(gend[g] - b), nr = (int)(F - r0 < RT ? F - r0 : RT);
         float *acc = scratch + (size_t)thread_id() * per_thread, *yg = acc + (size_t)RT * LANES * n, *yu = yg + RT * n;
+        float *lay = acc + (size_t)(RT * LANES + 2 * RT) * maxn;
         const uint8_t *gr[RT], *ur[RT];
         for (int r = 0; r < nr; r++) {
             gr[r] = gate + (e * F + r0 + r) * g_rb;
             ur[r] = up + (e * F + r0 + r) * u_rb;
         }
-        tile_dots(gr, nr, gt, D, xs + b, n, acc, yg);
-        tile_dots(ur, nr, ut, D, xs + b, n, acc, yu);
+        tile_dots(gr, nr, gt, D, xs + b, n, acc, lay, yg);
+        tile_dots(ur, nr, ut, D, xs + b, n, acc, lay, yu);
         for (int i = 0; i < n; i++) {
             const int64_t p = order[b + i];
             for (int r = 0; r < nr; r++) mid[p * F + r0 + r] = swiglu(yg[i * RT + r], yu[i * RT + r], wts[p], limit);
         }
     }
 
-    /* pass 2: down; output rows r0.. belong to one thread for all groups */
-#pragma omp parallel for schedule(dynamic, 4) if (par)
-    for (int64_t q = 0; q < nqd; q++) {
-        const int64_t r0 = q * RT;
-        const int nr = (int)(D - r0 < RT ? D - r0 : RT);
+    /* pass 2: down; output rows r0.. belong to one thread for all groups. A thread takes
+     * QCHUNK row tiles and walks the groups outside them, so a group's mid rows are read
+     * into cache once per chunk, not once per tile (each output still adds its groups in
+     * ascending order). */
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+    for (int64_t q0 = 0; q0 < nqd; q0 += QCHUNK) {
         float *acc = scratch + (size_t)thread_id() * per_thread, *y = acc + (size_t)RT * LANES * maxn;
+        float *lay = acc + (size_t)(RT * LANES + 2 * RT) * maxn;
         for (int64_t g = 0; g < G; g++) {
             const int64_t e = gexp[g], b = gbeg[g];
             const int n = (int)(gend[g] - b);
-            const uint8_t *dr[RT];
-            for (int r = 0; r < nr; r++) dr[r] = down + (e * D + r0 + r) * d_rb;
-            tile_dots(dr, nr, dt, F, ms + b, n, acc, y);
-            for (int i = 0; i < n; i++) {
-                float *o = out + order[b + i] / K * D + r0;
-                for (int r = 0; r < nr; r++) o[r] += y[i * RT + r];
+            for (int64_t q = q0; q < nqd && q < q0 + QCHUNK; q++) {
+                const int64_t r0 = q * RT;
+                const int nr = (int)(D - r0 < RT ? D - r0 : RT);
+                const uint8_t *dr[RT];
+                for (int r = 0; r < nr; r++) dr[r] = down + (e * D + r0 + r) * d_rb;
+                tile_dots(dr, nr, dt, F, ms + b, n, acc, lay, y);
+                for (int i = 0; i < n; i++) {
+                    float *o = out + order[b + i] / K * D + r0;
+                    for (int r = 0; r < nr; r++) o[r] += y[i * RT + r];
+                }
             }
         }
     }
