@@ -22,7 +22,7 @@ def one_at_a_time(x, raw, qtype):
 
 @pytest.mark.parametrize("qtype", Q2, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_rows", [1, 2, 3, 4, 5, 6, 7, 9])
-@pytest.mark.parametrize("cols", [256, 768])  # one block per row, and sums carried across blocks
+@pytest.mark.parametrize("cols", [256, 768, 2304])  # one block; several; chunks of 4 + 4 + 1 carried in memory
 def test_matmul_tiles_give_each_pair_its_decode_bits(qtype, n_rows, cols):
     rng = np.random.default_rng([int(qtype), n_rows, cols])
     raw = random_weight(rng, qtype, (n_rows, cols))
@@ -35,9 +35,10 @@ def test_matmul_tiles_give_each_pair_its_decode_bits(qtype, n_rows, cols):
 
 @pytest.mark.parametrize("qtype", Q2, ids=lambda t: t.name)
 def test_moe_groups_of_every_size_give_decode_bits(qtype):
-    """Experts receive 1..many tokens (repeats included), over multi-block rows both ways."""
+    """Experts receive 1..many tokens (repeats included), over multi-block rows both ways
+    (gate and up rows in two chunks of blocks)."""
     rng = np.random.default_rng([int(qtype), 3])
-    n_tok, d_model, ffn = 23, 512, 768
+    n_tok, d_model, ffn = 23, 1280, 768
     stacks = [(random_weight(rng, qtype, (6, ffn, d_model)), qtype), (random_weight(rng, qtype, (6, ffn, d_model)), qtype),
               (random_weight(rng, qtype, (6, d_model, ffn)), qtype)]
     x = rng.standard_normal((n_tok, d_model)).astype(np.float32)

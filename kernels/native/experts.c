@@ -43,6 +43,7 @@ enum { E_TYPE = -1, E_SHAPE = -2, E_ID = -3, E_NOMEM = -4, E_INIT = -5 };
 #define TOK_BLOCK 64 /* matmul: tokens per pass, so their activations stay in cache */
 #define PAR_MIN 32768 /* weight values below which a call stays on one thread */
 #define QCHUNK 8     /* mg_moe pass 2: row tiles per thread's turn */
+#define LAY_BLOCKS 4 /* q2 rows are laid out this many blocks at a time: RT rows' worth (18 KiB) stays in L1 */
 
 
 /* ---------------------------------------------------------------- decoding */
@@ -392,10 +393,11 @@ static inline float finish_q2(int type, const __m256 *a)
          - hsum8(_mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])));
 }
 
-/* Several tokens: register tiles. tile_dots_q2 lays each of its rows' blocks out
- * once (qblock) and then runs a tile of R rows x T tokens at a time, so each
- * code vector loaded feeds T products and each x vector R, with the sums in
- * registers for the whole row. Each pair's operations are those of fused_*
+/* Several tokens: register tiles. tile_dots_q2 lays its rows' blocks out once
+ * (qblock), LAY_BLOCKS at a time so that they stay in L1, and runs a tile of R
+ * rows x T tokens at a time over them, so each code vector loaded feeds T
+ * products and each x vector R, with the sums in registers over the chunk
+ * (at small widths the whole row). Each pair's operations are those of fused_*
  * above, in the same order (same products, chains and lanes): only the
  * independent chains of different pairs interleave differently. The row is
  * walked once per accumulator so that few stay live: IQ2_XXS acc[p] takes
@@ -405,19 +407,23 @@ static inline float finish_q2(int type, const __m256 *a)
 #define TILE_MAX 4  /* bound on R and T for the arrays */
 #define UNROLL _Pragma("GCC unroll 4")
 
-/* y[t * RT + r] for rows lay[r * nb ..] and tokens xs[t], r < R, t < T */
-AI void tile_iq2_xxs(const qblock *lay, int64_t nb, const float *const *xs, int R, int T, float *y)
+/* y[t * RT + r] for rows lay[r * nb ..] (blocks from column xo on) and tokens xs[t], r < R, t < T.
+ * A row laid out in several chunks carries its sums over in am (64 floats per pair): loaded
+ * unless first, stored unless last, when the pair is finished instead. */
+AI void tile_iq2_xxs(const qblock *lay, int64_t nb, int64_t xo, const float *const *xs, int R, int T, float *y,
+                     float *am, int first, int last)
 {
     __m256 fin[2][TILE_MAX][TILE_MAX];
     UNROLL for (int p = 0; p < 2; p++) {
         __m256 acc[TILE_MAX][TILE_MAX];
-        UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++)
+            acc[r][t] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(am + 64 * (t * RT + r) + 8 * p);
         for (int64_t ib = 0; ib < nb; ib++)
             UNROLL for (int g = p; g < 8; g += 2) {
                 __m256 s[TILE_MAX][TILE_MAX];
                 UNROLL for (int k = 0; k < 4; k++) {
                     __m256 xv[TILE_MAX];
-                    UNROLL for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(xs[t] + 256 * ib + 32 * g + 8 * k);
+                    UNROLL for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(xs[t] + xo + 256 * ib + 32 * g + 8 * k);
                     UNROLL for (int r = 0; r < R; r++) {
                         const __m256 q = _mm256_load_ps(lay[r * nb + ib].q + 32 * g + 8 * k);
                         UNROLL for (int t = 0; t < T; t++)
@@ -429,28 +435,34 @@ AI void tile_iq2_xxs(const qblock *lay, int64_t nb, const float *const *xs, int 
                     UNROLL for (int t = 0; t < T; t++) acc[r][t] = _mm256_fmadd_ps(sc, s[r][t], acc[r][t]);
                 }
             }
-        UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) fin[p][r][t] = acc[r][t];
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) {
+            fin[p][r][t] = acc[r][t];
+            if (!last) _mm256_storeu_ps(am + 64 * (t * RT + r) + 8 * p, acc[r][t]);
+        }
     }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) {
+    if (last) UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) {
         const __m256 a[2] = {fin[0][r][t], fin[1][r][t]};
         y[t * RT + r] = finish_q2(T_IQ2_XXS, a);
     }
 }
 
-AI void tile_q2_k(const qblock *lay, int64_t nb, const float *const *xs, int R, int T, float *y)
+AI void tile_q2_k(const qblock *lay, int64_t nb, int64_t xo, const float *const *xs, int R, int T, float *y,
+                  float *am, int first, int last)
 {
     __m256 fin[8][TILE_MAX][TILE_MAX];
     UNROLL for (int a = 0; a < 4; a++) {
         __m256 acc[TILE_MAX][TILE_MAX], macc[TILE_MAX][TILE_MAX];
-        UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++)
-            acc[r][t] = macc[r][t] = _mm256_setzero_ps();
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) {
+            acc[r][t] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(am + 64 * (t * RT + r) + 8 * a);
+            macc[r][t] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(am + 64 * (t * RT + r) + 8 * (4 + a));
+        }
         for (int64_t ib = 0; ib < nb; ib++)
             UNROLL for (int i = 0; i < 4; i++) {
                 const int j = 2 * a + (i & 1) + 8 * (i >> 1);
                 __m256 x0[TILE_MAX], x1[TILE_MAX], xsum[TILE_MAX];
                 UNROLL for (int t = 0; t < T; t++) {
-                    x0[t] = _mm256_loadu_ps(xs[t] + 256 * ib + 16 * j);
-                    x1[t] = _mm256_loadu_ps(xs[t] + 256 * ib + 16 * j + 8);
+                    x0[t] = _mm256_loadu_ps(xs[t] + xo + 256 * ib + 16 * j);
+                    x1[t] = _mm256_loadu_ps(xs[t] + xo + 256 * ib + 16 * j + 8);
                     xsum[t] = _mm256_add_ps(x0[t], x1[t]);
                 }
                 UNROLL for (int r = 0; r < R; r++) {
@@ -467,9 +479,13 @@ AI void tile_q2_k(const qblock *lay, int64_t nb, const float *const *xs, int R, 
         UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) {
             fin[a][r][t] = acc[r][t];
             fin[4 + a][r][t] = macc[r][t];
+            if (!last) {
+                _mm256_storeu_ps(am + 64 * (t * RT + r) + 8 * a, acc[r][t]);
+                _mm256_storeu_ps(am + 64 * (t * RT + r) + 8 * (4 + a), macc[r][t]);
+            }
         }
     }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) {
+    if (last) UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) {
         __m256 v[8];
         for (int i = 0; i < 8; i++) v[i] = fin[i][r][t];
         y[t * RT + r] = finish_q2(T_Q2_K, v);
@@ -489,20 +505,24 @@ AI void tile_q2_k(const qblock *lay, int64_t nb, const float *const *xs, int R, 
         int r = 0; \
         for (; r + (TR) <= nr; r += (TR)) { \
             int t = 0; \
-            for (; t + (TT) <= nx; t += (TT)) tile(lay + r * nb, nb, xs + t, (TR), (TT), y + t * RT + r); \
-            for (; t < nx; t++) tile(lay + r * nb, nb, xs + t, (TR), 1, y + t * RT + r); \
+            for (; t + (TT) <= nx; t += (TT)) tile(lay + r * n, n, xo, xs + t, (TR), (TT), y + t * RT + r, am + 64 * (t * RT + r), first, last); \
+            for (; t < nx; t++) tile(lay + r * n, n, xo, xs + t, (TR), 1, y + t * RT + r, am + 64 * (t * RT + r), first, last); \
         } \
         for (; r < nr; r++) { \
             int t = 0; \
-            for (; t + (TT) <= nx; t += (TT)) tile(lay + r * nb, nb, xs + t, 1, (TT), y + t * RT + r); \
-            for (; t < nx; t++) tile(lay + r * nb, nb, xs + t, 1, 1, y + t * RT + r); \
+            for (; t + (TT) <= nx; t += (TT)) tile(lay + r * n, n, xo, xs + t, 1, (TT), y + t * RT + r, am + 64 * (t * RT + r), first, last); \
+            for (; t < nx; t++) tile(lay + r * n, n, xo, xs + t, 1, 1, y + t * RT + r, am + 64 * (t * RT + r), first, last); \
         } \
     } while (0)
 
-/* floats of scratch tile_dots_q2 lays RT rows of `cols` values out in (aligned inside) */
-static size_t lay_floats(int64_t cols) { return (size_t)(RT * (cols / 256)) * (sizeof(qblock) / sizeof(float)) + 8; }
+/* floats of scratch tile_dots_q2 needs for rows of `cols` values and up to ntok tokens:
+ * the carried sums when a row takes several chunks, then the laid-out blocks (aligned inside) */
+static size_t q2_floats(int64_t cols, int64_t ntok)
+{
+    return (cols / 256 > LAY_BLOCKS ? (size_t)ntok * RT * 64 : 0) + RT * LAY_BLOCKS * (sizeof(qblock) / sizeof(float)) + 8;
+}
 
-/* tile_dots for IQ2_XXS / Q2_K rows; scratch: lay_floats(cols) floats. */
+/* tile_dots for IQ2_XXS / Q2_K rows; scratch: q2_floats(cols, nx) floats. */
 static void tile_dots_q2(const uint8_t *const *rows, int nr, int type, int64_t cols, const float *const *xs, int nx,
                          float *restrict scratch, float *restrict y)
 {
@@ -520,24 +540,29 @@ static void tile_dots_q2(const uint8_t *const *rows, int nr, int type, int64_t c
         }
         return;
     }
-    qblock *lay = (qblock *)(((uintptr_t)scratch + 31) & ~(uintptr_t)31);
-    for (int r = 0; r < nr; r++)
-        for (int64_t ib = 0; ib < nb; ib++) {
-            if (iq2) lay_iq2_xxs(rows[r] + ib * bb, lay + r * nb + ib);
-            else lay_q2_k(rows[r] + ib * bb, lay + r * nb + ib);
-        }
-    if (iq2) TILE_WALK(tile_iq2_xxs, IQ2_R, IQ2_T);
-    else TILE_WALK(tile_q2_k, Q2K_R, Q2K_T);
+    float *am = scratch;
+    qblock *lay = (qblock *)(((uintptr_t)(scratch + (nb > LAY_BLOCKS ? (size_t)nx * RT * 64 : 0)) + 31) & ~(uintptr_t)31);
+    for (int64_t c0 = 0; c0 < nb; c0 += LAY_BLOCKS) {
+        const int64_t n = nb - c0 < LAY_BLOCKS ? nb - c0 : LAY_BLOCKS, xo = 256 * c0;
+        const int first = c0 == 0, last = c0 + n == nb;
+        for (int r = 0; r < nr; r++)
+            for (int64_t i = 0; i < n; i++) {
+                if (iq2) lay_iq2_xxs(rows[r] + (c0 + i) * bb, lay + r * n + i);
+                else lay_q2_k(rows[r] + (c0 + i) * bb, lay + r * n + i);
+            }
+        if (iq2) TILE_WALK(tile_iq2_xxs, IQ2_R, IQ2_T);
+        else TILE_WALK(tile_q2_k, Q2K_R, Q2K_T);
+    }
 }
 #undef TILE_WALK
 #undef UNROLL
 #undef AI
 #else
-static size_t lay_floats(int64_t cols) { (void)cols; return 0; }
+static size_t q2_floats(int64_t cols, int64_t ntok) { (void)cols; (void)ntok; return 0; }
 #endif
 
 /* y[t * RT + r] = rows[r] . xs[t] for nr <= RT weight rows of one type and nx
- * activation rows (acc: nx * RT * LANES floats of scratch, lay: lay_floats(cols)).
+ * activation rows (acc: nx * RT * LANES floats of scratch, lay: q2_floats(cols, nx)).
  * Each chunk of the rows is decoded once and then used by every activation row. */
 static void tile_dots(const uint8_t *const *rows, int nr, int type, int64_t cols, const float *const *xs, int nx,
                       float *restrict acc, float *restrict lay, float *restrict y)
@@ -609,7 +634,7 @@ int mg_matmul(const float *x, int64_t T, int64_t cols, const uint8_t *w, int typ
     if (type == T_IQ2_XXS && !iq2_ready) return E_INIT;
     if (T <= 0 || rows <= 0) return 0;
     const int tb = T < TOK_BLOCK ? (int)T : TOK_BLOCK;
-    const size_t per_thread = (size_t)(RT * LANES + RT) * (size_t)tb + lay_floats(cols);
+    const size_t per_thread = (size_t)(RT * LANES + RT) * (size_t)tb + q2_floats(cols, tb);
     const int64_t nq = (rows + RT - 1) / RT;
     const float **xs = malloc(sizeof(*xs) * (size_t)T);
     float *scratch = malloc(sizeof(float) * per_thread * (size_t)n_threads());
@@ -680,8 +705,8 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
     const float **xs = malloc(sizeof(*xs) * (size_t)P), **ms = malloc(sizeof(*ms) * (size_t)P);
     float *mid = malloc(sizeof(float) * (size_t)(P * F));
     int rc = E_NOMEM, nth = n_threads();
-    const size_t lay_n = lay_floats(D > F ? D : F);
-    float *scratch = malloc(sizeof(float) * ((RT * LANES + 2 * RT) * (size_t)P + lay_n) * (size_t)nth);
+    const int64_t widest = D > F ? D : F;
+    float *scratch = malloc(sizeof(float) * ((RT * LANES + 2 * RT) * (size_t)P + q2_floats(widest, P)) * (size_t)nth);
     if (!start || !order || !gexp || !gbeg || !gend || !xs || !ms || !mid || !scratch) goto done;
 
     /* counting sort, stable: within an expert pairs stay in (token, slot) order */
@@ -700,7 +725,7 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
         xs[i] = x + order[i] / K * D;
         ms[i] = mid + order[i] * F;
     }
-    const size_t per_thread = (size_t)(RT * LANES + 2 * RT) * (size_t)maxn + lay_n;
+    const size_t per_thread = (size_t)(RT * LANES + 2 * RT) * (size_t)maxn + q2_floats(widest, maxn);
     const int64_t nqf = (F + RT - 1) / RT, nqd = (D + RT - 1) / RT;
     const int par = G * F * D >= PAR_MIN;
 
