@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from greedy_run import greedy_run
 from magnetar.kernels import GGMLType, dequantize
 from magnetar.kernels.affine import AffineQ8
 from magnetar.kernels.backend import QTensor
@@ -54,13 +55,7 @@ class _Widening(CpuBackend):
         return None
 
 
-def _greedy(engine: Engine) -> tuple[list[int], list[np.ndarray]]:
-    engine.prefill([5, 900, 31, 7, 1200, 64, 3])
-    logits, tokens = [engine.next_logits()], []
-    for ev in engine.generate(max_tokens=4, temperature=0, ignore_eos=True):
-        tokens.append(ev.token)
-        logits.append(engine.next_logits())
-    return tokens, logits
+PROMPT = [5, 900, 31, 7, 1200, 64, 3]
 
 
 def test_a_model_with_packed_q8_0_gives_the_widening_paths_logits(tiny_models):
@@ -71,9 +66,9 @@ def test_a_model_with_packed_q8_0_gives_the_widening_paths_logits(tiny_models):
     layer = engine.model.layers[0]
     q8 = [m for m in (layer.attn.q_a, *layer.moe.shared) if m.ggml_type == GGMLType.Q8_0]
     assert q8 and all(isinstance(m.packed, AffineQ8) and m.data is None for m in q8)
-    tokens, logits = _greedy(engine)
-    want_tokens, want_logits = _greedy(Engine(open_model(path), 128, expand_budget=0,
-                                              kernels=_Widening(q8_codes=False)))
+    tokens, logits = greedy_run(engine, PROMPT, 4)
+    widening = Engine(open_model(path), 128, expand_budget=0, kernels=_Widening(q8_codes=False))
+    want_tokens, want_logits = greedy_run(widening, PROMPT, 4)
     assert tokens == want_tokens
     for got, want in zip(logits, want_logits):
         assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))

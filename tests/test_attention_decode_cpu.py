@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from greedy_run import greedy_run
 from kernel_data import rel_err
 from magnetar.kernels import attention_decode as ad
 from magnetar.kernels import mlx_ext
@@ -172,16 +173,10 @@ def test_a_model_decodes_the_same_with_the_fused_attention(tiny_models):
     prompt = [3 + 37 * i % 1000 for i in range(40)]
 
     def run(fused: bool):
-        engine = Engine(open_model(path), ctx=256, kernels=CpuBackend(fused_attention=fused))
-        engine.prefill(prompt)
-        tokens, steps = [], []
-        for ev in engine.generate(max_tokens=8, temperature=0, ignore_eos=True):
-            tokens.append(ev.token)
-            steps.append(engine.next_logits())
-        return tokens, steps
+        return greedy_run(Engine(open_model(path), ctx=256, kernels=CpuBackend(fused_attention=fused)), prompt, 8)
 
-    tokens, steps = run(True)
-    want_tokens, want_steps = run(False)
+    tokens, logits = run(True)
+    want_tokens, want_logits = run(False)
     assert tokens == want_tokens
-    for got, want in zip(steps, want_steps):
+    for got, want in zip(logits[1:], want_logits[1:]):  # the prompt's are prefill's, no decode attention
         assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))

@@ -19,8 +19,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from cuda_emulator import emulator as cuda_emulator
 from gpu_emulator.harness import CXX
+from greedy_run import greedy_run
 from kernel_data import rel_err
 from magnetar.kernels import attention_decode as ad
 from magnetar.kernels import metal
@@ -29,8 +29,8 @@ from magnetar.kernels.cpu import CpuBackend
 from magnetar.runtime.engine import Engine
 from magnetar.runtime.gguf_read import open_model
 from magnetar.runtime.lab.graph_nodes import graph_nodes
-from metal_emulator import emulator as metal_emulator
 from test_attention_decode_cpu import make_step
+from test_hc_emulated import MODULES, PLATFORMS
 
 pytestmark = [
     pytest.mark.skipif(CXX is None, reason="g++ not found: the GPU emulators compile the kernels with it"),
@@ -38,9 +38,6 @@ pytestmark = [
 ]
 
 RTOL = 1e-5
-PLATFORMS = {"metal": lambda d: metal_emulator.Emulator(d), "cuda": lambda d: cuda_emulator.Emulator(d),
-             "hip-wave64": lambda d: cuda_emulator.Emulator(d, platform="hip", warp=64)}
-MODULES = {"metal": metal_emulator, "cuda": cuda_emulator, "hip-wave64": cuda_emulator}
 
 
 @pytest.fixture(scope="session")
@@ -175,24 +172,15 @@ def test_a_model_decodes_the_same_with_the_emulated_attention(tiny_models, build
     path = tiny_models("q2")
     prompt = [3 + 37 * i % 1000 for i in range(40)]
 
-    def greedy(kernels):
-        engine = Engine(open_model(path), 256, kernels=kernels)
-        engine.prefill(prompt)
-        tokens, logits = [], []
-        for ev in engine.generate(max_tokens=4, temperature=0, ignore_eos=True):
-            tokens.append(ev.token)
-            logits.append(engine.next_logits())
-        return tokens, logits
-
-    want_tokens, want_logits = greedy(CpuBackend())
+    want_tokens, want_logits = greedy_run(Engine(open_model(path), 256, kernels=CpuBackend()), prompt, 4)
     emu = PLATFORMS[platform](build_dir)
     with MODULES[platform].emulated_backend(emu) as gpu:
-        tokens, logits = greedy(CpuWithGpuAttention(gpu))
+        tokens, logits = greedy_run(Engine(open_model(path), 256, kernels=CpuWithGpuAttention(gpu)), prompt, 4)
     ratios = open_model(path).config.compress_ratios
     launched = [launch.kernel for launch in emu.launches]
     steps = launched.count("attn_core") // len(ratios)
     assert steps >= 3 and launched.count("attn_state") == steps * len(ratios)
     assert launched.count("attn_index") == steps * ratios.count(4)
     assert tokens == want_tokens
-    for got, want in zip(logits, want_logits):
+    for got, want in zip(logits[1:], want_logits[1:]):  # the prompt's are prefill's, no decode attention
         assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from greedy_run import greedy_run
 from kernel_data import rel_err
 from magnetar.kernels import mlx_ext
 from magnetar.kernels.cpu import CpuBackend
@@ -103,12 +104,8 @@ def test_a_model_decodes_the_same_with_the_fused_steps(tiny_models):
     def run(fused: bool):
         engine = Engine(open_model(path), ctx=64, kernels=CpuBackend(fused_hc=fused))
         pure = engine.logits(prompt)  # prefill of every position
-        engine.prefill(prompt)
-        tokens, steps = [], []
-        for ev in engine.generate(max_tokens=4, temperature=0, ignore_eos=True):
-            tokens.append(ev.token)
-            steps.append(engine.next_logits())
-        return pure, tokens, steps
+        tokens, logits = greedy_run(engine, prompt, 4)
+        return pure, tokens, logits[1:]
 
     pure, tokens, steps = run(True)
     want_pure, want_tokens, want_steps = run(False)

@@ -20,6 +20,7 @@ import pytest
 
 from cuda_emulator import emulator as cuda_emulator
 from gpu_emulator.harness import CXX
+from greedy_run import greedy_run
 from kernel_data import rel_err
 from magnetar.kernels import GGMLType
 from magnetar.kernels.cpu import CpuBackend
@@ -130,19 +131,13 @@ def test_emulated_model_with_fused_hc_pre_matches_the_cpu_path(tiny_models, buil
     prompt = [1000, 2001, 3002]
 
     def greedy(kernels):
-        engine = Engine(open_model(path), 64, kernels=kernels)
-        engine.prefill(prompt)
-        logits, tokens = [engine.next_logits()], []
-        for ev in engine.generate(max_tokens=2, temperature=0, ignore_eos=True):
-            tokens.append(ev.token)
-            logits.append(engine.next_logits())
-        return logits, tokens
+        return greedy_run(Engine(open_model(path), 64, kernels=kernels), prompt, 2)
 
-    want_logits, want_tokens = greedy(CpuBackend())
+    want_tokens, want_logits = greedy(CpuBackend())
     emu = PLATFORMS[platform](build_dir)
     with MODULES[platform].emulated_backend(emu) as kernels:
         kernels.traceable, kernels.host_moe = False, True
-        logits, tokens = greedy(kernels)
+        tokens, logits = greedy(kernels)
     n_layer = open_model(path).config.n_layer
     for kernel in ("hc_pre", "hc_post"):  # two per layer, for the prefill and each token
         assert sum(launch.kernel == kernel for launch in emu.launches) == 2 * n_layer * 3

@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from greedy_run import greedy_run
 from magnetar.kernels import GGMLType, dequantize, mlx_ext
 from magnetar.kernels.backend import backend
 from magnetar.kernels.cpu import CpuBackend
@@ -98,13 +99,7 @@ def test_q8_matmul_refuses_mismatched_shapes_in_one_line(x_shape, w_shape, group
     assert "\n" not in str(err.value)
 
 
-def _greedy(engine: Engine) -> tuple[list[int], list[np.ndarray]]:
-    engine.prefill([5, 900, 31, 7, 1200, 64, 3])
-    logits, tokens = [engine.next_logits()], []
-    for ev in engine.generate(max_tokens=4, temperature=0, ignore_eos=True):
-        tokens.append(ev.token)
-        logits.append(engine.next_logits())
-    return tokens, logits
+PROMPT = [5, 900, 31, 7, 1200, 64, 3]
 
 
 def test_a_model_on_q8_codes_gives_the_numpy_oracles_logits(tiny_models):
@@ -118,9 +113,9 @@ def test_a_model_on_q8_codes_gives_the_numpy_oracles_logits(tiny_models):
     q8 = [m for m in (layer.attn.q_a, layer.attn.o_a, *layer.moe.shared, engine.model.output)
           if m.ggml_type == GGMLType.Q8_0]
     assert engine.model.kernels.q8_codes and len(q8) >= 4 and all(m.packed is None for m in q8)
-    tokens, logits = _greedy(engine)
+    tokens, logits = greedy_run(engine, PROMPT, 4)
     oracle = Engine(open_model(path), 128, expand_budget=0, kernels=backend("reference"))
-    want_tokens, want_logits = _greedy(oracle)
+    want_tokens, want_logits = greedy_run(oracle, PROMPT, 4)
     assert tokens == want_tokens
     for got, want in zip(logits, want_logits):
         assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
