@@ -3,9 +3,12 @@
 What is fastest here was measured (``magnetar bench kernels``; numbers in
 README). The routed-expert step goes to ``native`` (C on the raw blocks,
 compiled at first use) whenever a C compiler is present: 35-47x faster than
-expanding the experts to f32, for one token and for many, so the decode graph
-is cut around it (``host_moe``). Without a compiler the fallback keeps one
-token inside MLX's compiled decode graph and sends many tokens through
+expanding the experts to f32, for one token and for many. With the MLX
+extension (below) that kernel runs as a node of MLX's graph
+(``mlx_ext.routed_experts``), so the decode step is one compiled graph;
+without it the graph is cut around the host call (``host_moe``), which
+costs an eval hand-off and a Python call per layer. Without a compiler the
+fallback keeps one token inside MLX's compiled decode graph and sends many tokens through
 numpy's OpenBLAS (the ``mlx[cpu]`` wheel links the reference BLAS, 20-50x
 slower on products with many rows), expanding weights to f32 only for the
 experts a batch uses, a bounded group at a time.
@@ -78,13 +81,15 @@ class CpuBackend(HostBackend):
     name = "cpu"
 
     def __init__(self, use_native: bool | None = None, fused_hc: bool | None = None, q8_codes: bool | None = None,
-                 fused_attention: bool | None = None):
+                 fused_attention: bool | None = None, fused_experts: bool | None = None):
         """``use_native``: None picks the native kernels when they build here and
         ``$MAGNETAR_NATIVE`` is not ``0`` (the escape hatch if a build misbehaves).
         The MLX primitives (``mlx_ext``), each None: on when the extension builds and loads here
         and ``$MAGNETAR_MLX_EXT`` is not ``0``. ``fused_hc``: ``hc_pre`` and ``hc_post`` as one
         node each. ``q8_codes``: decode-sized Q8_0 products by ``mlx_ext.q8_matmul`` on the
-        blocks as stored. ``fused_attention``: ``attention_decode`` as one node."""
+        blocks as stored. ``fused_attention``: ``attention_decode`` as one node. ``fused_experts``
+        (with the native kernels): ``moe`` as one node that runs them, so the decode step is one
+        compiled graph instead of a graph cut at every layer's experts."""
         # The compiled decode step's kernels go where jit_cache's machine-wide link points;
         # one left dangling (that cache deleted since) fails every MLX CPU compile, so the
         # backend sets it right first (a readlink when it already is).
@@ -94,8 +99,11 @@ class CpuBackend(HostBackend):
         elif use_native and not native.available():
             raise BackendUnavailable(f"native CPU kernels unavailable: {native.unavailable_reason()}")
         self.native = use_native
-        self.host_moe = self.native
         self.fused_hc, self.q8_codes, self.fused_attention = map(_primitive, (fused_hc, q8_codes, fused_attention))
+        if fused_experts and not self.native:
+            raise BackendUnavailable("fused experts run the native CPU kernels, which are off")
+        self.fused_experts = self.native and _primitive(fused_experts)
+        self.host_moe = self.native and not self.fused_experts
 
     @property
     def streams_experts(self) -> bool:
@@ -157,6 +165,8 @@ class CpuBackend(HostBackend):
         return lambda y: (np.array(mlx_ext.q8_matmul(y, blocks)) if y.shape[0] < HOST_BLAS_MIN_ROWS else wide(y))
 
     def moe(self, x, ids, weights, gate, up, down, limit):
+        if self.fused_experts:
+            return mlx_ext.routed_experts(x, ids, weights, gate, up, down, limit)
         if self.native:
             stacks = [(np.asarray(m.data), m.ggml_type) for m in (gate, up, down)]
             return mx.array(native.moe(np.asarray(x), np.asarray(ids), np.asarray(weights), *stacks, limit))

@@ -37,14 +37,17 @@ from types import ModuleType
 
 import mlx.core as mx
 
+from . import native
 from .attention_decode import DecodeShape, DecodeStep
+from .base import QTensor
 from .hyper import HcParams
 from .native import cache_dir, cpu_id
 
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 # mlx_ops.cpp holds the module; each other file adds its primitives through a
 # register_* function that mlx_ops.cpp declares and calls.
-SOURCES = (NATIVE_DIR / "mlx_ops.cpp", NATIVE_DIR / "mlx_q8.cpp", NATIVE_DIR / "mlx_attention.cpp")
+SOURCES = (NATIVE_DIR / "mlx_ops.cpp", NATIVE_DIR / "mlx_q8.cpp", NATIVE_DIR / "mlx_attention.cpp",
+           NATIVE_DIR / "mlx_moe.cpp")
 MODULE = "_magnetar_mlx_ops"  # the name NB_MODULE gives the extension
 NB_DOMAIN = "mlx"  # the nanobind domain MLX registers its types in
 BASE_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-strict-aliasing",
@@ -231,5 +234,19 @@ def q8_matmul(x: mx.array, blocks: mx.array, groups: int = 1) -> mx.array:
     return _need().q8_matmul(x.astype(mx.float32), blocks, groups)
 
 
+def routed_experts(x: mx.array, ids: mx.array, weights: mx.array, gate: QTensor, up: QTensor, down: QTensor,
+                   limit: float) -> mx.array:
+    """The routed-expert step (``Backend.moe``) as one CPU node that runs the native expert
+    library's own kernel (``native/mlx_moe.cpp``): the same bits as ``native.moe``."""
+    module = _need()
+    with _lock:
+        if "experts" not in _state:
+            module.bind_experts(str(native.library_path()))
+            _state["experts"] = True
+    stacks = [arg for m in (gate, up, down) for arg in (m.data, int(m.ggml_type))]
+    return module.routed_experts(x.astype(mx.float32), ids.astype(mx.int32), weights.astype(mx.float32), *stacks,
+                                 float(limit))
+
+
 __all__ = ["MlxExtBuildError", "attention_decode", "available", "build", "hc_post", "hc_pre", "library_path",
-           "q8_matmul", "unavailable_reason"]
+           "q8_matmul", "routed_experts", "unavailable_reason"]

@@ -6,7 +6,8 @@ becomes MLX graphs, from two flags of the backend (``kernels/base.py``):
 
 - experts that run inside MLX's graph: the whole step is one compiled graph,
   built once per state shape, with no Python work per layer;
-- experts that run on the host (``host_moe``, e.g. the native C kernels), or
+- experts that run on the host (``host_moe``, e.g. the native C kernels when the
+  MLX extension that makes them a graph node is missing), or
   that stream from the file (the host decides which to read): the step is cut
   at each layer's experts. One compiled piece runs from one layer's
   experts to the next (fold the previous experts back, attention, route), the

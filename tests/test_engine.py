@@ -74,24 +74,27 @@ def test_decode_token_by_token_equals_one_pass(q8, full_pass):
 
 
 def _kernels(name: str):
-    from magnetar.kernels import native
+    from magnetar.kernels import mlx_ext, native
     from magnetar.kernels.cpu import CpuBackend
     from magnetar.kernels.reference import ReferenceBackend
 
     if name == "reference":
         return ReferenceBackend()
-    if name == "cpu-native" and not native.available():
+    if name.startswith("cpu-native") and not native.available():
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
-    return CpuBackend(use_native=name == "cpu-native")
+    if name == "cpu-native-fused" and not mlx_ext.available():
+        pytest.skip(f"MLX CPU extension unavailable: {mlx_ext.unavailable_reason()}")
+    return CpuBackend(use_native=name.startswith("cpu-native"), fused_experts=name == "cpu-native-fused")
 
 
-@pytest.mark.parametrize("kernels", ["cpu-mlx", "cpu-native", "reference"])
+@pytest.mark.parametrize("kernels", ["cpu-mlx", "cpu-native-fused", "cpu-native", "reference"])
 def test_every_decode_schedule_equals_one_pass(tiny_models, full_pass, kernels):
-    """One compiled graph (MoE traced inside), compiled segments cut around a host MoE
-    kernel, and uncompiled host kernels all give the one-pass logits."""
+    """One compiled graph (MoE traced inside as MLX ops, or as the native kernel's node),
+    compiled segments cut around a host MoE kernel, and uncompiled host kernels all give
+    the one-pass logits."""
     kern = _kernels(kernels)
     engine = Engine(open_model(tiny_models("q8")), ctx=1024, precision="reference", kernels=kern)
-    assert engine.model.kernels.host_moe == (kernels != "cpu-mlx")
+    assert engine.model.step.host_experts == (kernels in ("cpu-native", "reference"))
     ids = _ids(N)
     engine.prefill(ids[:40])
     model, state = engine.model, engine._live.state

@@ -244,10 +244,12 @@ nb::tuple hc_pre(const mx::array& X, const mx::array& fn, const mx::array& scale
 
 void register_q8(nb::module_& m);  // mlx_q8.cpp
 void register_attention(nb::module_& m);  // mlx_attention.cpp
+void register_moe(nb::module_& m);  // mlx_moe.cpp
 
 NB_MODULE(_magnetar_mlx_ops, m) {
   register_q8(m);
   register_attention(m);
+  register_moe(m);
   m.def("hc_pre", &hc_pre, "X [T, hc, D], fn, scale [3], base, rms_eps, hc_eps, iters -> (x_in, post, comb)");
   m.def("hc_post", &hc_post, "y [T, D], X [T, hc, D], post [T, hc], comb [T, hc, hc] -> X' [T, hc, D]");
 }

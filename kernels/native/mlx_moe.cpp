@@ -1,0 +1,136 @@
+// mlx_moe.cpp: the routed-expert step as one MLX primitive (registered into
+// mlx_ops.cpp's module), so the CPU decode step is one compiled graph instead of
+// a graph cut at every layer's experts (issue 16).
+//
+// The kernel is not repeated here: eval_cpu calls mg_moe of the native expert
+// library (experts.c, built and loaded by kernels/native.py, whose IQ2_XXS grid it
+// initialized). bind_experts(path) looks that already-loaded library up with
+// RTLD_NOLOAD, so the primitive runs the very code, and bits, the host path runs.
+
+#include <dlfcn.h>
+
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/primitives.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+// experts.c: int mg_moe(x, T, D, ids, wts, K, E, F, gate, gt, g_rb, up, ut, u_rb, down, dt, d_rb,
+//                       limit, out, slot_of, S)
+using MoeEntry = int (*)(const float*, int64_t, int64_t, const int32_t*, const float*, int64_t, int64_t, int64_t,
+                         const uint8_t*, int, int64_t, const uint8_t*, int, int64_t, const uint8_t*, int, int64_t,
+                         float, float*, const int32_t*, int64_t);
+
+std::atomic<MoeEntry> moe_entry{nullptr};
+
+void bind_experts(const std::string& path) {
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);  // the copy ctypes loaded and initialized
+  if (!lib) throw std::runtime_error("routed_experts: the native expert library is not loaded: " + path);
+  auto entry = reinterpret_cast<MoeEntry>(dlsym(lib, "mg_moe"));
+  dlclose(lib);  // drops only our reference; ctypes keeps it loaded
+  if (!entry) throw std::runtime_error("routed_experts: no mg_moe in " + path);
+  moe_entry.store(entry);
+}
+
+struct Types {
+  int gate, up, down;
+  float limit;
+  bool operator==(const Types&) const = default;
+};
+
+// x, ids and weights as dense rows (a graph may hand over strided views).
+template <typename T>
+const T* dense(const mx::array& a, std::vector<T>& copy) {
+  const int rows = a.shape(0), cols = a.shape(1);
+  if (a.strides(1) == 1 && a.strides(0) == cols) return a.data<T>();
+  copy.resize(size_t(rows) * cols);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) copy[size_t(r) * cols + c] = a.data<T>()[r * a.strides(0) + c * a.strides(1)];
+  return copy.data();
+}
+
+bool rows_contiguous(const mx::array& stack) {
+  return stack.strides(2) == 1 && stack.strides(1) == stack.shape(2) &&
+         stack.strides(0) == int64_t(stack.shape(1)) * stack.shape(2);
+}
+
+class RoutedExperts : public mx::Primitive {
+ public:
+  RoutedExperts(mx::Stream stream, Types types) : mx::Primitive(stream), types_(types) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    mx::array& y = out[0];
+    y.set_data(mx::allocator::malloc(y.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : in) encoder.set_input_array(a);
+    encoder.set_output_array(y);
+    encoder.dispatch([in, yp = y.data<float>(), t = types_]() {
+      const mx::array &x = in[0], &ids = in[1], &w = in[2], &gate = in[3], &up = in[4], &down = in[5];
+      for (const mx::array* stack : {&gate, &up, &down})
+        if (!rows_contiguous(*stack)) throw std::runtime_error("routed_experts: expert stacks must be contiguous");
+      MoeEntry entry = moe_entry.load();
+      if (!entry) throw std::runtime_error("routed_experts: bind_experts was not called");
+      std::vector<float> xc, wc;
+      std::vector<int32_t> idc;
+      const int rc = entry(dense(x, xc), x.shape(0), x.shape(1), dense(ids, idc), dense(w, wc), ids.shape(1),
+                           gate.shape(0), gate.shape(1), gate.data<uint8_t>(), t.gate, gate.shape(2),
+                           up.data<uint8_t>(), t.up, up.shape(2), down.data<uint8_t>(), t.down, down.shape(2),
+                           t.limit, yp, nullptr, gate.shape(0));
+      if (rc) throw std::runtime_error("routed_experts: the native kernel failed (code " + std::to_string(rc) + ")");
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("routed_experts has a CPU kernel only (the GPU backends have their own)");
+  }
+
+  const char* name() const override { return "MagnetarRoutedExperts"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return types_ == static_cast<const RoutedExperts&>(other).types_;
+  }
+
+ private:
+  Types types_;
+};
+
+mx::array routed_experts(const mx::array& x, const mx::array& ids, const mx::array& w, const mx::array& gate,
+                         int gate_type, const mx::array& up, int up_type, const mx::array& down, int down_type,
+                         float limit) {
+  if (x.ndim() != 2 || x.dtype() != mx::float32)
+    throw std::invalid_argument("routed_experts: x must be float32 [T, D]");
+  if (ids.ndim() != 2 || ids.dtype() != mx::int32 || ids.shape(0) != x.shape(0) || w.shape() != ids.shape() ||
+      w.dtype() != mx::float32)
+    throw std::invalid_argument("routed_experts: ids int32 and weights float32, both [T, K]");
+  for (const mx::array* stack : {&gate, &up, &down})
+    if (stack->ndim() != 3 || stack->dtype() != mx::uint8 || stack->shape(0) != gate.shape(0))
+      throw std::invalid_argument("routed_experts: expert stacks must be uint8 [E, rows, row_bytes]");
+  if (up.shape(1) != gate.shape(1) || down.shape(1) != x.shape(1))
+    throw std::invalid_argument("routed_experts: gate/up must be [E, F, *] and down [E, D, *]");
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<RoutedExperts>(mx::default_stream(mx::Device::cpu),
+                                                   Types{gate_type, up_type, down_type, limit}),
+                   {x, ids, w, gate, up, down});
+}
+
+}  // namespace
+
+void register_moe(nb::module_& m) {
+  m.def("bind_experts", &bind_experts, nb::arg("path"),
+        "point routed_experts at mg_moe of the native expert library already loaded from path");
+  m.def("routed_experts", &routed_experts, nb::arg("x"), nb::arg("ids"), nb::arg("weights"), nb::arg("gate"),
+        nb::arg("gate_type"), nb::arg("up"), nb::arg("up_type"), nb::arg("down"), nb::arg("down_type"),
+        nb::arg("limit"),
+        "x [T, D] float32, ids int32 / weights float32 [T, K], raw expert stacks with their GGML types -> [T, D]");
+}
