@@ -82,7 +82,7 @@ KERNELS = {
     "dequantize": KernelSpec("dequantize", (("w", _W), ("sel", _I), ("params", _I)), ("out",),
                              ("QT", "ROWS", "COLS")),
     "matvec": KernelSpec("matvec", (("w", _W), ("x", _F), ("params", _I)), ("y",),
-                         ("QT", "ROWS", "COLS", "NR", "NT")),
+                         ("QT", "ROWS", "COLS", "NR", "NT", "G")),
     "matmul_tiled": KernelSpec("matmul_tiled", (("w", _W), ("x", _F), ("params", _I)), ("y",),
                                ("QT", "ROWS", "COLS", "BN")),
     "moe_gate_up": KernelSpec(
@@ -186,8 +186,11 @@ def compile_check_instances() -> list[tuple[str, dict[str, int]]]:
     out = []
     for t in all_types:
         out.append(("dequantize", dict(QT=t, ROWS=64, COLS=d)))
-        out.append(("matvec", dict(QT=t, ROWS=96, COLS=d, NR=ROWS_PER_WARP, NT=MATVEC_MAX_TOKENS)))
+        out.append(("matvec", dict(QT=t, ROWS=96, COLS=d, NR=ROWS_PER_WARP, NT=MATVEC_MAX_TOKENS, G=1)))
         out.append(("matmul_tiled", dict(QT=t, ROWS=96, COLS=d, BN=DENSE_TILE_TOKENS)))
+    # the attention output's grouped low rank at Flash widths (8 groups of 1024 rows), one token
+    out.append(("matvec", dict(QT=q.Q8_0, ROWS=8 * 1024, COLS=4096, NR=ROWS_PER_WARP, NT=1, G=8)))
+    out.append(("matvec", dict(QT=q.Q8_0, ROWS=3 * 7, COLS=d, NR=1, NT=4, G=3)))  # odd groups: a row per warp
     for g, u, dn in recipes:
         out.append(("moe_gate_up", dict(QTG=g, QTU=u, F=f, D=d, K=k, E=e, NR=ROWS_PER_WARP)))
         out.append(("moe_down", dict(QT=dn, D=d, F=f, K=k, E=e, NR=ROWS_PER_WARP)))
@@ -281,8 +284,9 @@ class CudaBackend(GpuBackend):
     def _scalar(self, value, dtype=mx.int32):
         return mx.array([value], dtype=dtype)  # a one-element input: no recompile per value
 
-    def _rows_geometry(self, rows, grid_rows, *qtypes):
-        return ROWS_PER_WARP, warp_rows_geometry(rows, grid_rows)
+    def _rows_geometry(self, rows, grid_rows, *qtypes, nr=None):
+        nr = nr or ROWS_PER_WARP
+        return nr, warp_rows_geometry(rows, grid_rows, nr)
 
     def _moe_grouped(self, x, ids, route, lim, gate, up, down, dims):
         n_pairs, n_exp, n_tok = ids.size, gate.n_experts, x.shape[0]

@@ -1,7 +1,8 @@
 """What the Metal and CUDA backends share: one algorithm, two kernel APIs.
 
 Both run the same kernels (``dequantize``, ``matvec`` / ``matmul_tiled``,
-fused MoE decode, grouped MoE prefill) on raw GGUF blocks, picked by the same
+fused MoE decode, grouped MoE prefill; ``matvec`` with row groups for the
+attention output's grouped low rank) on raw GGUF blocks, picked by the same
 token-count thresholds, with the same fallbacks for widths the kernels do not
 take. ``GpuBackend`` holds that; a subclass says how its API launches a kernel
 (``_run``), passes a per-call value (``_scalar``), lays warps or simdgroups
@@ -143,9 +144,10 @@ class GpuBackend(Backend):
         """A per-call value (token count, clamp limit) as the API passes it without a recompile."""
         raise NotImplementedError
 
-    def _rows_geometry(self, rows: int, grid_rows: int, *qtypes: int) -> tuple[int, Geometry]:
-        """NR (rows per warp/simdgroup) for weights of ``qtypes``, and the launch over ``rows``
-        with grid y ``grid_rows``, for matvec / moe_gate_up / moe_down."""
+    def _rows_geometry(self, rows: int, grid_rows: int, *qtypes: int, nr: int | None = None
+                       ) -> tuple[int, Geometry]:
+        """NR (rows per warp/simdgroup) for weights of ``qtypes``, or ``nr`` if given, and the
+        launch over ``rows`` with grid y ``grid_rows``, for matvec / moe_gate_up / moe_down."""
         raise NotImplementedError
 
     def _moe_grouped(self, x: mx.array, ids: mx.array, route: mx.array, lim: mx.array, gate: QTensor,
@@ -196,13 +198,32 @@ class GpuBackend(Backend):
         data, qtype, count = raw_bytes(w), w.ggml_type, self._scalar(n_tok)
         if n_tok <= MATVEC_MAX_TOKENS:
             nr, geometry = self._rows_geometry(rows, 1, qtype)
-            tpl = dict(QT=qtype, ROWS=rows, COLS=cols, NR=nr, NT=pow2_at_least(n_tok))
+            tpl = dict(QT=qtype, ROWS=rows, COLS=cols, NR=nr, NT=pow2_at_least(n_tok), G=1)
             (y,) = self._run("matvec", [data, x, count], [(n_tok, rows)], geometry, tpl)
         else:
             bn = self.dense_tile_tokens
             tpl = dict(QT=qtype, ROWS=rows, COLS=cols, BN=bn)
             (y,) = self._run("matmul_tiled", [data, x, count], [(n_tok, rows)], tiled_geometry(rows, n_tok, bn), tpl)
         return y.reshape(*lead, rows)
+
+    def grouped_matmul(self, x, w):
+        """A few rows: one ``matvec`` launch from the blocks as stored, group g's rows reading
+        x's g-th slice (template G), instead of the default's dequantized copy of the whole
+        matrix and a product per group every token. A warp/simdgroup must not straddle two
+        groups, so where NR does not divide a group's rows it takes one row (NR = 1). Many
+        rows and widths the kernels do not take: the default."""
+        n_tok, G, cols = x.shape
+        q = QTensor(mx.view(w.data, mx.uint8), w.ggml_type)
+        rows = q.rows
+        if not (0 < n_tok <= MATVEC_MAX_TOKENS and q.cols == cols and cols % CHUNK == 0 and rows % G == 0):
+            return super().grouped_matmul(x, w)
+        nr, geometry = self._rows_geometry(rows, 1, q.ggml_type)
+        if G > 1 and (rows // G) % nr:
+            nr, geometry = self._rows_geometry(rows, 1, q.ggml_type, nr=1)
+        tpl = dict(QT=q.ggml_type, ROWS=rows, COLS=cols, NR=nr, NT=pow2_at_least(n_tok), G=G)
+        flat = x.astype(mx.float32).reshape(n_tok, G * cols)
+        (y,) = self._run("matvec", [raw_bytes(q), flat, self._scalar(n_tok)], [(n_tok, rows)], geometry, tpl)
+        return y
 
     # -- hyper-connections ------------------------------------------------------
 

@@ -19,7 +19,9 @@ Kernels (threadgroups of simdgroups of 32; grids counted in threads):
 
 * ``dequantize``: one thread per 32-value chunk of the selected rows.
 * ``matvec`` (up to ``MATVEC_MAX_TOKENS`` tokens): a simdgroup per ``NR``
-  rows, lanes over the row's chunks, ``simd_sum``; ``matmul_tiled`` above:
+  rows, lanes over the row's chunks, ``simd_sum``; with ``G`` row groups
+  it is also the grouped product of the attention output (group g's rows
+  read x's g-th slice); ``matmul_tiled`` above:
   64 rows x 32 tokens per threadgroup through threadgroup memory.
 * MoE decode (up to ``MOE_DECODE_MAX_TOKENS`` tokens): ``moe_gate_up`` per
   (token, slot) pair, gate and up rows together with shared activations and
@@ -98,7 +100,7 @@ class KernelSpec:
 
 KERNELS = {k.name: k for k in (
     KernelSpec("dequantize", ("w", "sel", "n_sel"), ("out",), ("QT", "ROWS", "COLS")),
-    KernelSpec("matvec", ("w", "x", "n_tok"), ("y",), ("QT", "ROWS", "COLS", "NR", "NT")),
+    KernelSpec("matvec", ("w", "x", "n_tok"), ("y",), ("QT", "ROWS", "COLS", "NR", "NT", "G")),
     KernelSpec("matmul_tiled", ("w", "x", "n_tok"), ("y",), ("QT", "ROWS", "COLS", "BN")),
     KernelSpec("moe_gate_up", ("x", "ids", "weights", "gate", "up", "limit"), ("mid",),
                ("QTG", "QTU", "F", "D", "K", "E", "NR")),
@@ -246,8 +248,8 @@ class MetalBackend(GpuBackend):
     def _scalar(self, value, dtype=mx.int32):
         return mx.array(value, dtype=dtype)  # 0-d: a `constant` reference in the kernel, no recompile
 
-    def _rows_geometry(self, rows, grid_rows, *qtypes):
-        nr = rows_per_simdgroup(*qtypes)
+    def _rows_geometry(self, rows, grid_rows, *qtypes, nr=None):
+        nr = nr or rows_per_simdgroup(*qtypes)
         return nr, decode_geometry(rows, grid_rows, nr)
 
     def _moe_grouped(self, x, ids, route, lim, gate, up, down, dims):

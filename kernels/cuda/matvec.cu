@@ -1,7 +1,10 @@
-// Kernel body: y = x @ W.T for a few tokens (warp per NR rows).
-//   inputs    w uint8 [ROWS, row_bytes]; x float32 [n_tok, COLS]; params int32 [1] = {n_tok}
+// Kernel body: y = x @ W.T for a few tokens (warp per NR rows); by row groups
+// when G > 1 (V4's grouped attention output): group g, rows g * ROWS / G ..
+// (g + 1) * ROWS / G - 1, multiplies x's g-th COLS values.
+//   inputs    w uint8 [ROWS, row_bytes]; x float32 [n_tok, G * COLS]; params int32 [1] = {n_tok}
 //   outputs   y float32 [n_tok, ROWS]
-//   template  QT, ROWS, COLS, NR (rows per warp), NT (most tokens, n_tok <= NT)
+//   template  QT, ROWS, COLS, NR (rows per warp), NT (most tokens, n_tok <= NT),
+//             G (row groups; when G > 1, NR divides ROWS / G: a warp never spans two)
 //   launch    grid.x = threads_per_block * ceil(ROWS / rows_per_block) with
 //             rows_per_block = (threads_per_block / WARP) * NR (matvec_geometry).
 // Warp v of block b owns rows (b * warps_per_block + v) * NR + r, r < NR. Its
@@ -22,7 +25,8 @@ for (int t = 0; t < NT; ++t)
 #pragma unroll
   for (int r = 0; r < NR; ++r) acc[t][r] = 0.0f;
 if (row0 < ROWS)  // uniform per warp
-  mg_warp_dot<QT, NR, NT>(w, ROW_BYTES, row0, ROWS, x, COLS, n_tok, COLS / 32, lane, tb, acc);
+  mg_warp_dot<QT, NR, NT>(w, ROW_BYTES, row0, ROWS, x + (row0 / (ROWS / G)) * COLS, G * COLS, n_tok, COLS / 32,
+                          lane, tb, acc);
 #pragma unroll
 for (int t = 0; t < NT; ++t) {
   if (t < n_tok) {

@@ -1,8 +1,11 @@
-// Kernel body: y = x @ W.T for a few tokens, a simdgroup per NR rows.
-//   inputs    w uint8 [ROWS, row_bytes]; x float32 [n_tok, COLS]; n_tok int32 0-d
+// Kernel body: y = x @ W.T for a few tokens, a simdgroup per NR rows; by row
+// groups when G > 1 (V4's grouped attention output): group g, rows
+// g * ROWS / G .. (g + 1) * ROWS / G - 1, multiplies x's g-th COLS values.
+//   inputs    w uint8 [ROWS, row_bytes]; x float32 [n_tok, G * COLS]; n_tok int32 0-d
 //   outputs   y float32 [n_tok, ROWS]
 //   template  QT, ROWS, COLS (a multiple of 32), NR (rows per simdgroup),
-//             NT (a power of two >= n_tok: the accumulators kept per lane)
+//             NT (a power of two >= n_tok: the accumulators kept per lane),
+//             G (row groups; when G > 1, NR divides ROWS / G: a simdgroup never spans two)
 //   launch    threadgroup = SG simdgroups of 32; grid = (32 * SG * ceil(ROWS / (SG * NR)), 1, 1)
 //             (decode_geometry in kernels/metal.py).
 // Simdgroup v of threadgroup b owns rows (b * SG + v) * NR + r, r < NR. Its
@@ -19,8 +22,10 @@ const int row0 = (int(threadgroup_position_in_grid.x) * int(simdgroups_per_threa
                   + int(simdgroup_index_in_threadgroup)) * NR;
 if (row0 >= ROWS) return;  // a whole simdgroup past the end; no barrier follows
 const int tokens = int(n_tok);
+const int group = row0 / (ROWS / G);  // G = 1: 0 (row0 < ROWS)
 float acc[NT][NR] = {};
-mg_simd_dot<QT, NR, NT>(w, ROW_BYTES, row0, ROWS, x, COLS, tokens, COLS / 32, lane, grid_tg, signs_tg, acc);
+mg_simd_dot<QT, NR, NT>(w, ROW_BYTES, row0, ROWS, x + group * COLS, G * COLS, tokens, COLS / 32, lane, grid_tg,
+                        signs_tg, acc);
 for (int t = 0; t < NT; ++t) {
   if (t < tokens) {  // uniform over the simdgroup
     for (int r = 0; r < NR; ++r) {
