@@ -13,7 +13,7 @@ becomes MLX graphs, from two flags of the backend (``kernels/base.py``):
   experts to the next (fold the previous experts back, attention, route), the
   host kernel runs between them on evaluated inputs (each eval is the hand-off
   it needs), and a last piece folds the final experts back and applies the head.
-  A backend that is not ``traceable`` gets the same pieces uncompiled.
+  A backend that is not ``traceable`` gets the same graph or pieces uncompiled.
 
 Both schedules run the same per-layer functions, so they build the same graph.
 """
@@ -44,12 +44,12 @@ class DecodeStep:
         kernels = model.kernels
         self.host_experts = kernels.host_moe or model.experts is not None  # streamed: the host picks the reads
         self.host_seconds = 0.0  # the last call's host time: building and dispatching graphs, not evaluating
+        wrap = mx.compile if kernels.traceable else (lambda f: f)
         if self.host_experts:
-            wrap = mx.compile if kernels.traceable else (lambda f: f)
             self.pieces = [wrap(self._piece(il)) for il in range(len(model.layers))]
             self.finish = wrap(self._finish)
         else:
-            self.whole = mx.compile(self._whole)
+            self.whole = wrap(self._whole)
 
     def __call__(self, token: mx.array, p: mx.array, state: KVState, X: mx.array | None = None) -> mx.array:
         start = time.perf_counter()
