@@ -131,6 +131,8 @@ class CpuBackend(HostBackend):
         """``x @ W.T``; with many rows it evaluates its inputs (host-paced code only)."""
         wide = w.dequantize if isinstance(w, AffineQ8) else lambda: _expand(w)
         if x.shape[0] >= HOST_BLAS_MIN_ROWS:
+            if self.native and isinstance(w, QTensor) and w.ggml_type in native.SUPPORTED:  # panels, never whole
+                return mx.array(native.panel_matmul(np.asarray(x), np.asarray(w.data), w.ggml_type))
             return mx.array(np.asarray(x) @ np.asarray(wide()).T)
         if isinstance(w, AffineQ8):  # from the codes: no f32 copy of the matrix per token
             return w.matmul(x)
@@ -148,6 +150,15 @@ class CpuBackend(HostBackend):
     def grouped_matmul(self, x, w):
         if self.q8_codes and w.ggml_type == GGMLType.Q8_0 and x.shape[0] < HOST_BLAS_MIN_ROWS:
             return mlx_ext.q8_matmul(x.reshape(x.shape[0], -1), mx.view(w.data, mx.uint8), groups=x.shape[1])
+        if (self.native and x.shape[0] >= HOST_BLAS_MIN_ROWS and w.data is not None
+                and w.ggml_type != GGMLType.F32 and w.ggml_type in native.SUPPORTED):  # as ``matmul``: panels
+            xs, raw = np.asarray(x), np.asarray(mx.view(w.data, mx.uint8))
+            rows = raw.shape[0] // x.shape[1]
+            y = np.empty((x.shape[0], raw.shape[0]), np.float32)
+            for g in range(x.shape[1]):
+                group = slice(g * rows, (g + 1) * rows)
+                native.panel_matmul(xs[:, g], raw[group], w.ggml_type, out=y[:, group])
+            return mx.array(y)
         return super().grouped_matmul(x, w)
 
     def widens(self, ggml_type: int) -> bool:

@@ -22,14 +22,21 @@ CPU_EXPAND_BUDGET = 1 << 30  # bytes of non-expert weights widened to f32 on the
 
 
 def attend(q: np.ndarray, keys: np.ndarray, bias: np.ndarray, sinks: np.ndarray) -> np.ndarray:
-    """``base.attend`` in numpy (OpenBLAS, and fast elementwise passes)."""
+    """``base.attend`` in numpy (OpenBLAS, and fast elementwise passes). The score tensor is
+    updated in place: the same operations in the same order as out of place (the same bits),
+    without a fresh [T, H, N] array per step (1.2-1.4x faster at ``small``'s and Flash's shapes)."""
     T, H, hd = q.shape
-    s = (q.reshape(T * H, hd) @ keys.T).reshape(T, H, -1) * np.float32(hd ** -0.5) + bias[:, None, :]
+    s = (q.reshape(T * H, hd) @ keys.T).reshape(T, H, -1)
+    s *= np.float32(hd ** -0.5)
+    s += bias[:, None, :]
     sink = sinks[None, :, None]
     m = np.maximum(s.max(axis=-1, keepdims=True), sink)
-    e = np.exp(s - m)
+    s -= m
+    e = np.exp(s, out=s)
     denom = e.sum(axis=-1, keepdims=True) + np.exp(sink - m)
-    return (e.reshape(T * H, -1) @ keys).reshape(T, H, hd) / denom
+    out = (e.reshape(T * H, -1) @ keys).reshape(T, H, hd)
+    out /= denom
+    return out
 
 
 class HostBackend(Backend):

@@ -249,10 +249,15 @@ def _f32(a, ndim: int, what: str) -> np.ndarray:
     return _c(a, np.float32)
 
 
-def dequantize(raw, ggml_type) -> np.ndarray:
-    """uint8 rows ``[..., row_bytes]`` -> float32 ``[..., cols]``, bit-exact with ``reference``."""
+def dequantize(raw, ggml_type, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 rows ``[..., row_bytes]`` -> float32 ``[..., cols]``, bit-exact with ``reference``;
+    written into ``out`` (C-contiguous float32 of that shape) when given."""
     raw, qtype, cols = _raw(raw, ggml_type, None, "dequantize")
-    out = np.empty((*raw.shape[:-1], cols), np.float32)
+    shape = (*raw.shape[:-1], cols)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    elif out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous:
+        raise ValueError(f"dequantize: out must be C-contiguous float32 {shape}")
     n_rows = int(np.prod(raw.shape[:-1], dtype=np.int64))
     if out.size:
         _check(_need().mg_dequantize(raw.ctypes.data, int(qtype), n_rows, raw.shape[-1], out.ctypes.data),
@@ -271,6 +276,38 @@ def matmul(x, raw, ggml_type) -> np.ndarray:
         _check(_need().mg_matmul(x.ctypes.data, x.shape[0], cols, raw.ctypes.data, int(qtype), raw.shape[0],
                                  raw.shape[1], y.ctypes.data), "matmul")
     return y
+
+
+PANEL_BYTES = 16 << 20  # f32 weight rows ``panel_matmul`` widens at a time: about the L3 share of a core pair
+_panel = threading.local()  # each thread's reused panel buffer
+
+
+def panel_matmul(x, raw, ggml_type, out: np.ndarray | None = None) -> np.ndarray:
+    """``x [T, cols] @ W.T`` for raw rows ``W [rows, row_bytes]`` and many rows T: float32 ``[T, rows]``
+    (into ``out``, which may be a column slice, when given).
+
+    W is widened a panel of rows at a time (``mg_dequantize``, threaded) into one reused buffer
+    and each panel goes through numpy's BLAS, so the f32 copy is never whole: Flash keeps tens
+    of GB of Q8_0 dense weights as stored. ``matmul`` reads the codes instead, fast for a few
+    rows but several times slower than BLAS for a prefill chunk."""
+    raw, qtype, cols = _raw(raw, ggml_type, 2, "panel_matmul")
+    x = _f32(x, 2, "panel_matmul x")
+    if x.shape[1] != cols:
+        raise ValueError(f"panel_matmul: x has {x.shape[1]} columns, the {qtype.name} weight {cols}")
+    rows = raw.shape[0]
+    if out is None:
+        out = np.empty((x.shape[0], rows), np.float32)
+    elif out.dtype != np.float32 or out.shape != (x.shape[0], rows) or out.strides[1] != 4:
+        raise ValueError(f"panel_matmul: out must be float32 {(x.shape[0], rows)} with contiguous rows")
+    step = max(1, PANEL_BYTES // (4 * cols))
+    buf = getattr(_panel, "buf", None)
+    if buf is None or buf.size < min(step, rows) * cols:
+        buf = _panel.buf = np.empty(max(PANEL_BYTES // 4, cols), np.float32)
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        w = dequantize(raw[r0:r0 + n], qtype, out=buf[:n * cols].reshape(n, cols))
+        np.matmul(x, w.T, out=out[:, r0:r0 + n])
+    return out
 
 
 def moe(x, ids, weights, gate, up, down, limit: float, slot_of=None, out=None) -> np.ndarray:
@@ -326,4 +363,4 @@ def moe(x, ids, weights, gate, up, down, limit: float, slot_of=None, out=None) -
 
 
 __all__ = ["NativeBuildError", "available", "build", "cache_dir", "cpu_id", "dequantize", "library_path", "matmul",
-           "moe", "unavailable_reason"]
+           "moe", "panel_matmul", "unavailable_reason"]
