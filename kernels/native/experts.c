@@ -42,6 +42,11 @@ enum { E_TYPE = -1, E_SHAPE = -2, E_ID = -3, E_NOMEM = -4, E_INIT = -5 };
 #define RT 4       /* weight rows decoded together, so each activation load feeds RT rows */
 #define TOK_BLOCK 64 /* matmul: tokens per pass, so their activations stay in cache */
 #define PAR_MIN 32768 /* weight values below which a call stays on one thread */
+/* mg_moe: multiply-adds below which it stays on one thread. Waking a second thread costs
+ * little on an idle core but up to a scheduler slice on a busy one, against ~0.2 ms of
+ * work here (small's decode step: 6 experts of 256 x 256, 1.2 M): a 2-core VM ran small
+ * q2 decode at 80-108 ms/token median with two threads, 40-49 with one (issue 16). */
+#define MOE_PAR_WORK (1 << 22)
 #define QCHUNK 8     /* mg_moe pass 2: row tiles per thread's turn */
 #define LAY_BLOCKS 4 /* q2 rows are laid out this many blocks at a time: RT rows' worth (18 KiB) stays in L1 */
 
@@ -727,7 +732,7 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
     }
     const size_t per_thread = (size_t)(RT * LANES + 2 * RT) * (size_t)maxn + q2_floats(widest, maxn);
     const int64_t nqf = (F + RT - 1) / RT, nqd = (D + RT - 1) / RT;
-    const int par = G * F * D >= PAR_MIN;
+    const int par = P * F * D * 3 >= MOE_PAR_WORK;
 
     /* pass 1: RT gate rows, then the same up rows, of each group's expert; then the epilogue */
 #pragma omp parallel for schedule(dynamic, 4) if (par)
