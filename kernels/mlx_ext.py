@@ -234,6 +234,12 @@ def q8_matmul(x: mx.array, blocks: mx.array, groups: int = 1) -> mx.array:
     return _need().q8_matmul(x.astype(mx.float32), blocks, groups)
 
 
+def f16_matmul(x: mx.array, w: mx.array, groups: int = 1) -> mx.array:
+    """``q8_matmul`` for an F16 matrix ``W`` as stored: float16 ``[rows, cols]``, or its bytes
+    as uint8 ``[rows, 2 * cols]``; the values are widened in registers as they are read."""
+    return _need().f16_matmul(x.astype(mx.float32), w, groups)
+
+
 def routed_experts(x: mx.array, ids: mx.array, weights: mx.array, gate: QTensor, up: QTensor, down: QTensor,
                    limit: float) -> mx.array:
     """The routed-expert step (``Backend.moe``) as one CPU node that runs the native expert
@@ -248,5 +254,5 @@ def routed_experts(x: mx.array, ids: mx.array, weights: mx.array, gate: QTensor,
                                  float(limit))
 
 
-__all__ = ["MlxExtBuildError", "attention_decode", "available", "build", "hc_post", "hc_pre", "library_path",
-           "q8_matmul", "routed_experts", "unavailable_reason"]
+__all__ = ["MlxExtBuildError", "attention_decode", "available", "build", "f16_matmul", "hc_post", "hc_pre",
+           "library_path", "q8_matmul", "routed_experts", "unavailable_reason"]

@@ -49,6 +49,7 @@ class Matrix:
     ggml_type: GGMLType
     kernels: Backend  # multiplies it: the stored encoding, or f32 through the backend's dense product
     packed: Any = None  # what ``kernels.pack`` made of it
+    raw: mx.array | None = None  # F16 ``data`` viewed as bytes once at load: no view node per product
 
     @classmethod
     def load(cls, info: TensorInfo, kernels: Backend, pack: bool = True) -> "Matrix":
@@ -58,7 +59,12 @@ class Matrix:
                                           info.ggml_type))
             if packed is not None:
                 return cls(None, info.ggml_type, kernels, packed)
-        return cls(_rows(info, (out,)), info.ggml_type, kernels)
+        data = _rows(info, (out,))
+        if info.ggml_type != GGMLType.F16:
+            return cls(data, info.ggml_type, kernels)
+        raw = mx.view(data, mx.uint8)
+        mx.eval(raw)  # shares data's buffer
+        return cls(data, info.ggml_type, kernels, raw=raw)
 
     def dense(self) -> mx.array:
         if self.packed is not None:
@@ -75,7 +81,8 @@ class Matrix:
             return self.kernels.matmul(x, self.packed)
         if self.ggml_type == GGMLType.F32:
             return self.kernels.dense(x, self.data.T)
-        return self.kernels.matmul(x, QTensor(mx.view(self.data, mx.uint8), self.ggml_type))
+        raw = self.raw if self.raw is not None else mx.view(self.data, mx.uint8)
+        return self.kernels.matmul(x, QTensor(raw, self.ggml_type))
 
     def grouped(self, x: mx.array) -> mx.array:
         """``x [T, G, in / G]``: group g's rows of W (``out / G`` of them) times ``x[:, g]`` -> [T, out]."""

@@ -1,5 +1,5 @@
-// mlx_q8.cpp: y = x @ W.T for a Q8_0 matrix W as stored in the GGUF, as one MLX
-// primitive with a CPU kernel (registered into mlx_ops.cpp's module).
+// mlx_q8.cpp: y = x @ W.T for a Q8_0 or F16 matrix W as stored in the GGUF, as
+// one MLX primitive with a CPU kernel (registered into mlx_ops.cpp's module).
 //
 // With groups = G, x is [T, G * cols] and W's rows split into G equal groups,
 // group g multiplying x's g-th slice of cols (V4's grouped attention output).
@@ -12,6 +12,10 @@
 // memory-bound: on the CPU backend MLX's own paths either dequantize the whole
 // matrix per token or run mx.quantized_matmul at ~1 GB/s (issue 16).
 //
+// An F16 row is widened 8 values at a time in registers (F16C) and multiplied
+// into f32 sums: half the bytes of the f32 copy MLX would multiply, and no
+// widening pass per token (the compressors, indexer and router are F16).
+//
 // Large matrices are split by output rows over a few threads (the MLX CPU
 // stream is one thread, and the experts' C kernels do not run meanwhile).
 
@@ -20,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -153,36 +158,111 @@ void row_dots(const uint8_t* row, const float* x, int cols, size_t x_stride, int
 }
 #endif
 
+// The same for an F16 row: values widened 8 at a time as they are read.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+__m256 widen_f16(const uint8_t* row, int c) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * size_t(c))));
+}
+
+// One F16 row against N tokens: each 8 weights are widened once and feed N
+// sums. Per token U independent chains of FMAs (4 for one or two tokens, to
+// cover an FMA's latency; 2 for more), so the N * U sums, U weight vectors and
+// an x vector fit AVX2's 16 registers.
+template <int N>
+void f16_row_dots_n(const uint8_t* row, const float* x, int cols, size_t x_stride, float* y, int y_stride) {
+  constexpr int U = N <= 2 ? 4 : 2;
+  __m256 acc[N][U];
+  for (int t = 0; t < N; ++t)
+    for (int u = 0; u < U; ++u) acc[t][u] = _mm256_setzero_ps();
+  int c = 0;
+  for (; c + 8 * U <= cols; c += 8 * U) {
+    __m256 w[U];
+    for (int u = 0; u < U; ++u) w[u] = widen_f16(row, c + 8 * u);
+    for (int t = 0; t < N; ++t)
+      for (int u = 0; u < U; ++u)
+        acc[t][u] = _mm256_fmadd_ps(w[u], _mm256_loadu_ps(x + t * x_stride + c + 8 * u), acc[t][u]);
+  }
+  for (; c + 8 <= cols; c += 8) {
+    const __m256 w = widen_f16(row, c);
+    for (int t = 0; t < N; ++t) acc[t][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * x_stride + c), acc[t][0]);
+  }
+  float tail[N] = {};
+  for (; c < cols; ++c) {  // the last cols % 8
+    uint16_t h;
+    std::memcpy(&h, row + 2 * size_t(c), 2);
+    const float w = _cvtsh_ss(h);
+    for (int t = 0; t < N; ++t) tail[t] += w * x[t * x_stride + c];
+  }
+  for (int t = 0; t < N; ++t) {
+    __m256 sum = acc[t][0];
+    for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[t][u]);
+    y[size_t(t) * y_stride] = horizontal_sum(sum) + tail[t];
+  }
+}
+
+void f16_row_dots(const uint8_t* row, const float* x, int cols, size_t x_stride, int n, float* y, int y_stride) {
+  switch (n) {
+    case 1: return f16_row_dots_n<1>(row, x, cols, x_stride, y, y_stride);
+    case 2: return f16_row_dots_n<2>(row, x, cols, x_stride, y, y_stride);
+    case 3: return f16_row_dots_n<3>(row, x, cols, x_stride, y, y_stride);
+    default: return f16_row_dots_n<4>(row, x, cols, x_stride, y, y_stride);
+  }
+}
+#else  // MLX's float16_t: the CPU's own conversion where it has one (ARM's __fp16)
+void f16_row_dots(const uint8_t* row, const float* x, int cols, size_t x_stride, int n, float* y, int y_stride) {
+  thread_local std::vector<float> w;  // the row widened once for its n tokens
+  w.resize(cols);
+  for (int c = 0; c < cols; ++c) {
+    mx::float16_t h;
+    std::memcpy(&h, row + 2 * size_t(c), 2);
+    w[c] = float(h);
+  }
+  for (int t = 0; t < n; ++t) {
+    const float* xt = x + t * x_stride;
+    float acc[8] = {};
+    for (int c = 0; c < cols; ++c) acc[c % 8] += w[c] * xt[c];
+    y[size_t(t) * y_stride] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  }
+}
+#endif
+
+// One weight row (as stored) against n <= kTokens tokens: row_dots or f16_row_dots.
+using RowDots = void (*)(const uint8_t*, const float*, int, size_t, int, float*, int);
+
+enum class Codes { kQ8_0, kF16 };
+
+RowDots row_dots_for(Codes codes) { return codes == Codes::kF16 ? f16_row_dots : row_dots; }
+
 struct Shape {
   int T, rows, cols, groups;  // x [T, groups * cols], W [rows, cols]; rows / groups per group
 };
 
 // Output rows [r0, r1) for every token; rows of w are ``w_stride`` bytes apart.
 // Row r belongs to group r / (rows / groups), which reads its own cols of x.
-void q8_rows(const uint8_t* w, size_t w_stride, const float* x, float* y, Shape s, int r0, int r1) {
+void dot_rows(RowDots dots, const uint8_t* w, size_t w_stride, const float* x, float* y, Shape s, int r0, int r1) {
   const int per_group = s.rows / s.groups;
   const size_t x_stride = size_t(s.groups) * s.cols;
   for (int r = r0; r < r1; ++r)
     for (int t = 0; t < s.T; t += kTokens)
-      row_dots(w + r * w_stride, x + t * x_stride + size_t(r / per_group) * s.cols, s.cols, x_stride,
-               std::min(kTokens, s.T - t), y + size_t(t) * s.rows + r, s.rows);
+      dots(w + r * w_stride, x + t * x_stride + size_t(r / per_group) * s.cols, s.cols, x_stride,
+           std::min(kTokens, s.T - t), y + size_t(t) * s.rows + r, s.rows);
 }
 
-void q8_matmul(const uint8_t* w, size_t w_stride, const float* x, float* y, Shape s) {
+void codes_matmul(RowDots dots, const uint8_t* w, size_t w_stride, const float* x, float* y, Shape s) {
   const int64_t weights = int64_t(s.rows) * s.cols;
   const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
   const int n = int(std::min<int64_t>({hw, 4, std::max<int64_t>(1, weights / kWeightsPerThread)}));
   if (n == 1) {
-    q8_rows(w, w_stride, x, y, s, 0, s.rows);
+    dot_rows(dots, w, w_stride, x, y, s, 0, s.rows);
     return;
   }
   // Rows are handed out in chunks as threads ask, so a core that another process
   // holds does not leave the others waiting on a fixed share.
-  const int chunk = std::max(1, int(kChunkWeights / s.cols));
+  const int chunk = std::max(1, int(kChunkWeights / std::max(1, s.cols)));
   std::atomic<int> next{0};
   auto work = [&]() {
     for (int r0 = next.fetch_add(chunk); r0 < s.rows; r0 = next.fetch_add(chunk))
-      q8_rows(w, w_stride, x, y, s, r0, std::min(s.rows, r0 + chunk));
+      dot_rows(dots, w, w_stride, x, y, s, r0, std::min(s.rows, r0 + chunk));
   };
   std::vector<std::thread> workers;
   for (int i = 1; i < n; ++i) workers.emplace_back(work);
@@ -190,9 +270,9 @@ void q8_matmul(const uint8_t* w, size_t w_stride, const float* x, float* y, Shap
   for (auto& worker : workers) worker.join();
 }
 
-class Q8Matmul : public mx::Primitive {
+class CodesMatmul : public mx::Primitive {
  public:
-  Q8Matmul(mx::Stream stream, int groups) : mx::Primitive(stream), groups_(groups) {}
+  CodesMatmul(mx::Stream stream, Codes codes, int groups) : mx::Primitive(stream), codes_(codes), groups_(groups) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const mx::array &x = in[0], &w = in[1];
@@ -203,11 +283,11 @@ class Q8Matmul : public mx::Primitive {
     encoder.set_input_array(w);
     encoder.set_output_array(y);
     const Shape shape{x.shape(0), w.shape(0), x.shape(1) / groups_, groups_};
-    const size_t w_stride = w.strides(0), w_inner = w.strides(1);
+    const size_t w_stride = w.strides(0) * w.itemsize(), w_inner = w.strides(1);
     const int64_t x_s0 = x.strides(0), x_s1 = x.strides(1);
     encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), yp = y.data<float>(), shape, w_stride, w_inner,
-                      x_s0, x_s1]() {
-      if (w_inner != 1) throw std::runtime_error("q8_matmul: the Q8_0 rows must be contiguous bytes");
+                      x_s0, x_s1, dots = row_dots_for(codes_), what = name()]() {
+      if (w_inner != 1) throw std::runtime_error(std::string(what) + ": the weight rows must be contiguous");
       std::vector<float> packed;  // x as dense rows, when it is a strided view
       const float* xs = xp;
       const int width = shape.groups * shape.cols;
@@ -217,32 +297,52 @@ class Q8Matmul : public mx::Primitive {
           for (int c = 0; c < width; ++c) packed[size_t(t) * width + c] = xp[t * x_s0 + c * x_s1];
         xs = packed.data();
       }
-      q8_matmul(wp, w_stride, xs, yp, shape);
+      codes_matmul(dots, wp, w_stride, xs, yp, shape);
     });
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("q8_matmul has no GPU kernel (the GPU backends have their own)");
+    throw std::runtime_error(std::string(name()) + " has no GPU kernel (the GPU backends have their own)");
   }
 
-  const char* name() const override { return "MagnetarQ8Matmul"; }
+  const char* name() const override { return codes_ == Codes::kF16 ? "MagnetarF16Matmul" : "MagnetarQ8Matmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return groups_ == static_cast<const Q8Matmul&>(other).groups_;
+    const auto& o = static_cast<const CodesMatmul&>(other);
+    return codes_ == o.codes_ && groups_ == o.groups_;
   }
 
  private:
+  Codes codes_;
   int groups_;
 };
 
-mx::array q8_matmul_op(const mx::array& x, const mx::array& w, int groups) {
+int check_x(const mx::array& x, int groups, const char* what) {
   if (x.ndim() != 2 || x.dtype() != mx::float32 || groups < 1 || x.shape(1) % groups)
-    throw std::invalid_argument("q8_matmul: x must be float32 [T, groups * cols]");
-  const int cols = x.shape(1) / groups;
+    throw std::invalid_argument(std::string(what) + ": x must be float32 [T, groups * cols]");
+  return x.shape(1) / groups;
+}
+
+mx::array codes_product(const mx::array& x, const mx::array& w, Codes codes, int groups) {
+  return mx::array({x.shape(0), w.shape(0)}, mx::float32,
+                   std::make_shared<CodesMatmul>(mx::default_stream(mx::Device::cpu), codes, groups), {x, w});
+}
+
+mx::array q8_matmul_op(const mx::array& x, const mx::array& w, int groups) {
+  const int cols = check_x(x, groups, "q8_matmul");
   if (cols % kBlock || w.ndim() != 2 || w.dtype() != mx::uint8 || w.shape(1) != cols / kBlock * kBlockBytes ||
       w.shape(0) % groups)
     throw std::invalid_argument("q8_matmul: w must be uint8 Q8_0 rows [groups * rows, cols / 32 * 34]");
-  return mx::array({x.shape(0), w.shape(0)}, mx::float32,
-                   std::make_shared<Q8Matmul>(mx::default_stream(mx::Device::cpu), groups), {x, w});
+  return codes_product(x, w, Codes::kQ8_0, groups);
+}
+
+// w as float16 values or as their bytes (runtime/weights.py hands matrices over as uint8 rows).
+mx::array f16_matmul_op(const mx::array& x, const mx::array& w, int groups) {
+  const int cols = check_x(x, groups, "f16_matmul");
+  const bool half = w.dtype() == mx::float16;
+  if (w.ndim() != 2 || !(half || w.dtype() == mx::uint8) || w.shape(1) != (half ? cols : 2 * cols) ||
+      w.shape(0) % groups)
+    throw std::invalid_argument("f16_matmul: w must be float16 [groups * rows, cols] or its bytes (uint8, 2 * cols)");
+  return codes_product(x, w, Codes::kF16, groups);
 }
 
 }  // namespace
@@ -251,4 +351,7 @@ void register_q8(nb::module_& m) {
   m.def("q8_matmul", &q8_matmul_op, nb::arg("x"), nb::arg("w"), nb::arg("groups") = 1,
         "x [T, groups * cols] float32, w [groups * R, cols / 32 * 34] uint8 Q8_0 -> [T, groups * R]: "
         "group g's R rows of W times x's g-th cols");
+  m.def("f16_matmul", &f16_matmul_op, nb::arg("x"), nb::arg("w"), nb::arg("groups") = 1,
+        "x [T, groups * cols] float32, w [groups * R, cols] float16 (or uint8 [groups * R, 2 * cols], its bytes) "
+        "-> [T, groups * R]: group g's R rows of W times x's g-th cols");
 }
