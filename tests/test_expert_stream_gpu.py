@@ -23,6 +23,7 @@ import pytest
 
 from cuda_emulator import emulator as cuda_emulator
 from gpu_emulator.harness import CXX
+from greedy_run import greedy_run
 from magnetar.runtime import expert_cache
 from magnetar.runtime.engine import Engine
 from magnetar.runtime.expert_cache import routed_tensors
@@ -56,16 +57,6 @@ def _slot_bytes(path) -> int:
     return sum(i.nbytes // i.shape[2] for i in routed_tensors(open_model(path), [0])[0])
 
 
-def _greedy(engine: Engine, prompt: list[int], n_decode: int) -> tuple[list[np.ndarray], list[int]]:
-    """The prefill's logits, then each decode step's, and the greedy tokens."""
-    engine.prefill(prompt)
-    logits, tokens = [engine.next_logits()], []
-    for ev in engine.generate(max_tokens=n_decode, temperature=0, ignore_eos=True):
-        tokens.append(ev.token)
-        logits.append(engine.next_logits())
-    return logits, tokens
-
-
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_streamed_decode_equals_resident_bit_for_bit(tiny_models, build_dir, platform):
     """One-token prompt, then decode: every step is one kernel call over slot rows, so the
@@ -77,14 +68,14 @@ def test_streamed_decode_equals_resident_bit_for_bit(tiny_models, build_dir, pla
     path = tiny_models("q2")
     mf = open_model(path)
     with emulated(platform, build_dir) as kernels:
-        want = _greedy(Engine(mf, 64, kernels=kernels), [1000], 4)
+        want_tokens, want_logits = greedy_run(Engine(mf, 64, kernels=kernels), [1000], 4)
         for budget, slots in ((1, 3), (8 * mf.config.n_layer * _slot_bytes(path), 8)):
             engine = Engine(mf, 64, kernels=kernels, expert_cache=budget)
             cache = engine.model.experts
             assert cache.device and all(b.n_slots == slots for b in cache.banks.values())
-            logits, tokens = _greedy(engine, [1000], 4)
-            assert tokens == want[1]
-            assert all(np.array_equal(a, b) for a, b in zip(logits, want[0]))
+            tokens, logits = greedy_run(engine, [1000], 4)
+            assert tokens == want_tokens
+            assert all(np.array_equal(a, b) for a, b in zip(logits, want_logits))
             assert cache.stats.experts_read > 0 and cache.stats.uses > cache.stats.experts_read  # misses and hits
             cache.drain()
             for bank in cache.banks.values():
@@ -107,12 +98,12 @@ def test_streamed_prefill_in_rounds_and_whole_layers_matches_resident(tiny_model
     prompt = list(range(2000, 2012))
     monkeypatch.setattr(expert_cache, "STAGING_SHARE", 1)  # tiny's 5 layers: 2 whole ones are 40% of them
     with emulated(platform, build_dir) as kernels:
-        want_logits, want_tokens = _greedy(Engine(open_model(path), 64, kernels=kernels), prompt, 3)
+        want_tokens, want_logits = greedy_run(Engine(open_model(path), 64, kernels=kernels), prompt, 3)
         for budget, staged in ((1, False), ((2 * 8 + 4 * 5) * _slot_bytes(path), True)):
             engine = Engine(open_model(path), 64, kernels=kernels, expert_cache=budget)
             cache = engine.model.experts
             assert (cache.staging is not None) == staged
-            logits, tokens = _greedy(engine, prompt, 3)
+            tokens, logits = greedy_run(engine, prompt, 3)
             assert tokens == want_tokens
             for got, want in zip(logits, want_logits):
                 assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
