@@ -13,13 +13,11 @@ Flash-width cases and the model runs are slow.
 
 from __future__ import annotations
 
-import sys
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from gpu_emulator.harness import CXX
+from gpu_emulator.harness import NEEDS_EMULATOR, emulator_build_dir
 from greedy_run import greedy_run
 from kernel_data import rel_err
 from magnetar.kernels import attention_decode as ad
@@ -32,18 +30,14 @@ from magnetar.runtime.lab.graph_nodes import graph_nodes
 from test_attention_decode_cpu import make_step
 from test_hc_emulated import MODULES, PLATFORMS
 
-pytestmark = [
-    pytest.mark.skipif(CXX is None, reason="g++ not found: the GPU emulators compile the kernels with it"),
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the GPU emulators' fibers need Linux (glibc)"),
-]
+pytestmark = NEEDS_EMULATOR
 
 RTOL = 1e-5
 
 
 @pytest.fixture(scope="session")
 def build_dir(request, tmp_path_factory):
-    cache = getattr(request.config, "cache", None)
-    return cache.mkdir("attention_emulator") if cache is not None else tmp_path_factory.mktemp("attention_emulator")
+    return emulator_build_dir(request, tmp_path_factory, "attention_emulator")
 
 
 @pytest.fixture(autouse=True)

@@ -15,14 +15,13 @@ directory), and an emulated token takes about 2 s.
 from __future__ import annotations
 
 import mmap
-import sys
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 from cuda_emulator import emulator as cuda_emulator
-from gpu_emulator.harness import CXX
+from gpu_emulator.harness import NEEDS_EMULATOR, emulator_build_dir
 from greedy_run import greedy_run
 from magnetar.runtime import expert_cache
 from magnetar.runtime.engine import Engine
@@ -30,19 +29,14 @@ from magnetar.runtime.expert_cache import routed_tensors
 from magnetar.runtime.gguf_read import open_model
 from metal_emulator import emulator as metal_emulator
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(CXX is None, reason="g++ not found: the GPU emulators compile the kernels with it"),
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the GPU emulators' fibers need Linux (glibc)"),
-]
+pytestmark = [pytest.mark.slow, *NEEDS_EMULATOR]
 
 PLATFORMS = {"metal": metal_emulator, "cuda": cuda_emulator}
 
 
 @pytest.fixture(scope="session")
 def build_dir(request, tmp_path_factory):
-    cache = getattr(request.config, "cache", None)
-    return cache.mkdir("gpu_stream_emulator") if cache is not None else tmp_path_factory.mktemp("gpu_stream")
+    return emulator_build_dir(request, tmp_path_factory, "gpu_stream_emulator")
 
 
 @contextmanager

@@ -10,13 +10,11 @@ Each kernel instance is compiled with g++ once (cached in pytest's cache directo
 
 from __future__ import annotations
 
-import sys
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from gpu_emulator.harness import CXX
+from gpu_emulator.harness import NEEDS_EMULATOR, emulator_build_dir
 from greedy_run import greedy_run
 from kernel_data import random_weight, rel_err
 from magnetar.kernels import GGMLType, metal, reference
@@ -28,18 +26,14 @@ from magnetar.runtime.lab.graph_nodes import graph_nodes
 from magnetar.runtime.weights import Matrix
 from test_hc_emulated import MODULES, PLATFORMS
 
-pytestmark = [
-    pytest.mark.skipif(CXX is None, reason="g++ not found: the GPU emulators compile the kernels with it"),
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the GPU emulators' fibers need Linux (glibc)"),
-]
+pytestmark = NEEDS_EMULATOR
 
 RTOL = 1e-5
 
 
 @pytest.fixture(scope="session")
 def build_dir(request, tmp_path_factory):
-    cache = getattr(request.config, "cache", None)
-    return cache.mkdir("grouped_matvec_emulator") if cache is not None else tmp_path_factory.mktemp("gmv_emulator")
+    return emulator_build_dir(request, tmp_path_factory, "grouped_matvec_emulator")
 
 
 @pytest.fixture(autouse=True)

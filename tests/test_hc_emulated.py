@@ -11,7 +11,6 @@ an emulated model token takes seconds.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 
 from cuda_emulator import emulator as cuda_emulator
-from gpu_emulator.harness import CXX
+from gpu_emulator.harness import NEEDS_EMULATOR, emulator_build_dir
 from greedy_run import greedy_run
 from kernel_data import rel_err
 from magnetar.kernels import GGMLType
@@ -30,11 +29,7 @@ from magnetar.runtime.gguf_read import open_model
 from magnetar.runtime.lab.make_model import PRESETS
 from metal_emulator import emulator as metal_emulator
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(CXX is None, reason="g++ not found: the GPU emulators compile the kernels with it"),
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the GPU emulators' fibers need Linux (glibc)"),
-]
+pytestmark = [pytest.mark.slow, *NEEDS_EMULATOR]
 
 RTOL = 1e-5
 PLATFORMS = {"metal": lambda d: metal_emulator.Emulator(d), "cuda": lambda d: cuda_emulator.Emulator(d),
@@ -44,8 +39,7 @@ MODULES = {"metal": metal_emulator, "cuda": cuda_emulator, "hip-wave64": cuda_em
 
 @pytest.fixture(scope="session")
 def build_dir(request, tmp_path_factory):
-    cache = getattr(request.config, "cache", None)
-    return cache.mkdir("hc_pre_emulator") if cache is not None else tmp_path_factory.mktemp("hc_pre_emulator")
+    return emulator_build_dir(request, tmp_path_factory, "hc_pre_emulator")
 
 
 @dataclass(frozen=True)

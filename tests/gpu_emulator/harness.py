@@ -15,9 +15,11 @@ import mmap
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 FIBERS = Path(__file__).with_name("fibers.h")
 CXX = os.environ.get("CXX") or shutil.which("g++")
@@ -27,6 +29,19 @@ OUTPUT_GUARD_BYTE = 0xA5  # outputs' guards: only checked for writes
 _PAGE = mmap.PAGESIZE
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+# The marks of every test file that runs kernels on an emulator.
+NEEDS_EMULATOR = [
+    pytest.mark.skipif(CXX is None, reason="g++ not found: the GPU emulators compile the kernels with it"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the GPU emulators' fibers need Linux (glibc)"),
+]
+
+
+def emulator_build_dir(request, tmp_path_factory, name: str) -> Path:
+    """Where a test file's kernel libraries are built: pytest's cache (kept between runs), else a temp dir."""
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir(name) if cache is not None else tmp_path_factory.mktemp(name)
 
 
 class EmulatorError(RuntimeError):
