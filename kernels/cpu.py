@@ -177,16 +177,21 @@ class CpuBackend(HostBackend):
 
     def logits_head(self, output):
         """A Q8_0 head with ``q8_codes``, an F16 one with ``f16_codes``: a few rows from the
-        weights as stored (a fourth or half of the f32 copy's bytes per token, and no 2 GB copy
-        at Flash widths); many rows (every prompt position's logits) through the host's f32
-        copy, made at first use."""
+        weights as stored (a fourth or half of the f32 copy's bytes per token), many rows (every
+        prompt position's logits) by ``native.panel_matmul`` on them, so there is never a whole f32
+        copy (2 GB at Flash widths, held for good). Without the native kernels many rows go
+        through the host's f32 copy, made at first use."""
         wide = super().logits_head(output)
         codes = {GGMLType.Q8_0: self.q8_codes and mlx_ext.q8_matmul,
                  GGMLType.F16: self.f16_codes and mlx_ext.f16_matmul}.get(output.ggml_type)
         if not codes:
             return wide
         stored = mx.view(output.data, mx.uint8)
-        return lambda y: (np.array(codes(y, stored)) if y.shape[0] < HOST_BLAS_MIN_ROWS else wide(y))
+        many = wide
+        if self.native:
+            raw = np.asarray(stored)  # shares the stored buffer
+            many = lambda y: native.panel_matmul(np.asarray(y), raw, output.ggml_type)
+        return lambda y: (np.array(codes(y, stored)) if y.shape[0] < HOST_BLAS_MIN_ROWS else many(y))
 
     def moe(self, x, ids, weights, gate, up, down, limit):
         if self.fused_experts:

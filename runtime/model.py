@@ -155,7 +155,10 @@ class Model:
         self.experts = self._expert_cache(mf, expert_cache) if expert_cache is not None else None
         self.layers = [Layer(w, cfg, il, prec, self.experts) for il in self.span]
         if self.last:
-            self.head_fn = w.matrix("output_hc_fn.weight")
+            # Widened once (256 KB at Flash): the backend keeps F16 as stored for its own products,
+            # but here MLX's f32 product would widen it again on every decode token.
+            self.head_fn = w.matrix("output_hc_fn.weight").dense()
+            mx.eval(self.head_fn)
             self.head_base, self.head_scale = w.vector("output_hc_base.weight"), w.vector("output_hc_scale.weight")
             self.norm = w.vector("output_norm.weight")
             self.output = w.matrix("output.weight")
@@ -186,7 +189,7 @@ class Model:
         """Collapse the streams with sigmoid weights (no Sinkhorn, no post) and norm (§3.9);
         ``project`` then applies the output matrix."""
         cfg, T = self.cfg, X.shape[0]
-        m = rms(X.reshape(T, -1), cfg.rms_eps) @ self.head_fn.dense().T
+        m = rms(X.reshape(T, -1), cfg.rms_eps) @ self.head_fn.T
         pre = mx.sigmoid(m * self.head_scale[0] + self.head_base) + cfg.hc_eps
         y = mx.sum(pre[:, :, None] * X, axis=1)
         return rmsnorm(y, self.norm, cfg.rms_eps)

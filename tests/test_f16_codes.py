@@ -155,6 +155,18 @@ def test_a_q2_model_keeps_its_f16_matrices_as_stored_and_gives_the_oracles_logit
     _decodes_like_the_oracle(path, engine)
 
 
+def test_the_heads_f16_mix_matrix_is_widened_once_at_load(tiny_models):
+    """The output head's hyper-connection mix matrix (``output_hc_fn``, F16) goes to MLX's f32
+    product, not to ``f16_matmul``: ``Model`` widens it once at load to exactly the stored values,
+    the product the decode step made when it widened it per token (one node per token fewer,
+    tests/test_bench_nodes.py's budgets)."""
+    path = tiny_models("q2")
+    stored = open_model(path).array("output_hc_fn.weight")
+    head_fn = _engine(path, CpuBackend()).model.head_fn
+    assert stored.dtype == np.float16 and head_fn.dtype == mx.float32
+    assert np.array_equal(np.asarray(head_fn), stored.astype(np.float32))
+
+
 def test_an_f16_model_decodes_every_dense_product_from_the_values_as_stored(tiny_models):
     """In the f16 recipe every dense matrix is F16: the projections, the grouped attention
     output (``grouped_matmul``) and the output head (``logits_head``) too."""

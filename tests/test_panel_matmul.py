@@ -1,10 +1,13 @@
 """Many-row dense products on the CPU backend (prefill chunks) widen the stored matrix a panel
 of rows at a time into one reused buffer (``native.panel_matmul``), never the whole of it
 (issue 16): within float32 rounding of the exact product of the dequantized matrix for every
-type the native library reads, across panel boundaries, plain and grouped; and a whole
-model's prefill through it gives the numpy oracle's logits."""
+type the native library reads, across panel boundaries, plain and grouped; a whole
+model's prefill through it gives the numpy oracle's logits; and every prompt position's
+logits come from panels of the head as stored, with no whole f32 copy of it."""
 
 from __future__ import annotations
+
+import tracemalloc
 
 import mlx.core as mx
 import numpy as np
@@ -12,10 +15,10 @@ import pytest
 
 from greedy_run import greedy_run
 from kernel_data import random_weight
-from magnetar.kernels import GGMLType, native, reference
+from magnetar.kernels import GGMLType, mlx_ext, native, reference
 from magnetar.kernels.backend import backend
 from magnetar.kernels.cpu import CpuBackend
-from magnetar.kernels.host import HOST_BLAS_MIN_ROWS
+from magnetar.kernels.host import HOST_BLAS_MIN_ROWS, HostBackend
 from magnetar.runtime import Engine
 from magnetar.runtime.gguf_read import open_model
 from magnetar.runtime.weights import Matrix
@@ -127,3 +130,29 @@ def test_a_model_prefilled_by_panels_gives_the_numpy_oracles_logits(tiny_models,
     assert tokens == want_tokens
     for got, want in zip(logits, want_logits):
         assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+
+
+@pytest.mark.skipif(not mlx_ext.available(), reason="the head stays as stored only with the MLX extension")
+@pytest.mark.parametrize("recipe,ggml_type", [("q2", GGMLType.Q8_0), ("f16", GGMLType.F16)])
+def test_every_positions_logits_come_from_panels_of_the_stored_head(tiny_models, recipe, ggml_type):
+    """``Engine.logits`` (perplexity, ``magnetar quality``) projects every prompt position: the
+    head goes by panels of its stored rows, and neither MLX nor numpy ever holds its whole f32
+    copy (132 MB at tiny's widths, 2 GB at Flash's, kept for good by the host's path). The
+    logits equal that path's within 1e-5 of each row's largest (BLAS order, not bits)."""
+    engine = Engine(open_model(tiny_models(recipe)), 128, kernels=CpuBackend())
+    model = engine.model
+    assert model.output.ggml_type == ggml_type  # kept as stored, not widened at load
+    whole = 4 * model.cfg.vocab_size * model.cfg.d_model
+    before = mx.get_active_memory()
+    tracemalloc.start()  # numpy reports its buffers to it; MLX's are counted above
+    try:
+        panels = engine.logits(PROMPT)
+        numpy_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert mx.get_active_memory() - before < whole // 4 and numpy_peak < whole // 2
+    model.project = HostBackend.logits_head(model.kernels, model.output)  # the f32-copy path
+    before = mx.get_active_memory()
+    copied = engine.logits(PROMPT)
+    assert mx.get_active_memory() - before >= whole  # where there is a whole copy, the probe sees it
+    assert np.all(np.abs(panels - copied) <= 1e-5 * np.abs(copied).max(axis=1, keepdims=True))
