@@ -241,9 +241,11 @@ def f16_matmul(x: mx.array, w: mx.array, groups: int = 1) -> mx.array:
 
 
 def routed_experts(x: mx.array, ids: mx.array, weights: mx.array, gate: QTensor, up: QTensor, down: QTensor,
-                   limit: float) -> mx.array:
+                   limit: float, activations: str = "f32") -> mx.array:
     """The routed-expert step (``Backend.moe``) as one CPU node that runs the native expert
-    library's own kernel (``native/mlx_moe.cpp``): the same bits as ``native.moe``."""
+    library's own kernel (``native/mlx_moe.cpp``): the same bits as ``native.moe`` with the
+    same ``activations``."""
+    mode = native.activation_mode(activations)
     module = _need()
     with _lock:
         if "experts" not in _state:
@@ -251,7 +253,7 @@ def routed_experts(x: mx.array, ids: mx.array, weights: mx.array, gate: QTensor,
             _state["experts"] = True
     stacks = [arg for m in (gate, up, down) for arg in (m.data, int(m.ggml_type))]
     return module.routed_experts(x.astype(mx.float32), ids.astype(mx.int32), weights.astype(mx.float32), *stacks,
-                                 float(limit))
+                                 float(limit), mode)
 
 
 __all__ = ["MlxExtBuildError", "attention_decode", "available", "build", "f16_matmul", "hc_post", "hc_pre",

@@ -34,7 +34,9 @@ import numpy as np
 
 from .formats import BLOCK, GGMLType, row_blocks
 
-SOURCE = Path(__file__).resolve().parent / "native" / "experts.c"
+NATIVE_DIR = Path(__file__).resolve().parent / "native"
+SOURCES = (NATIVE_DIR / "experts.c", NATIVE_DIR / "q8k.c")
+HEADERS = (NATIVE_DIR / "blocks.h",)  # part of the build key: the sources include them
 BASE_FLAGS = ("-std=c11", "-O3", "-ffp-contract=fast", "-fPIC", "-shared")
 # Tried in order: the first that compiles is used (and its library cached).
 FLAG_SETS = (("-march=native", "-fopenmp"), ("-march=native",), ())
@@ -97,7 +99,7 @@ def build(directory: Path | str | None = None) -> Path:
     """
     directory = Path(directory) if directory is not None else cache_dir()
     cc = _compiler()
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     key = source + b"\0".join(s.encode() for s in (cc, _compiler_version(cc), cpu_id(), platform.machine()))
     candidates = []
     for extra in FLAG_SETS:
@@ -116,7 +118,7 @@ def build(directory: Path | str | None = None) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=directory)
         os.close(fd)
         try:
-            run = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+            run = subprocess.run([cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True,
                                  timeout=300)
             if run.returncode == 0:
                 os.replace(tmp, path)
@@ -127,7 +129,7 @@ def build(directory: Path | str | None = None) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise NativeBuildError(f"{cc} could not build {SOURCE.name}: {errors[-1]}")
+    raise NativeBuildError(f"{cc} could not build {', '.join(path.name for path in SOURCES)}: {errors[-1]}")
 
 
 def _bind(path: Path) -> ctypes.CDLL:
@@ -139,7 +141,8 @@ def _bind(path: Path) -> ctypes.CDLL:
         "mg_init": [p, p],
         "mg_dequantize": [p, i32, i64, i64, p],
         "mg_matmul": [p, i64, i64, p, i32, i64, i64, p],
-        "mg_moe": [p, i64, i64, p, p, i64, i64, i64, p, i32, i64, p, i32, i64, p, i32, i64, f32, p, p, i64],
+        "mg_moe": [p, i64, i64, p, p, i64, i64, i64, p, i32, i64, p, i32, i64, p, i32, i64, f32, p, p, i64, i32],
+        "mg_quantize_q8k": [p, i64, p],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
@@ -310,7 +313,31 @@ def panel_matmul(x, raw, ggml_type, out: np.ndarray | None = None) -> np.ndarray
     return out
 
 
-def moe(x, ids, weights, gate, up, down, limit: float, slot_of=None, out=None) -> np.ndarray:
+# mg_moe's activation modes: f32, or 8-bit (Q8_K) into the IQ2_XXS/Q2_K/Q4_K products, as
+# ds4's and llama.cpp's CPU paths do (q8k.c; spec quant-kernels.md §2.1).
+ACTIVATIONS = {"f32": 0, "q8k": 1}
+Q8K_BLOCK_BYTES = 292  # f32 d, 256 int8 codes, 16 int16 sums
+
+
+def activation_mode(activations: str) -> int:
+    """mg_moe's code for an activation mode name (``f32`` or ``q8k``)."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"expert activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    return ACTIVATIONS[activations]
+
+
+def quantize_q8k(x) -> np.ndarray:
+    """Rows ``x [T, n]`` (n a multiple of 256) as the Q8_K blocks ``moe(activations="q8k")``
+    dots with: uint8 ``[T, n / 256 * 292]``."""
+    x = _f32(x, 2, "quantize_q8k x")
+    if x.shape[1] % 256:
+        raise ValueError(f"quantize_q8k: rows must be a multiple of 256 values, got {x.shape[1]}")
+    out = np.empty((x.shape[0], x.shape[1] // 256 * Q8K_BLOCK_BYTES), np.uint8)
+    _check(_need().mg_quantize_q8k(x.ctypes.data, x.size, out.ctypes.data), "quantize_q8k")
+    return out
+
+
+def moe(x, ids, weights, gate, up, down, limit: float, slot_of=None, out=None, activations: str = "f32") -> np.ndarray:
     """The routed-expert step (see backend.py) for ``x [T, D]``, ``ids``/``weights [T, K]``;
     ``gate``/``up``/``down`` are ``(raw expert stack [E, rows, row_bytes], type)`` like ``reference.moe``.
 
@@ -318,7 +345,12 @@ def moe(x, ids, weights, gate, up, down, limit: float, slot_of=None, out=None) -
     instead: expert ``e``'s weights are bank row ``slot_of[e]``, and ``-1`` leaves its pairs
     out. The sums then add onto ``out`` (float32 [T, D], zeros when None) and ``out`` is
     returned: a selection split into rounds by ascending expert id, each round's experts
-    resident, gives exactly the bits of one call over the whole stack."""
+    resident, gives exactly the bits of one call over the whole stack.
+
+    ``activations="q8k"`` quantizes the activations of the IQ2_XXS, Q2_K and Q4_K products
+    to 8 bits (``quantize_q8k``) and dots them in integers: ~1e-2 relative per output against
+    f32 activations, several times faster at decode."""
+    mode = activation_mode(activations)
     x = _f32(x, 2, "moe x")
     n_tokens, d_model = x.shape
     ids = np.asarray(ids)
@@ -355,12 +387,12 @@ def moe(x, ids, weights, gate, up, down, limit: float, slot_of=None, out=None) -
         return np.zeros_like(x) if slot_of is None else out
     rc = _need().mg_moe(x.ctypes.data, n_tokens, d_model, ids.ctypes.data, weights.ctypes.data, ids.shape[1],
                         n_experts, ffn, g.ctypes.data, int(gt), g.shape[2], u.ctypes.data, int(ut), u.shape[2],
-                        d.ctypes.data, int(dt), d.shape[2], float(limit), out.ctypes.data, slot_ptr, n_slots)
+                        d.ctypes.data, int(dt), d.shape[2], float(limit), out.ctypes.data, slot_ptr, n_slots, mode)
     if rc == -3 and (ids.min() < 0 or ids.max() >= n_experts):
         raise ValueError(f"moe: expert ids must be in [0, {n_experts}), got {ids.min()}..{ids.max()}")
     _check(rc, "moe")
     return out
 
 
-__all__ = ["NativeBuildError", "available", "build", "cache_dir", "cpu_id", "dequantize", "library_path", "matmul",
-           "moe", "panel_matmul", "unavailable_reason"]
+__all__ = ["ACTIVATIONS", "NativeBuildError", "activation_mode", "available", "build", "cache_dir", "cpu_id",
+           "dequantize", "library_path", "matmul", "moe", "panel_matmul", "quantize_q8k", "unavailable_reason"]

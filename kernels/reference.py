@@ -88,19 +88,24 @@ def _q4_k(blocks: np.ndarray) -> np.ndarray:
     return (dl * q - ml).reshape(n, 256)
 
 
-def _iq2_xxs(blocks: np.ndarray) -> np.ndarray:
+def _iq2_xxs_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """d [n, 1], each group's 4-bit scale ls [n, 8], and the signed grid values [n, 8, 4, 8]."""
     n = len(blocks)
     d = _f16(blocks[:, :2])
     # 8 groups of 32 values, each two u32: grid indices, then signs + scale.
     words = np.ascontiguousarray(blocks[:, 2:]).view("<u4").reshape(n, 8, 2)
     grid_words, sign_words = words[..., 0], words[..., 1]
-    db = d * (np.float32(0.5) + (sign_words >> 28).astype(np.float32)) * np.float32(0.25)
     grid_index = (grid_words[..., None] >> np.array([0, 8, 16, 24], dtype=np.uint32)) & 255
     sign_index = (sign_words[..., None] >> np.array([0, 7, 14, 21], dtype=np.uint32)) & 127
-    magnitudes = IQ2XXS_GRID[grid_index].astype(np.float32)  # [n, 8, 4, 8]
+    magnitudes = IQ2XXS_GRID[grid_index].astype(np.int32)  # [n, 8, 4, 8]
     negative = (IQ2XXS_SIGNS[sign_index][..., None] >> np.arange(8, dtype=np.uint8)) & 1
-    signs = np.where(negative == 1, np.float32(-1), np.float32(1))
-    return (db[..., None, None] * magnitudes * signs).reshape(n, 256)
+    return d, sign_words >> 28, np.where(negative == 1, -magnitudes, magnitudes)
+
+
+def _iq2_xxs(blocks: np.ndarray) -> np.ndarray:
+    d, ls, signed = _iq2_xxs_parts(blocks)
+    db = d * (np.float32(0.5) + ls.astype(np.float32)) * np.float32(0.25)
+    return (db[..., None, None] * signed.astype(np.float32)).reshape(len(blocks), 256)
 
 
 _DEQUANT = {
@@ -140,21 +145,94 @@ def matmul(x: np.ndarray, raw: np.ndarray, ggml_type: int) -> np.ndarray:
 
 
 def moe(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, gate: tuple[np.ndarray, int],
-        up: tuple[np.ndarray, int], down: tuple[np.ndarray, int], limit: float) -> np.ndarray:
+        up: tuple[np.ndarray, int], down: tuple[np.ndarray, int], limit: float,
+        activations: str = "f32") -> np.ndarray:
     """The routed-expert step (see backend.py), one used expert at a time.
 
     ``gate``, ``up`` and ``down`` are (raw expert stack [E, rows, row_bytes], type).
+    ``activations="q8k"``: the products with Q8K_TYPES weights take their activations
+    (x, then each mid row as float32) quantized to Q8_K, as ``native.moe`` does.
     """
+    if activations not in ("f32", "q8k"):
+        raise ValueError(f"expert activations must be f32 or q8k, got {activations!r}")
+
+    def product(a: np.ndarray, stack: tuple[np.ndarray, int], e: int) -> np.ndarray:
+        if activations == "q8k" and row_blocks(stack[1], stack[0].shape[-1])[0] in Q8K_TYPES:
+            return matmul_q8k(a.astype(np.float32), stack[0][e], stack[1])
+        return a @ _dense(stack[0][e], stack[1]).T
+
     x = np.asarray(x, np.float64)
     ids = np.asarray(ids)
     out = np.zeros(x.shape, np.float64)
     for e in np.unique(ids):
         t, slot = np.nonzero(ids == e)  # a token listing e twice appears twice
-        g = np.minimum(x[t] @ _dense(gate[0][e], gate[1]).T, limit)
-        u = np.clip(x[t] @ _dense(up[0][e], up[1]).T, -limit, limit)
+        g = np.minimum(product(x[t], gate, e), limit)
+        u = np.clip(product(x[t], up, e), -limit, limit)
         mid = g / (1.0 + np.exp(-g)) * u * np.asarray(weights, np.float64)[t, slot][:, None]
-        np.add.at(out, t, mid @ _dense(down[0][e], down[1]).T)
+        np.add.at(out, t, product(mid, down, e))
     return out.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# 8-bit activations (Q8_K): the integer arithmetic of ds4's and llama.cpp's CPU expert
+# products, and of native.moe(activations="q8k"). Only the activations round; the sums
+# below are exact integers times each block's scales.
+
+Q8K_TYPES = (GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.IQ2_XXS)
+
+
+def quantize_q8k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``x [T, n]`` -> (d float32 [T, n/256], codes int8 [T, n/256, 256]): per 256 values,
+    the one of largest magnitude (the first, on ties) becomes -127, the rest round to nearest
+    even in float32; a block of zeros gets d = 0, one holding inf or NaN d = NaN."""
+    blocks = np.asarray(x, np.float32).reshape(len(x), -1, 256)
+    biggest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)[..., 0]
+    finite = np.isfinite(blocks).all(axis=2)
+    live = finite & (biggest != 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(live, np.float32(-127) / biggest, np.float32(0)).astype(np.float32)
+        d = np.where(live, np.float32(1) / iscale, np.where(finite, np.float32(0), np.float32(np.nan)))
+        codes = np.minimum(np.rint(iscale[..., None] * np.where(live[..., None], blocks, 0)), 127)
+    return d.astype(np.float32), codes.astype(np.int8)
+
+
+def _q8k_parts(raw: np.ndarray, ggml_type: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of a Q8K_TYPES matrix as integers: (w, m [rows, nb, 256] int64, a, b [rows, nb])
+    with value = a * w - b * m, so a dot with Q8_K codes q is a * (w . q) - b * (m . q) per block."""
+    qtype, nb = row_blocks(ggml_type, raw.shape[-1])
+    rows = raw.shape[0]
+    blocks = np.ascontiguousarray(raw, np.uint8).reshape(rows * nb, -1)
+    if qtype == GGMLType.IQ2_XXS:
+        d, ls, signed = _iq2_xxs_parts(blocks)
+        w = (2 * ls.astype(np.int64) + 1)[:, :, None, None] * signed  # value = d/8 * (2 ls + 1) * grid * sign
+        a, b, m = d.astype(np.float64) / 8, np.zeros(len(blocks)), np.zeros((len(blocks), 256), np.int64)
+    elif qtype == GGMLType.Q2_K:
+        scales = blocks[:, :16].astype(np.int64)
+        q = ((blocks[:, 16:80].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]) & 3)
+        w = (scales & 15)[:, :, None] * q.reshape(-1, 16, 16)
+        m = np.repeat(scales >> 4, 16, axis=1)
+        a, b = _f16(blocks[:, 80:82])[:, 0], _f16(blocks[:, 82:84])[:, 0]
+    elif qtype == GGMLType.Q4_K:
+        sc, mn = _q4_k_scales(blocks[:, 4:16])
+        q = (blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]) & 15
+        w = sc.astype(np.int64)[:, :, None] * q.reshape(-1, 8, 32)
+        m = np.repeat(mn.astype(np.int64), 32, axis=1)
+        a, b = _f16(blocks[:, 0:2])[:, 0], _f16(blocks[:, 2:4])[:, 0]
+    else:
+        raise ValueError(f"8-bit activations take {', '.join(t.name for t in Q8K_TYPES)} weights, not {qtype.name}")
+    shape = (rows, nb, 256)
+    return (w.reshape(shape).astype(np.int64), m.reshape(shape), np.asarray(a, np.float64).reshape(rows, nb),
+            np.asarray(b, np.float64).reshape(rows, nb))
+
+
+def matmul_q8k(x: np.ndarray, raw: np.ndarray, ggml_type: int) -> np.ndarray:
+    """``x [T, cols] @ W.T`` with ``x`` quantized to Q8_K first: float64 [T, rows]."""
+    d, q = quantize_q8k(x)
+    w, m, a, b = _q8k_parts(np.asarray(raw), ggml_type)
+    q = q.astype(np.int64)
+    wq = np.einsum("rbi,tbi->trb", w, q)  # exact integers
+    mq = np.einsum("rbi,tbi->trb", m, q)
+    return ((a[None] * wq - b[None] * mq) * d.astype(np.float64)[:, None, :]).sum(axis=2)
 
 
 class ReferenceBackend(HostBackend):

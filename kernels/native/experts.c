@@ -20,12 +20,15 @@
  *                  out) and the sums add onto `out`, so a selection split over
  *                  rounds in ascending expert order adds in the same order as
  *                  one call over the whole stack: bit-identical results.
+ *                  With MG_ACT_Q8K its IQ2_XXS / Q2_K / Q4_K products take
+ *                  8-bit activations (q8k.c).
+ *   mg_quantize_q8k  f32 rows -> Q8_K blocks, as that mode quantizes them
  */
 #include <stddef.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <math.h>
+
+#include "blocks.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -33,9 +36,6 @@
 #include <immintrin.h>
 #define FAST_Q2 1  /* IQ2_XXS and Q2_K dotted from codes with their scales factored out (below) */
 #endif
-
-enum { T_F32 = 0, T_F16 = 1, T_Q8_0 = 8, T_Q2_K = 10, T_Q4_K = 12, T_IQ2_XXS = 16 };
-enum { E_TYPE = -1, E_SHAPE = -2, E_ID = -3, E_NOMEM = -4, E_INIT = -5 };
 
 #define CHUNK 256  /* values decoded at a time */
 #define LANES 16   /* partial sums per (row, activation) pair: independent chains the compiler can vectorize */
@@ -80,24 +80,9 @@ int mg_init(const uint8_t *grid, const uint8_t *signs)
     for (int s = 0; s < 128; s++)
         for (int i = 0; i < 8; i++) iq2_signf[s][i] = iq2_neg[s][i] ? 0x80000000u : 0;
 #endif
+    q8k_init((const uint8_t (*)[8])iq2_grid, (const uint8_t (*)[8])iq2_neg);
     iq2_ready = 1;
     return 0;
-}
-
-static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }  /* blocks are only 2-byte aligned */
-static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-
-/* Exact f16 -> f32 (subnormals, inf and NaN included). */
-static inline float f16(uint16_t h)
-{
-    uint32_t em = h & 0x7fffu, bits;
-    float f;
-    if (em >= 0x7c00u) bits = (em << 13) | 0x7f800000u;              /* inf / NaN */
-    else if (em >= 0x0400u) bits = (em << 13) + ((127u - 15u) << 23); /* normal: rebias */
-    else { f = (float)em * 5.9604644775390625e-08f; memcpy(&bits, &f, 4); } /* subnormal: em * 2^-24, exact */
-    bits |= (uint32_t)(h & 0x8000u) << 16;
-    memcpy(&f, &bits, 4);
-    return f;
 }
 
 /* F16 rows, n <= CHUNK values. Branch-free selects on whole arrays, so the
@@ -666,6 +651,13 @@ int mg_matmul(const float *x, int64_t T, int64_t cols, const uint8_t *w, int typ
     return 0;
 }
 
+int mg_quantize_q8k(const float *x, int64_t n, q8k_block *out)
+{
+    if (n < 0 || n % 256) return E_SHAPE;
+    q8k_quantize(x, n, out);
+    return 0;
+}
+
 /* silu(min(g, L)) * clip(u, -L, L) * weight; comparisons written so NaN passes through. */
 static inline float swiglu(float g, float u, float weight, float limit)
 {
@@ -683,17 +675,26 @@ static inline float swiglu(float g, float u, float weight, float limit)
  * plain per-pair walk. Pass 1, parallel over (group, row): gate and up rows
  * together, the epilogue writes mid[pair, row]. Pass 2, parallel over output
  * rows d: each thread adds every group's contribution to out[:, d] itself,
- * so no atomics are needed; a repeated id is simply two pairs. */
+ * so no atomics are needed; a repeated id is simply two pairs.
+ * act MG_ACT_Q8K: each pass whose weights are IQ2_XXS, Q2_K or Q4_K quantizes its
+ * activations (x, then every pair's mid row) to Q8_K and dots in integers (q8k.c);
+ * MG_ACT_F32 keeps them f32. */
+enum { MG_ACT_F32 = 0, MG_ACT_Q8K = 1 };
+
 int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float *wts, int64_t K,
            int64_t E, int64_t F, const uint8_t *gate, int gt, int64_t g_rb, const uint8_t *up, int ut,
            int64_t u_rb, const uint8_t *down, int dt, int64_t d_rb, float limit, float *out,
-           const int32_t *slot_of, int64_t S)
+           const int32_t *slot_of, int64_t S, int act)
 {
     int bb, per;
     if (!(per = block_shape(gt, &bb)) || g_rb % bb || g_rb / bb * per != D) return E_TYPE;
     if (!(per = block_shape(ut, &bb)) || u_rb % bb || u_rb / bb * per != D) return E_TYPE;
     if (!(per = block_shape(dt, &bb)) || d_rb % bb || d_rb / bb * per != F) return E_TYPE;
     if ((gt == T_IQ2_XXS || ut == T_IQ2_XXS || dt == T_IQ2_XXS) && !iq2_ready) return E_INIT;
+    if (act != MG_ACT_F32 && act != MG_ACT_Q8K) return E_TYPE;
+    const int q8_in = act == MG_ACT_Q8K && q8k_supported(gt) && q8k_supported(ut);
+    const int q8_mid = act == MG_ACT_Q8K && q8k_supported(dt);
+    const int64_t nbd = D / 256, nbf = F / 256;  /* Q8_K blocks per x row, per mid row */
     if (!slot_of) memset(out, 0, sizeof(float) * (size_t)(T * D));
     const int64_t P = T * K;
     if (P == 0) return 0;
@@ -712,7 +713,12 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
     int rc = E_NOMEM, nth = n_threads();
     const int64_t widest = D > F ? D : F;
     float *scratch = malloc(sizeof(float) * ((RT * LANES + 2 * RT) * (size_t)P + q2_floats(widest, P)) * (size_t)nth);
-    if (!start || !order || !gexp || !gbeg || !gend || !xs || !ms || !mid || !scratch) goto done;
+    q8k_block *xq = q8_in ? malloc(sizeof(q8k_block) * (size_t)(T * nbd)) : NULL;
+    q8k_block *mq = q8_mid ? malloc(sizeof(q8k_block) * (size_t)(P * nbf)) : NULL;
+    uint8_t *prep = q8_in ? malloc((size_t)(2 * Q8K_PREP_BYTES * nbd) * (size_t)nth) : NULL;  /* gate and up rows */
+    if (!start || !order || !gexp || !gbeg || !gend || !xs || !ms || !mid || !scratch || (q8_in && (!xq || !prep)) ||
+        (q8_mid && !mq))
+        goto done;
 
     /* counting sort, stable: within an expert pairs stay in (token, slot) order */
     for (int64_t p = 0; p < P; p++) start[ids[p] + 1]++;
@@ -733,12 +739,34 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
     const size_t per_thread = (size_t)(RT * LANES + 2 * RT) * (size_t)maxn + q2_floats(widest, maxn);
     const int64_t nqf = (F + RT - 1) / RT, nqd = (D + RT - 1) / RT;
     const int par = P * F * D * 3 >= MOE_PAR_WORK;
+    if (q8_in)
+#pragma omp parallel for schedule(static) if (par && T > 1)
+        for (int64_t t = 0; t < T; t++) q8k_quantize(x + t * D, D, xq + t * nbd);
 
     /* pass 1: RT gate rows, then the same up rows, of each group's expert; then the epilogue */
 #pragma omp parallel for schedule(dynamic, 4) if (par)
     for (int64_t it = 0; it < G * nqf; it++) {
         const int64_t g = it / nqf, r0 = it % nqf * RT, e = gexp[g], b = gbeg[g];
         const int n = (int)(gend[g] - b), nr = (int)(F - r0 < RT ? F - r0 : RT);
+        if (q8_in) {  /* one token: straight from the blocks; several: each row made ready once */
+            uint8_t *ready = prep + (size_t)thread_id() * 2 * Q8K_PREP_BYTES * nbd;
+            for (int r = 0; r < nr; r++) {
+                const uint8_t *gr = gate + (e * F + r0 + r) * g_rb, *ur = up + (e * F + r0 + r) * u_rb;
+                q8k_row gq, uq;
+                if (n > 1) {
+                    q8k_prepare(&gq, gt, gr, nbd, ready);
+                    q8k_prepare(&uq, ut, ur, nbd, ready + Q8K_PREP_BYTES * nbd);
+                }
+                for (int i = 0; i < n; i++) {
+                    const int64_t p = order[b + i];
+                    const q8k_block *xb = xq + p / K * nbd;
+                    const float g = n > 1 ? q8k_dot_prepared(&gq, xb) : q8k_dot(gt, gr, xb, nbd);
+                    const float u = n > 1 ? q8k_dot_prepared(&uq, xb) : q8k_dot(ut, ur, xb, nbd);
+                    mid[p * F + r0 + r] = swiglu(g, u, wts[p], limit);
+                }
+            }
+            continue;
+        }
         float *acc = scratch + (size_t)thread_id() * per_thread, *yg = acc + (size_t)RT * LANES * n, *yu = yg + RT * n;
         float *lay = acc + (size_t)(RT * LANES + 2 * RT) * maxn;
         const uint8_t *gr[RT], *ur[RT];
@@ -754,6 +782,11 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
         }
     }
 
+    if (q8_mid)  /* the mid rows of the pairs that ran (a streamed round leaves some out) */
+#pragma omp parallel for schedule(static) if (par && P > 1)
+        for (int64_t i = 0; i < P; i++)
+            if (slot_of == NULL || slot_of[ids[order[i]]] >= 0) q8k_quantize(mid + order[i] * F, F, mq + order[i] * nbf);
+
     /* pass 2: down; output rows r0.. belong to one thread for all groups. A thread takes
      * QCHUNK row tiles and walks the groups outside them, so a group's mid rows are read
      * into cache once per chunk, not once per tile (each output still adds its groups in
@@ -768,6 +801,14 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
             for (int64_t q = q0; q < nqd && q < q0 + QCHUNK; q++) {
                 const int64_t r0 = q * RT;
                 const int nr = (int)(D - r0 < RT ? D - r0 : RT);
+                if (q8_mid) {
+                    for (int r = 0; r < nr; r++) {
+                        const uint8_t *row = down + (e * D + r0 + r) * d_rb;
+                        for (int i = 0; i < n; i++)
+                            out[order[b + i] / K * D + r0 + r] += q8k_dot(dt, row, mq + order[b + i] * nbf, nbf);
+                    }
+                    continue;
+                }
                 const uint8_t *dr[RT];
                 for (int r = 0; r < nr; r++) dr[r] = down + (e * D + r0 + r) * d_rb;
                 tile_dots(dr, nr, dt, F, ms + b, n, acc, lay, y);
@@ -781,5 +822,6 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
     rc = 0;
 done:
     free(start); free(order); free(gexp); free(gbeg); free(gend); free(xs); free(ms); free(mid); free(scratch);
+    free(xq); free(mq); free(prep);
     return rc;
 }

@@ -28,10 +28,10 @@ namespace mx = mlx::core;
 namespace {
 
 // experts.c: int mg_moe(x, T, D, ids, wts, K, E, F, gate, gt, g_rb, up, ut, u_rb, down, dt, d_rb,
-//                       limit, out, slot_of, S)
+//                       limit, out, slot_of, S, act)
 using MoeEntry = int (*)(const float*, int64_t, int64_t, const int32_t*, const float*, int64_t, int64_t, int64_t,
                          const uint8_t*, int, int64_t, const uint8_t*, int, int64_t, const uint8_t*, int, int64_t,
-                         float, float*, const int32_t*, int64_t);
+                         float, float*, const int32_t*, int64_t, int);
 
 std::atomic<MoeEntry> moe_entry{nullptr};
 
@@ -47,6 +47,7 @@ void bind_experts(const std::string& path) {
 struct Types {
   int gate, up, down;
   float limit;
+  int act;  // mg_moe's activation mode: 0 f32, 1 Q8_K
   bool operator==(const Types&) const = default;
 };
 
@@ -87,7 +88,7 @@ class RoutedExperts : public mx::Primitive {
       const int rc = entry(dense(x, xc), x.shape(0), x.shape(1), dense(ids, idc), dense(w, wc), ids.shape(1),
                            gate.shape(0), gate.shape(1), gate.data<uint8_t>(), t.gate, gate.shape(2),
                            up.data<uint8_t>(), t.up, up.shape(2), down.data<uint8_t>(), t.down, down.shape(2),
-                           t.limit, yp, nullptr, gate.shape(0));
+                           t.limit, yp, nullptr, gate.shape(0), t.act);
       if (rc) throw std::runtime_error("routed_experts: the native kernel failed (code " + std::to_string(rc) + ")");
     });
   }
@@ -107,7 +108,7 @@ class RoutedExperts : public mx::Primitive {
 
 mx::array routed_experts(const mx::array& x, const mx::array& ids, const mx::array& w, const mx::array& gate,
                          int gate_type, const mx::array& up, int up_type, const mx::array& down, int down_type,
-                         float limit) {
+                         float limit, int act) {
   if (x.ndim() != 2 || x.dtype() != mx::float32)
     throw std::invalid_argument("routed_experts: x must be float32 [T, D]");
   if (ids.ndim() != 2 || ids.dtype() != mx::int32 || ids.shape(0) != x.shape(0) || w.shape() != ids.shape() ||
@@ -120,7 +121,7 @@ mx::array routed_experts(const mx::array& x, const mx::array& ids, const mx::arr
     throw std::invalid_argument("routed_experts: gate/up must be [E, F, *] and down [E, D, *]");
   return mx::array(x.shape(), mx::float32,
                    std::make_shared<RoutedExperts>(mx::default_stream(mx::Device::cpu),
-                                                   Types{gate_type, up_type, down_type, limit}),
+                                                   Types{gate_type, up_type, down_type, limit, act}),
                    {x, ids, w, gate, up, down});
 }
 
@@ -131,6 +132,6 @@ void register_moe(nb::module_& m) {
         "point routed_experts at mg_moe of the native expert library already loaded from path");
   m.def("routed_experts", &routed_experts, nb::arg("x"), nb::arg("ids"), nb::arg("weights"), nb::arg("gate"),
         nb::arg("gate_type"), nb::arg("up"), nb::arg("up_type"), nb::arg("down"), nb::arg("down_type"),
-        nb::arg("limit"),
+        nb::arg("limit"), nb::arg("act") = 0,
         "x [T, D] float32, ids int32 / weights float32 [T, K], raw expert stacks with their GGML types -> [T, D]");
 }

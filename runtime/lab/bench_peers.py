@@ -599,6 +599,9 @@ class EnginePeer:
                        f"{self.engine.file.recipe} file, precision {self.engine.precision}")
         if self.engine.model.experts:
             self.detail += f", {self.engine.expert_cache_note}"
+        activations = getattr(self.engine.model.kernels, "expert_activations", "f32")
+        if activations != "f32":
+            self.detail += f", {activations} expert activations (MAGNETAR_EXPERT_ACT)"
         self._host: list[float] = []
         self._nodes: dict[str, float] = {}
         if nodes:

@@ -1,0 +1,45 @@
+/* blocks.h: what the native expert sources share: the GGML type codes, error
+ * codes, unaligned field loads, the exact f16 widening, and the 8-bit
+ * activation blocks (Q8_K) of q8k.c. Block layouts: docs/spec/quant-kernels.md §1. */
+#ifndef MAGNETAR_BLOCKS_H
+#define MAGNETAR_BLOCKS_H
+
+#include <stdint.h>
+#include <string.h>
+
+enum { T_F32 = 0, T_F16 = 1, T_Q8_0 = 8, T_Q2_K = 10, T_Q4_K = 12, T_IQ2_XXS = 16 };
+enum { E_TYPE = -1, E_SHAPE = -2, E_ID = -3, E_NOMEM = -4, E_INIT = -5 };
+
+static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }  /* blocks are only 2-byte aligned */
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* Exact f16 -> f32 (subnormals, inf and NaN included). */
+static inline float f16(uint16_t h)
+{
+    uint32_t em = h & 0x7fffu, bits;
+    float f;
+    if (em >= 0x7c00u) bits = (em << 13) | 0x7f800000u;              /* inf / NaN */
+    else if (em >= 0x0400u) bits = (em << 13) + ((127u - 15u) << 23); /* normal: rebias */
+    else { f = (float)em * 5.9604644775390625e-08f; memcpy(&bits, &f, 4); } /* subnormal: em * 2^-24, exact */
+    bits |= (uint32_t)(h & 0x8000u) << 16;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* 256 activations as int8 codes times d, with the sums of each 16 codes (what the
+ * K-quants' mins multiply). 292 bytes, GGML's Q8_K layout. */
+typedef struct { float d; int8_t qs[256]; int16_t bsums[16]; } q8k_block;
+
+void q8k_init(const uint8_t (*grid)[8], const uint8_t (*neg)[8]);
+int q8k_supported(int type);
+void q8k_quantize(const float *x, int64_t n, q8k_block *y);
+float q8k_dot(int type, const uint8_t *row, const q8k_block *y, int64_t nb);
+
+/* A weight row made ready for several tokens' dots (q8k_prepare; scratch: Q8K_PREP_BYTES per
+ * block): the same bits as q8k_dot, with less work per token. */
+#define Q8K_PREP_BYTES 512
+typedef struct { int type; const uint8_t *row; int64_t nb; const uint8_t *mag; const int8_t *sgn; } q8k_row;
+void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, uint8_t *scratch);
+float q8k_dot_prepared(const q8k_row *r, const q8k_block *y);
+
+#endif

@@ -1,0 +1,294 @@
+/* q8k.c: the routed experts' products with 8-bit activations (mg_moe's
+ * MG_ACT_Q8K mode), the arithmetic of ds4's and llama.cpp's CPU paths
+ * (spec quant-kernels.md §2.1): an activation row is quantized to Q8_K once,
+ * 256 values at a time (int8 codes, one f32 scale), and every IQ2_XXS, Q2_K
+ * or Q4_K weight row is dotted with it in integers, a block's scales applied
+ * to its integer sums. On AVX2 one instruction multiplies 32 code pairs
+ * (vpmaddubsw) where the f32 path decodes and multiplies 8 values, so the
+ * decode-time step is bound by memory again instead of by instructions.
+ *
+ * The integer sums are exact and a (row, token) pair's value depends only on
+ * its own bytes, so decode and prefill, one thread or many, give the same
+ * bits. What changes against f32 activations is the activations' rounding:
+ * each code is within half a step of 1/127 of its block's largest value,
+ * ~1e-2 relative per output.
+ */
+#include "blocks.h"
+
+#include <math.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* IQ2_XXS: each grid pattern's 8 magnitudes as one word, and each 7-bit sign
+ * index's 8 multipliers (+1 or -1 bytes) as one word. */
+static uint64_t grid8[256], sign8[128];
+
+void q8k_init(const uint8_t (*grid)[8], const uint8_t (*neg)[8])
+{
+    for (int g = 0; g < 256; g++) memcpy(&grid8[g], grid[g], 8);
+    for (int s = 0; s < 128; s++) {
+        uint8_t m[8];
+        for (int i = 0; i < 8; i++) m[i] = neg[s][i] ? 0xff : 0x01;
+        memcpy(&sign8[s], m, 8);
+    }
+}
+
+int q8k_supported(int type) { return type == T_IQ2_XXS || type == T_Q2_K || type == T_Q4_K; }
+
+/* GGML's Q8_K rounding: the value of largest magnitude becomes -127 exactly and
+ * the rest round to nearest, ties to even (the default rounding mode), so the
+ * codes stay in [-127, 127]. A block holding inf or NaN gets d = NaN: its
+ * products come out NaN as they would from f32 activations. */
+void q8k_quantize(const float *x, int64_t n, q8k_block *y)
+{
+    for (int64_t b = 0; b < n / 256; b++, x += 256, y++) {
+        float amax = 0.0f, max = 0.0f, poison = 0.0f;
+        for (int i = 0; i < 256; i++) {
+            poison += x[i] * 0.0f;  /* 0 unless some value is inf or NaN */
+            if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }
+        }
+        memset(y->qs, 0, sizeof y->qs);
+        memset(y->bsums, 0, sizeof y->bsums);
+        if (poison != 0.0f || amax == 0.0f) {
+            y->d = poison != 0.0f ? NAN : 0.0f;
+            continue;
+        }
+        const float iscale = -127.0f / max;
+        for (int i = 0; i < 256; i++) {
+            const int q = (int)nearbyintf(iscale * x[i]);
+            y->qs[i] = (int8_t)(q > 127 ? 127 : q);
+            y->bsums[i / 16] += y->qs[i];
+        }
+        y->d = 1.0f / iscale;
+    }
+}
+
+/* The 4-bit scales and mins of a Q4_K block, unpacked from 12 bytes. */
+static inline void q4_k_scales(const uint8_t *p, uint8_t *sc, uint8_t *mn)
+{
+    for (int j = 0; j < 4; j++) {
+        sc[j] = p[j] & 63;
+        mn[j] = p[j + 4] & 63;
+        sc[j + 4] = (p[j + 8] & 15) | ((p[j] >> 6) << 4);
+        mn[j + 4] = (p[j + 8] >> 4) | ((p[j + 4] >> 6) << 4);
+    }
+}
+
+#if defined(__AVX2__)
+
+static inline int32_t hsum_i32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* Group g (32 values): 4 grid patterns and their signs. The magnitudes are
+ * unsigned (vpmaddubsw's first operand), so the signs go onto the activations. */
+static float dot_iq2_xxs(const uint8_t *row, const q8k_block *y, int64_t nb)
+{
+    float sum = 0.0f;
+    for (int64_t ib = 0; ib < nb; ib++, row += 66, y++) {
+        __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            const uint32_t a = ld32(row + 2 + 8 * g), s = ld32(row + 6 + 8 * g);
+            const __m256i w = _mm256_set_epi64x((int64_t)grid8[a >> 24], (int64_t)grid8[(a >> 16) & 255],
+                                                (int64_t)grid8[(a >> 8) & 255], (int64_t)grid8[a & 255]);
+            const __m256i sg = _mm256_set_epi64x((int64_t)sign8[(s >> 21) & 127], (int64_t)sign8[(s >> 14) & 127],
+                                                 (int64_t)sign8[(s >> 7) & 127], (int64_t)sign8[s & 127]);
+            const __m256i q = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(y->qs + 32 * g)), sg);
+            /* pairs: 2 * 43 * 127 fits int16; the group scale 2 * ls + 1 goes on in the widening */
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, q),
+                                                          _mm256_set1_epi16((int16_t)(2 * (s >> 28) + 1))));
+        }
+        sum += f16(ld16(row)) * y->d * (float)hsum_i32(acc);
+    }
+    return 0.125f * sum;
+}
+
+/* vpshufb controls: 16-bit lanes of sub-block scale 2k in the low half, 2k + 1 in the high one */
+static inline __m256i pair_scales(__m256i scales, int k)
+{
+    const __m256i ctrl = _mm256_setr_epi8(2 * k, -1, 2 * k, -1, 2 * k, -1, 2 * k, -1, 2 * k, -1, 2 * k, -1, 2 * k, -1,
+                                          2 * k, -1, 2 * k + 1, -1, 2 * k + 1, -1, 2 * k + 1, -1, 2 * k + 1, -1,
+                                          2 * k + 1, -1, 2 * k + 1, -1, 2 * k + 1, -1, 2 * k + 1, -1);
+    return _mm256_shuffle_epi8(scales, ctrl);
+}
+
+/* Byte l of half h holds, at shift 2s, value 128h + 32s + l: sub-block 8h + 2s for l < 16,
+ * the next for l >= 16, which is how vpmaddubsw's 16-bit lanes split too. */
+static float dot_q2_k(const uint8_t *row, const q8k_block *y, int64_t nb)
+{
+    const __m256i three = _mm256_set1_epi8(3);
+    const __m128i nib = _mm_set1_epi8(15);
+    float sum = 0.0f;
+    for (int64_t ib = 0; ib < nb; ib++, row += 84, y++) {
+        const __m128i packed = _mm_loadu_si128((const __m128i *)row);
+        const __m128i mins = _mm_and_si128(_mm_srli_epi16(packed, 4), nib);
+        const int32_t msum = hsum_i32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(mins),
+                                                        _mm256_loadu_si256((const __m256i *)y->bsums)));
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm_and_si128(packed, nib));
+        __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + 16 + 32 * h));
+#pragma GCC unroll 4
+            for (int s = 0; s < 4; s++) {
+                const __m256i c = _mm256_and_si256(_mm256_srli_epi16(codes, 2 * s), three);
+                const __m256i p = _mm256_maddubs_epi16(c, _mm256_loadu_si256((const __m256i *)(y->qs + 128 * h + 32 * s)));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, pair_scales(scales, 4 * h + s)));
+            }
+        }
+        sum += f16(ld16(row + 80)) * y->d * (float)hsum_i32(acc) - f16(ld16(row + 82)) * y->d * (float)msum;
+    }
+    return sum;
+}
+
+/* 32 bytes c hold sub-block 2c in their low nibbles and 2c + 1 in their high ones. */
+static float dot_q4_k(const uint8_t *row, const q8k_block *y, int64_t nb)
+{
+    const __m256i nib = _mm256_set1_epi8(15);
+    float sum = 0.0f;
+    for (int64_t ib = 0; ib < nb; ib++, row += 144, y++) {
+        uint8_t sc[8], mn[8];
+        q4_k_scales(row + 4, sc, mn);
+        int32_t msum = 0;
+        for (int j = 0; j < 8; j++) msum += mn[j] * (y->bsums[2 * j] + y->bsums[2 * j + 1]);
+        __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + 16 + 32 * c));
+            const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(codes, nib),
+                                                    _mm256_loadu_si256((const __m256i *)(y->qs + 64 * c)));
+            const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(codes, 4), nib),
+                                                    _mm256_loadu_si256((const __m256i *)(y->qs + 64 * c + 32)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(lo, _mm256_set1_epi16(sc[2 * c])));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(hi, _mm256_set1_epi16(sc[2 * c + 1])));
+        }
+        sum += f16(ld16(row)) * y->d * (float)hsum_i32(acc) - f16(ld16(row + 2)) * y->d * (float)msum;
+    }
+    return sum;
+}
+
+#else /* portable: the same integer sums, one value at a time */
+
+static float dot_iq2_xxs(const uint8_t *row, const q8k_block *y, int64_t nb)
+{
+    float sum = 0.0f;
+    for (int64_t ib = 0; ib < nb; ib++, row += 66, y++) {
+        int32_t isum = 0;
+        for (int g = 0; g < 8; g++) {
+            const uint32_t a = ld32(row + 2 + 8 * g), s = ld32(row + 6 + 8 * g);
+            int32_t gsum = 0;
+            for (int k = 0; k < 4; k++) {
+                uint8_t w[8], m[8];
+                memcpy(w, &grid8[(a >> (8 * k)) & 255], 8);
+                memcpy(m, &sign8[(s >> (7 * k)) & 127], 8);
+                for (int i = 0; i < 8; i++) gsum += w[i] * (int8_t)m[i] * y->qs[32 * g + 8 * k + i];
+            }
+            isum += (int32_t)(2 * (s >> 28) + 1) * gsum;
+        }
+        sum += f16(ld16(row)) * y->d * (float)isum;
+    }
+    return 0.125f * sum;
+}
+
+static float dot_q2_k(const uint8_t *row, const q8k_block *y, int64_t nb)
+{
+    float sum = 0.0f;
+    for (int64_t ib = 0; ib < nb; ib++, row += 84, y++) {
+        int32_t isum = 0, msum = 0;
+        for (int j = 0; j < 16; j++) msum += (row[j] >> 4) * y->bsums[j];
+        for (int h = 0; h < 2; h++)
+            for (int s = 0; s < 4; s++)
+                for (int half = 0; half < 2; half++) {
+                    int32_t jsum = 0;
+                    for (int l = 16 * half; l < 16 * half + 16; l++)
+                        jsum += ((row[16 + 32 * h + l] >> (2 * s)) & 3) * y->qs[128 * h + 32 * s + l];
+                    isum += (row[8 * h + 2 * s + half] & 15) * jsum;
+                }
+        sum += f16(ld16(row + 80)) * y->d * (float)isum - f16(ld16(row + 82)) * y->d * (float)msum;
+    }
+    return sum;
+}
+
+static float dot_q4_k(const uint8_t *row, const q8k_block *y, int64_t nb)
+{
+    float sum = 0.0f;
+    for (int64_t ib = 0; ib < nb; ib++, row += 144, y++) {
+        uint8_t sc[8], mn[8];
+        q4_k_scales(row + 4, sc, mn);
+        int32_t isum = 0, msum = 0;
+        for (int j = 0; j < 8; j++) msum += mn[j] * (y->bsums[2 * j] + y->bsums[2 * j + 1]);
+        for (int c = 0; c < 4; c++) {
+            int32_t lo = 0, hi = 0;
+            for (int l = 0; l < 32; l++) {
+                lo += (row[16 + 32 * c + l] & 15) * y->qs[64 * c + l];
+                hi += (row[16 + 32 * c + l] >> 4) * y->qs[64 * c + 32 + l];
+            }
+            isum += sc[2 * c] * lo + sc[2 * c + 1] * hi;
+        }
+        sum += f16(ld16(row)) * y->d * (float)isum - f16(ld16(row + 2)) * y->d * (float)msum;
+    }
+    return sum;
+}
+
+#endif
+
+#if defined(__AVX2__)
+/* An IQ2_XXS row's grid patterns and signs gathered once, so each further token costs a
+ * load, a sign and a multiply per 32 values instead of eight table loads and their packing
+ * (the K-quants' codes are a shift and a mask away already: they are dotted as stored). */
+void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, uint8_t *scratch)
+{
+    *r = (q8k_row){type, row, nb, scratch, (const int8_t *)scratch + 256 * nb};
+    if (type != T_IQ2_XXS) return;
+    uint64_t *mag = (uint64_t *)scratch, *sgn = mag + 32 * nb;  /* 8 values per word */
+    for (int64_t i = 0; i < 32 * nb; i++) {
+        const uint8_t *b = row + 66 * (i / 32) + 2 + 8 * (i % 32 / 4);  /* group i / 4 of its block */
+        mag[i] = grid8[(ld32(b) >> (8 * (i % 4))) & 255];
+        sgn[i] = sign8[(ld32(b + 4) >> (7 * (i % 4))) & 127];
+    }
+}
+
+float q8k_dot_prepared(const q8k_row *r, const q8k_block *y)
+{
+    if (r->type != T_IQ2_XXS) return q8k_dot(r->type, r->row, y, r->nb);
+    const uint8_t *row = r->row;
+    float sum = 0.0f;
+    for (int64_t ib = 0; ib < r->nb; ib++, row += 66, y++) {
+        __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {  /* dot_iq2_xxs's integers, in its order */
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(r->mag + 256 * ib + 32 * g));
+            const __m256i sg = _mm256_loadu_si256((const __m256i *)(r->sgn + 256 * ib + 32 * g));
+            const __m256i q = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(y->qs + 32 * g)), sg);
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, q),
+                                                          _mm256_set1_epi16((int16_t)(2 * (ld32(row + 6 + 8 * g) >> 28) + 1))));
+        }
+        sum += f16(ld16(row)) * y->d * (float)hsum_i32(acc);
+    }
+    return 0.125f * sum;
+}
+#else
+void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, uint8_t *scratch)
+{
+    (void)scratch;
+    *r = (q8k_row){type, row, nb, NULL, NULL};
+}
+
+float q8k_dot_prepared(const q8k_row *r, const q8k_block *y) { return q8k_dot(r->type, r->row, y, r->nb); }
+#endif
+
+/* row . (the nb Q8_K blocks at y): nb weight blocks of a q8k_supported type */
+float q8k_dot(int type, const uint8_t *row, const q8k_block *y, int64_t nb)
+{
+    switch (type) {
+    case T_IQ2_XXS: return dot_iq2_xxs(row, y, nb);
+    case T_Q2_K: return dot_q2_k(row, y, nb);
+    default: return dot_q4_k(row, y, nb);
+    }
+}

@@ -1,0 +1,174 @@
+"""8-bit expert activations (``activations="q8k"``, kernels/native/q8k.c): the Q8_K
+rounding bit for bit, the integer products against the numpy reference, and the mode
+through the MLX node, streamed rounds and a whole model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from greedy_run import greedy_run
+from kernel_data import EXPERT_TRIPLES, random_moe_case, random_weight, rel_err
+from magnetar.kernels import GGMLType, mlx_ext, native, reference
+from magnetar.kernels.backend import QTensor
+from magnetar.kernels.base import BackendUnavailable
+from magnetar.kernels.cpu import CpuBackend
+from magnetar.runtime import Engine
+from magnetar.runtime.gguf_read import open_model
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"no native kernels: {native.unavailable_reason()}")
+LIMIT = 7.0
+
+
+@pytest.fixture(autouse=True)
+def on_the_cpu():
+    with mx.stream(mx.cpu):
+        yield
+
+
+def _fields(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """native.quantize_q8k's bytes [T, nb * 292] -> (d, codes, sums of 16)."""
+    b = blocks.reshape(len(blocks), -1, native.Q8K_BLOCK_BYTES)
+    return (b[..., :4].copy().view("<f4")[..., 0], b[..., 4:260].view(np.int8),
+            b[..., 260:].copy().view("<i2"))
+
+
+def test_quantize_matches_the_reference_bit_for_bit():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 1024)) * rng.uniform(1e-3, 1e3, (4, 1))).astype(np.float32)
+    x[0, :256] = 0  # d = 0
+    x[1, 256:512] = np.arange(256) % 16 - 7.5  # with 127 the largest, the scale is -1: every value a tie
+    x[1, 256] = 127.0
+    x[2, 600] = np.nan
+    x[3, 900] = -np.inf
+    x[3, :256] = rng.uniform(-1, 1, 256)
+    x[3, 100] = -50.0  # the largest magnitude negative
+    d, codes, sums = _fields(native.quantize_q8k(x))
+    want_d, want_codes = reference.quantize_q8k(x)
+    assert np.array_equal(d.view(np.uint32), want_d.view(np.uint32))
+    assert np.array_equal(codes, want_codes)
+    assert np.array_equal(sums, want_codes.reshape(4, 4, 16, 16).sum(axis=3))
+    assert d[0, 0] == 0 and np.isnan(d[2, 2]) and np.isnan(d[3, 3])
+    assert codes.min() >= -127 and codes[1, 1, 0] == -127 and codes[3, 0, 100] == -127
+    assert list(codes[1, 1, 1:9]) == [6, 6, 4, 4, 2, 2, 0, 0]  # -6.5 .. 0.5 negated, ties to even
+    # the values dequantized from the codes are within half a step of the inputs
+    live = np.isfinite(d) & (d != 0)
+    err = np.abs(d[..., None] * codes - x.reshape(4, 4, 256))[live]
+    assert np.all(err <= np.abs(d[live])[:, None] * 0.5 * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("ggml_type", [GGMLType.IQ2_XXS, GGMLType.Q2_K, GGMLType.Q4_K], ids=lambda t: t.name)
+def test_the_reference_integer_product_is_the_dequantized_one(ggml_type):
+    """reference.matmul_q8k sums integers: it must equal the float64 product of the
+    dequantized activation codes with the exactly dequantized weights."""
+    rng = np.random.default_rng(int(ggml_type))
+    raw = random_weight(rng, ggml_type, (9, 768))
+    x = rng.standard_normal((3, 768)).astype(np.float32)
+    d, codes = reference.quantize_q8k(x)
+    rounded = (d[..., None].astype(np.float64) * codes).reshape(3, 768)
+    want = rounded @ reference.dequantize(raw, ggml_type).astype(np.float64).T
+    assert rel_err(reference.matmul_q8k(x, raw, ggml_type), want) < 1e-12
+
+
+def _stacks(case):
+    return [(np.asarray(m.data), m.ggml_type) for m in case[3]]
+
+
+def _boundary_slack(x, ids, w, stacks) -> np.ndarray:
+    """[T, D]: what taking the neighbouring code for every mid value close to a rounding
+    boundary (within 1e-3 of a step) could change in each output."""
+    (gate, gt), (up, ut), (down, dt) = stacks
+    slack = np.zeros(x.shape)
+    for t, k in np.ndindex(ids.shape):
+        e = ids[t, k]
+        g = np.minimum(reference.matmul_q8k(x[t:t + 1], gate[e], gt), LIMIT)
+        u = np.clip(reference.matmul_q8k(x[t:t + 1], up[e], ut), -LIMIT, LIMIT)
+        mid = (g / (1 + np.exp(-g)) * u * w[t, k]).astype(np.float32)
+        d, _ = reference.quantize_q8k(mid)
+        steps = np.abs(mid.reshape(d.shape[1], 256) / d[0, :, None])
+        near = np.abs(steps % 1 - 0.5) < 1e-3
+        step = np.repeat(np.abs(d[0]), 256) * near.reshape(-1)
+        slack[t] += np.abs(reference.dequantize(down[e], dt)) @ step
+    return slack
+
+
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+@pytest.mark.parametrize("n_tok", [1, 5, 33])
+def test_moe_matches_the_reference_in_integers(recipe, n_tok):
+    rng = np.random.default_rng([n_tok, len(recipe), 8])
+    case = random_moe_case(rng, recipe, n_tok, 6, 16, 512, 512, repeats=True)
+    x, ids, w, stacks = *case[:3], _stacks(case)
+    got = native.moe(x, ids, w, *stacks, LIMIT, activations="q8k")
+    want = reference.moe(x, ids, w, *stacks, LIMIT, activations="q8k")
+    # f32 sums against float64 ones, and where a mid value lies within an ulp of a rounding
+    # boundary the two may pick neighbouring codes: one step of its block in that product
+    assert np.all(np.abs(got - want) <= 1e-6 * np.abs(want).max() + _boundary_slack(x, ids, w, stacks))
+    f32 = reference.moe(x, ids, w, *stacks, LIMIT)
+    assert 1e-4 < rel_err(got, f32) < 3e-2  # the mode is on, and costs ~1e-2 relative
+
+
+def test_types_without_an_integer_product_keep_f32_activations():
+    rng = np.random.default_rng(11)
+    case = random_moe_case(rng, "q8", 3, 6, 8, 512, 256, repeats=False)
+    x, ids, w, stacks = *case[:3], _stacks(case)
+    q8k = native.moe(x, ids, w, *stacks, LIMIT, activations="q8k")
+    assert np.array_equal(q8k.view(np.uint32), native.moe(x, ids, w, *stacks, LIMIT).view(np.uint32))
+
+
+def test_a_token_gets_the_same_bits_alone_in_a_batch_and_in_streamed_rounds():
+    rng = np.random.default_rng(12)
+    case = random_moe_case(rng, "q2", 7, 6, 16, 512, 256, repeats=True)
+    x, ids, w, stacks = *case[:3], _stacks(case)
+    batch = native.moe(x, ids, w, *stacks, LIMIT, activations="q8k")
+    alone = np.concatenate([native.moe(x[t:t + 1], ids[t:t + 1], w[t:t + 1], *stacks, LIMIT, activations="q8k")
+                            for t in range(7)])
+    assert np.array_equal(batch.view(np.uint32), alone.view(np.uint32))
+    out = np.zeros_like(x)
+    for resident in (np.arange(16) < 9, np.arange(16) >= 9):  # two rounds, ascending expert ids
+        slot_of = np.where(resident, np.arange(16), -1)
+        native.moe(x, ids, w, *stacks, LIMIT, slot_of=slot_of, out=out, activations="q8k")
+    assert np.array_equal(out.view(np.uint32), batch.view(np.uint32))
+
+
+@pytest.mark.skipif(not mlx_ext.available(), reason="needs the MLX CPU extension")
+def test_the_graph_node_gives_the_native_bits():
+    rng = np.random.default_rng(13)
+    case = random_moe_case(rng, "q2", 3, 6, 8, 512, 256, repeats=False)
+    x, ids, w, qts = case
+    node = mlx_ext.routed_experts(mx.array(x), mx.array(ids), mx.array(w),
+                                  *[QTensor(mx.array(q.data), q.ggml_type) for q in qts], LIMIT, "q8k")
+    host = native.moe(x, ids, w, *_stacks(case), LIMIT, activations="q8k")
+    assert np.array_equal(np.array(node).view(np.uint32), host.view(np.uint32))
+
+
+def test_a_bad_mode_is_a_one_line_error(monkeypatch):
+    with pytest.raises(ValueError, match="q8k"):
+        native.moe(np.zeros((1, 256), np.float32), np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32),
+                   *[(np.zeros((1, 256, 66), np.uint8), GGMLType.IQ2_XXS)] * 2,
+                   (np.zeros((1, 256, 84), np.uint8), GGMLType.Q2_K), LIMIT, activations="int4")
+    monkeypatch.setenv("MAGNETAR_EXPERT_ACT", "int4")
+    with pytest.raises(BackendUnavailable, match="MAGNETAR_EXPERT_ACT"):
+        CpuBackend()
+    with pytest.raises(BackendUnavailable, match="native"):
+        CpuBackend(use_native=False, expert_activations="q8k")
+
+
+def test_a_model_runs_with_8_bit_expert_activations(tiny_models, monkeypatch):
+    """The environment switch reaches the backend; one graph or cut at the experts give the
+    same bits; and the logits stay near the f32 activations' ones."""
+    prompt = [3 + 37 * i % 1000 for i in range(40)]
+    monkeypatch.setenv("MAGNETAR_EXPERT_ACT", "q8k")
+    runs = {}
+    for fused in (False, True):
+        kernels = CpuBackend(use_native=True, fused_experts=fused and mlx_ext.available())
+        assert kernels.expert_activations == "q8k"
+        runs[fused] = greedy_run(Engine(open_model(tiny_models("q2")), ctx=256, kernels=kernels), prompt, 3)
+    assert runs[True][0] == runs[False][0]
+    for got, want in zip(runs[True][1], runs[False][1]):
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    f32 = greedy_run(Engine(open_model(tiny_models("q2")), ctx=256,
+                            kernels=CpuBackend(use_native=True, expert_activations="f32")), prompt, 0)[1][0]
+    q8k = runs[True][1][0]
+    assert 0 < rel_err(q8k, f32) < 5e-2
+    assert np.argmax(q8k) == np.argmax(f32)
