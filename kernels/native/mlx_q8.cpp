@@ -250,7 +250,8 @@ void dot_rows(RowDots dots, const uint8_t* w, size_t w_stride, const float* x, f
 
 void codes_matmul(RowDots dots, const uint8_t* w, size_t w_stride, const float* x, float* y, Shape s) {
   const int64_t weights = int64_t(s.rows) * s.cols;
-  const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
+  // read once: glibc answers by reading /sys, ~7 us a call, and small's decode step makes ~500 of these calls
+  static const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
   const int n = int(std::min<int64_t>({hw, 4, std::max<int64_t>(1, weights / kWeightsPerThread)}));
   if (n == 1) {
     dot_rows(dots, w, w_stride, x, y, s, 0, s.rows);
