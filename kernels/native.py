@@ -2,7 +2,8 @@
 
 ``native/experts.c`` holds f32 kernels on raw GGUF blocks (spec
 quant-kernels.md §1-2.1): ``dequantize``, ``matmul`` (``x @ W.T``) and
-``moe`` (the routed-expert step of ``backend.py``). This module builds it
+``moe`` (the routed-expert step of ``backend.py``); ``native/q8k.c`` the
+opt-in 8-bit activations of ``moe`` (``activations="q8k"``). This module builds them
 with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) as
 ``-O3 -march=native`` with OpenMP when the compiler has it, caches the
 shared library under ``$MAGNETAR_HOME/cache/kernels`` (else
