@@ -212,7 +212,7 @@ def _measuring_commands(sub) -> None:
                                     "blocks"))
     p.add_argument("-m", "--model", metavar="MODEL", help="the model (decode, prefill, resume and server)")
     p.add_argument("--peers", default="", metavar="LIST",
-                   help="comma list of transformers, mlx-lm, llama.cpp (dev-only packages)")
+                   help="comma list of transformers, mlx-lm, llama.cpp (dev-only packages), magnetar-q8k (ours with 8-bit expert activations)")
     p.add_argument("--prompt-tokens", type=int, default=None,
                    help="prompt length (default 128 for decode, 512 for prefill)")
     p.add_argument("--tokens", "--max-tokens", dest="tokens", type=int, default=32,

@@ -4,6 +4,8 @@ through the MLX node, streamed rounds and a whole model."""
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -172,3 +174,17 @@ def test_a_model_runs_with_8_bit_expert_activations(tiny_models, monkeypatch):
     q8k = runs[True][1][0]
     assert 0 < rel_err(q8k, f32) < 5e-2
     assert np.argmax(q8k) == np.argmax(f32)
+
+
+def test_the_bench_times_8_bit_activations_beside_the_default_in_a_process_of_its_own(tiny_models):
+    from magnetar.runtime.lab.peer_process import isolated_peers
+
+    (child,) = isolated_peers("magnetar-q8k", tiny_models("q2"), ctx=256)
+    try:
+        assert child.pid != os.getpid() and "q8k expert activations" in child.detail
+        assert "MAGNETAR_EXPERT_ACT" not in os.environ  # set in the peer's process only
+        child.prefill([3 + 37 * i % 1000 for i in range(20)])
+        times = child.decode(3)
+        assert len(times) == 3 and all(t > 0 for t in times)
+    finally:
+        child.close()

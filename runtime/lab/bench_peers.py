@@ -534,6 +534,15 @@ class LlamaCppPeer:
 
 PeerFactory = Callable[..., Peer]
 
+
+def _magnetar_q8k(path, cfg, threads, seed, ctx) -> Peer:
+    """Our engine with 8-bit expert activations, timed beside the default one. Peers are built
+    in a process of their own (peer_process.py), so the switch is set for that process only."""
+    os.environ["MAGNETAR_EXPERT_ACT"] = "q8k"
+    peer = EnginePeer(os.fspath(path), ctx)
+    peer.name = "magnetar-q8k"
+    return peer
+
 PEERS: dict[str, PeerFactory] = {
     "transformers": lambda path, cfg, threads, seed, ctx: TransformersPeer(cfg, seed=seed,
                                                                             threads=threads),
@@ -541,6 +550,7 @@ PEERS: dict[str, PeerFactory] = {
     "mlx-lm-pipelined": lambda path, cfg, threads, seed, ctx: MlxLmPeer(cfg, seed=seed,
                                                                          loop="pipelined"),
     "llama.cpp": lambda path, cfg, threads, seed, ctx: LlamaCppPeer(path, threads=threads, ctx=ctx),
+    "magnetar-q8k": _magnetar_q8k,
 }
 ALIASES = {"hf": "transformers", "mlx": "mlx-lm", "mlx_lm": "mlx-lm", "llama-cpp": "llama.cpp",
            "llamacpp": "llama.cpp", "llama_cpp": "llama.cpp"}
