@@ -36,7 +36,7 @@ import numpy as np
 from .formats import BLOCK, GGMLType, row_blocks
 
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
-SOURCES = (NATIVE_DIR / "experts.c", NATIVE_DIR / "q8k.c")
+SOURCES = (NATIVE_DIR / "experts.c", NATIVE_DIR / "q2_tiles.c", NATIVE_DIR / "q8k.c")
 HEADERS = (NATIVE_DIR / "blocks.h",)  # part of the build key: the sources include them
 BASE_FLAGS = ("-std=c11", "-O3", "-ffp-contract=fast", "-fPIC", "-shared")
 # Tried in order: the first that compiles is used (and its library cached).

@@ -4,6 +4,7 @@
 #ifndef MAGNETAR_BLOCKS_H
 #define MAGNETAR_BLOCKS_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -25,6 +26,17 @@ static inline float f16(uint16_t h)
     memcpy(&f, &bits, 4);
     return f;
 }
+
+#define RT 4  /* weight rows dotted together, so each activation load feeds RT rows */
+
+/* q2_tiles.c: f32 products of IQ2_XXS and Q2_K rows from their codes (AVX2 + FMA builds).
+ * q2_tile_dots fills y[t * RT + r] = rows[r] . xs[t] and returns 1, or returns 0 where it
+ * does not apply (another type, or a build without those instructions); scratch holds
+ * q2_floats(cols, nx) floats. */
+void q2_tiles_init(const uint8_t (*grid)[8], const uint8_t (*neg)[8]);
+size_t q2_floats(int64_t cols, int64_t ntok);
+int q2_tile_dots(const uint8_t *const *rows, int nr, int type, int64_t cols, const float *const *xs, int nx,
+                 float *restrict scratch, float *restrict y);
 
 /* 256 activations as int8 codes times d, with the sums of each 16 codes (what the
  * K-quants' mins multiply). 292 bytes, GGML's Q8_K layout. */
