@@ -358,6 +358,7 @@ static inline float swiglu(float g, float u, float weight, float limit)
  * activations (x, then every pair's mid row) to Q8_K and dots in integers (q8k.c);
  * MG_ACT_F32 keeps them f32. */
 enum { MG_ACT_F32 = 0, MG_ACT_Q8K = 1 };
+#define Q8K_PAIRS 16  /* pairs handed to q8k_dots at a time */
 
 int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float *wts, int64_t K,
            int64_t E, int64_t F, const uint8_t *gate, int gt, int64_t g_rb, const uint8_t *up, int ut,
@@ -393,9 +394,11 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
     float *scratch = malloc(sizeof(float) * ((RT * LANES + 2 * RT) * (size_t)P + q2_floats(widest, P)) * (size_t)nth);
     q8k_block *xq = q8_in ? malloc(sizeof(q8k_block) * (size_t)(T * nbd)) : NULL;
     q8k_block *mq = q8_mid ? malloc(sizeof(q8k_block) * (size_t)(P * nbf)) : NULL;
-    uint8_t *prep = q8_in ? malloc((size_t)(2 * Q8K_PREP_BYTES * nbd) * (size_t)nth) : NULL;  /* gate and up rows */
-    if (!start || !order || !gexp || !gbeg || !gend || !xs || !ms || !mid || !scratch || (q8_in && (!xq || !prep)) ||
-        (q8_mid && !mq))
+    /* rows made ready for several tokens: gate and up, or down */
+    const size_t prep_per_thread = (size_t)Q8K_PREP_BYTES * (size_t)(2 * nbd > nbf ? 2 * nbd : nbf);
+    uint8_t *prep = q8_in || q8_mid ? malloc(prep_per_thread * (size_t)nth) : NULL;
+    if (!start || !order || !gexp || !gbeg || !gend || !xs || !ms || !mid || !scratch || (q8_in && !xq) ||
+        (q8_mid && !mq) || ((q8_in || q8_mid) && !prep))
         goto done;
 
     /* counting sort, stable: within an expert pairs stay in (token, slot) order */
@@ -427,20 +430,29 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
         const int64_t g = it / nqf, r0 = it % nqf * RT, e = gexp[g], b = gbeg[g];
         const int n = (int)(gend[g] - b), nr = (int)(F - r0 < RT ? F - r0 : RT);
         if (q8_in) {  /* one token: straight from the blocks; several: each row made ready once */
-            uint8_t *ready = prep + (size_t)thread_id() * 2 * Q8K_PREP_BYTES * nbd;
+            uint8_t *ready = prep + (size_t)thread_id() * prep_per_thread;
             for (int r = 0; r < nr; r++) {
                 const uint8_t *gr = gate + (e * F + r0 + r) * g_rb, *ur = up + (e * F + r0 + r) * u_rb;
-                q8k_row gq, uq;
-                if (n > 1) {
-                    q8k_prepare(&gq, gt, gr, nbd, ready);
-                    q8k_prepare(&uq, ut, ur, nbd, ready + Q8K_PREP_BYTES * nbd);
+                if (n == 1) {
+                    const q8k_block *xb = xq + order[b] / K * nbd;
+                    mid[order[b] * F + r0 + r] = swiglu(q8k_dot(gt, gr, xb, nbd), q8k_dot(ut, ur, xb, nbd),
+                                                        wts[order[b]], limit);
+                    continue;
                 }
-                for (int i = 0; i < n; i++) {
-                    const int64_t p = order[b + i];
-                    const q8k_block *xb = xq + p / K * nbd;
-                    const float gv = n > 1 ? q8k_dot_prepared(&gq, xb) : q8k_dot(gt, gr, xb, nbd);
-                    const float uv = n > 1 ? q8k_dot_prepared(&uq, xb) : q8k_dot(ut, ur, xb, nbd);
-                    mid[p * F + r0 + r] = swiglu(gv, uv, wts[p], limit);
+                q8k_row gq, uq;
+                q8k_prepare(&gq, gt, gr, nbd, ready);
+                q8k_prepare(&uq, ut, ur, nbd, ready + Q8K_PREP_BYTES * nbd);
+                for (int i0 = 0; i0 < n; i0 += Q8K_PAIRS) {
+                    const int m = n - i0 < Q8K_PAIRS ? n - i0 : Q8K_PAIRS;
+                    const q8k_block *xb[Q8K_PAIRS];
+                    float gv[Q8K_PAIRS], uv[Q8K_PAIRS];
+                    for (int i = 0; i < m; i++) xb[i] = xq + order[b + i0 + i] / K * nbd;
+                    q8k_dots(&gq, xb, m, gv);
+                    q8k_dots(&uq, xb, m, uv);
+                    for (int i = 0; i < m; i++) {
+                        const int64_t p = order[b + i0 + i];
+                        mid[p * F + r0 + r] = swiglu(gv[i], uv[i], wts[p], limit);
+                    }
                 }
             }
             continue;
@@ -481,9 +493,17 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
                 const int nr = (int)(D - r0 < RT ? D - r0 : RT);
                 if (q8_mid) {
                     for (int r = 0; r < nr; r++) {
-                        const uint8_t *row = down + (e * D + r0 + r) * d_rb;
-                        for (int i = 0; i < n; i++)
-                            out[order[b + i] / K * D + r0 + r] += q8k_dot(dt, row, mq + order[b + i] * nbf, nbf);
+                        q8k_row dq;
+                        q8k_prepare(&dq, dt, down + (e * D + r0 + r) * d_rb, nbf,
+                                    prep + (size_t)thread_id() * prep_per_thread);
+                        for (int i0 = 0; i0 < n; i0 += Q8K_PAIRS) {
+                            const int m = n - i0 < Q8K_PAIRS ? n - i0 : Q8K_PAIRS;
+                            const q8k_block *mb[Q8K_PAIRS];
+                            float dv[Q8K_PAIRS];
+                            for (int i = 0; i < m; i++) mb[i] = mq + order[b + i0 + i] * nbf;
+                            q8k_dots(&dq, mb, m, dv);
+                            for (int i = 0; i < m; i++) out[order[b + i0 + i] / K * D + r0 + r] += dv[i];
+                        }
                     }
                     continue;
                 }

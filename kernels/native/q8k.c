@@ -240,8 +240,8 @@ static float dot_q4_k(const uint8_t *row, const q8k_block *y, int64_t nb)
 
 #if defined(__AVX2__)
 /* An IQ2_XXS row's grid patterns and signs gathered once, so each further token costs a
- * load, a sign and a multiply per 32 values instead of eight table loads and their packing
- * (the K-quants' codes are a shift and a mask away already: they are dotted as stored). */
+ * sign and a multiply per 32 values instead of eight table loads and their packing (the
+ * K-quants' codes are a shift and a mask away already: they are read as stored). */
 void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, uint8_t *scratch)
 {
     *r = (q8k_row){type, row, nb, scratch, (const int8_t *)scratch + 256 * nb};
@@ -254,25 +254,116 @@ void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, uint8_t *
     }
 }
 
-float q8k_dot_prepared(const q8k_row *r, const q8k_block *y)
+/* Several tokens against one row, up to Q8K_TILE at a time: each weight vector (and
+ * its codes' extraction, its scales) is loaded once for all of them. The per-token
+ * integers and float steps are dot_*'s own, in their order: the same bits. */
+#define Q8K_TILE 4
+#define AI static inline __attribute__((always_inline))  /* m becomes a constant: the sums stay in registers */
+
+AI void tile_iq2_xxs(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
 {
-    if (r->type != T_IQ2_XXS) return q8k_dot(r->type, r->row, y, r->nb);
+    float sum[Q8K_TILE] = {0};
     const uint8_t *row = r->row;
-    float sum = 0.0f;
-    for (int64_t ib = 0; ib < r->nb; ib++, row += 66, y++) {
-        __m256i acc = _mm256_setzero_si256();
-#pragma GCC unroll 8
-        for (int g = 0; g < 8; g++) {  /* dot_iq2_xxs's integers, in its order */
+    for (int64_t ib = 0; ib < r->nb; ib++, row += 66) {
+        __m256i acc[Q8K_TILE];
+        for (int t = 0; t < m; t++) acc[t] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
             const __m256i w = _mm256_loadu_si256((const __m256i *)(r->mag + 256 * ib + 32 * g));
             const __m256i sg = _mm256_loadu_si256((const __m256i *)(r->sgn + 256 * ib + 32 * g));
-            const __m256i q = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(y->qs + 32 * g)), sg);
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, q),
-                                                          _mm256_set1_epi16((int16_t)(2 * (ld32(row + 6 + 8 * g) >> 28) + 1))));
+            const __m256i ls = _mm256_set1_epi16((int16_t)(2 * (ld32(row + 6 + 8 * g) >> 28) + 1));
+            for (int t = 0; t < m; t++) {
+                const __m256i q = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(ys[t][ib].qs + 32 * g)), sg);
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(w, q), ls));
+            }
         }
-        sum += f16(ld16(row)) * y->d * (float)hsum_i32(acc);
+        for (int t = 0; t < m; t++) sum[t] += f16(ld16(row)) * ys[t][ib].d * (float)hsum_i32(acc[t]);
     }
-    return 0.125f * sum;
+    for (int t = 0; t < m; t++) out[t] = 0.125f * sum[t];
 }
+
+AI void tile_q2_k(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
+{
+    const __m256i three = _mm256_set1_epi8(3);
+    const __m128i nib = _mm_set1_epi8(15);
+    float sum[Q8K_TILE] = {0};
+    const uint8_t *row = r->row;
+    for (int64_t ib = 0; ib < r->nb; ib++, row += 84) {
+        const __m128i packed = _mm_loadu_si128((const __m128i *)row);
+        const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nib));
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm_and_si128(packed, nib));
+        __m256i acc[Q8K_TILE];
+        for (int t = 0; t < m; t++) acc[t] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + 16 + 32 * h));
+            for (int s = 0; s < 4; s++) {
+                const __m256i c = _mm256_and_si256(_mm256_srli_epi16(codes, 2 * s), three);
+                const __m256i sc = pair_scales(scales, 4 * h + s);
+                for (int t = 0; t < m; t++) {
+                    const __m256i y = _mm256_loadu_si256((const __m256i *)(ys[t][ib].qs + 128 * h + 32 * s));
+                    acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(c, y), sc));
+                }
+            }
+        }
+        for (int t = 0; t < m; t++) {
+            const float yd = ys[t][ib].d;
+            const int32_t msum = hsum_i32(_mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)ys[t][ib].bsums)));
+            sum[t] += f16(ld16(row + 80)) * yd * (float)hsum_i32(acc[t]) - f16(ld16(row + 82)) * yd * (float)msum;
+        }
+    }
+    for (int t = 0; t < m; t++) out[t] = sum[t];
+}
+
+AI void tile_q4_k(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
+{
+    const __m256i nib = _mm256_set1_epi8(15);
+    float sum[Q8K_TILE] = {0};
+    const uint8_t *row = r->row;
+    for (int64_t ib = 0; ib < r->nb; ib++, row += 144) {
+        uint8_t sc[8], mn[8];
+        q4_k_scales(row + 4, sc, mn);
+        __m256i acc[Q8K_TILE];
+        for (int t = 0; t < m; t++) acc[t] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + 16 + 32 * c));
+            const __m256i lo = _mm256_and_si256(codes, nib), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nib);
+            const __m256i slo = _mm256_set1_epi16(sc[2 * c]), shi = _mm256_set1_epi16(sc[2 * c + 1]);
+            for (int t = 0; t < m; t++) {
+                const int8_t *y = ys[t][ib].qs + 64 * c;
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)y)), slo));
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(y + 32))), shi));
+            }
+        }
+        for (int t = 0; t < m; t++) {
+            int32_t msum = 0;
+            for (int j = 0; j < 8; j++) msum += mn[j] * (ys[t][ib].bsums[2 * j] + ys[t][ib].bsums[2 * j + 1]);
+            sum[t] += f16(ld16(row)) * ys[t][ib].d * (float)hsum_i32(acc[t]) - f16(ld16(row + 2)) * ys[t][ib].d * (float)msum;
+        }
+    }
+    for (int t = 0; t < m; t++) out[t] = sum[t];
+}
+
+#define TILE_BY_COUNT(tile) do { \
+        switch (m) { \
+        case 4: tile(r, ys, 4, out); break; \
+        case 3: tile(r, ys, 3, out); break; \
+        case 2: tile(r, ys, 2, out); break; \
+        default: tile(r, ys, 1, out); \
+        } \
+    } while (0)
+
+void q8k_dots(const q8k_row *r, const q8k_block *const *ys, int n, float *out)
+{
+    for (int t0 = 0; t0 < n; t0 += Q8K_TILE, ys += Q8K_TILE, out += Q8K_TILE) {
+        const int m = n - t0 < Q8K_TILE ? n - t0 : Q8K_TILE;
+        if (r->type == T_IQ2_XXS) TILE_BY_COUNT(tile_iq2_xxs);
+        else if (r->type == T_Q2_K) TILE_BY_COUNT(tile_q2_k);
+        else TILE_BY_COUNT(tile_q4_k);
+    }
+}
+#undef TILE_BY_COUNT
+#undef AI
 #else
 void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, uint8_t *scratch)
 {
@@ -280,7 +371,10 @@ void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, uint8_t *
     *r = (q8k_row){type, row, nb, NULL, NULL};
 }
 
-float q8k_dot_prepared(const q8k_row *r, const q8k_block *y) { return q8k_dot(r->type, r->row, y, r->nb); }
+void q8k_dots(const q8k_row *r, const q8k_block *const *ys, int n, float *out)
+{
+    for (int t = 0; t < n; t++) out[t] = q8k_dot(r->type, r->row, ys[t], r->nb);
+}
 #endif
 
 /* row . (the nb Q8_K blocks at y): nb weight blocks of a q8k_supported type */
