@@ -188,3 +188,27 @@ def test_the_bench_times_8_bit_activations_beside_the_default_in_a_process_of_it
         assert len(times) == 3 and all(t > 0 for t in times)
     finally:
         child.close()
+
+
+def test_llama_cpp_quantizes_activations_to_our_bytes():
+    """An independent implementation: ggml's own quantize_row_q8_K (llama.cpp's CPU library,
+    a dev-only peer) gives our Q8_K bytes, ties and a negative largest value included."""
+    import ctypes
+    from pathlib import Path
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional peer)")
+    ggml_cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    ggml_cpu.quantize_row_q8_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    ggml_cpu.quantize_row_q8_K.restype = None
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal((4, 1024)) * rng.uniform(0.01, 100, (4, 1))).astype(np.float32)
+    x[1, 256:512] = np.arange(256) % 16 - 7.5
+    x[1, 256] = 127.0  # every other value a tie
+    x[2, :256] = rng.uniform(-1, 1, 256)
+    x[2, 7] = -9.0
+    x[3, 512:768] = 0
+    ours = native.quantize_q8k(x)
+    theirs = np.zeros_like(ours)  # ggml leaves an all-zero block's sums unwritten (they meet d = 0)
+    for t in range(len(x)):
+        ggml_cpu.quantize_row_q8_K(x[t].ctypes.data, theirs[t].ctypes.data, x.shape[1])
+    assert np.array_equal(ours, theirs)
