@@ -14,6 +14,17 @@ enum { E_TYPE = -1, E_SHAPE = -2, E_ID = -3, E_NOMEM = -4, E_INIT = -5 };
 static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }  /* blocks are only 2-byte aligned */
 static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
+/* The 6-bit scales and mins of a Q4_K block's 8 sub-blocks, packed in 12 bytes. */
+static inline void q4_k_scales(const uint8_t *p, uint8_t *sc, uint8_t *mn)
+{
+    for (int j = 0; j < 4; j++) {
+        sc[j] = p[j] & 63;
+        mn[j] = p[j + 4] & 63;
+        sc[j + 4] = (uint8_t)((p[j + 8] & 15) | ((p[j] >> 6) << 4));
+        mn[j + 4] = (uint8_t)((p[j + 8] >> 4) | ((p[j + 4] >> 6) << 4));
+    }
+}
+
 /* Exact f16 -> f32 (subnormals, inf and NaN included). */
 static inline float f16(uint16_t h)
 {

@@ -133,14 +133,9 @@ static inline void dec_q2_k(const uint8_t *restrict b, float *restrict out)
 static inline void dec_q4_k(const uint8_t *restrict b, float *restrict out)
 {
     const float d = f16(ld16(b)), dmin = f16(ld16(b + 2));
-    const uint8_t *s = b + 4, *restrict qs = b + 16;
+    const uint8_t *restrict qs = b + 16;
     uint8_t sc[8], mn[8];
-    for (int j = 0; j < 4; j++) {
-        sc[j] = s[j] & 63;
-        mn[j] = s[j + 4] & 63;
-        sc[j + 4] = (uint8_t)((s[j + 8] & 15) | ((s[j] >> 6) << 4));
-        mn[j + 4] = (uint8_t)((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
-    }
+    q4_k_scales(b + 4, sc, mn);
     for (int c = 0; c < 4; c++) {
         const float dl0 = d * (float)sc[2 * c], ml0 = dmin * (float)mn[2 * c];
         const float dl1 = d * (float)sc[2 * c + 1], ml1 = dmin * (float)mn[2 * c + 1];

@@ -64,17 +64,6 @@ void q8k_quantize(const float *x, int64_t n, q8k_block *y)
     }
 }
 
-/* The 4-bit scales and mins of a Q4_K block, unpacked from 12 bytes. */
-static inline void q4_k_scales(const uint8_t *p, uint8_t *sc, uint8_t *mn)
-{
-    for (int j = 0; j < 4; j++) {
-        sc[j] = p[j] & 63;
-        mn[j] = p[j + 4] & 63;
-        sc[j + 4] = (p[j + 8] & 15) | ((p[j] >> 6) << 4);
-        mn[j + 4] = (p[j + 8] >> 4) | ((p[j + 4] >> 6) << 4);
-    }
-}
-
 #if defined(__AVX2__)
 
 static inline int32_t hsum_i32(__m256i v)
@@ -116,61 +105,6 @@ static inline __m256i pair_scales(__m256i scales, int k)
                                           2 * k, -1, 2 * k + 1, -1, 2 * k + 1, -1, 2 * k + 1, -1, 2 * k + 1, -1,
                                           2 * k + 1, -1, 2 * k + 1, -1, 2 * k + 1, -1, 2 * k + 1, -1);
     return _mm256_shuffle_epi8(scales, ctrl);
-}
-
-/* Byte l of half h holds, at shift 2s, value 128h + 32s + l: sub-block 8h + 2s for l < 16,
- * the next for l >= 16, which is how vpmaddubsw's 16-bit lanes split too. */
-static float dot_q2_k(const uint8_t *row, const q8k_block *y, int64_t nb)
-{
-    const __m256i three = _mm256_set1_epi8(3);
-    const __m128i nib = _mm_set1_epi8(15);
-    float sum = 0.0f;
-    for (int64_t ib = 0; ib < nb; ib++, row += 84, y++) {
-        const __m128i packed = _mm_loadu_si128((const __m128i *)row);
-        const __m128i mins = _mm_and_si128(_mm_srli_epi16(packed, 4), nib);
-        const int32_t msum = hsum_i32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(mins),
-                                                        _mm256_loadu_si256((const __m256i *)y->bsums)));
-        const __m256i scales = _mm256_broadcastsi128_si256(_mm_and_si128(packed, nib));
-        __m256i acc = _mm256_setzero_si256();
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; h++) {
-            const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + 16 + 32 * h));
-#pragma GCC unroll 4
-            for (int s = 0; s < 4; s++) {
-                const __m256i c = _mm256_and_si256(_mm256_srli_epi16(codes, 2 * s), three);
-                const __m256i p = _mm256_maddubs_epi16(c, _mm256_loadu_si256((const __m256i *)(y->qs + 128 * h + 32 * s)));
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, pair_scales(scales, 4 * h + s)));
-            }
-        }
-        sum += f16(ld16(row + 80)) * y->d * (float)hsum_i32(acc) - f16(ld16(row + 82)) * y->d * (float)msum;
-    }
-    return sum;
-}
-
-/* 32 bytes c hold sub-block 2c in their low nibbles and 2c + 1 in their high ones. */
-static float dot_q4_k(const uint8_t *row, const q8k_block *y, int64_t nb)
-{
-    const __m256i nib = _mm256_set1_epi8(15);
-    float sum = 0.0f;
-    for (int64_t ib = 0; ib < nb; ib++, row += 144, y++) {
-        uint8_t sc[8], mn[8];
-        q4_k_scales(row + 4, sc, mn);
-        int32_t msum = 0;
-        for (int j = 0; j < 8; j++) msum += mn[j] * (y->bsums[2 * j] + y->bsums[2 * j + 1]);
-        __m256i acc = _mm256_setzero_si256();
-#pragma GCC unroll 4
-        for (int c = 0; c < 4; c++) {
-            const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + 16 + 32 * c));
-            const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(codes, nib),
-                                                    _mm256_loadu_si256((const __m256i *)(y->qs + 64 * c)));
-            const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(codes, 4), nib),
-                                                    _mm256_loadu_si256((const __m256i *)(y->qs + 64 * c + 32)));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(lo, _mm256_set1_epi16(sc[2 * c])));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(hi, _mm256_set1_epi16(sc[2 * c + 1])));
-        }
-        sum += f16(ld16(row)) * y->d * (float)hsum_i32(acc) - f16(ld16(row + 2)) * y->d * (float)msum;
-    }
-    return sum;
 }
 
 #else /* portable: the same integer sums, one value at a time */
@@ -281,6 +215,8 @@ AI void tile_iq2_xxs(const q8k_row *r, const q8k_block *const *ys, int m, float 
     for (int t = 0; t < m; t++) out[t] = 0.125f * sum[t];
 }
 
+/* Byte l of half h holds, at shift 2s, value 128h + 32s + l: sub-block 8h + 2s for l < 16,
+ * the next for l >= 16, which is how vpmaddubsw's 16-bit lanes split too. */
 AI void tile_q2_k(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
 {
     const __m256i three = _mm256_set1_epi8(3);
@@ -313,6 +249,7 @@ AI void tile_q2_k(const q8k_row *r, const q8k_block *const *ys, int m, float *ou
     for (int t = 0; t < m; t++) out[t] = sum[t];
 }
 
+/* 32 bytes c hold sub-block 2c in their low nibbles and 2c + 1 in their high ones. */
 AI void tile_q4_k(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
 {
     const __m256i nib = _mm256_set1_epi8(15);
@@ -342,6 +279,23 @@ AI void tile_q4_k(const q8k_row *r, const q8k_block *const *ys, int m, float *ou
         }
     }
     for (int t = 0; t < m; t++) out[t] = sum[t];
+}
+
+/* One token: the tiles' own arithmetic (the IQ2_XXS row is not made ready for one token). */
+static float dot_q2_k(const uint8_t *row, const q8k_block *y, int64_t nb)
+{
+    const q8k_row r = {T_Q2_K, row, nb, NULL, NULL};
+    float out;
+    tile_q2_k(&r, &y, 1, &out);
+    return out;
+}
+
+static float dot_q4_k(const uint8_t *row, const q8k_block *y, int64_t nb)
+{
+    const q8k_row r = {T_Q4_K, row, nb, NULL, NULL};
+    float out;
+    tile_q4_k(&r, &y, 1, &out);
+    return out;
 }
 
 #define TILE_BY_COUNT(tile) do { \
