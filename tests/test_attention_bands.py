@@ -17,10 +17,7 @@ from magnetar.runtime.kv_state import KVState
 CHUNKS = (50, 90)  # tokens; tiny's window is 32, its indexer keeps 8 of the ratio-4 rows
 
 
-@pytest.fixture(autouse=True)
-def on_the_cpu():
-    with mx.stream(mx.cpu):
-        yield
+pytestmark = pytest.mark.usefixtures("on_the_cpu")  # conftest.py
 
 
 def _prefill_chunks(model, il: int, xs: list[mx.array]) -> list[np.ndarray]:

@@ -28,10 +28,7 @@ from magnetar.runtime.precision import Precision
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def on_the_cpu():
-    with mx.stream(mx.cpu):
-        yield
+pytestmark = pytest.mark.usefixtures("on_the_cpu")  # conftest.py
 
 
 def _normal(rng, *shape, scale=1.0):

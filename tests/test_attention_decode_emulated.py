@@ -30,7 +30,7 @@ from magnetar.runtime.lab.graph_nodes import graph_nodes
 from test_attention_decode_cpu import make_step
 from test_hc_emulated import MODULES, PLATFORMS
 
-pytestmark = NEEDS_EMULATOR
+pytestmark = [*NEEDS_EMULATOR, pytest.mark.usefixtures("on_the_cpu")]
 
 RTOL = 1e-5
 
@@ -38,12 +38,6 @@ RTOL = 1e-5
 @pytest.fixture(scope="session")
 def build_dir(request, tmp_path_factory):
     return emulator_build_dir(request, tmp_path_factory, "attention_emulator")
-
-
-@pytest.fixture(autouse=True)
-def on_the_cpu():
-    with mx.stream(mx.cpu):
-        yield
 
 
 def check(emu, module, step: ad.DecodeStep, shape: ad.DecodeShape, official: bool) -> list[str]:
@@ -83,7 +77,6 @@ def test_emulated_attention_decode_equals_the_mlx_ops_at_tiny_widths(build_dir, 
         select = step.index_q is not None
         launched = check(emu, MODULES[platform], step, shape, True)
         assert launched == ["attn_state", *(["attn_index"] if select else []), "attn_core"]
-
 
 
 class CountingLaunches(metal.MetalBackend):

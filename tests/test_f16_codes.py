@@ -26,10 +26,7 @@ from magnetar.runtime.lab.graph_nodes import graph_nodes
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def on_the_cpu():
-    with mx.stream(mx.cpu):
-        yield
+pytestmark = pytest.mark.usefixtures("on_the_cpu")  # conftest.py
 
 
 def _f16(rng, rows: int, cols: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from magnetar.runtime.lab.graph_nodes import graph_nodes
 from magnetar.runtime.weights import Matrix
 from test_hc_emulated import MODULES, PLATFORMS
 
-pytestmark = NEEDS_EMULATOR
+pytestmark = [*NEEDS_EMULATOR, pytest.mark.usefixtures("on_the_cpu")]
 
 RTOL = 1e-5
 
@@ -34,12 +34,6 @@ RTOL = 1e-5
 @pytest.fixture(scope="session")
 def build_dir(request, tmp_path_factory):
     return emulator_build_dir(request, tmp_path_factory, "grouped_matvec_emulator")
-
-
-@pytest.fixture(autouse=True)
-def on_the_cpu():
-    with mx.stream(mx.cpu):
-        yield
 
 
 def grouped_f64(x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -24,10 +24,7 @@ RTOL = 1e-5
 DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 
 
-@pytest.fixture(autouse=True)
-def on_the_cpu():
-    with mx.stream(mx.cpu):
-        yield
+pytestmark = pytest.mark.usefixtures("on_the_cpu")  # conftest.py
 
 
 def test_the_extension_builds_and_takes_mlx_arrays_here():

@@ -23,16 +23,11 @@ from magnetar.runtime import Engine
 from magnetar.runtime.gguf_read import open_model
 from magnetar.runtime.weights import Matrix
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"no native kernels: {native.unavailable_reason()}")
+pytestmark = [pytest.mark.skipif(not native.available(), reason=f"no native kernels: {native.unavailable_reason()}"),
+              pytest.mark.usefixtures("on_the_cpu")]
 
 RTOL = 1e-5
 TYPES = [GGMLType.F16, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.IQ2_XXS]
-
-
-@pytest.fixture(autouse=True)
-def on_the_cpu():
-    with mx.stream(mx.cpu):
-        yield
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from greedy_run import greedy_run
-from kernel_data import EXPERT_TRIPLES, random_moe_case, random_weight, rel_err
+from kernel_data import random_moe_case, random_weight, rel_err
 from magnetar.kernels import GGMLType, mlx_ext, native, reference
 from magnetar.kernels.backend import QTensor
 from magnetar.kernels.base import BackendUnavailable
@@ -19,14 +19,9 @@ from magnetar.kernels.cpu import CpuBackend
 from magnetar.runtime import Engine
 from magnetar.runtime.gguf_read import open_model
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"no native kernels: {native.unavailable_reason()}")
+pytestmark = [pytest.mark.skipif(not native.available(), reason=f"no native kernels: {native.unavailable_reason()}"),
+              pytest.mark.usefixtures("on_the_cpu")]
 LIMIT = 7.0
-
-
-@pytest.fixture(autouse=True)
-def on_the_cpu():
-    with mx.stream(mx.cpu):
-        yield
 
 
 def _fields(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

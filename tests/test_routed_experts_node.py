@@ -19,15 +19,10 @@ from magnetar.runtime import Engine
 from magnetar.runtime.gguf_read import open_model
 from magnetar.runtime.lab.graph_nodes import graph_nodes
 
-pytestmark = pytest.mark.skipif(not (native.available() and mlx_ext.available()),
-                                reason="needs the native kernels and the MLX CPU extension")
+pytestmark = [pytest.mark.skipif(not (native.available() and mlx_ext.available()),
+                                 reason="needs the native kernels and the MLX CPU extension"),
+              pytest.mark.usefixtures("on_the_cpu")]
 LIMIT = 7.0
-
-
-@pytest.fixture(autouse=True)
-def on_the_cpu():
-    with mx.stream(mx.cpu):
-        yield
 
 
 def _stacks(rng, recipe: str, n_experts: int, d_model: int, ffn: int) -> list[QTensor]:
