@@ -232,6 +232,11 @@ def _measuring_commands(sub) -> None:
                    help="decode/prefill: count the compiled decode step's MLX graph nodes, per token and layer")
     p.add_argument("--wait-quiet", action="store_true",
                    help="before each timed call, wait until other processes use < 0.25 cores")
+    p.add_argument("--memory-budget", type=_memory_budget, default=None, metavar="SIZE|auto",
+                   help="decode/prefill: memory the peers may fill together (default auto: what is free now); "
+                        "beyond it the bench warns and marks its results memory-bound")
+    p.add_argument("--strict-memory", action="store_true",
+                   help="decode/prefill: stop with an error instead when the peers exceed --memory-budget")
     p.add_argument("--recipe", choices=("q2", "q4"), default="q2", help="kernels: expert encoding")
     p.add_argument("--backend", default="cpu", help="kernels, blocks: the backend to time")
     p.add_argument("--experts", type=int, default=256, help="kernels: experts in the stack")
@@ -262,6 +267,15 @@ def _expert_cache_size(text: str) -> int | str:
         return parse_cache_size(text)
     except MagnetarError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _memory_budget(text: str) -> int | None:
+    """``--memory-budget``: bytes like ``24G``, or None for ``auto`` (what the OS has free)."""
+    try:
+        size = parse_cache_size(text)
+    except MagnetarError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use auto, or bytes like 512M or 24G") from None
+    return None if size == "auto" else size
 
 
 def _add_streaming_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:

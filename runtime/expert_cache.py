@@ -68,7 +68,7 @@ def routed_tensors(mf: ModelFile, layers) -> dict[int, tuple[TensorInfo, TensorI
     return {il: tuple(mf.tensors[f"blk.{il}.{n}.weight"] for n in ROUTED) for il in layers}
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
     """Bytes the OS could give us now: MemAvailable on Linux, else 80% of physical memory
     (ds4's auto budget share on macOS, where free memory is mostly reclaimable cache)."""
     try:
@@ -84,7 +84,7 @@ def _available_memory() -> int:
 def auto_budget(mf: ModelFile, ctx: int, resident: int) -> tuple[int, str]:
     """``--expert-cache auto``: what is free now, less the weights still to load, the KV state
     for ``ctx`` tokens and a margin. Returns the bytes and the line that explains them."""
-    free = _available_memory()
+    free = available_memory()
     kv = mf.config.kv_bytes(ctx)
     budget = max(free - resident - kv - AUTO_MARGIN, 0)
     return budget, (f"expert cache auto: {free / 2**30:.1f} GiB free - {resident / 2**30:.1f} GiB weights - "

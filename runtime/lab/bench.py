@@ -82,6 +82,7 @@ class Sample:
     token_ms: list[float] = field(default_factory=list, repr=False)  # decode: every token
     prompt_tokens: int = 0  # the prompt's length (decode: the context the tokens follow)
     other_cpu: float | None = None  # cores busy with OTHER processes during the timed call
+    memory_bound: bool | None = None  # the peers' weights exceeded free memory (bench_memory.py); None: unchecked
 
 
 Progress = Callable[[str, int, "Sample | None"], None]
@@ -253,7 +254,8 @@ def summarize(samples: Sequence[Sample]) -> list[dict[str, Any]]:
     ``{"peer", "detail", "mode", "reps", "tokens", "prompt_tokens", "tok_s": {median,min,max},
     "seconds": {...}, "ms_per_token": {...} (decode), "ratio_tok_s": {...},
     "ratio_ms_per_token": {...} (decode), "extra": {key: median},
-    "other_cpu_max": the most cores other processes used during one call}``.
+    "other_cpu_max": the most cores other processes used during one call,
+    "memory_bound": whether any of its samples was}``.
     A ratio is this peer's value divided by the base peer's value in the same
     repetition, summarized over the repetitions both have; the base gets 1.0.
     ``ms_per_token`` > 1 means slower than the base, ``tok_s`` > 1 faster.
@@ -286,6 +288,7 @@ def summarize(samples: Sequence[Sample]) -> list[dict[str, Any]]:
             entry[f"ratio_{metric}"] = _spread(ratios) if ratios else None
         others = [s.other_cpu for s in rows if s.other_cpu is not None]
         entry["other_cpu_max"] = max(others) if others else None
+        entry["memory_bound"] = any(s.memory_bound for s in rows)
         keys = sorted({k for s in rows for k in s.extra})
         entry["extra"] = {k: statistics.median([s.extra[k] for s in rows if k in s.extra]) for k in keys}
         out.append(entry)
@@ -373,11 +376,14 @@ def render_table(summary: Sequence[dict[str, Any]], rich: bool = True, width: in
     if worst is not None and worst >= BUSY_WARNING:
         lines.append(f"warning: other processes kept {worst:.1f} of {os.cpu_count()} cores busy "
                      "during some calls; multi-threaded peers suffer most (other_cpu in the CSV)")
+    if any(e.get("memory_bound") for e in summary):
+        lines.append("warning: MEMORY-BOUND: the peers' weights together exceeded the memory available "
+                     "before the run; these timings may measure paging, not the engines (memory_bound in the CSV)")
     return "\n".join(lines)
 
 
 CSV_FIELDS = ["peer", "mode", "rep", "prompt_tokens", "tokens", "seconds", "tok_s", "ms_per_token",
-              "other_cpu", "detail"]
+              "other_cpu", "memory_bound", "detail"]
 BUSY_WARNING = 0.25  # cores used by other processes that make render_table warn
 
 
@@ -390,7 +396,8 @@ def write_csv(samples: Sequence[Sample], path: str | os.PathLike) -> None:
     for s in samples:
         writer.writerow([s.peer, s.mode, s.rep, s.prompt_tokens, s.tokens, repr(s.seconds), repr(s.tok_s),
                          "" if s.ms_per_token is None else repr(s.ms_per_token),
-                         "" if s.other_cpu is None else f"{s.other_cpu:.3f}", s.detail]
+                         "" if s.other_cpu is None else f"{s.other_cpu:.3f}",
+                         "" if s.memory_bound is None else int(s.memory_bound), s.detail]
                         + [repr(s.extra[k]) if k in s.extra else "" for k in extra_keys])
     with atomic_writer(path) as fh:
         fh.write(buf.getvalue().encode("utf-8"))

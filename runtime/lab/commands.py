@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -132,7 +133,8 @@ def _bytes(n: float) -> str:
 
 def bench(args: argparse.Namespace) -> int:
     from . import bench as harness
-    from .bench_peers import EnginePeer
+    from . import bench_memory
+    from .bench_peers import EnginePeer, parse_names
     from .peer_process import isolated_peers
 
     if args.mode == "kernels":
@@ -149,10 +151,17 @@ def bench(args: argparse.Namespace) -> int:
         raise UsageError(f"bench {args.mode} needs a model", "pass -m MODEL")
     if args.tokens < 1 or args.reps < 1 or args.prompt_tokens < 1:
         raise UsageError("--tokens, --reps and --prompt-tokens must be positive")
-    cfg = open_model(args.model).config
+    mf = open_model(args.model)
+    cfg = mf.config
     console = Console(stderr=True)
     if args.plot:
         harness.figure_class()  # a missing matplotlib fails before the benchmark, not after
+    # Interleaved peers all stay resident: over free memory the timings measure paging (bench_memory.py).
+    memory = bench_memory.plan(["magnetar", *parse_names(args.peers)], mf, available=args.memory_budget,
+                               ctx=args.ctx, expert_cache=getattr(args, "expert_cache", None))
+    warning = bench_memory.check(memory, strict=args.strict_memory)
+    if warning:
+        print(f"magnetar: {warning}", file=sys.stderr)
     peers = [EnginePeer(args.model, ctx=args.ctx, nodes=args.nodes, **engine_options(args))]
     peers += isolated_peers(args.peers, args.model, ctx=args.ctx,
                             progress=lambda name, s: console.print(f"[dim]built {name} in {s:.1f} s[/]",
@@ -160,8 +169,12 @@ def bench(args: argparse.Namespace) -> int:
     prompt = _bench_prompt(cfg.vocab_size, args.prompt_tokens)
     samples = harness.run(peers, args.mode, prompt, args.tokens, args.reps,
                           quiet_below=0.25 if args.wait_quiet else None)
+    for s in samples:
+        s.memory_bound = memory.over
     summary = harness.summarize(samples)
     print(harness.render_table(summary))
+    peaks = {peers[0].name: bench_memory.peak_rss(), **{p.name: p.peak_rss for p in peers[1:]}}
+    print(bench_memory.rss_line(peaks, memory))
     if args.csv:
         harness.write_csv(samples, args.csv)
     if args.plot:

@@ -12,7 +12,8 @@ call by the harness, pipe round trip included: well under a millisecond).
 Protocol, child side: stdout is the reply channel (anything a library prints
 goes to stderr instead); each request line is ``{"op": "prefill", "ids":
 [...]}`` or ``{"op": "decode", "n": N}``; each reply is ``{"ok": ...,
-"extra": {...}, "tokens": [...]}`` or ``{"error": "...", "fix": "..."}``.
+"extra": {...}, "tokens": [...], "peak_rss": bytes}`` or ``{"error": "...", "fix":
+"..."}`` (``peak_rss``: the child's largest resident set so far, bench_memory.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from ..errors import MagnetarError, UsageError
+from .bench_memory import peak_rss
 from .bench_peers import make_peers, parse_names
 
 
@@ -65,6 +67,7 @@ class PeerProcess:
             raise UsageError(msg["error"], msg.get("fix"))
         self._extra = msg.get("extra", {})
         self.last_tokens = msg.get("tokens", [])  # the greedy tokens of the last decode
+        self.peak_rss = msg.get("peak_rss")  # bytes, as of this reply
         return msg
 
     def _call(self, request: dict[str, Any]) -> Any:
@@ -104,7 +107,8 @@ def _serve(name: str, path: str, threads: int, seed: int, ctx: int) -> None:
     except MagnetarError as err:
         send({"error": err.message, "fix": err.fix})
         return
-    send({"ok": None, "detail": peer.detail, "build_seconds": getattr(peer, "build_seconds", 0.0)})
+    send({"ok": None, "detail": peer.detail, "build_seconds": getattr(peer, "build_seconds", 0.0),
+          "peak_rss": peak_rss()})
     for line in sys.stdin:
         request = json.loads(line)
         try:
@@ -117,7 +121,7 @@ def _serve(name: str, path: str, threads: int, seed: int, ctx: int) -> None:
             continue
         extra = getattr(peer, "extra", None)
         send({"ok": result, "extra": extra() if callable(extra) else {},
-              "tokens": list(getattr(peer, "last_tokens", []))})
+              "tokens": list(getattr(peer, "last_tokens", [])), "peak_rss": peak_rss()})
 
 
 if __name__ == "__main__":
