@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from magnetar.console import engine_options, progress_bar
+from magnetar.console import engine_options, notice, progress_bar
 from magnetar.prompts import load
 from magnetar.runtime import Engine, PrefixCache
 from magnetar.tools.base import ToolContext
@@ -43,7 +43,7 @@ def open_tui(args) -> int:
         store = live.store
         session = store.latest(root) if args.continue_ or args.resume == "" else store.open(args.resume)
         with progress_bar("replaying the transcript") as report:  # shown only when there is no good checkpoint
-            how = live.open(session, report)
+            how = live.open(session, report, notice)
         print(f"session {session.meta.id}: {how}, {len(engine.tokens)} tokens", file=sys.stderr)
     else:
         live.start(root)

@@ -133,12 +133,13 @@ class Session:
         self.meta.updated = time.time()
         atomic_write_bytes(self.folder / "meta.json", json.dumps(asdict(self.meta), indent=1).encode())
 
-    def resume(self, engine, replay, progress=None) -> str:
+    def resume(self, engine, replay, progress=None, notice=None) -> str:
         """Bring the engine to where the session ended: ``"restored"`` from the checkpoint,
-        else ``"replayed"``: ``replay(messages, progress)`` runs the transcript from an empty state."""
+        else ``"replayed"``: ``replay(messages, progress)`` runs the transcript from an empty state.
+        ``notice`` hears what the restore warns of (a checkpoint of other expert activations)."""
         if self.checkpoint_path.exists():
             try:
-                engine.restore(self.checkpoint_path)
+                engine.restore(self.checkpoint_path, notice)
                 return "restored"
             except CheckpointError:
                 pass  # fall through to the transcript
@@ -227,10 +228,10 @@ class LiveSession:
         self.session, self._saved = self.store.create(root, self.model_name), 0
         self.save()
 
-    def open(self, session: Session, progress=None) -> str:
+    def open(self, session: Session, progress=None, notice=None) -> str:
         """Continue ``session``: ``"restored"`` from its checkpoint or ``"replayed"`` from its transcript."""
         agent = self.agent
-        how = session.resume(agent.engine, agent.replay, progress)
+        how = session.resume(agent.engine, agent.replay, progress, notice)
         messages = session.messages()
         agent.replace_messages(messages)
         self.session, self._saved = session, len(messages)
@@ -252,13 +253,13 @@ class LiveSession:
         self._saved = len(self.agent.messages)
         self.save()
 
-    def switch(self, prefix: str, progress=None) -> str:
+    def switch(self, prefix: str, progress=None, notice=None) -> str:
         target = self.store.open(prefix)
         if self.session is not None and target.meta.id == self.session.meta.id:
             return "already open"
         if self.session is not None:
             self.save()
-        return self.open(target, progress)
+        return self.open(target, progress, notice)
 
 
 def list_command(args) -> int:

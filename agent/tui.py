@@ -359,7 +359,8 @@ class MagnetarApp(App):
     def switch_session(self, prefix: str) -> None:
         self.call_from_thread(self._set_busy, True)
         try:
-            how = self.live.switch(prefix, lambda done, total: self.call_from_thread(self.show, Prefill(done, total)))
+            how = self.live.switch(prefix, lambda done, total: self.call_from_thread(self.show, Prefill(done, total)),
+                                   lambda line: self.call_from_thread(self._say, line, "notice"))
             self.call_from_thread(self._replay_history)
             self.call_from_thread(self._say, f"{how}: {self.agent.context_used} tokens", "notice")
         except Exception as err:  # a bad id or a broken session: say so, stay in this one

@@ -13,8 +13,12 @@ import mlx.core as mx
 from .base import Backend, BackendUnavailable, QTensor
 
 BACKENDS = ("reference", "cpu", "metal", "cuda", "hip")
+# The routed experts' activations: f32, or q8k (8-bit Q8_K, summed in integers) on the CPU
+# backend's native kernels only (native.ACTIVATIONS); the other backends run f32.
+EXPERT_ACTIVATIONS = ("f32", "q8k")
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "QTensor", "backend", "default_backend_name", "select"]
+__all__ = ["BACKENDS", "EXPERT_ACTIVATIONS", "Backend", "BackendUnavailable", "QTensor", "backend",
+           "default_backend_name", "select"]
 
 
 def default_backend_name() -> str:
@@ -28,16 +32,21 @@ def default_backend_name() -> str:
     return "cpu"
 
 
-def backend(name: str = "auto") -> Backend:
-    """The implementation called ``name`` (``auto``: the one for MLX's default device)."""
+def backend(name: str = "auto", expert_activations: str | None = None) -> Backend:
+    """The implementation called ``name`` (``auto``: the one for MLX's default device).
+    ``expert_activations``: the CPU backend's mode (``CpuBackend``; None: its default); another
+    backend has f32 only, and asking it for another mode raises rather than runs f32."""
     if name == "auto":
         name = default_backend_name()
+    if name == "cpu":
+        from .cpu import CpuBackend
+        return CpuBackend(expert_activations=expert_activations)
+    if expert_activations not in (None, "f32"):
+        raise BackendUnavailable(f"{expert_activations} expert activations run on the cpu backend's native kernels; "
+                                 f"the {name} backend has f32 only")
     if name == "reference":
         from .reference import ReferenceBackend
         return ReferenceBackend()
-    if name == "cpu":
-        from .cpu import CpuBackend
-        return CpuBackend()
     if name == "metal":
         from .metal import MetalBackend
         return MetalBackend()
@@ -47,10 +56,10 @@ def backend(name: str = "auto") -> Backend:
     raise ValueError(f"unknown kernel backend {name!r}; choose auto or one of {', '.join(BACKENDS)}")
 
 
-def select(name: str = "auto") -> Backend:
-    """``backend(name)``, with MLX's default device switched to the one it runs on
-    (``auto`` keeps MLX's default device: it is the one it follows)."""
-    kernels = backend(name)
+def select(name: str = "auto", expert_activations: str | None = None) -> Backend:
+    """``backend(name, expert_activations)``, with MLX's default device switched to the one it
+    runs on (``auto`` keeps MLX's default device: it is the one it follows)."""
+    kernels = backend(name, expert_activations)
     if name != "auto":
         mx.set_default_device(kernels.device)
     return kernels

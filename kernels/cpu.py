@@ -115,8 +115,9 @@ class CpuBackend(HostBackend):
         self.host_moe = self.native and not self.fused_experts
         self.expert_activations = expert_activations or os.environ.get("MAGNETAR_EXPERT_ACT") or "f32"
         if self.expert_activations not in native.ACTIVATIONS:
+            source = "" if expert_activations else " (MAGNETAR_EXPERT_ACT)"
             raise BackendUnavailable(f"expert activations must be one of {', '.join(native.ACTIVATIONS)}, "
-                                     f"got {self.expert_activations!r} (MAGNETAR_EXPERT_ACT)")
+                                     f"got {self.expert_activations!r}{source}")
         if self.expert_activations != "f32" and not self.native:
             raise BackendUnavailable(f"{self.expert_activations} expert activations run the native CPU kernels, "
                                      "which are off")

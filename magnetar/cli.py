@@ -279,6 +279,12 @@ def _memory_budget(text: str) -> int | None:
 
 
 def _add_streaming_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The engine flags every model-loading command has (console.engine_options reads them)."""
+    # Checked by Engine.load (a bad value is its one-line error), so the choices live with the kernels.
+    p.add_argument("--expert-act", dest=prefix + "expert_act", default=None, metavar="f32|q8k",
+                   help="the CPU routed experts' activations: f32 (default, or $MAGNETAR_EXPERT_ACT), or q8k: "
+                   "8-bit Q8_K activations summed in integers, the arithmetic of ds4's and llama.cpp's CPU "
+                   "paths; faster CPU experts for ~1e-2 relative rounding per expert output (cpu backend only)")
     p.add_argument("--expert-cache", dest=prefix + "expert_cache", type=_expert_cache_size, default=None,
                    metavar="SIZE|auto", help="stream the routed experts from the model file through a cache of "
                    "SIZE bytes (512M, 24G; auto: what RAM allows) instead of loading them all")
@@ -328,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.prompt_tokens = 512 if args.mode == "prefill" else 128
     if run is None:
         args.model, args.ctx, args.mode = args.tui_model, args.tui_ctx, args.tui_mode
-        args.expert_cache, args.hotlist = args.tui_expert_cache, args.tui_hotlist
+        args.expert_cache, args.hotlist, args.expert_act = args.tui_expert_cache, args.tui_hotlist, args.tui_expert_act
         run = _command("agent.launch", "open_tui")
     try:
         return run(args)

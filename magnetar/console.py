@@ -37,10 +37,15 @@ def read_prompt(value: str) -> str:
 
 
 def engine_options(args) -> dict:
-    """``Engine.load`` keywords from the streaming flags every model-loading command has
-    (``--expert-cache``, ``--hotlist``); how the cache was sized goes to stderr."""
+    """``Engine.load`` keywords from the flags every model-loading command has
+    (``--expert-cache``, ``--hotlist``, ``--expert-act``); how the cache was sized goes to stderr."""
     return {"expert_cache": getattr(args, "expert_cache", None), "hotlist": getattr(args, "hotlist", None),
-            "notice": lambda line: print(f"magnetar: {line}", file=sys.stderr)}
+            "expert_activations": getattr(args, "expert_act", None), "notice": notice}
+
+
+def notice(line: str) -> None:
+    """A runtime notice (how the cache was sized, a resumed session's warning) on stderr."""
+    print(f"magnetar: {line}", file=sys.stderr)
 
 
 def load_engine(args, model):
@@ -59,7 +64,8 @@ def load_engine(args, model):
     if getattr(args, "hotlist", None):
         raise UsageError("--hotlist is not available with a layer split yet", "drop --hotlist")
     engine = start_pipeline(model, ranks=ranks, hostfile=hostfile, layers=layers, ctx=args.ctx,
-                            expert_cache=getattr(args, "expert_cache", None))
+                            expert_cache=getattr(args, "expert_cache", None),
+                            expert_activations=getattr(args, "expert_act", None))
     if engine is not None:
         print(f"magnetar: {engine.pipeline_note}", file=sys.stderr)
         if engine.expert_cache_note:

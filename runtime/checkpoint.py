@@ -27,6 +27,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from magnetar.kernels.backend import EXPERT_ACTIVATIONS
+
 from .errors import MagnetarError
 from .fileio import atomic_writer
 from .gguf_read import ModelFile
@@ -68,6 +70,7 @@ class Checkpoint:
     logits: np.ndarray | None
     meta: dict
     hotness: dict[int, np.ndarray] | None = None  # route hotness of a streaming engine, per layer
+    expert_activations: str = "f32"  # the routed experts' activations its rows were computed with
 
 
 def _layer_plan(st: LayerState, n_tokens: int, window: int) -> dict:
@@ -90,17 +93,19 @@ def _layer_arrays(st: LayerState, plan: dict, n_tokens: int, window: int) -> lis
 
 
 def write(path: str | os.PathLike, state: KVState, logits: np.ndarray | None, identity: dict,
-          prefill_chunk: int, note: str = "", hotness: dict[int, np.ndarray] | None = None) -> int:
+          prefill_chunk: int, note: str = "", hotness: dict[int, np.ndarray] | None = None,
+          expert_activations: str = "f32") -> int:
     """Write ``state`` (and the logits of the token after it) to ``path``; returns the bytes written.
     ``note`` is kept in the header (why it was saved, for listings). ``hotness``: a streaming
-    engine's route hotness per layer, kept so a resume can warm its expert cache."""
+    engine's route hotness per layer, kept so a resume can warm its expert cache.
+    ``expert_activations``: the mode the rows were computed with, so a resume can say it differs."""
     cfg, n = state.cfg, state.n_tokens
     mx.eval(state.arrays())
     plans = [_layer_plan(st, n, cfg.window) for st in state.layers]
     meta = {"identity": identity, "ctx": state.ctx, "prefill_chunk": prefill_chunk, "n_tokens": n,
             "window": cfg.window, "head_dim": cfg.head_dim, "indexer_dim": cfg.indexer_dim,
             "vocab": cfg.vocab_size, "has_logits": logits is not None, "layers": plans,
-            "saved_unix": int(time.time()), "note": note}
+            "saved_unix": int(time.time()), "note": note, "expert_activations": expert_activations}
     if hotness is not None:  # optional: readers that predate it ignore it
         meta["expert_hotness"] = {str(il): [[int(e), float(h[e])] for e in np.flatnonzero(h > 0)]
                                   for il, h in hotness.items()}
@@ -169,6 +174,10 @@ def read(path: str | os.PathLike, cfg, identity: dict, ctx: int) -> Checkpoint:
     meta = _parse_meta(data[_HEAD.size:_HEAD.size + n_meta], path)
     _check_compatible(meta, cfg, identity, ctx, path)
     hotness = _hotness(meta.get("expert_hotness"), cfg, path)
+    activations = meta.get("expert_activations", "f32")  # files that predate the key: f32, the only mode then
+    if activations not in EXPERT_ACTIVATIONS:
+        raise CheckpointError(f"{path}: damaged checkpoint header (expert_activations is not one of "
+                              f"{', '.join(EXPERT_ACTIVATIONS)})")
     body = _Reader(data, _HEAD.size + n_meta, len(data) - _DIGEST, path)
     n = meta["n_tokens"]
     ids = body.take("<u4", (n,))
@@ -183,7 +192,7 @@ def read(path: str | os.PathLike, cfg, identity: dict, ctx: int) -> Checkpoint:
     if body.at != body.end:
         raise CheckpointError(f"{path} has {body.end - body.at} unexpected trailing bytes")
     mx.eval(state.arrays())
-    return Checkpoint(state, logits, meta, hotness)
+    return Checkpoint(state, logits, meta, hotness, activations)
 
 
 def _sha256(data, end: int) -> bytes:

@@ -37,7 +37,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from magnetar.kernels.backend import BACKENDS, BackendUnavailable
+from magnetar.kernels.backend import BACKENDS, EXPERT_ACTIVATIONS, BackendUnavailable
 from magnetar.kernels.backend import select as select_backend
 
 from .engine import DEFAULT_PREFILL_CHUNK, Engine, Stats, _engine_method, _Live, on_engine_thread
@@ -365,8 +365,8 @@ class PipelineEngine(Engine):
             self.model.release(self._live.state)
 
     @_engine_method
-    def restore(self, path) -> None:
-        super().restore(path)
+    def restore(self, path, notice=None) -> None:
+        super().restore(path, notice)
         self.model.scatter(self._live.state)
         self.model.release(self._live.state)
 
@@ -475,17 +475,22 @@ def _init_group():
 def start_pipeline(model_path, *, ranks: int | None = None, hostfile: str | None = None, layers: str = "auto",
           ctx: int = DEFAULT_CTX, precision: str = "official", backend: str = "auto",
           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, window: int | None = None,
-          reply_timeout: float = REPLY_TIMEOUT_S, expert_cache: int | str | None = None) -> PipelineEngine | None:
+          reply_timeout: float = REPLY_TIMEOUT_S, expert_cache: int | str | None = None,
+          expert_activations: str | None = None) -> PipelineEngine | None:
     """Form the pipeline: ``ranks`` local processes, or this process as rank ``$MLX_RANK`` of
     ``hostfile``. Rank 0 gets its Engine (``close()`` it when done); other ranks serve their
     span here until rank 0 stops them, then get None. ``expert_cache``: every rank streams
-    its own layers' routed experts through a cache of that size (``auto``: what its RAM allows)."""
+    its own layers' routed experts through a cache of that size (``auto``: what its RAM allows).
+    ``expert_activations``: every rank's, as ``Engine.load`` takes it."""
     if (ranks is None) == (hostfile is None):
         raise UsageError("give either --ranks N or --distributed HOSTFILE")
     if not 0 < ctx <= MAX_CTX:
         raise UsageError(f"--ctx must be between 1 and {MAX_CTX}, got {ctx}")
     if backend not in ("auto", *BACKENDS):
         raise UsageError(f"unknown backend {backend!r}", f"choose auto, {', '.join(BACKENDS)}")
+    if expert_activations not in (None, *EXPERT_ACTIVATIONS):
+        raise UsageError(f"unknown expert activations {expert_activations!r}",
+                         f"choose {' or '.join(EXPERT_ACTIVATIONS)}")
     mf = open_model(model_path)
     local = None
     if hostfile is not None:
@@ -503,14 +508,15 @@ def start_pipeline(model_path, *, ranks: int | None = None, hostfile: str | None
         layout = ",".join(f"{a}:{b}" for a, b in spans)
         local = _LocalRanks(ranks, ["--model", os.fspath(model_path), "--layers", layout, "--ctx", str(ctx),
                                     "--precision", precision, "--backend", backend]
-                            + ([] if expert_cache is None else ["--expert-cache", str(expert_cache)]))
+                            + ([] if expert_cache is None else ["--expert-cache", str(expert_cache)])
+                            + ([] if expert_activations is None else ["--expert-act", expert_activations]))
         os.environ.update(local.env)
     group = _init_group()
     if group.size() != len(spans):
         raise PipelineError(f"the ring has {group.size()} ranks but --layers gives {len(spans)}")
     link = Link(group)
     try:
-        kernels = select_backend(backend)
+        kernels = select_backend(backend, expert_activations)
     except BackendUnavailable as e:
         raise UsageError(str(e), "use --backend auto or cpu") from None
     if link.rank:
@@ -605,13 +611,15 @@ def _worker_main(argv: list[str]) -> int:
         p.add_argument(flag, required=True)
     p.add_argument("--ctx", type=int, required=True)
     p.add_argument("--expert-cache", type=parse_cache_size, default=None)
+    p.add_argument("--expert-act", default=None)
     args = p.parse_args(argv)
     rank = int(os.environ.get("MLX_RANK", "-1"))
     try:
         mf = open_model(args.model)
         spans = parse_layers(args.layers, mf, len(args.layers.split(",")))
         group = _init_group()
-        serve_rank(mf, Link(group), spans, args.ctx, args.precision, select_backend(args.backend), args.expert_cache)
+        serve_rank(mf, Link(group), spans, args.ctx, args.precision, select_backend(args.backend, args.expert_act),
+                   args.expert_cache)
     except RuntimeError as err:
         say(rank, f"error: a pipeline peer was lost ({err})")
         return EXIT_LOST

@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from magnetar.kernels import jit_cache
-from magnetar.kernels.backend import BACKENDS, Backend, BackendUnavailable
+from magnetar.kernels.backend import BACKENDS, EXPERT_ACTIVATIONS, Backend, BackendUnavailable
 from magnetar.kernels.backend import select as select_backend
 
 from . import checkpoint as ckpt
@@ -193,7 +193,7 @@ class Engine(Conversing):
     def load(cls, path: str | os.PathLike, ctx: int = DEFAULT_CTX, precision: str = "official",
              backend: str = "auto", prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
              expand_budget: int | None = None, expert_cache: int | str | None = None,
-             hotlist: str | os.PathLike | None = None,
+             hotlist: str | os.PathLike | None = None, expert_activations: str | None = None,
              notice: Callable[[str], None] | None = None) -> "Engine":
         """``backend``: the kernels (and with them the MLX device): ``auto`` follows MLX's
         default device; ``cpu``, ``metal``, ``cuda``, ``hip``, or ``reference`` (the numpy
@@ -202,13 +202,22 @@ class Engine(Conversing):
         stored. ``expert_cache``: bytes (or ``"auto"``, or a size like ``"24G"``) of slot banks
         to stream the routed experts through from the file (runtime/expert_cache.py) instead of
         holding them all; None holds them all. ``hotlist``: a ds4-format hotlist to preload
-        (``magnetar profile-experts``). ``notice`` is told how the cache was sized."""
+        (``magnetar profile-experts``). ``expert_activations``: the CPU experts' ``f32`` or ``q8k``
+        (8-bit, as ds4's and llama.cpp's CPU paths; faster, ~1e-2 relative per expert output);
+        None: ``$MAGNETAR_EXPERT_ACT``, else f32. ``q8k`` needs the cpu backend's native kernels.
+        ``notice`` is told how the cache was sized."""
         if backend not in ("auto", *BACKENDS):
             raise UsageError(f"unknown backend {backend!r}", f"choose auto, {', '.join(BACKENDS)}")
-        try:
-            kernels = select_backend(backend)  # also switches MLX to the backend's device
+        if expert_activations not in (None, *EXPERT_ACTIVATIONS):
+            raise UsageError(f"unknown expert activations {expert_activations!r}",
+                             f"choose {' or '.join(EXPERT_ACTIVATIONS)}")
+        try:  # also switches MLX to the backend's device
+            kernels = select_backend(backend, expert_activations)
         except BackendUnavailable as e:
-            raise UsageError(str(e), "use --backend auto or cpu") from None
+            fix = ("use --backend auto or cpu" if expert_activations in (None, "f32")
+                   else "use --expert-act f32, or the cpu backend with its native kernels (a C compiler, "
+                        "MAGNETAR_NATIVE not 0)")
+            raise UsageError(str(e), fix) from None
         if hotlist and expert_cache is None:
             raise UsageError("--hotlist needs --expert-cache", "add --expert-cache auto or a size")
         engine = cls(open_model(path), ctx, precision, prefill_chunk, expand_budget, kernels, expert_cache)
@@ -262,6 +271,11 @@ class Engine(Conversing):
     # -- checkpoints -------------------------------------------------------------------------
 
     @property
+    def expert_activations(self) -> str:
+        """The routed experts' activations (``f32`` or ``q8k``): a checkpoint records it."""
+        return getattr(self.model.kernels, "expert_activations", "f32")
+
+    @property
     def identity(self) -> dict:
         """What a checkpoint must match to be restored here (model, weights, precision)."""
         if not hasattr(self, "_identity"):
@@ -275,13 +289,19 @@ class Engine(Conversing):
         self._flush_pending()
         hotness = self.model.experts.hotness() if self.model.experts else None
         return ckpt.write(path, self._live.state, self._live.next_logits, self.identity, self.prefill_chunk, note,
-                          hotness)
+                          hotness, self.expert_activations)
 
     @_engine_method
-    def restore(self, path: str | os.PathLike) -> None:
+    def restore(self, path: str | os.PathLike, notice: Callable[[str], None] | None = None) -> None:
         """Make the checkpoint at ``path`` the live sequence, with zero re-processing.
-        Raises ``CheckpointError`` (and keeps the current sequence) if it cannot."""
+        Raises ``CheckpointError`` (and keeps the current sequence) if it cannot. A checkpoint
+        made with other expert activations is restored (its rows differ from ours by rounding
+        only) and ``notice`` is told."""
         loaded = ckpt.read(path, self.config, self.identity, self.ctx)
+        if notice and loaded.expert_activations != self.expert_activations:
+            notice(f"warning: {os.fspath(path)} was computed with {loaded.expert_activations} expert activations "
+                   f"and this engine runs {self.expert_activations}; resumed anyway (the two differ by rounding, "
+                   "so the next tokens may differ from a run in one mode)")
         if loaded.hotness and self.model.experts:  # the session's hottest experts, before its first token
             self.model.experts.warm(loaded.hotness)
         self._live = _Live(loaded.state, loaded.logits)

@@ -536,10 +536,8 @@ PeerFactory = Callable[..., Peer]
 
 
 def _magnetar_q8k(path, cfg, threads, seed, ctx) -> Peer:
-    """Our engine with 8-bit expert activations, timed beside the default one. Peers are built
-    in a process of their own (peer_process.py), so the switch is set for that process only."""
-    os.environ["MAGNETAR_EXPERT_ACT"] = "q8k"
-    peer = EnginePeer(os.fspath(path), ctx)
+    """Our engine with 8-bit expert activations, timed beside the default one."""
+    peer = EnginePeer(os.fspath(path), ctx, expert_activations="q8k")
     peer.name = "magnetar-q8k"
     return peer
 
@@ -602,16 +600,15 @@ class EnginePeer:
     def __init__(self, path: str, ctx: int, nodes: bool = False, **load):
         """``nodes``: count the decode step's graph nodes once (graph_nodes.py), reported
         with every sample as ``nodes`` and ``nodes/layer``. ``load``: more ``Engine.load``
-        keywords (``--expert-cache``, ``--hotlist``)."""
+        keywords (``--expert-cache``, ``--hotlist``, ``--expert-act``)."""
         self.engine = Engine.load(path, ctx=ctx, **load)
         cfg = self.engine.config
         self.detail = (f"MLX {mx.__version__} ({mx.default_device()}), {cfg.n_layer} layers, d {cfg.d_model}, "
                        f"{self.engine.file.recipe} file, precision {self.engine.precision}")
         if self.engine.model.experts:
             self.detail += f", {self.engine.expert_cache_note}"
-        activations = getattr(self.engine.model.kernels, "expert_activations", "f32")
-        if activations != "f32":
-            self.detail += f", {activations} expert activations (MAGNETAR_EXPERT_ACT)"
+        if self.engine.expert_activations != "f32":
+            self.detail += f", {self.engine.expert_activations} expert activations"
         self._host: list[float] = []
         self._nodes: dict[str, float] = {}
         if nodes:
