@@ -28,7 +28,8 @@ the model code stays device-free: ``dense`` (``a @ b``), ``attend`` /
 ``attention_decode`` (one token's attention after its projections: norms, RoPE,
 the KV ring, compressors and indexer, §3.4-3.7),
 ``hc_pre`` / ``hc_post`` (the hyper-connection steps around each sublayer,
-§3.3), ``logits_head`` (the output projection) and ``expand_budget`` (how
+§3.3), ``rmsnorm`` (the RMS norms before each sublayer, on the query's low-rank
+row and before the head), ``logits_head`` (the output projection) and ``expand_budget`` (how
 much of the non-expert weights to widen to f32 at load). Here they are plain
 MLX, right on a GPU; ``host.HostBackend`` moves host-paced work to numpy's
 BLAS on the CPU, the GPU and CPU backends fuse the hyper-connection steps
@@ -46,7 +47,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import attention_decode as attn_decode
-from . import hyper
+from . import hyper, rowops
 from .attention_decode import DecodeShape, DecodeStep
 from .formats import BLOCK, GGMLType, row_blocks
 from .hyper import HcParams
@@ -148,6 +149,11 @@ class Backend:
         """The hyper-connection output step (``hyper.hc_post``): X' [T, hc, D] from the
         sublayer's output y [T, D] and ``hc_pre``'s post and comb."""
         return hyper.hc_post(y, X, post, comb)
+
+    def rmsnorm(self, x: mx.array, weight: mx.array, eps: float) -> mx.array:
+        """``rowops.rmsnorm`` over the last axis: ``weight * x / sqrt(mean(x^2) + eps)``.
+        Here MLX ops, three graph nodes a call (square, sum, the fused rest); backends fuse it into one."""
+        return rowops.rmsnorm(x, weight, eps)
 
     def logits_head(self, output: DenseWeight) -> Callable[[mx.array], np.ndarray]:
         """The output projection ``y [T, D] -> logits [T, vocab]`` as float32 numpy (the sampler's input)."""

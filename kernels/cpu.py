@@ -89,8 +89,8 @@ class CpuBackend(HostBackend):
         """``use_native``: None picks the native kernels when they build here and
         ``$MAGNETAR_NATIVE`` is not ``0`` (the escape hatch if a build misbehaves).
         The MLX primitives (``mlx_ext``), each None: on when the extension builds and loads here
-        and ``$MAGNETAR_MLX_EXT`` is not ``0``. ``fused_hc``: ``hc_pre`` and ``hc_post`` as one
-        node each. ``f16_codes``: decode-sized F16 products by ``mlx_ext.f16_matmul`` on the
+        and ``$MAGNETAR_MLX_EXT`` is not ``0``. ``fused_hc``: ``hc_pre``, ``hc_post`` and ``rmsnorm`` as
+        one node each. ``f16_codes``: decode-sized F16 products by ``mlx_ext.f16_matmul`` on the
         values as stored. ``q8_codes``: decode-sized Q8_0 products by ``mlx_ext.q8_matmul`` on the
         blocks as stored. ``fused_attention``: ``attention_decode`` as one node. ``fused_experts``
         (with the native kernels): ``moe`` as one node that runs them, so the decode step is one
@@ -133,6 +133,11 @@ class CpuBackend(HostBackend):
         if self.fused_hc and fn.data.dtype in (mx.float32, mx.float16, mx.bfloat16):  # fn is F16 or widened
             return mlx_ext.hc_pre(X.astype(mx.float32), fn.data, scale, base, params)
         return super().hc_pre(X, fn, scale, base, params)
+
+    def rmsnorm(self, x, weight, eps):
+        if self.fused_hc and x.ndim == 2:
+            return mlx_ext.rms_norm(x.astype(mx.float32), weight.astype(mx.float32), eps)
+        return super().rmsnorm(x, weight, eps)
 
     def attention_decode(self, step, shape):
         if self.fused_attention:

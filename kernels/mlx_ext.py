@@ -212,6 +212,11 @@ def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.arra
     return _need().hc_post(y, X, post, comb)
 
 
+def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:
+    """``rowops.rmsnorm`` of float32 rows ``x [T, D]`` with ``w [D]`` as one CPU node."""
+    return _need().rms_norm(x, w, eps)
+
+
 def attention_decode(step: DecodeStep, shape: DecodeShape) -> tuple[mx.array, list[mx.array]]:
     """``attention_decode.attention_decode`` as one CPU node (``native/mlx_attention.cpp``)."""
     f32 = [a.astype(mx.float32) for a in (step.q, step.kv, step.kv_norm, step.sinks, step.inv_freq, step.raw)]

@@ -113,10 +113,10 @@ class Attention:
 
     def _qkv(self, xn: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         cfg, T = self.cfg, xn.shape[0]
-        qr = rmsnorm(self.q_a(xn), self.q_a_norm, cfg.rms_eps)  # also feeds the indexer
+        qr = self.kernels.rmsnorm(self.q_a(xn), self.q_a_norm, cfg.rms_eps)  # also feeds the indexer
         q = rms(self.q_b(qr).reshape(T, cfg.n_head, cfg.head_dim), cfg.rms_eps)
         q = rope(q, cos[:, None], sin[:, None])
-        kv = rope(rmsnorm(self.kv(xn), self.kv_norm, cfg.rms_eps), cos, sin)
+        kv = rope(self.kernels.rmsnorm(self.kv(xn), self.kv_norm, cfg.rms_eps), cos, sin)
         return qr, q, self.prec.kv_row(kv)
 
     def _out(self, o: mx.array) -> mx.array:
@@ -189,7 +189,7 @@ class Attention:
     def decode(self, xn: mx.array, p: mx.array, st: LayerState) -> mx.array:
         """The projections here; the rest (norms, RoPE, ring, compressors, indexer, attention)
         is the backend's ``attention_decode``, one node on the CPU."""
-        qr = rmsnorm(self.q_a(xn), self.q_a_norm, self.cfg.rms_eps)
+        qr = self.kernels.rmsnorm(self.q_a(xn), self.q_a_norm, self.cfg.rms_eps)
         comp = index = index_q = index_w = None
         if self.ratio:
             comp = self._pooling(self.compressor, xn, st.comp, st.f_kv, st.f_sc)

@@ -26,7 +26,7 @@ from .errors import UsageError
 from .expert_cache import ExpertCache, routed_tensors
 from .gguf_read import ModelFile
 from .kv_state import KVState, LayerState
-from .ops import hc_params, rms, rmsnorm, softplus, swiglu
+from .ops import hc_params, rms, softplus, swiglu
 from .precision import Precision
 from .step import DecodeStep
 from .weights import Weights
@@ -108,24 +108,26 @@ class Layer:
         self.cfg = cfg
         self.attn_hc, self.ffn_hc = HyperConnection(w, p + "hc_attn"), HyperConnection(w, p + "hc_ffn")
         self.attn_norm, self.ffn_norm = w.vector(p + "attn_norm.weight"), w.vector(p + "ffn_norm.weight")
+        self.kernels = w.kernels  # the norms are the backend's (one node on the CPU and the GPUs)
         self.attn = Attention(w, cfg, il, prec)
         self.moe = MoE(w, cfg, il, stream)
 
     def prefill(self, X: mx.array, ids: mx.array, pos0: int, st: LayerState) -> mx.array:
-        eps = self.cfg.rms_eps
+        norm, eps = self.kernels.rmsnorm, self.cfg.rms_eps
         x_in, post, comb = self.attn_hc.pre(X)
-        X = self.attn_hc.post(self.attn.prefill(rmsnorm(x_in, self.attn_norm, eps), pos0, st), X, post, comb)
+        X = self.attn_hc.post(self.attn.prefill(norm(x_in, self.attn_norm, eps), pos0, st), X, post, comb)
         x_in, post, comb = self.ffn_hc.pre(X)
-        return self.ffn_hc.post(self.moe.prefill(rmsnorm(x_in, self.ffn_norm, eps), ids), X, post, comb)
+        return self.ffn_hc.post(self.moe.prefill(norm(x_in, self.ffn_norm, eps), ids), X, post, comb)
 
     def decode_to_experts(self, X: mx.array, ids: mx.array, p: mx.array, st: LayerState
                           ) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array, mx.array]:
         """One token up to the routed experts: the attention sublayer, then the MoE input and
         its routing -> (X, xn, expert ids, expert weights, post, comb)."""
+        norm, eps = self.kernels.rmsnorm, self.cfg.rms_eps
         x_in, post, comb = self.attn_hc.pre(X)
-        X = self.attn_hc.post(self.attn.decode(rmsnorm(x_in, self.attn_norm, self.cfg.rms_eps), p, st), X, post, comb)
+        X = self.attn_hc.post(self.attn.decode(norm(x_in, self.attn_norm, eps), p, st), X, post, comb)
         x_in, post, comb = self.ffn_hc.pre(X)
-        xn = rmsnorm(x_in, self.ffn_norm, self.cfg.rms_eps)
+        xn = norm(x_in, self.ffn_norm, eps)
         idx, w = self.moe.route(xn, ids)
         return X, xn, idx, w, post, comb
 
@@ -192,7 +194,7 @@ class Model:
         m = rms(X.reshape(T, -1), cfg.rms_eps) @ self.head_fn.T
         pre = mx.sigmoid(m * self.head_scale[0] + self.head_base) + cfg.hc_eps
         y = mx.sum(pre[:, :, None] * X, axis=1)
-        return rmsnorm(y, self.norm, cfg.rms_eps)
+        return self.kernels.rmsnorm(y, self.norm, cfg.rms_eps)
 
     def prefill(self, ids: list[int], state: KVState, all_logits: bool = False,
                 on_layer=None, X: mx.array | None = None) -> "np.ndarray | mx.array":

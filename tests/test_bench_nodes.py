@@ -62,10 +62,11 @@ def test_counting_nodes_leaves_the_engine_as_it_was(tiny_models, schedule):
 # the hyper-connection steps, the decode attention and the Q8_0 products fused
 # (kernels/mlx_ext.py; 2344 and 2703 before any, 1254 and 1613 before the attention, 311
 # and 700 before the Q8_0 products, 216 and 605 before the F16 ones, one more before the
-# head's mix matrix was widened at load; the native experts as a node add one per layer and
-# the int32 cast of the chosen ids). A change that adds nodes fails here: lower the count
-# again, or raise the budget knowingly.
-NODE_BUDGET = {"cut-at-host-experts": 197, "one-graph-native-experts": 209, "one-graph-mlx-experts": 587}
+# head's mix matrix was widened at load, 32 more before the RMS norms were one node each
+# instead of three; the native experts as a node add one per layer and the int32 cast of the
+# chosen ids). A change that adds nodes fails here: lower the count again, or raise the
+# budget knowingly.
+NODE_BUDGET = {"cut-at-host-experts": 165, "one-graph-native-experts": 177, "one-graph-mlx-experts": 555}
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

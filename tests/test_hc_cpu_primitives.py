@@ -1,7 +1,8 @@
-"""The hyper-connection steps as MLX primitives with C++ CPU kernels (kernels/mlx_ext.py,
-built at first use against the MLX wheel with nanobind): each equals the MLX-ops oracle
-(``runtime.ops.hc_pre`` / ``hc_post``) at ``tiny`` and Flash widths, is one node of a
-compiled graph, and a whole ``tiny`` model decodes the same with them as without."""
+"""The hyper-connection steps and the RMS norm as MLX primitives with C++ CPU kernels
+(kernels/mlx_ext.py, built at first use against the MLX wheel with nanobind): each equals
+the MLX-ops oracle (``runtime.ops.hc_pre`` / ``hc_post`` / ``rmsnorm``) at ``tiny`` and Flash
+widths, is one node of a compiled graph, and a whole ``tiny`` model decodes the same with
+them as without."""
 
 from __future__ import annotations
 
@@ -80,6 +81,29 @@ def test_fused_hc_post_equals_the_mlx_ops_as_one_node(d_model, broadcast):
     got = mx.compile(mlx_ext.hc_post)(y, X, post, comb)
     assert graph_nodes(got) == 1
     assert rel_err(got, ops.hc_post(y, X, post, comb)) < RTOL
+
+
+@pytest.mark.parametrize("n_tok,d_model,view", [
+    (1, 256, None),  # a decode step's norm at tiny width
+    (3, 4096, None),  # Flash width, several prompt rows
+    (5, 96, "transposed"),  # rows with a stride along D: gathered before the sum
+    (2, 1024, "broadcast weight"),  # a weight that is a strided view
+], ids=str)
+def test_fused_rms_norm_equals_the_mlx_ops_as_one_node(n_tok, d_model, view):
+    rng = np.random.default_rng([n_tok, d_model])
+    x = mx.array(rng.standard_normal((n_tok, d_model)).astype(np.float32) * rng.uniform(0.01, 30.0, (n_tok, 1)))
+    w = mx.array(rng.standard_normal(d_model).astype(np.float32))
+    if view == "transposed":
+        x = mx.array(np.ascontiguousarray(np.array(x).T)).T
+    if view == "broadcast weight":
+        w = mx.broadcast_to(w[:1], (d_model,))
+    mx.eval(x, w)
+    got = mx.compile(lambda a, b: mlx_ext.rms_norm(a, b, 1e-6))(x, w)
+    assert graph_nodes(got) == 1
+    assert rel_err(got, ops.rmsnorm(x, w, 1e-6)) < RTOL
+    assert CpuBackend(fused_hc=True).rmsnorm(x, w, 1e-6).shape == x.shape
+    with pytest.raises(ValueError, match=r"w must be float32 \[D\]"):
+        mlx_ext.rms_norm(x, w[:-1], 1e-6)
 
 
 def test_fused_hc_pre_refuses_mismatched_shapes_in_one_line():

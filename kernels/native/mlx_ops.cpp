@@ -8,6 +8,8 @@
 // softmaxed per row and Sinkhorn-normalized in ops.sinkhorn's order (columns,
 // then iters - 1 row / column passes), and x_in = sum_i pre[i] * X[i].
 // HcPost is hyper.hc_post: X'[j] = post[j] * y + sum_i comb[i][j] * X[i].
+// RmsNorm is rowops.rmsnorm over rows: the square, mean, rsqrt and the two
+// multiplies that MLX runs as three nodes (a product, a sum, a fused rest).
 // Called inside mx.compile like any op: the primitive only records its
 // inputs; eval_cpu allocates the outputs and queues the work on the CPU
 // stream's encoder, as MLX's own CPU primitives do (the inputs' buffers are
@@ -230,6 +232,62 @@ class HcPost : public mx::Primitive {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
+// y[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), one row at a time (x, w as strided views)
+void rms_norm_rows(View x, View w, int T, int D, float eps, float* y) {
+  std::vector<float> row(x.s1 == 1 ? 0 : D), gathered(w.s0 == 1 ? 0 : D);
+  for (int d = 0; d < int(gathered.size()); ++d) gathered[d] = static_cast<const float*>(w.data)[d * w.s0];
+  const float* weight = w.s0 == 1 ? static_cast<const float*>(w.data) : gathered.data();
+  for (int t = 0; t < T; ++t, y += D) {
+    const float* xt = static_cast<const float*>(x.data) + t * x.s0;
+    if (x.s1 != 1) {  // a transposed or broadcast input: gathered first
+      for (int d = 0; d < D; ++d) row[d] = xt[d * x.s1];
+      xt = row.data();
+    }
+    const float r = 1.0f / std::sqrt(dot(xt, xt, D) / float(D) + eps);
+    for (int d = 0; d < D; ++d) y[d] = weight[d] * (xt[d] * r);
+  }
+}
+
+class RmsNorm : public mx::Primitive {
+ public:
+  RmsNorm(mx::Stream s, float eps) : mx::Primitive(s), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    mx::array& o = out[0];
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(o);
+    const View x = view(in[0]), w = view(in[1]);
+    const int T = o.shape(0), D = o.shape(1);
+    const float eps = eps_;
+    float* dst = o.data<float>();
+    enc.dispatch([=]() { rms_norm_rows(x, w, T, D, eps, dst); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("MagnetarRmsNorm has a CPU kernel only");
+  }
+
+  const char* name() const override { return "MagnetarRmsNorm"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RmsNorm&>(other).eps_;
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array rms_norm(const mx::array& x, const mx::array& w, float eps) {
+  if (x.ndim() != 2 || x.dtype() != mx::float32)
+    throw std::invalid_argument("rms_norm: x must be float32 [T, D]");
+  if (w.ndim() != 1 || w.shape(0) != x.shape(1) || w.dtype() != mx::float32)
+    throw std::invalid_argument("rms_norm: w must be float32 [D]");
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(mx::default_stream(mx::Device::cpu), eps),
+                   {x, w});
+}
+
 mx::array hc_post(const mx::array& y, const mx::array& X, const mx::array& post, const mx::array& comb) {
   if (X.ndim() != 3 || y.ndim() != 2 || post.ndim() != 2 || comb.ndim() != 3)
     throw std::invalid_argument("hc_post: y [T, D], X [T, hc, D], post [T, hc], comb [T, hc, hc]");
@@ -271,5 +329,6 @@ NB_MODULE(_magnetar_mlx_ops, m) {
   register_attention(m);
   register_moe(m);
   m.def("hc_pre", &hc_pre, "X [T, hc, D], fn, scale [3], base, rms_eps, hc_eps, iters -> (x_in, post, comb)");
+  m.def("rms_norm", &rms_norm, "x [T, D], w [D], eps -> w * x / sqrt(mean(x^2) + eps) per row");
   m.def("hc_post", &hc_post, "y [T, D], X [T, hc, D], post [T, hc], comb [T, hc, hc] -> X' [T, hc, D]");
 }

@@ -49,7 +49,6 @@ from ..engine import Engine, on_engine_thread
 from ..errors import UsageError
 from ..fileio import atomic_write_bytes
 from ..kv_state import KVState
-from ..ops import rmsnorm
 from .bench import wait_for_quiet
 
 BLOCKS = ("attn hc_pre", "attention", "attn hc_post", "ffn hc_pre", "route", "experts", "shared", "ffn hc_post")
@@ -77,15 +76,15 @@ class _LayerBlocks:
     """One layer's blocks as functions of arrays (compiled when the backend allows)."""
 
     def __init__(self, layer, template, wrap: Callable, host_experts: bool):
-        eps = layer.cfg.rms_eps
+        norm, eps = layer.kernels.rmsnorm, layer.cfg.rms_eps
 
         def attention(x_in, p, *arrays):
             st = copy.copy(template)  # the layer's state over these arrays, as step.py does
             st.replace(list(arrays))
-            return (layer.attn.decode(rmsnorm(x_in, layer.attn_norm, eps), p, st), *st.arrays())
+            return (layer.attn.decode(norm(x_in, layer.attn_norm, eps), p, st), *st.arrays())
 
         def route(x_in, ids):
-            xn = rmsnorm(x_in, layer.ffn_norm, eps)
+            xn = norm(x_in, layer.ffn_norm, eps)
             return (xn, *layer.moe.route(xn, ids))
 
         def ffn_post(routed, shared, X, post, comb):
