@@ -29,7 +29,8 @@ the model code stays device-free: ``dense`` (``a @ b``), ``attend`` /
 the KV ring, compressors and indexer, §3.4-3.7),
 ``hc_pre`` / ``hc_post`` (the hyper-connection steps around each sublayer,
 §3.3), ``rmsnorm`` (the RMS norms before each sublayer, on the query's low-rank
-row and before the head), ``logits_head`` (the output projection) and ``expand_budget`` (how
+row and before the head), ``route`` (the experts' choice from the router's
+logits, §3.8), ``logits_head`` (the output projection) and ``expand_budget`` (how
 much of the non-expert weights to widen to f32 at load). Here they are plain
 MLX, right on a GPU; ``host.HostBackend`` moves host-paced work to numpy's
 BLAS on the CPU, the GPU and CPU backends fuse the hyper-connection steps
@@ -51,6 +52,9 @@ from . import hyper, rowops
 from .attention_decode import DecodeShape, DecodeStep
 from .formats import BLOCK, GGMLType, row_blocks
 from .hyper import HcParams
+
+
+ROUTER_FLOOR = 6.103515625e-5  # ds4's lower bound on the top-k weight sum
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,22 @@ class Backend:
         """``rowops.rmsnorm`` over the last axis: ``weight * x / sqrt(mean(x^2) + eps)``.
         Here MLX ops, three graph nodes a call (square, sum, the fused rest); backends fuse it into one."""
         return rowops.rmsnorm(x, weight, eps)
+
+    def route(self, logits: mx.array, k: int, bias: mx.array | None = None, chosen: mx.array | None = None,
+              norm: bool = True, scale: float = 1.0) -> tuple[mx.array, mx.array]:
+        """The router's choice from its logits [T, n_expert] (§3.8) -> (expert ids int32 [T, k],
+        weights f32 [T, k]). Scores are sqrt(softplus(logits)); the ids are the k best of
+        scores + ``bias`` (the bias selects, it never weighs), or ``chosen`` [T, k] as given
+        (hash layers pick by token id). The weights are the chosen scores, divided by their
+        sum (not below ``ROUTER_FLOOR``) when ``norm``, times ``scale``. Here MLX ops, seven
+        graph nodes a call with a bias; backends may fuse it into one."""
+        scores = mx.sqrt(rowops.softplus(logits))
+        if chosen is None:
+            chosen = mx.argpartition(-(scores + bias), k - 1, axis=-1)[:, :k]
+        w = mx.take_along_axis(scores, chosen, axis=-1)
+        if norm:
+            w = w / mx.maximum(mx.sum(w, axis=-1, keepdims=True), ROUTER_FLOOR)
+        return chosen.astype(mx.int32), w * scale
 
     def logits_head(self, output: DenseWeight) -> Callable[[mx.array], np.ndarray]:
         """The output projection ``y [T, D] -> logits [T, vocab]`` as float32 numpy (the sampler's input)."""

@@ -43,7 +43,7 @@ import numpy as np
 
 from . import jit_cache, mlx_ext, native
 from .affine import AffineQ8
-from .base import BackendUnavailable, QTensor
+from .base import ROUTER_FLOOR, BackendUnavailable, QTensor
 from .formats import GGMLType
 from .dequant import dequantize
 from .host import HOST_BLAS_MIN_ROWS, HostBackend
@@ -89,8 +89,8 @@ class CpuBackend(HostBackend):
         """``use_native``: None picks the native kernels when they build here and
         ``$MAGNETAR_NATIVE`` is not ``0`` (the escape hatch if a build misbehaves).
         The MLX primitives (``mlx_ext``), each None: on when the extension builds and loads here
-        and ``$MAGNETAR_MLX_EXT`` is not ``0``. ``fused_hc``: ``hc_pre``, ``hc_post`` and ``rmsnorm`` as
-        one node each. ``f16_codes``: decode-sized F16 products by ``mlx_ext.f16_matmul`` on the
+        and ``$MAGNETAR_MLX_EXT`` is not ``0``. ``fused_hc``: ``hc_pre``, ``hc_post``, ``rmsnorm`` and
+        ``route`` as one node each. ``f16_codes``: decode-sized F16 products by ``mlx_ext.f16_matmul`` on the
         values as stored. ``q8_codes``: decode-sized Q8_0 products by ``mlx_ext.q8_matmul`` on the
         blocks as stored. ``fused_attention``: ``attention_decode`` as one node. ``fused_experts``
         (with the native kernels): ``moe`` as one node that runs them, so the decode step is one
@@ -138,6 +138,12 @@ class CpuBackend(HostBackend):
         if self.fused_hc and x.ndim == 2:
             return mlx_ext.rms_norm(x.astype(mx.float32), weight.astype(mx.float32), eps)
         return super().rmsnorm(x, weight, eps)
+
+    def route(self, logits, k, bias=None, chosen=None, norm=True, scale=1.0):
+        if self.fused_hc and logits.ndim == 2:
+            return mlx_ext.route(logits.astype(mx.float32), k, None if bias is None else bias.astype(mx.float32),
+                                 None if chosen is None else chosen.astype(mx.int32), norm, scale, ROUTER_FLOOR)
+        return super().route(logits, k, bias, chosen, norm, scale)
 
     def attention_decode(self, step, shape):
         if self.fused_attention:

@@ -212,6 +212,13 @@ def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.arra
     return _need().hc_post(y, X, post, comb)
 
 
+def route(logits: mx.array, k: int, bias: mx.array | None, chosen: mx.array | None, norm: bool, scale: float,
+          floor: float) -> tuple[mx.array, mx.array]:
+    """``Backend.route`` as one CPU node: float32 logits [T, E] and a float32 ``bias`` [E]
+    (the ids chosen here, larger score first) or int32 ``chosen`` ids [T, k]."""
+    return _need().route(logits, k, bias, chosen, norm, scale, floor)
+
+
 def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:
     """``rowops.rmsnorm`` of float32 rows ``x [T, D]`` with ``w [D]`` as one CPU node."""
     return _need().rms_norm(x, w, eps)

@@ -1,5 +1,5 @@
-"""Row-wise f32 building blocks of the V4 graph (docs/spec/v4-model.md §3.1): RMS norms
-and interleaved RoPE, as MLX ops on any leading dims. The model uses them through
+"""Row-wise f32 building blocks of the V4 graph (docs/spec/v4-model.md §3.1, §3.8): RMS
+norms, interleaved RoPE and the router's softplus, as MLX ops on any leading dims. The model uses them through
 ``runtime/ops.py``; the fused decode attention kernels reproduce them.
 """
 
@@ -11,6 +11,10 @@ import mlx.core as mx
 def rms(x: mx.array, eps: float) -> mx.array:
     """Unweighted RMS normalization over the last axis."""
     return x * mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def softplus(x: mx.array) -> mx.array:
+    return mx.where(x > 20.0, x, mx.log1p(mx.exp(mx.minimum(x, 20.0))))
 
 
 def rmsnorm(x: mx.array, weight: mx.array, eps: float) -> mx.array:

@@ -26,13 +26,10 @@ from .errors import UsageError
 from .expert_cache import ExpertCache, routed_tensors
 from .gguf_read import ModelFile
 from .kv_state import KVState, LayerState
-from .ops import hc_params, rms, softplus, swiglu
+from .ops import hc_params, rms, swiglu
 from .precision import Precision
 from .step import DecodeStep
 from .weights import Weights
-
-
-ROUTER_FLOOR = 6.103515625e-5  # ds4's lower bound on the top-k weight sum
 
 
 class MoE:
@@ -57,17 +54,15 @@ class MoE:
         self.shared = [w.matrix(p + f"ffn_{k}_shexp.weight") for k in ("gate", "up", "down")]
 
     def route(self, xn: mx.array, ids: mx.array) -> tuple[mx.array, mx.array]:
-        """Expert ids [T, k] and their weights: sqrt(softplus) scores, bias for selection only."""
-        k = self.cfg.n_expert_used
-        scores = mx.sqrt(softplus(self.router(xn)))
-        if self.hash:
-            idx = mx.take(self.tid2eid, ids, axis=0)  # by the input token id, never by position
+        """Expert ids [T, k] and their weights: sqrt(softplus) scores, bias for selection only
+        (the backend's ``route``, one node on the CPU)."""
+        cfg = self.cfg
+        if self.hash:  # by the input token id, never by position
+            bias, chosen = None, mx.take(self.tid2eid, ids, axis=0)
         else:
-            idx = mx.argpartition(-(scores + self.bias), k - 1, axis=-1)[:, :k]
-        w = mx.take_along_axis(scores, idx, axis=-1)
-        if self.cfg.expert_weights_norm:
-            w = w / mx.maximum(mx.sum(w, axis=-1, keepdims=True), ROUTER_FLOOR)
-        return idx, w * self.cfg.expert_weights_scale
+            bias, chosen = self.bias, None
+        return self.kernels.route(self.router(xn), cfg.n_expert_used, bias, chosen, cfg.expert_weights_norm,
+                                  cfg.expert_weights_scale)
 
     def shared_expert(self, xn: mx.array) -> mx.array:
         gate, up, down = self.shared

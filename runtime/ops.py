@@ -22,10 +22,6 @@ from magnetar.kernels.rowops import rms, rmsnorm, rope, rope_angles
 from .config import ModelConfig
 
 
-def softplus(x: mx.array) -> mx.array:
-    return mx.where(x > 20.0, x, mx.log1p(mx.exp(mx.minimum(x, 20.0))))
-
-
 def swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
     """SiLU(gate) * up with V4's clamp: the gate from above only, the up both ways."""
     gate = mx.minimum(gate, limit)

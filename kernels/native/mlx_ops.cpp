@@ -10,17 +10,22 @@
 // HcPost is hyper.hc_post: X'[j] = post[j] * y + sum_i comb[i][j] * X[i].
 // RmsNorm is rowops.rmsnorm over rows: the square, mean, rsqrt and the two
 // multiplies that MLX runs as three nodes (a product, a sum, a fused rest).
+// Route is Backend.route: the router's scores, its top-k (or the hash layers'
+// given ids) and the chosen weights, seven MLX nodes as one.
 // Called inside mx.compile like any op: the primitive only records its
 // inputs; eval_cpu allocates the outputs and queues the work on the CPU
 // stream's encoder, as MLX's own CPU primitives do (the inputs' buffers are
 // held by the graph until the task has run).
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -288,6 +293,94 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps) {
                    {x, w});
 }
 
+struct RouteConst {
+  int k;
+  bool norm;
+  float scale, floor;
+};
+
+// Per token: scores s = sqrt(softplus(l)) (rowops.softplus: l past 20 is its own softplus);
+// the k largest s + bias, larger first and the lower id first among equals, or the ids
+// given; w = the chosen s, over their sum (not below floor) if norm, times scale.
+void route_tokens(View logits, View bias, View chosen, int T, int E, RouteConst c, int32_t* ids, float* w) {
+  std::vector<float> s(E), key(bias.data ? E : 0);
+  std::vector<int> order(bias.data ? E : 0);
+  for (int t = 0; t < T; ++t, ids += c.k, w += c.k) {
+    const float* l = static_cast<const float*>(logits.data) + t * logits.s0;
+    for (int e = 0; e < E; ++e) {
+      const float v = l[e * logits.s1];
+      s[e] = std::sqrt(v > 20.0f ? v : std::log1p(std::exp(std::min(v, 20.0f))));
+    }
+    if (bias.data) {
+      for (int e = 0; e < E; ++e) key[e] = s[e] + static_cast<const float*>(bias.data)[e * bias.s0];
+      for (int e = 0; e < E; ++e) order[e] = e;
+      std::partial_sort(order.begin(), order.begin() + c.k, order.end(),
+                        [&](int a, int b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
+      for (int j = 0; j < c.k; ++j) ids[j] = order[j];
+    } else {
+      for (int j = 0; j < c.k; ++j) ids[j] = static_cast<const int32_t*>(chosen.data)[t * chosen.s0 + j * chosen.s1];
+    }
+    float sum = 0.0f;
+    for (int j = 0; j < c.k; ++j) sum += (w[j] = s[ids[j]]);
+    const float div = c.norm ? std::max(sum, c.floor) : 1.0f;
+    for (int j = 0; j < c.k; ++j) w[j] = w[j] / div * c.scale;
+  }
+}
+
+class Route : public mx::Primitive {
+ public:
+  Route(mx::Stream s, RouteConst c, bool hash) : mx::Primitive(s), c_(c), hash_(hash) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    for (auto& o : out) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    for (auto& o : out) enc.set_output_array(o);
+    const View logits = view(in[0]), none{nullptr, 0, 0, 0};
+    const View bias = hash_ ? none : view(in[1]), chosen = hash_ ? view(in[1]) : none;
+    const int T = in[0].shape(0), E = in[0].shape(1);
+    const RouteConst c = c_;
+    int32_t* ids = out[0].data<int32_t>();
+    float* w = out[1].data<float>();
+    enc.dispatch([=]() { route_tokens(logits, bias, chosen, T, E, c, ids, w); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("MagnetarRoute has a CPU kernel only");
+  }
+
+  const char* name() const override { return "MagnetarRoute"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Route&>(other);
+    return c_.k == o.c_.k && c_.norm == o.c_.norm && c_.scale == o.c_.scale && c_.floor == o.c_.floor &&
+           hash_ == o.hash_;
+  }
+
+ private:
+  RouteConst c_;
+  bool hash_;
+};
+
+// With bias (float32 [E]) the ids are chosen here; with chosen (int32 [T, k]) they are given.
+nb::tuple route(const mx::array& logits, int k, std::optional<mx::array> bias, std::optional<mx::array> chosen,
+                bool norm, float scale, float floor) {
+  if (logits.ndim() != 2 || logits.dtype() != mx::float32)
+    throw std::invalid_argument("route: logits must be float32 [T, n_expert]");
+  const int T = logits.shape(0), E = logits.shape(1);
+  if (k < 1 || k > E) throw std::invalid_argument("route: k must be in [1, n_expert]");
+  if (bias.has_value() == chosen.has_value()) throw std::invalid_argument("route: give a bias or the chosen ids");
+  if (bias && (bias->ndim() != 1 || bias->shape(0) != E || bias->dtype() != mx::float32))
+    throw std::invalid_argument("route: bias must be float32 [n_expert]");
+  if (chosen && (chosen->shape() != mx::Shape{T, k} || chosen->dtype() != mx::int32))
+    throw std::invalid_argument("route: chosen ids must be int32 [T, k]");
+  auto outs = mx::array::make_arrays({{T, k}, {T, k}}, {mx::int32, mx::float32},
+                                     std::make_shared<Route>(mx::default_stream(mx::Device::cpu),
+                                                             RouteConst{k, norm, scale, floor}, chosen.has_value()),
+                                     {logits, bias ? *bias : *chosen});
+  return nb::make_tuple(outs[0], outs[1]);
+}
+
 mx::array hc_post(const mx::array& y, const mx::array& X, const mx::array& post, const mx::array& comb) {
   if (X.ndim() != 3 || y.ndim() != 2 || post.ndim() != 2 || comb.ndim() != 3)
     throw std::invalid_argument("hc_post: y [T, D], X [T, hc, D], post [T, hc], comb [T, hc, hc]");
@@ -329,6 +422,9 @@ NB_MODULE(_magnetar_mlx_ops, m) {
   register_attention(m);
   register_moe(m);
   m.def("hc_pre", &hc_pre, "X [T, hc, D], fn, scale [3], base, rms_eps, hc_eps, iters -> (x_in, post, comb)");
+  m.def("route", &route, "logits [T, E], k, bias [E] | None, chosen [T, k] | None, norm, scale, floor -> (ids, w)",
+        nb::arg("logits"), nb::arg("k"), nb::arg("bias").none(), nb::arg("chosen").none(), nb::arg("norm"),
+        nb::arg("scale"), nb::arg("floor"));
   m.def("rms_norm", &rms_norm, "x [T, D], w [D], eps -> w * x / sqrt(mean(x^2) + eps) per row");
   m.def("hc_post", &hc_post, "y [T, D], X [T, hc, D], post [T, hc], comb [T, hc, hc] -> X' [T, hc, D]");
 }
