@@ -30,7 +30,7 @@ the KV ring, compressors and indexer, §3.4-3.7),
 ``hc_pre`` / ``hc_post`` (the hyper-connection steps around each sublayer,
 §3.3), ``rmsnorm`` (the RMS norms before each sublayer, on the query's low-rank
 row and before the head), ``route`` (the experts' choice from the router's
-logits, §3.8), ``logits_head`` (the output projection) and ``expand_budget`` (how
+logits, §3.8), ``swiglu_ffn`` (the shared expert), ``logits_head`` (the output projection) and ``expand_budget`` (how
 much of the non-expert weights to widen to f32 at load). Here they are plain
 MLX, right on a GPU; ``host.HostBackend`` moves host-paced work to numpy's
 BLAS on the CPU, the GPU and CPU backends fuse the hyper-connection steps
@@ -174,6 +174,12 @@ class Backend:
         if norm:
             w = w / mx.maximum(mx.sum(w, axis=-1, keepdims=True), ROUTER_FLOOR)
         return chosen.astype(mx.int32), w * scale
+
+    def swiglu_ffn(self, x: mx.array, gate: DenseWeight, up: DenseWeight, down: DenseWeight, limit: float
+                   ) -> mx.array:
+        """The shared expert (§3.8): ``down(swiglu(gate(x), up(x), limit))``. Here three products
+        and the gating's fused node; backends may make it one."""
+        return down(rowops.swiglu(gate(x), up(x), limit))
 
     def logits_head(self, output: DenseWeight) -> Callable[[mx.array], np.ndarray]:
         """The output projection ``y [T, D] -> logits [T, vocab]`` as float32 numpy (the sampler's input)."""

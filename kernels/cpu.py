@@ -170,6 +170,22 @@ class CpuBackend(HostBackend):
             return mlx_ext.f16_matmul(x, w.data)
         return x @ wide().T
 
+    def swiglu_ffn(self, x, gate, up, down, limit):
+        """One node (``mlx_ext.swiglu_ffn``) when every matrix is read as stored by the codes
+        products and the rows are few; otherwise three products and the gating."""
+        stored = [self._stored(m) for m in (gate, up, down)]
+        if x.ndim == 2 and x.shape[0] < HOST_BLAS_MIN_ROWS and all(m is not None for m in stored):
+            return mlx_ext.swiglu_ffn(x, *stored, limit)
+        return super().swiglu_ffn(x, gate, up, down, limit)
+
+    def _stored(self, m) -> QTensor | None:
+        """A model matrix as the codes products read it (Q8_0 blocks or F16 values as stored), or None."""
+        if m.ggml_type == GGMLType.Q8_0 and self.q8_codes and m.data is not None:
+            return QTensor(m.data, GGMLType.Q8_0)
+        if m.ggml_type == GGMLType.F16 and self.f16_codes:
+            return QTensor(m.data, GGMLType.F16)
+        return None
+
     def pack(self, w: QTensor) -> AffineQ8 | None:
         """Without ``q8_codes``, Q8_0 as MLX's 8-bit quantization (kernels/affine.py): exact, and
         multiplied as codes. With it the blocks stay as stored (mapped from the file)."""

@@ -40,6 +40,7 @@ import mlx.core as mx
 from . import native
 from .attention_decode import DecodeShape, DecodeStep
 from .base import QTensor
+from .formats import GGMLType
 from .hyper import HcParams
 from .native import cache_dir, cpu_id
 
@@ -217,6 +218,14 @@ def route(logits: mx.array, k: int, bias: mx.array | None, chosen: mx.array | No
     """``Backend.route`` as one CPU node: float32 logits [T, E] and a float32 ``bias`` [E]
     (the ids chosen here, larger score first) or int32 ``chosen`` ids [T, k]."""
     return _need().route(logits, k, bias, chosen, norm, scale, floor)
+
+
+def swiglu_ffn(x: mx.array, gate: QTensor, up: QTensor, down: QTensor, limit: float) -> mx.array:
+    """``Backend.swiglu_ffn`` as one CPU node on float32 ``x [T, D]``, each matrix Q8_0 or F16 as
+    stored (``native/mlx_q8.cpp``): the products' bits are ``q8_matmul`` / ``f16_matmul``'s."""
+    names = {GGMLType.Q8_0: "q8_0", GGMLType.F16: "f16"}
+    args = [arg for m in (gate, up, down) for arg in (m.data, names[m.ggml_type])]
+    return _need().swiglu_ffn(x.astype(mx.float32), *args, float(limit))
 
 
 def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:

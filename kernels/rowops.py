@@ -1,5 +1,5 @@
 """Row-wise f32 building blocks of the V4 graph (docs/spec/v4-model.md §3.1, §3.8): RMS
-norms, interleaved RoPE and the router's softplus, as MLX ops on any leading dims. The model uses them through
+norms, interleaved RoPE, the router's softplus and the shared expert's gating, as MLX ops on any leading dims. The model uses them through
 ``runtime/ops.py``; the fused decode attention kernels reproduce them.
 """
 
@@ -15,6 +15,12 @@ def rms(x: mx.array, eps: float) -> mx.array:
 
 def softplus(x: mx.array) -> mx.array:
     return mx.where(x > 20.0, x, mx.log1p(mx.exp(mx.minimum(x, 20.0))))
+
+
+def swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
+    """SiLU(gate) * up with V4's clamp: the gate from above only, the up both ways."""
+    gate = mx.minimum(gate, limit)
+    return gate * mx.sigmoid(gate) * mx.clip(up, -limit, limit)
 
 
 def rmsnorm(x: mx.array, weight: mx.array, eps: float) -> mx.array:

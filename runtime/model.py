@@ -26,7 +26,7 @@ from .errors import UsageError
 from .expert_cache import ExpertCache, routed_tensors
 from .gguf_read import ModelFile
 from .kv_state import KVState, LayerState
-from .ops import hc_params, rms, swiglu
+from .ops import hc_params, rms
 from .precision import Precision
 from .step import DecodeStep
 from .weights import Weights
@@ -65,8 +65,7 @@ class MoE:
                                   cfg.expert_weights_scale)
 
     def shared_expert(self, xn: mx.array) -> mx.array:
-        gate, up, down = self.shared
-        return down(swiglu(gate(xn), up(xn), self.limit))
+        return self.kernels.swiglu_ffn(xn, *self.shared, self.limit)
 
     def routed(self, xn: mx.array, idx: mx.array, w: mx.array) -> mx.array:
         """The selected experts, summed with their weights (the kernels' ``moe``)."""

@@ -22,12 +22,6 @@ from magnetar.kernels.rowops import rms, rmsnorm, rope, rope_angles
 from .config import ModelConfig
 
 
-def swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
-    """SiLU(gate) * up with V4's clamp: the gate from above only, the up both ways."""
-    gate = mx.minimum(gate, limit)
-    return gate * mx.sigmoid(gate) * mx.clip(up, -limit, limit)
-
-
 # ---------------------------------------------------------------------------
 # RoPE: interleaved pairs on the last `rope_dim` dims of a head (spec §3.1).
 

@@ -89,7 +89,7 @@ def test_fused_hc_post_equals_the_mlx_ops_as_one_node(d_model, broadcast):
     (5, 96, "transposed"),  # rows with a stride along D: gathered before the sum
     (2, 1024, "broadcast weight"),  # a weight that is a strided view
 ], ids=str)
-def test_fused_rms_norm_equals_the_mlx_ops_as_one_node(n_tok, d_model, view):
+def test_fused_rms_norm_gives_the_mlx_ops_bits_as_one_node(n_tok, d_model, view):
     rng = np.random.default_rng([n_tok, d_model])
     x = mx.array(rng.standard_normal((n_tok, d_model)).astype(np.float32) * rng.uniform(0.01, 30.0, (n_tok, 1)))
     w = mx.array(rng.standard_normal(d_model).astype(np.float32))
@@ -100,7 +100,7 @@ def test_fused_rms_norm_equals_the_mlx_ops_as_one_node(n_tok, d_model, view):
     mx.eval(x, w)
     got = mx.compile(lambda a, b: mlx_ext.rms_norm(a, b, 1e-6))(x, w)
     assert graph_nodes(got) == 1
-    assert rel_err(got, ops.rmsnorm(x, w, 1e-6)) < RTOL
+    assert np.array_equal(np.array(got), np.array(ops.rmsnorm(x, w, 1e-6)))  # the same steps, rounded alike
     assert CpuBackend(fused_hc=True).rmsnorm(x, w, 1e-6).shape == x.shape
     with pytest.raises(ValueError, match=r"w must be float32 \[D\]"):
         mlx_ext.rms_norm(x, w[:-1], 1e-6)

@@ -8,8 +8,8 @@
 // softmaxed per row and Sinkhorn-normalized in ops.sinkhorn's order (columns,
 // then iters - 1 row / column passes), and x_in = sum_i pre[i] * X[i].
 // HcPost is hyper.hc_post: X'[j] = post[j] * y + sum_i comb[i][j] * X[i].
-// RmsNorm is rowops.rmsnorm over rows: the square, mean, rsqrt and the two
-// multiplies that MLX runs as three nodes (a product, a sum, a fused rest).
+// RmsNorm is rowops.rmsnorm over rows, the same bits: the square, mean, rsqrt
+// and the two multiplies that MLX runs as three nodes (a product, a sum, a fused rest).
 // Route is Backend.route: the router's scores, its top-k (or the hash layers'
 // given ids) and the chosen weights, seven MLX nodes as one.
 // Called inside mx.compile like any op: the primitive only records its
@@ -237,7 +237,24 @@ class HcPost : public mx::Primitive {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
-// y[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), one row at a time (x, w as strided views)
+// 1 / sqrt(mean(x^2) + eps) as MLX's ops compute it on this CPU, bit for bit: each square
+// rounded, summed in order (its reduction is scalar here), times 1/n, plus eps. The build's
+// -ffp-contract=fast would fuse those multiplies into the adds, so it is off here.
+#if defined(__clang__)
+#define ROUNDED_STEPS
+#else
+#define ROUNDED_STEPS __attribute__((optimize("fp-contract=off")))
+#endif
+ROUNDED_STEPS float inverse_rms(const float* x, int n, float eps) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  float sum = 0.0f;
+  for (int i = 0; i < n; ++i) sum += x[i] * x[i];
+  return 1.0f / std::sqrt(sum * float(1.0 / n) + eps);
+}
+
+// y[t] = w * (x[t] * inverse_rms(x[t])), one row at a time (x, w as strided views)
 void rms_norm_rows(View x, View w, int T, int D, float eps, float* y) {
   std::vector<float> row(x.s1 == 1 ? 0 : D), gathered(w.s0 == 1 ? 0 : D);
   for (int d = 0; d < int(gathered.size()); ++d) gathered[d] = static_cast<const float*>(w.data)[d * w.s0];
@@ -248,7 +265,7 @@ void rms_norm_rows(View x, View w, int T, int D, float eps, float* y) {
       for (int d = 0; d < D; ++d) row[d] = xt[d * x.s1];
       xt = row.data();
     }
-    const float r = 1.0f / std::sqrt(dot(xt, xt, D) / float(D) + eps);
+    const float r = inverse_rms(xt, D, eps);
     for (int d = 0; d < D; ++d) y[d] = weight[d] * (xt[d] * r);
   }
 }

@@ -20,7 +20,9 @@
 // stream is one thread, and the experts' C kernels do not run meanwhile).
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -29,6 +31,7 @@
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -317,6 +320,69 @@ class CodesMatmul : public mx::Primitive {
   int groups_;
 };
 
+// A shared expert, y = down(silu(min(gate x, limit)) * clip(up x, -limit, limit)) (ops.swiglu),
+// with each matrix read as stored (Q8_0 or F16 rows): the three products and the gating of
+// MLX's five nodes as one. The mids live in the task, not in MLX's graph.
+class SwigluFfn : public mx::Primitive {
+ public:
+  SwigluFfn(mx::Stream stream, std::array<Codes, 3> codes, float limit)
+      : mx::Primitive(stream), codes_(codes), limit_(limit) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    mx::array& y = out[0];
+    y.set_data(mx::allocator::malloc(y.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) encoder.set_input_array(a);
+    encoder.set_output_array(y);
+    struct Weight {
+      const uint8_t* data;
+      size_t stride;
+      RowDots dots;
+    };
+    std::array<Weight, 3> w;
+    for (int i = 0; i < 3; ++i) {
+      const mx::array& m = in[1 + i];
+      if (m.strides(1) != 1) throw std::runtime_error("MagnetarSwigluFfn: the weight rows must be contiguous");
+      w[i] = {m.data<uint8_t>(), m.strides(0) * m.itemsize(), row_dots_for(codes_[i])};
+    }
+    const mx::array& x = in[0];
+    const int T = x.shape(0), D = x.shape(1), F = in[1].shape(0);
+    const int64_t x_s0 = x.strides(0), x_s1 = x.strides(1);
+    encoder.dispatch([xp = x.data<float>(), yp = y.data<float>(), w, T, D, F, x_s0, x_s1, limit = limit_]() {
+      std::vector<float> packed;  // x as dense rows, when it is a strided view
+      const float* xs = xp;
+      if (x_s1 != 1 || x_s0 != D) {
+        packed.resize(size_t(T) * D);
+        for (int t = 0; t < T; ++t)
+          for (int c = 0; c < D; ++c) packed[size_t(t) * D + c] = xp[t * x_s0 + c * x_s1];
+        xs = packed.data();
+      }
+      std::vector<float> gate(size_t(T) * F), up(size_t(T) * F);
+      codes_matmul(w[0].dots, w[0].data, w[0].stride, xs, gate.data(), Shape{T, F, D, 1});
+      codes_matmul(w[1].dots, w[1].data, w[1].stride, xs, up.data(), Shape{T, F, D, 1});
+      for (size_t i = 0; i < gate.size(); ++i) {
+        const float g = std::min(gate[i], limit);
+        gate[i] = g * (1.0f / (1.0f + std::exp(-g))) * std::min(std::max(up[i], -limit), limit);
+      }
+      codes_matmul(w[2].dots, w[2].data, w[2].stride, gate.data(), yp, Shape{T, D, F, 1});
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("MagnetarSwigluFfn has no GPU kernel (the GPU backends have their own)");
+  }
+
+  const char* name() const override { return "MagnetarSwigluFfn"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const SwigluFfn&>(other);
+    return codes_ == o.codes_ && limit_ == o.limit_;
+  }
+
+ private:
+  std::array<Codes, 3> codes_;
+  float limit_;
+};
+
 int check_x(const mx::array& x, int groups, const char* what) {
   if (x.ndim() != 2 || x.dtype() != mx::float32 || groups < 1 || x.shape(1) % groups)
     throw std::invalid_argument(std::string(what) + ": x must be float32 [T, groups * cols]");
@@ -346,6 +412,33 @@ mx::array f16_matmul_op(const mx::array& x, const mx::array& w, int groups) {
   return codes_product(x, w, Codes::kF16, groups);
 }
 
+// A matrix as stored: Q8_0 blocks (uint8 [rows, cols / 32 * 34]) or F16 (float16 [rows, cols] or
+// its bytes); -> its codes and its cols, or an error naming the matrix.
+std::pair<Codes, int> stored_matrix(const mx::array& w, const std::string& type, const char* what) {
+  if (w.ndim() != 2) throw std::invalid_argument(std::string("swiglu_ffn: ") + what + " must be 2-D");
+  if (type == "q8_0" && w.dtype() == mx::uint8 && w.shape(1) % kBlockBytes == 0)
+    return {Codes::kQ8_0, w.shape(1) / kBlockBytes * kBlock};
+  if (type == "f16" && (w.dtype() == mx::float16 || (w.dtype() == mx::uint8 && w.shape(1) % 2 == 0)))
+    return {Codes::kF16, w.dtype() == mx::float16 ? w.shape(1) : w.shape(1) / 2};
+  throw std::invalid_argument(std::string("swiglu_ffn: ") + what + " must be Q8_0 blocks (uint8) or F16, as named");
+}
+
+mx::array swiglu_ffn_op(const mx::array& x, const mx::array& gate, const std::string& gate_type, const mx::array& up,
+                        const std::string& up_type, const mx::array& down, const std::string& down_type,
+                        float limit) {
+  if (x.ndim() != 2 || x.dtype() != mx::float32) throw std::invalid_argument("swiglu_ffn: x must be float32 [T, D]");
+  const auto [g_codes, g_cols] = stored_matrix(gate, gate_type, "gate");
+  const auto [u_codes, u_cols] = stored_matrix(up, up_type, "up");
+  const auto [d_codes, d_cols] = stored_matrix(down, down_type, "down");
+  const int D = x.shape(1), F = gate.shape(0);
+  if (g_cols != D || u_cols != D || up.shape(0) != F || d_cols != F || down.shape(0) != D)
+    throw std::invalid_argument("swiglu_ffn: gate and up must be [F, D] and down [D, F] for x [T, D]");
+  return mx::array({x.shape(0), D}, mx::float32,
+                   std::make_shared<SwigluFfn>(mx::default_stream(mx::Device::cpu),
+                                               std::array<Codes, 3>{g_codes, u_codes, d_codes}, limit),
+                   {x, gate, up, down});
+}
+
 }  // namespace
 
 void register_q8(nb::module_& m) {
@@ -355,4 +448,6 @@ void register_q8(nb::module_& m) {
   m.def("f16_matmul", &f16_matmul_op, nb::arg("x"), nb::arg("w"), nb::arg("groups") = 1,
         "x [T, groups * cols] float32, w [groups * R, cols] float16 (or uint8 [groups * R, 2 * cols], its bytes) "
         "-> [T, groups * R]: group g's R rows of W times x's g-th cols");
+  m.def("swiglu_ffn", &swiglu_ffn_op, "x [T, D] float32, gate, gate_type, up, up_type, down, down_type ('q8_0' or "
+        "'f16', each as stored), limit -> down(silu(min(gate x, limit)) * clip(up x, -limit, limit)) [T, D]");
 }
