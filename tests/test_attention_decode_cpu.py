@@ -114,6 +114,36 @@ CASES = [  # preset, ratio, positions, capacity (0: none), indexer scores all ti
 ]
 
 
+def _open_rows_as_they_were(step: ad.DecodeStep, shape: ad.DecodeShape, p: int, want: list[mx.array]
+                            ) -> list[mx.array]:
+    """The kernel pools a window into its row p // R only when the window closes at p, the
+    first moment any token can see that row; until then the row keeps what it held. The MLX
+    ops write the open window's partial pool there every token. Outputs: o, raw, then rows,
+    f_kv, f_sc of the compressor and of the indexer's (ratio 4)."""
+    want = list(want)
+    for at, pooling, ratio in ((2, step.comp, shape.ratio), (5, step.index, 4)):
+        if pooling is None or (p + 1) % ratio == 0 or p // ratio >= pooling.rows.shape[0]:
+            continue
+        rows = np.array(want[at])
+        rows[p // ratio] = np.array(pooling.rows[p // ratio])
+        want[at] = mx.array(rows)
+    return want
+
+
+def test_an_open_window_is_not_pooled_until_it_closes():
+    """Ratio 128 at p = 300 leaves its window open: row 2 stays as it was (the MLX ops write
+    a partial pool there, which no token sees); at p = 383 the window closes and row 2 is the
+    pool of all 128 slots, as the MLX ops make it."""
+    step, shape = make_step("tiny", 128, 300, 3, official=False)
+    before = np.array(step.comp.rows)
+    got = fused(step, shape)
+    assert np.array_equal(np.array(got[2]), before)
+    assert not np.array_equal(np.array(ad.attention_decode(step, shape, attend)[1][1]), before)
+    step, shape = make_step("tiny", 128, 383, 3, official=False)
+    got, want = fused(step, shape)[2], ad.attention_decode(step, shape, attend)[1][1]
+    assert rel_err(got, want) < RTOL and not np.array_equal(np.array(got), np.array(step.comp.rows))
+
+
 @pytest.mark.parametrize("official", [True, False], ids=["official", "reference"])
 @pytest.mark.parametrize("preset,ratio,positions,cap,tied", CASES, ids=lambda v: str(v).replace(" ", ""))
 def test_fused_attention_decode_equals_the_mlx_ops_as_one_node(preset, ratio, positions, cap, tied, official):
@@ -121,6 +151,7 @@ def test_fused_attention_decode_equals_the_mlx_ops_as_one_node(preset, ratio, po
         step, shape = make_step(preset, ratio, p, cap, official, tied=tied)
         want = [*(lambda o, s: [o, *s])(*ad.attention_decode(step, shape, attend))]
         mx.eval(want)
+        want = _open_rows_as_they_were(step, shape, p, want)
         got = fused(step, shape)
         assert graph_nodes(*got) == 1
         mx.eval(got)
@@ -137,7 +168,7 @@ def test_fused_attention_decode_equals_the_mlx_ops_as_one_node(preset, ratio, po
 def test_fused_attention_decode_writes_a_donated_state_in_place(keep_input):
     """The compressed rows (32 MB here) are updated where they lie when nothing else holds
     them, as MLX's slice updates do; a buffer still held elsewhere is copied, and left as it was."""
-    step, shape = make_step("tiny", 128, 300, 1 << 16, True)
+    step, shape = make_step("tiny", 128, 383, 1 << 16, True)  # closes window 2: rows 0-2 as the MLX ops write them
     mx.eval(*vars(step.comp).values())
     held = np.array(step.comp.rows) if keep_input else None
     want = np.array(ad.attention_decode(step, shape, attend)[1][1][:3])

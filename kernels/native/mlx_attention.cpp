@@ -7,8 +7,11 @@
 // Per token at position p: q heads RMS-normalized and rotated; the kv row
 // normalized, rotated, rounded (Rounding.kv_row) and written at ring slot
 // p % window; each compressor's frontier gets the token's kv and gate + ape
-// rows, its window is pooled by a per-dimension softmax, normalized, rotated at
-// the window's first position, rounded and written at row p / ratio; the
+// rows and, when its window closes at p, the window is pooled by a
+// per-dimension softmax, normalized, rotated at the window's first position,
+// rounded and written at row p / ratio (the oracle also writes the open
+// window's partial pool there every token, a row no token sees yet: 128
+// softmaxes per dimension on ratio-128 layers, skipped here); the
 // indexer scores the visible compressed rows and keeps the top k (ties to the
 // lowest index) when the buffer holds more than k; attention with per-head
 // sinks over the live keys; V's rotation undone. The state outputs reuse their
@@ -219,12 +222,17 @@ struct Pool {
 
 void pool_one(const Pool& c, int64_t p, const std::vector<float>& inv_freq, const AttnConst& k, bool index_key) {
   const int R = c.ratio, d = c.dim, lanes = R == 4 ? 2 : 1, width = lanes * d;
-  const std::vector<float> kv = load(c.kv), gate = load(c.gate), ape = load(c.ape), norm = load(c.norm);
+  const std::vector<float> kv = load(c.kv), gate = load(c.gate);
+  const float* ape = c.ape.data + (p % R) * c.ape.strides[0];  // [R, width]: only this token's row
   const int slot = int(p % R) + (R == 4 ? 4 : 0);
   for (int j = 0; j < width; ++j) {
     c.f_kv[slot * width + j] = kv[j];
-    c.f_sc[slot * width + j] = gate[j] + ape[(p % R) * width + j];
+    c.f_sc[slot * width + j] = gate[j] + ape[j * c.ape.strides[1]];
   }
+  // Row p / R is seen by no token until its window closes at p: only then is it pooled (the MLX
+  // reference and the GPU kernels pool the open window every token, into that unseen row).
+  if ((p + 1) % R) return;
+  const std::vector<float> norm = load(c.norm);
   // Ratio 4: lane A (first d columns) of frontier rows 0-3, lane B of rows 4-7.
   const int n = R == 4 ? 8 : R;
   std::vector<float> row(d), e(n);
@@ -238,7 +246,7 @@ void pool_one(const Pool& c, int64_t p, const std::vector<float>& inv_freq, cons
     for (int r = 0; r < n; ++r) v += at(c.f_kv, r) * (e[r] / sum);
     row[j] = v;
   }
-  if (R == 4 && (p + 1) % 4 == 0) {  // the closed window becomes lane A of the next one
+  if (R == 4) {  // the closed window becomes lane A of the next one
     std::memcpy(c.f_kv, c.f_kv + 4 * width, sizeof(float) * 4 * width);
     std::memcpy(c.f_sc, c.f_sc + 4 * width, sizeof(float) * 4 * width);
   }
