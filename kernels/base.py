@@ -149,6 +149,13 @@ class Backend:
         Here MLX ops, ~100 graph nodes a call; backends fuse it into one."""
         return hyper.hc_pre(X, lambda f: self.dense(f, fn.dense().T), scale, base, params)
 
+    def hc_pre_norm(self, X: mx.array, fn: DenseWeight, scale: mx.array, base: mx.array, params: HcParams,
+                    norm: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """``hc_pre`` with the sublayer's RMS norm (weight ``norm``) applied to x_in: the input
+        the sublayer reads. Here the two steps; backends may make it one."""
+        x_in, post, comb = self.hc_pre(X, fn, scale, base, params)
+        return self.rmsnorm(x_in, norm, params.rms_eps), post, comb
+
     def hc_post(self, y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
         """The hyper-connection output step (``hyper.hc_post``): X' [T, hc, D] from the
         sublayer's output y [T, D] and ``hc_pre``'s post and comb."""
@@ -163,23 +170,27 @@ class Backend:
               norm: bool = True, scale: float = 1.0) -> tuple[mx.array, mx.array]:
         """The router's choice from its logits [T, n_expert] (§3.8) -> (expert ids int32 [T, k],
         weights f32 [T, k]). Scores are sqrt(softplus(logits)); the ids are the k best of
-        scores + ``bias`` (the bias selects, it never weighs), or ``chosen`` [T, k] as given
-        (hash layers pick by token id). The weights are the chosen scores, divided by their
-        sum (not below ``ROUTER_FLOOR``) when ``norm``, times ``scale``. Here MLX ops, seven
-        graph nodes a call with a bias; backends may fuse it into one."""
+        scores + ``bias`` (the bias selects, it never weighs), larger first and the lower id
+        first among equals, or ``chosen`` [T, k] as given (hash layers pick by token id). The
+        order is part of the contract: the experts' outputs are summed in it, so every backend
+        gives the same bits. The weights are the chosen scores, divided by their sum (not below
+        ``ROUTER_FLOOR``) when ``norm``, times ``scale``. Here MLX ops, seven graph nodes a
+        call with a bias; backends may fuse it into one."""
         scores = mx.sqrt(rowops.softplus(logits))
-        if chosen is None:
-            chosen = mx.argpartition(-(scores + bias), k - 1, axis=-1)[:, :k]
+        if chosen is None:  # a stable sort: equal keys keep the lower id first
+            chosen = mx.argsort(-(scores + bias), axis=-1)[:, :k]
         w = mx.take_along_axis(scores, chosen, axis=-1)
         if norm:
             w = w / mx.maximum(mx.sum(w, axis=-1, keepdims=True), ROUTER_FLOOR)
         return chosen.astype(mx.int32), w * scale
 
-    def swiglu_ffn(self, x: mx.array, gate: DenseWeight, up: DenseWeight, down: DenseWeight, limit: float
-                   ) -> mx.array:
-        """The shared expert (§3.8): ``down(swiglu(gate(x), up(x), limit))``. Here three products
-        and the gating's fused node; backends may make it one."""
-        return down(rowops.swiglu(gate(x), up(x), limit))
+    def swiglu_ffn(self, x: mx.array, gate: DenseWeight, up: DenseWeight, down: DenseWeight, limit: float,
+                   plus: mx.array | None = None) -> mx.array:
+        """The shared expert (§3.8): ``down(swiglu(gate(x), up(x), limit))``, plus ``plus`` when
+        given (the routed experts' sum). Here three products, the gating's fused node and the
+        sum; backends may make it one."""
+        y = down(rowops.swiglu(gate(x), up(x), limit))
+        return y if plus is None else plus + y
 
     def logits_head(self, output: DenseWeight) -> Callable[[mx.array], np.ndarray]:
         """The output projection ``y [T, D] -> logits [T, vocab]`` as float32 numpy (the sampler's input)."""
@@ -192,9 +203,12 @@ class Backend:
         """``x @ W.T`` for ``w`` as stored, or as ``pack`` re-laid it."""
         raise NotImplementedError
 
-    def grouped_matmul(self, x: mx.array, w: DenseWeight) -> mx.array:
+    def grouped_matmul(self, x: mx.array, w: DenseWeight, groups: int | None = None) -> mx.array:
         """``x [T, G, cols]`` times ``W [G * R, cols]`` by groups: group g's R rows multiply
-        ``x[:, g]`` -> ``[T, G * R]`` (the attention output's low-rank step)."""
+        ``x[:, g]`` -> ``[T, G * R]`` (the attention output's low-rank step). With ``groups``,
+        x is any ``[T, ...]`` whose trailing elements are the G slices side by side."""
+        if groups is not None:
+            x = x.reshape(x.shape[0], groups, -1)
         G = x.shape[1]
         wg = w.dense().reshape(G, -1, x.shape[2])
         return mx.concatenate([self.dense(x[:, g], wg[g].T) for g in range(G)], axis=-1)

@@ -89,8 +89,8 @@ class CpuBackend(HostBackend):
         """``use_native``: None picks the native kernels when they build here and
         ``$MAGNETAR_NATIVE`` is not ``0`` (the escape hatch if a build misbehaves).
         The MLX primitives (``mlx_ext``), each None: on when the extension builds and loads here
-        and ``$MAGNETAR_MLX_EXT`` is not ``0``. ``fused_hc``: ``hc_pre``, ``hc_post``, ``rmsnorm`` and
-        ``route`` as one node each. ``f16_codes``: decode-sized F16 products by ``mlx_ext.f16_matmul`` on the
+        and ``$MAGNETAR_MLX_EXT`` is not ``0``. ``fused_hc``: ``hc_pre`` (with the norm after it),
+        ``hc_post``, ``rmsnorm`` and ``route`` as one node each. ``f16_codes``: decode-sized F16 products by ``mlx_ext.f16_matmul`` on the
         values as stored. ``q8_codes``: decode-sized Q8_0 products by ``mlx_ext.q8_matmul`` on the
         blocks as stored. ``fused_attention``: ``attention_decode`` as one node. ``fused_experts``
         (with the native kernels): ``moe`` as one node that runs them, so the decode step is one
@@ -134,6 +134,11 @@ class CpuBackend(HostBackend):
             return mlx_ext.hc_pre(X.astype(mx.float32), fn.data, scale, base, params)
         return super().hc_pre(X, fn, scale, base, params)
 
+    def hc_pre_norm(self, X, fn, scale, base, params, norm):
+        if self.fused_hc and fn.data.dtype in (mx.float32, mx.float16, mx.bfloat16):
+            return mlx_ext.hc_pre(X.astype(mx.float32), fn.data, scale, base, params, norm.astype(mx.float32))
+        return super().hc_pre_norm(X, fn, scale, base, params, norm)
+
     def rmsnorm(self, x, weight, eps):
         if self.fused_hc and x.ndim == 2:
             return mlx_ext.rms_norm(x.astype(mx.float32), weight.astype(mx.float32), eps)
@@ -170,13 +175,13 @@ class CpuBackend(HostBackend):
             return mlx_ext.f16_matmul(x, w.data)
         return x @ wide().T
 
-    def swiglu_ffn(self, x, gate, up, down, limit):
+    def swiglu_ffn(self, x, gate, up, down, limit, plus=None):
         """One node (``mlx_ext.swiglu_ffn``) when every matrix is read as stored by the codes
-        products and the rows are few; otherwise three products and the gating."""
+        products and the rows are few; otherwise three products, the gating and the sum."""
         stored = [self._stored(m) for m in (gate, up, down)]
         if x.ndim == 2 and x.shape[0] < HOST_BLAS_MIN_ROWS and all(m is not None for m in stored):
-            return mlx_ext.swiglu_ffn(x, *stored, limit)
-        return super().swiglu_ffn(x, gate, up, down, limit)
+            return mlx_ext.swiglu_ffn(x, *stored, limit, plus)
+        return super().swiglu_ffn(x, gate, up, down, limit, plus)
 
     def _stored(self, m) -> QTensor | None:
         """A model matrix as the codes products read it (Q8_0 blocks or F16 values as stored), or None."""
@@ -193,21 +198,22 @@ class CpuBackend(HostBackend):
             return None
         return AffineQ8.of(np.asarray(w.data))
 
-    def grouped_matmul(self, x, w):
+    def grouped_matmul(self, x, w, groups=None):
+        G = groups or x.shape[1]  # the codes products take x [T, ...] as it is: no reshape node
         if self.q8_codes and w.ggml_type == GGMLType.Q8_0 and x.shape[0] < HOST_BLAS_MIN_ROWS:
-            return mlx_ext.q8_matmul(x.reshape(x.shape[0], -1), mx.view(w.data, mx.uint8), groups=x.shape[1])
+            return mlx_ext.q8_matmul(x, mx.view(w.data, mx.uint8), groups=G)
         if self.f16_codes and w.ggml_type == GGMLType.F16 and x.shape[0] < HOST_BLAS_MIN_ROWS:
-            return mlx_ext.f16_matmul(x.reshape(x.shape[0], -1), w.data, groups=x.shape[1])
+            return mlx_ext.f16_matmul(x, w.data, groups=G)
         if (self.native and x.shape[0] >= HOST_BLAS_MIN_ROWS and w.data is not None
                 and w.ggml_type != GGMLType.F32 and w.ggml_type in native.SUPPORTED):  # as ``matmul``: panels
-            xs, raw = np.asarray(x), np.asarray(mx.view(w.data, mx.uint8))
-            rows = raw.shape[0] // x.shape[1]
+            xs, raw = np.asarray(x).reshape(x.shape[0], G, -1), np.asarray(mx.view(w.data, mx.uint8))
+            rows = raw.shape[0] // G
             y = np.empty((x.shape[0], raw.shape[0]), np.float32)
-            for g in range(x.shape[1]):
+            for g in range(G):
                 group = slice(g * rows, (g + 1) * rows)
                 native.panel_matmul(xs[:, g], raw[group], w.ggml_type, out=y[:, group])
             return mx.array(y)
-        return super().grouped_matmul(x, w)
+        return super().grouped_matmul(x, w, groups)
 
     def widens(self, ggml_type: int) -> bool:
         """``q8_codes`` reads a Q8_0 matrix ~5x faster than MLX multiplies its f32 widening (bench

@@ -206,12 +206,14 @@ class GpuBackend(Backend):
             (y,) = self._run("matmul_tiled", [data, x, count], [(n_tok, rows)], tiled_geometry(rows, n_tok, bn), tpl)
         return y.reshape(*lead, rows)
 
-    def grouped_matmul(self, x, w):
+    def grouped_matmul(self, x, w, groups=None):
         """A few rows: one ``matvec`` launch from the blocks as stored, group g's rows reading
         x's g-th slice (template G), instead of the default's dequantized copy of the whole
         matrix and a product per group every token. A warp/simdgroup must not straddle two
         groups, so where NR does not divide a group's rows it takes one row (NR = 1). Many
         rows and widths the kernels do not take: the default."""
+        if groups is not None:
+            x = x.reshape(x.shape[0], groups, -1)
         n_tok, G, cols = x.shape
         q = QTensor(mx.view(w.data, mx.uint8), w.ggml_type)
         rows = q.rows

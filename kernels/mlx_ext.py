@@ -202,10 +202,11 @@ def _need() -> ModuleType:
     return module
 
 
-def hc_pre(X: mx.array, fn: mx.array, scale: mx.array, base: mx.array, params: HcParams
-           ) -> tuple[mx.array, mx.array, mx.array]:
-    """``hyper.hc_pre`` as one CPU node; ``fn`` is the mix matrix as stored (f32, f16 or bf16)."""
-    return _need().hc_pre(X, fn, scale, base, params.rms_eps, params.hc_eps, params.sinkhorn_iters)
+def hc_pre(X: mx.array, fn: mx.array, scale: mx.array, base: mx.array, params: HcParams,
+           norm: mx.array | None = None) -> tuple[mx.array, mx.array, mx.array]:
+    """``hyper.hc_pre`` as one CPU node; ``fn`` is the mix matrix as stored (f32, f16 or bf16).
+    With ``norm`` (float32 [D]) x_in leaves as ``rowops.rmsnorm(x_in, norm, params.rms_eps)``."""
+    return _need().hc_pre(X, fn, scale, base, params.rms_eps, params.hc_eps, params.sinkhorn_iters, norm)
 
 
 def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
@@ -220,12 +221,15 @@ def route(logits: mx.array, k: int, bias: mx.array | None, chosen: mx.array | No
     return _need().route(logits, k, bias, chosen, norm, scale, floor)
 
 
-def swiglu_ffn(x: mx.array, gate: QTensor, up: QTensor, down: QTensor, limit: float) -> mx.array:
+def swiglu_ffn(x: mx.array, gate: QTensor, up: QTensor, down: QTensor, limit: float,
+               plus: mx.array | None = None) -> mx.array:
     """``Backend.swiglu_ffn`` as one CPU node on float32 ``x [T, D]``, each matrix Q8_0 or F16 as
-    stored (``native/mlx_q8.cpp``): the products' bits are ``q8_matmul`` / ``f16_matmul``'s."""
+    stored (``native/mlx_q8.cpp``): the products' bits are ``q8_matmul`` / ``f16_matmul``'s;
+    ``plus`` [T, D] is added to the output."""
     names = {GGMLType.Q8_0: "q8_0", GGMLType.F16: "f16"}
     args = [arg for m in (gate, up, down) for arg in (m.data, names[m.ggml_type])]
-    return _need().swiglu_ffn(x.astype(mx.float32), *args, float(limit))
+    return _need().swiglu_ffn(x.astype(mx.float32), *args, float(limit),
+                              None if plus is None else plus.astype(mx.float32))
 
 
 def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:

@@ -121,7 +121,7 @@ class Attention:
 
     def _out(self, o: mx.array) -> mx.array:
         """The grouped low-rank output (group g = heads g*H/G ...) of o with V's rotation undone."""
-        return self.o_b(self.o_a.grouped(o.reshape(o.shape[0], self.cfg.o_groups, -1)))
+        return self.o_b(self.o_a.grouped(o, self.cfg.o_groups))  # o [T, H, hd]: groups of whole heads
 
     # -- prefill: a chunk of T tokens at host-known positions pos0 .. pos0+T-1 ----------------
 

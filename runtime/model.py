@@ -64,8 +64,9 @@ class MoE:
         return self.kernels.route(self.router(xn), cfg.n_expert_used, bias, chosen, cfg.expert_weights_norm,
                                   cfg.expert_weights_scale)
 
-    def shared_expert(self, xn: mx.array) -> mx.array:
-        return self.kernels.swiglu_ffn(xn, *self.shared, self.limit)
+    def shared_expert(self, xn: mx.array, routed: mx.array) -> mx.array:
+        """The shared expert's output plus the routed experts' (one node on the CPU)."""
+        return self.kernels.swiglu_ffn(xn, *self.shared, self.limit, plus=routed)
 
     def routed(self, xn: mx.array, idx: mx.array, w: mx.array) -> mx.array:
         """The selected experts, summed with their weights (the kernels' ``moe``)."""
@@ -78,18 +79,22 @@ class MoE:
         idx, w = self.route(xn, ids)
         if self.observer:
             self.observer(xn, idx, w)
-        return self.routed(xn, idx, w) + self.shared_expert(xn)
+        return self.shared_expert(xn, self.routed(xn, idx, w))
 
 
 class HyperConnection:
-    def __init__(self, w: Weights, prefix: str):
+    """The streams' mixing around one sublayer (§3.3) and the sublayer's input norm."""
+
+    def __init__(self, w: Weights, prefix: str, norm: str):
         self.fn = w.matrix(prefix + "_fn.weight")
         self.scale, self.base = w.vector(prefix + "_scale.weight"), w.vector(prefix + "_base.weight")
+        self.norm = w.vector(norm)  # the sublayer's RMS norm weight
         self.kernels, self.params = w.kernels, hc_params(w.cfg)
 
     def pre(self, X: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """(x_in, post, comb) of ``ops.hc_pre``, as the kernel backend runs it (a fused node)."""
-        return self.kernels.hc_pre(X, self.fn, self.scale, self.base, self.params)
+        """(rmsnorm(x_in), post, comb): ``ops.hc_pre``, then the sublayer's norm, as the kernel
+        backend runs them (one node on the CPU)."""
+        return self.kernels.hc_pre_norm(X, self.fn, self.scale, self.base, self.params, self.norm)
 
     def post(self, y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
         """``ops.hc_post``: fold the sublayer's output back into the streams."""
@@ -100,35 +105,31 @@ class Layer:
     def __init__(self, w: Weights, cfg: ModelConfig, il: int, prec: Precision, stream: ExpertCache | None = None):
         p = f"blk.{il}."
         self.cfg = cfg
-        self.attn_hc, self.ffn_hc = HyperConnection(w, p + "hc_attn"), HyperConnection(w, p + "hc_ffn")
-        self.attn_norm, self.ffn_norm = w.vector(p + "attn_norm.weight"), w.vector(p + "ffn_norm.weight")
-        self.kernels = w.kernels  # the norms are the backend's (one node on the CPU and the GPUs)
+        self.attn_hc = HyperConnection(w, p + "hc_attn", p + "attn_norm.weight")
+        self.ffn_hc = HyperConnection(w, p + "hc_ffn", p + "ffn_norm.weight")
         self.attn = Attention(w, cfg, il, prec)
         self.moe = MoE(w, cfg, il, stream)
 
     def prefill(self, X: mx.array, ids: mx.array, pos0: int, st: LayerState) -> mx.array:
-        norm, eps = self.kernels.rmsnorm, self.cfg.rms_eps
-        x_in, post, comb = self.attn_hc.pre(X)
-        X = self.attn_hc.post(self.attn.prefill(norm(x_in, self.attn_norm, eps), pos0, st), X, post, comb)
-        x_in, post, comb = self.ffn_hc.pre(X)
-        return self.ffn_hc.post(self.moe.prefill(norm(x_in, self.ffn_norm, eps), ids), X, post, comb)
+        xn, post, comb = self.attn_hc.pre(X)
+        X = self.attn_hc.post(self.attn.prefill(xn, pos0, st), X, post, comb)
+        xn, post, comb = self.ffn_hc.pre(X)
+        return self.ffn_hc.post(self.moe.prefill(xn, ids), X, post, comb)
 
     def decode_to_experts(self, X: mx.array, ids: mx.array, p: mx.array, st: LayerState
                           ) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array, mx.array]:
         """One token up to the routed experts: the attention sublayer, then the MoE input and
         its routing -> (X, xn, expert ids, expert weights, post, comb)."""
-        norm, eps = self.kernels.rmsnorm, self.cfg.rms_eps
-        x_in, post, comb = self.attn_hc.pre(X)
-        X = self.attn_hc.post(self.attn.decode(norm(x_in, self.attn_norm, eps), p, st), X, post, comb)
-        x_in, post, comb = self.ffn_hc.pre(X)
-        xn = norm(x_in, self.ffn_norm, eps)
+        xn, post, comb = self.attn_hc.pre(X)
+        X = self.attn_hc.post(self.attn.decode(xn, p, st), X, post, comb)
+        xn, post, comb = self.ffn_hc.pre(X)
         idx, w = self.moe.route(xn, ids)
         return X, xn, idx, w, post, comb
 
     def decode_from_experts(self, routed: mx.array, X: mx.array, xn: mx.array, post: mx.array,
                             comb: mx.array) -> mx.array:
         """Add the shared expert to the routed experts' sum and fold it back into the streams."""
-        return self.ffn_hc.post(routed + self.moe.shared_expert(xn), X, post, comb)
+        return self.ffn_hc.post(self.moe.shared_expert(xn, routed), X, post, comb)
 
 
 class Model:

@@ -84,9 +84,10 @@ class Matrix:
         raw = self.raw if self.raw is not None else mx.view(self.data, mx.uint8)
         return self.kernels.matmul(x, QTensor(raw, self.ggml_type))
 
-    def grouped(self, x: mx.array) -> mx.array:
-        """``x [T, G, in / G]``: group g's rows of W (``out / G`` of them) times ``x[:, g]`` -> [T, out]."""
-        return self.kernels.grouped_matmul(x, self)
+    def grouped(self, x: mx.array, groups: int) -> mx.array:
+        """``x [T, ...]``, its trailing elements G = ``groups`` slices of ``in / G``: group g's rows
+        of W (``out / G`` of them) times slice g -> [T, out]."""
+        return self.kernels.grouped_matmul(x, self, groups)
 
     def dense_product(self, x: mx.array) -> mx.array:
         """``x @ W.T`` with W widened to f32 first, whatever its encoding (small matrices)."""

@@ -64,9 +64,11 @@ def test_counting_nodes_leaves_the_engine_as_it_was(tiny_models, schedule):
 # and 700 before the Q8_0 products, 216 and 605 before the F16 ones, one more before the
 # head's mix matrix was widened at load, 32 more before the RMS norms were one node each
 # instead of three, 21-23 more before the router's choice was one node, 15 more before the
-# shared expert was; the native experts as a node add one per layer). A change that adds
-# nodes fails here: lower the count again, or raise the budget knowingly.
-NODE_BUDGET = {"cut-at-host-experts": 129, "one-graph-native-experts": 139, "one-graph-mlx-experts": 519}
+# shared expert was, 25 more before the sublayers' norms went into hc_pre, the experts' sum
+# into the shared expert's node and the attention output's reshapes away; the native experts
+# as a node add one per layer). A change that adds nodes fails here: lower the count again,
+# or raise the budget knowingly.
+NODE_BUDGET = {"cut-at-host-experts": 104, "one-graph-native-experts": 114, "one-graph-mlx-experts": 494}
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

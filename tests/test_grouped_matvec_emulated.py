@@ -129,25 +129,31 @@ class CpuWithGpuGrouped(CpuBackend):
         self.gpu = gpu
         self.host_moe = True  # ... so the step is cut into uncompiled pieces, not one compiled graph
 
-    def grouped_matmul(self, x, w):  # prefill's many rows: the CPU path, so the prompt's state is the same
-        return self.gpu.grouped_matmul(x, w) if x.shape[0] <= metal.MATVEC_MAX_TOKENS else super().grouped_matmul(x, w)
+    def grouped_matmul(self, x, w, groups=None):  # prefill's many rows: the CPU path, so the prompt's state is the same
+        if x.shape[0] <= metal.MATVEC_MAX_TOKENS:
+            return self.gpu.grouped_matmul(x, w, groups)
+        return super().grouped_matmul(x, w, groups)
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_a_model_decodes_the_same_with_the_emulated_grouped_matvec(tiny_models, build_dir, platform):
     """tiny q2 (o_a: Q8_0, 2 groups of 64 rows) over a 12-token prompt: the same greedy
     tokens as the CPU path and logits within f32 rounding at every decode step (measured
-    ~1e-6 relative; the default's dequantized product in prefill alone moved them 2e-4)."""
+    ~5e-7 relative; the default's dequantized product in prefill alone moved them 2e-4). In
+    reference precision, as tests/test_engine.py compares paths: with the official FP8
+    rounding of cached rows an ulp at a rounding boundary becomes a whole FP8 step (metal's
+    last step: 2e-4 with the same experts chosen at every layer, measured)."""
     path = tiny_models("q2")
     prompt = [3 + 37 * i % 1000 for i in range(12)]
-    want_tokens, want_logits = greedy_run(Engine(open_model(path), 64, kernels=CpuBackend()), prompt, 4)
+    engine = lambda kernels: Engine(open_model(path), 64, precision="reference", kernels=kernels)  # noqa: E731
+    want_tokens, want_logits = greedy_run(engine(CpuBackend()), prompt, 4)
     emu = PLATFORMS[platform](build_dir)
     with MODULES[platform].emulated_backend(emu) as gpu:
-        tokens, logits = greedy_run(Engine(open_model(path), 64, kernels=CpuWithGpuGrouped(gpu)), prompt, 4)
+        tokens, logits = greedy_run(engine(CpuWithGpuGrouped(gpu)), prompt, 4)
     cfg = open_model(path).config
     grouped = [launch for launch in emu.launches if launch.kernel == "matvec" and launch.template["G"] > 1]
     assert len(grouped) >= 3 * cfg.n_layer and {launch.template["G"] for launch in grouped} == {cfg.o_groups}
     assert tokens == want_tokens
     assert np.array_equal(logits[0], want_logits[0])  # the prompt's: prefill's many rows took the CPU path
     for got, want in zip(logits[1:], want_logits[1:]):
-        assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+        assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))

@@ -106,6 +106,24 @@ def test_fused_rms_norm_gives_the_mlx_ops_bits_as_one_node(n_tok, d_model, view)
         mlx_ext.rms_norm(x, w[:-1], 1e-6)
 
 
+def test_fused_hc_pre_with_the_norm_gives_the_two_nodes_bits_as_one():
+    """hc_pre with the sublayer's norm weight: x_in leaves normalized, bit for bit what the
+    RMS norm node makes of hc_pre's x_in, with post and comb unchanged, in one node."""
+    cfg = PRESETS["mini-flash"]()
+    rng = np.random.default_rng(7)
+    X, fn, scale, base = random_hc(rng, 2, cfg.hc, cfg.d_model, mx.float16)
+    w = mx.array(rng.standard_normal(cfg.d_model).astype(np.float32))
+    params = ops.hc_params(cfg)
+    got = mx.compile(lambda *a: mlx_ext.hc_pre(*a, params, w))(X, fn, scale, base)
+    assert graph_nodes(*got) == 1
+    x_in, post, comb = mlx_ext.hc_pre(X, fn, scale, base, params)
+    want = [mlx_ext.rms_norm(x_in, w, params.rms_eps), post, comb]
+    for g, t in zip(got, want):
+        assert np.array_equal(np.array(g), np.array(t))
+    with pytest.raises(ValueError, match=r"norm weight must be float32 \[D\]"):
+        mlx_ext.hc_pre(X, fn, scale, base, params, w[:-1])
+
+
 def test_fused_hc_pre_refuses_mismatched_shapes_in_one_line():
     X, fn, scale, base = random_hc(np.random.default_rng(0), 1, 4, 64, mx.float32)
     params = ops.hc_params(PRESETS["tiny"]())

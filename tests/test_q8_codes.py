@@ -76,6 +76,20 @@ def test_q8_matmul_reads_strided_inputs():
     _assert_product(mlx_ext.q8_matmul(mx.array(x).T, mx.array(blocks)[::2]), x.T, blocks[::2], 1)
 
 
+def test_q8_matmul_takes_the_attention_output_as_heads():
+    """x [T, heads, head_dim] as the attention leaves it, grouped by whole heads (the decode
+    step passes it without a reshape node): the product of the flattened rows, bit for bit,
+    also from a strided view of the heads."""
+    rng = np.random.default_rng(5)
+    blocks = mx.array(_q8(rng, 64, 256))
+    heads = rng.standard_normal((2, 8, 64)).astype(np.float32)  # 8 heads of 64 = 2 groups of 256
+    flat = mlx_ext.q8_matmul(mx.array(heads.reshape(2, 512)), blocks, groups=2)
+    assert np.array_equal(np.array(mlx_ext.q8_matmul(mx.array(heads), blocks, groups=2)), np.array(flat))
+    swapped = mx.swapaxes(mx.array(np.ascontiguousarray(heads.swapaxes(1, 2))), 1, 2)  # same values, strided
+    mx.eval(swapped)
+    assert np.array_equal(np.array(mlx_ext.q8_matmul(swapped, blocks, groups=2)), np.array(flat))
+
+
 def test_q8_matmul_is_one_node_of_a_compiled_graph():
     rng = np.random.default_rng(4)
     blocks = mx.array(_q8(rng, 64, 256))

@@ -68,6 +68,10 @@ def test_fused_shared_expert_equals_the_composition_as_one_node(T, D, F, types, 
     assert rel_err(fused, want) < 1e-5
     clamped = np.abs(x64 @ up.wide.T) > limit
     assert clamped.any() and not clamped.all()
+    routed = mx.array(rng.standard_normal((T, D)).astype(np.float32))  # the routed experts' sum
+    summed = kernels.swiglu_ffn(x, gate, up, down, limit, plus=routed)
+    assert graph_nodes(summed) == 1
+    assert np.array_equal(np.array(summed), np.array(routed + fused))
 
 
 def test_bad_shapes_and_names_are_one_line():

@@ -6,7 +6,8 @@
 // norm of the token's hc streams, the product with the (2 + hc) * hc mix rows
 // of fn (f32, f16 or bf16 as stored), sigmoid pre / post, the hc x hc comb
 // softmaxed per row and Sinkhorn-normalized in ops.sinkhorn's order (columns,
-// then iters - 1 row / column passes), and x_in = sum_i pre[i] * X[i].
+// then iters - 1 row / column passes), and x_in = sum_i pre[i] * X[i]; given
+// the sublayer's norm weight it also applies that RMS norm to x_in (RmsNorm's bits).
 // HcPost is hyper.hc_post: X'[j] = post[j] * y + sum_i comb[i][j] * X[i].
 // RmsNorm is rowops.rmsnorm over rows, the same bits: the square, mean, rsqrt
 // and the two multiplies that MLX runs as three nodes (a product, a sum, a fused rest).
@@ -21,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <vector>
 
@@ -74,6 +76,23 @@ float dot(const mx::float16_t* w, const float* x, int n) {
 }
 #endif
 
+// 1 / sqrt(mean(x^2) + eps) as MLX's ops compute it on this CPU, bit for bit: each square
+// rounded, summed in order (its reduction is scalar here), times 1/n, plus eps. The build's
+// -ffp-contract=fast would fuse those multiplies into the adds, so it is off here.
+#if defined(__clang__)
+#define ROUNDED_STEPS
+#else
+#define ROUNDED_STEPS __attribute__((optimize("fp-contract=off")))
+#endif
+ROUNDED_STEPS float inverse_rms(const float* x, int n, float eps) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  float sum = 0.0f;
+  for (int i = 0; i < n; ++i) sum += x[i] * x[i];
+  return 1.0f / std::sqrt(sum * float(1.0 / n) + eps);
+}
+
 // The small per-token math after the mix product m[(2 + hc) * hc] (already
 // RMS-scaled): pre, post and the Sinkhorn-normalized comb.
 void hc_mix(const float* m, const float* scale, const float* base, int hc, const HcConst& k, float* pre,
@@ -121,9 +140,10 @@ View view(const mx::array& a) {
   return {a.data<void>(), st.size() > 0 ? st[0] : 0, st.size() > 1 ? st[1] : 0, st.size() > 2 ? st[2] : 0};
 }
 
+// norm_v.data, when set: x_in leaves RMS-normalized and times that weight (rowops.rmsnorm's bits).
 template <typename W>
-void hc_pre_tokens(View X, View fn, View scale_v, View base_v, int T, int hc, int D, HcConst k, float* x_in,
-                   float* post, float* comb) {
+void hc_pre_tokens(View X, View fn, View scale_v, View base_v, View norm_v, int T, int hc, int D, HcConst k,
+                   float* x_in, float* post, float* comb) {
   const int n = hc * D, mix = (2 + hc) * hc;
   std::vector<float> xs(n), m(mix), pre(hc), scale(3), base(mix);
   for (int i = 0; i < 3; ++i) scale[i] = static_cast<const float*>(scale_v.data)[i * scale_v.s0];
@@ -148,10 +168,15 @@ void hc_pre_tokens(View X, View fn, View scale_v, View base_v, int T, int hc, in
       m[j] = r * dot(row, xs.data(), n);  // fn @ (x * r) = r * (fn @ x)
     }
     hc_mix(m.data(), scale.data(), base.data(), hc, k, pre.data(), post + t * hc, comb + t * hc * hc);
+    float* xt_in = x_in + int64_t(t) * D;
     for (int d = 0; d < D; ++d) {
       float v = 0.0f;
       for (int i = 0; i < hc; ++i) v += pre[i] * xs[i * D + d];
-      x_in[t * D + d] = v;
+      xt_in[d] = v;
+    }
+    if (norm_v.data) {
+      const float r = inverse_rms(xt_in, D, k.rms_eps);
+      for (int d = 0; d < D; ++d) xt_in[d] = static_cast<const float*>(norm_v.data)[d * norm_v.s0] * (xt_in[d] * r);
     }
   }
 }
@@ -168,16 +193,17 @@ class HcPre : public mx::Primitive {
     const mx::array &X = in[0], &fn = in[1];
     const int T = X.shape(0), hc = X.shape(1), D = X.shape(2);
     const View x = view(X), w = view(fn), scale = view(in[2]), base = view(in[3]);
+    const View norm = in.size() > 4 ? view(in[4]) : View{nullptr, 0, 0, 0};
     float *x_in = out[0].data<float>(), *post = out[1].data<float>(), *comb = out[2].data<float>();
     const HcConst k = k_;
     const mx::Dtype type = fn.dtype();
     enc.dispatch([=]() {
       if (type == mx::float32)
-        hc_pre_tokens<float>(x, w, scale, base, T, hc, D, k, x_in, post, comb);
+        hc_pre_tokens<float>(x, w, scale, base, norm, T, hc, D, k, x_in, post, comb);
       else if (type == mx::float16)
-        hc_pre_tokens<mx::float16_t>(x, w, scale, base, T, hc, D, k, x_in, post, comb);
+        hc_pre_tokens<mx::float16_t>(x, w, scale, base, norm, T, hc, D, k, x_in, post, comb);
       else
-        hc_pre_tokens<mx::bfloat16_t>(x, w, scale, base, T, hc, D, k, x_in, post, comb);
+        hc_pre_tokens<mx::bfloat16_t>(x, w, scale, base, norm, T, hc, D, k, x_in, post, comb);
     });
   }
 
@@ -236,23 +262,6 @@ class HcPost : public mx::Primitive {
 
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
-
-// 1 / sqrt(mean(x^2) + eps) as MLX's ops compute it on this CPU, bit for bit: each square
-// rounded, summed in order (its reduction is scalar here), times 1/n, plus eps. The build's
-// -ffp-contract=fast would fuse those multiplies into the adds, so it is off here.
-#if defined(__clang__)
-#define ROUNDED_STEPS
-#else
-#define ROUNDED_STEPS __attribute__((optimize("fp-contract=off")))
-#endif
-ROUNDED_STEPS float inverse_rms(const float* x, int n, float eps) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
-  float sum = 0.0f;
-  for (int i = 0; i < n; ++i) sum += x[i] * x[i];
-  return 1.0f / std::sqrt(sum * float(1.0 / n) + eps);
-}
 
 // y[t] = w * (x[t] * inverse_rms(x[t])), one row at a time (x, w as strided views)
 void rms_norm_rows(View x, View w, int T, int D, float eps, float* y) {
@@ -411,7 +420,7 @@ mx::array hc_post(const mx::array& y, const mx::array& X, const mx::array& post,
 }
 
 nb::tuple hc_pre(const mx::array& X, const mx::array& fn, const mx::array& scale, const mx::array& base,
-                 float rms_eps, float hc_eps, int iters) {
+                 float rms_eps, float hc_eps, int iters, std::optional<mx::array> norm) {
   if (X.ndim() != 3 || X.dtype() != mx::float32)
     throw std::invalid_argument("hc_pre: X must be float32 [T, hc, D]");
   const int T = X.shape(0), hc = X.shape(1), D = X.shape(2), mix = (2 + hc) * hc;
@@ -421,10 +430,14 @@ nb::tuple hc_pre(const mx::array& X, const mx::array& fn, const mx::array& scale
   if (scale.ndim() != 1 || scale.size() != 3 || base.ndim() != 1 || base.size() != size_t(mix) ||
       scale.dtype() != mx::float32 || base.dtype() != mx::float32)
     throw std::invalid_argument("hc_pre: scale must be float32 [3], base float32 [(2 + hc) * hc]");
+  if (norm && (norm->ndim() != 1 || norm->shape(0) != D || norm->dtype() != mx::float32))
+    throw std::invalid_argument("hc_pre: the norm weight must be float32 [D]");
+  std::vector<mx::array> inputs{X, fn, scale, base};
+  if (norm) inputs.push_back(*norm);
   auto outs = mx::array::make_arrays({{T, D}, {T, hc}, {T, hc, hc}}, {mx::float32, mx::float32, mx::float32},
                                      std::make_shared<HcPre>(mx::default_stream(mx::Device::cpu),
                                                              HcConst{rms_eps, hc_eps, iters}),
-                                     {X, fn, scale, base});
+                                     inputs);
   return nb::make_tuple(outs[0], outs[1], outs[2]);
 }
 
@@ -438,7 +451,10 @@ NB_MODULE(_magnetar_mlx_ops, m) {
   register_q8(m);
   register_attention(m);
   register_moe(m);
-  m.def("hc_pre", &hc_pre, "X [T, hc, D], fn, scale [3], base, rms_eps, hc_eps, iters -> (x_in, post, comb)");
+  m.def("hc_pre", &hc_pre, "X [T, hc, D], fn, scale [3], base, rms_eps, hc_eps, iters, norm [D] | None -> "
+        "(x_in, post, comb), x_in RMS-normalized times norm when given", nb::arg("X"), nb::arg("fn"),
+        nb::arg("scale"), nb::arg("base"), nb::arg("rms_eps"), nb::arg("hc_eps"), nb::arg("iters"),
+        nb::arg("norm").none() = nb::none());
   m.def("route", &route, "logits [T, E], k, bias [E] | None, chosen [T, k] | None, norm, scale, floor -> (ids, w)",
         nb::arg("logits"), nb::arg("k"), nb::arg("bias").none(), nb::arg("chosen").none(), nb::arg("norm"),
         nb::arg("scale"), nb::arg("floor"));

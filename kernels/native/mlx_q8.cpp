@@ -25,12 +25,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
 #include "mlx/array.h"
@@ -274,6 +276,36 @@ void codes_matmul(RowDots dots, const uint8_t* w, size_t w_stride, const float* 
   for (auto& worker : workers) worker.join();
 }
 
+// x [T, ...] as T dense rows of its trailing elements: its own buffer when it already is one,
+// else a copy (a strided view) into ``packed``.
+struct Layout {
+  std::vector<int> shape;
+  std::vector<int64_t> strides;
+  bool dense;
+};
+
+Layout layout_of(const mx::array& x) {
+  return {std::vector<int>(x.shape().begin(), x.shape().end()),
+          std::vector<int64_t>(x.strides().begin(), x.strides().end()), x.flags().row_contiguous};
+}
+
+const float* dense_rows(const float* data, const Layout& x, std::vector<float>& packed) {
+  if (x.dense) return data;
+  size_t n = 1;
+  for (int d : x.shape) n *= size_t(d);
+  packed.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    int64_t offset = 0;
+    size_t rest = i;
+    for (int d = int(x.shape.size()) - 1; d >= 0; --d) {
+      offset += int64_t(rest % x.shape[d]) * x.strides[d];
+      rest /= x.shape[d];
+    }
+    packed[i] = data[offset];
+  }
+  return packed.data();
+}
+
 class CodesMatmul : public mx::Primitive {
  public:
   CodesMatmul(mx::Stream stream, Codes codes, int groups) : mx::Primitive(stream), codes_(codes), groups_(groups) {}
@@ -286,22 +318,14 @@ class CodesMatmul : public mx::Primitive {
     encoder.set_input_array(x);
     encoder.set_input_array(w);
     encoder.set_output_array(y);
-    const Shape shape{x.shape(0), w.shape(0), x.shape(1) / groups_, groups_};
+    const int T = x.shape(0);
+    const Shape shape{T, w.shape(0), int(x.size() / T) / groups_, groups_};
     const size_t w_stride = w.strides(0) * w.itemsize(), w_inner = w.strides(1);
-    const int64_t x_s0 = x.strides(0), x_s1 = x.strides(1);
     encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), yp = y.data<float>(), shape, w_stride, w_inner,
-                      x_s0, x_s1, dots = row_dots_for(codes_), what = name()]() {
+                      x_layout = layout_of(x), dots = row_dots_for(codes_), what = name()]() {
       if (w_inner != 1) throw std::runtime_error(std::string(what) + ": the weight rows must be contiguous");
-      std::vector<float> packed;  // x as dense rows, when it is a strided view
-      const float* xs = xp;
-      const int width = shape.groups * shape.cols;
-      if (x_s1 != 1 || x_s0 != width) {
-        packed.resize(size_t(shape.T) * width);
-        for (int t = 0; t < shape.T; ++t)
-          for (int c = 0; c < width; ++c) packed[size_t(t) * width + c] = xp[t * x_s0 + c * x_s1];
-        xs = packed.data();
-      }
-      codes_matmul(dots, wp, w_stride, xs, yp, shape);
+      std::vector<float> packed;
+      codes_matmul(dots, wp, w_stride, dense_rows(xp, x_layout, packed), yp, shape);
     });
   }
 
@@ -347,16 +371,12 @@ class SwigluFfn : public mx::Primitive {
     }
     const mx::array& x = in[0];
     const int T = x.shape(0), D = x.shape(1), F = in[1].shape(0);
-    const int64_t x_s0 = x.strides(0), x_s1 = x.strides(1);
-    encoder.dispatch([xp = x.data<float>(), yp = y.data<float>(), w, T, D, F, x_s0, x_s1, limit = limit_]() {
-      std::vector<float> packed;  // x as dense rows, when it is a strided view
-      const float* xs = xp;
-      if (x_s1 != 1 || x_s0 != D) {
-        packed.resize(size_t(T) * D);
-        for (int t = 0; t < T; ++t)
-          for (int c = 0; c < D; ++c) packed[size_t(t) * D + c] = xp[t * x_s0 + c * x_s1];
-        xs = packed.data();
-      }
+    const float* plus = in.size() > 4 ? in[4].data<float>() : nullptr;
+    const int64_t p_s0 = plus ? in[4].strides(0) : 0, p_s1 = plus ? in[4].strides(1) : 0;
+    encoder.dispatch([xp = x.data<float>(), yp = y.data<float>(), w, T, D, F, x_layout = layout_of(x), plus, p_s0,
+                      p_s1, limit = limit_]() {
+      std::vector<float> packed;
+      const float* xs = dense_rows(xp, x_layout, packed);
       std::vector<float> gate(size_t(T) * F), up(size_t(T) * F);
       codes_matmul(w[0].dots, w[0].data, w[0].stride, xs, gate.data(), Shape{T, F, D, 1});
       codes_matmul(w[1].dots, w[1].data, w[1].stride, xs, up.data(), Shape{T, F, D, 1});
@@ -365,6 +385,9 @@ class SwigluFfn : public mx::Primitive {
         gate[i] = g * (1.0f / (1.0f + std::exp(-g))) * std::min(std::max(up[i], -limit), limit);
       }
       codes_matmul(w[2].dots, w[2].data, w[2].stride, gate.data(), yp, Shape{T, D, F, 1});
+      if (plus)
+        for (int t = 0; t < T; ++t)
+          for (int d = 0; d < D; ++d) yp[size_t(t) * D + d] = plus[t * p_s0 + d * p_s1] + yp[size_t(t) * D + d];
     });
   }
 
@@ -383,10 +406,12 @@ class SwigluFfn : public mx::Primitive {
   float limit_;
 };
 
+// x [T, ...]: each token's trailing elements, flattened, are the groups' cols side by side.
 int check_x(const mx::array& x, int groups, const char* what) {
-  if (x.ndim() != 2 || x.dtype() != mx::float32 || groups < 1 || x.shape(1) % groups)
-    throw std::invalid_argument(std::string(what) + ": x must be float32 [T, groups * cols]");
-  return x.shape(1) / groups;
+  const int64_t width = x.ndim() >= 2 && x.shape(0) > 0 ? int64_t(x.size()) / x.shape(0) : 0;
+  if (x.ndim() < 2 || x.dtype() != mx::float32 || groups < 1 || width == 0 || width % groups)
+    throw std::invalid_argument(std::string(what) + ": x must be float32 [T, ...] of groups * cols per token");
+  return int(width / groups);
 }
 
 mx::array codes_product(const mx::array& x, const mx::array& w, Codes codes, int groups) {
@@ -425,7 +450,7 @@ std::pair<Codes, int> stored_matrix(const mx::array& w, const std::string& type,
 
 mx::array swiglu_ffn_op(const mx::array& x, const mx::array& gate, const std::string& gate_type, const mx::array& up,
                         const std::string& up_type, const mx::array& down, const std::string& down_type,
-                        float limit) {
+                        float limit, std::optional<mx::array> plus) {
   if (x.ndim() != 2 || x.dtype() != mx::float32) throw std::invalid_argument("swiglu_ffn: x must be float32 [T, D]");
   const auto [g_codes, g_cols] = stored_matrix(gate, gate_type, "gate");
   const auto [u_codes, u_cols] = stored_matrix(up, up_type, "up");
@@ -433,10 +458,14 @@ mx::array swiglu_ffn_op(const mx::array& x, const mx::array& gate, const std::st
   const int D = x.shape(1), F = gate.shape(0);
   if (g_cols != D || u_cols != D || up.shape(0) != F || d_cols != F || down.shape(0) != D)
     throw std::invalid_argument("swiglu_ffn: gate and up must be [F, D] and down [D, F] for x [T, D]");
+  if (plus && (plus->shape() != x.shape() || plus->dtype() != mx::float32))
+    throw std::invalid_argument("swiglu_ffn: plus must be float32 [T, D] like x");
+  std::vector<mx::array> inputs{x, gate, up, down};
+  if (plus) inputs.push_back(*plus);
   return mx::array({x.shape(0), D}, mx::float32,
                    std::make_shared<SwigluFfn>(mx::default_stream(mx::Device::cpu),
                                                std::array<Codes, 3>{g_codes, u_codes, d_codes}, limit),
-                   {x, gate, up, down});
+                   inputs);
 }
 
 }  // namespace
@@ -449,5 +478,7 @@ void register_q8(nb::module_& m) {
         "x [T, groups * cols] float32, w [groups * R, cols] float16 (or uint8 [groups * R, 2 * cols], its bytes) "
         "-> [T, groups * R]: group g's R rows of W times x's g-th cols");
   m.def("swiglu_ffn", &swiglu_ffn_op, "x [T, D] float32, gate, gate_type, up, up_type, down, down_type ('q8_0' or "
-        "'f16', each as stored), limit -> down(silu(min(gate x, limit)) * clip(up x, -limit, limit)) [T, D]");
+        "'f16', each as stored), limit, plus [T, D] | None -> plus + down(silu(min(gate x, limit)) * "
+        "clip(up x, -limit, limit)) [T, D]", nb::arg("x"), nb::arg("gate"), nb::arg("gate_type"), nb::arg("up"),
+        nb::arg("up_type"), nb::arg("down"), nb::arg("down_type"), nb::arg("limit"), nb::arg("plus").none() = nb::none());
 }

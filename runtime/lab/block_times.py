@@ -4,14 +4,14 @@ For each decode token the walk runs the model's own per-layer functions (the
 math of ``Layer.decode_to_experts`` / ``decode_from_experts``, runtime/model.py)
 one block at a time, evaluating (``mx.eval``) and timing each:
 
-    attn hc_pre   HyperConnection.pre before attention
-    attention     rmsnorm + Attention.decode (projections included; KV written)
+    attn hc_pre   HyperConnection.pre before attention (the attention's input norm included)
+    attention     Attention.decode (projections included; KV written)
     attn hc_post  HyperConnection.post after attention
-    ffn hc_pre    HyperConnection.pre before the MoE
-    route         rmsnorm + MoE.route (expert ids and weights)
+    ffn hc_pre    HyperConnection.pre before the MoE (its input norm included)
+    route         MoE.route (expert ids and weights)
     experts       MoE.routed: the routed experts, on the host with native CPU kernels
-    shared        MoE.shared_expert
-    ffn hc_post   the experts' sum + HyperConnection.post
+    shared        MoE.shared_expert, plus the routed experts' sum
+    ffn hc_post   HyperConnection.post
 
 then ``head``: Model.head and the output projection to numpy logits. The
 embedding lookup (3 nodes) is evaluated untimed. An empty block (one node)
@@ -76,24 +76,15 @@ class _LayerBlocks:
     """One layer's blocks as functions of arrays (compiled when the backend allows)."""
 
     def __init__(self, layer, template, wrap: Callable, host_experts: bool):
-        norm, eps = layer.kernels.rmsnorm, layer.cfg.rms_eps
-
-        def attention(x_in, p, *arrays):
+        def attention(xn, p, *arrays):
             st = copy.copy(template)  # the layer's state over these arrays, as step.py does
             st.replace(list(arrays))
-            return (layer.attn.decode(norm(x_in, layer.attn_norm, eps), p, st), *st.arrays())
-
-        def route(x_in, ids):
-            xn = norm(x_in, layer.ffn_norm, eps)
-            return (xn, *layer.moe.route(xn, ids))
-
-        def ffn_post(routed, shared, X, post, comb):
-            return layer.ffn_hc.post(routed + shared, X, post, comb)
+            return (layer.attn.decode(xn, p, st), *st.arrays())
 
         self.attn_pre, self.attn_post = wrap(layer.attn_hc.pre), wrap(layer.attn_hc.post)
-        self.attention, self.ffn_pre, self.route = wrap(attention), wrap(layer.ffn_hc.pre), wrap(route)
+        self.attention, self.ffn_pre, self.route = wrap(attention), wrap(layer.ffn_hc.pre), wrap(layer.moe.route)
         self.experts = layer.moe.routed if host_experts else wrap(layer.moe.routed)
-        self.shared, self.ffn_post = wrap(layer.moe.shared_expert), wrap(ffn_post)
+        self.shared, self.ffn_post = wrap(layer.moe.shared_expert), wrap(layer.ffn_hc.post)
 
 
 class _Walk:
@@ -131,15 +122,15 @@ class _Walk:
         start = {k: len(v) for k, v in self.seconds.items()}
         for il, b in enumerate(self.blocks):
             st = state.layers[il]
-            x_in, post, comb = self._timed((il, "attn hc_pre"), b.attn_pre, X)
-            o, *_ = self._timed((il, "attention"), b.attention, x_in, pos, *st.arrays(),
+            xn, post, comb = self._timed((il, "attn hc_pre"), b.attn_pre, X)
+            o, *_ = self._timed((il, "attention"), b.attention, xn, pos, *st.arrays(),
                                 keep=lambda out, st=st: st.replace(list(out[1:])))
             X = self._timed((il, "attn hc_post"), b.attn_post, o, X, post, comb)
-            x_in, post, comb = self._timed((il, "ffn hc_pre"), b.ffn_pre, X)
-            xn, idx, w = self._timed((il, "route"), b.route, x_in, ids)
+            xn, post, comb = self._timed((il, "ffn hc_pre"), b.ffn_pre, X)
+            idx, w = self._timed((il, "route"), b.route, xn, ids)
             routed = self._timed((il, "experts"), b.experts, xn, idx, w)
-            shared = self._timed((il, "shared"), b.shared, xn)
-            X = self._timed((il, "ffn hc_post"), b.ffn_post, routed, shared, X, post, comb)
+            ffn_out = self._timed((il, "shared"), b.shared, xn, routed)
+            X = self._timed((il, "ffn hc_post"), b.ffn_post, ffn_out, X, post, comb)
         logits = self._timed(("head", "head"), lambda x: self.model.project(self.head(x)), X)
         state.tokens.append(token)
         spent = sum(sum(v[start.get(k, 0):]) for k, v in self.seconds.items())
