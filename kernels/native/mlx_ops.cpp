@@ -63,14 +63,20 @@ float dot(const W* w, const float* x, int n) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // The same sums for F16 rows (fn as stored), widened 8 at a time by F16C: MLX's
 // float16_t converts value by value in integer code here, 11x slower at Flash widths.
+// Four chains of FMAs, so the adds' latency does not bound the row (hc_pre makes 24 a token).
 float dot(const mx::float16_t* w, const float* x, int n) {
-  __m256 sums = _mm256_setzero_ps();
+  auto wide = [&](int k) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))); };
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
   int k = 0;
-  for (; k + 8 <= n; k += 8)
-    sums = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))),
-                           _mm256_loadu_ps(x + k), sums);
+  for (; k + 32 <= n; k += 32) {
+    s0 = _mm256_fmadd_ps(wide(k), _mm256_loadu_ps(x + k), s0);
+    s1 = _mm256_fmadd_ps(wide(k + 8), _mm256_loadu_ps(x + k + 8), s1);
+    s2 = _mm256_fmadd_ps(wide(k + 16), _mm256_loadu_ps(x + k + 16), s2);
+    s3 = _mm256_fmadd_ps(wide(k + 24), _mm256_loadu_ps(x + k + 24), s3);
+  }
+  for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(wide(k), _mm256_loadu_ps(x + k), s0);
   float acc[8];
-  _mm256_storeu_ps(acc, sums);
+  _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
   for (; k < n; ++k) acc[0] += float(w[k]) * x[k];
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
@@ -168,12 +174,11 @@ void hc_pre_tokens(View X, View fn, View scale_v, View base_v, View norm_v, int 
       m[j] = r * dot(row, xs.data(), n);  // fn @ (x * r) = r * (fn @ x)
     }
     hc_mix(m.data(), scale.data(), base.data(), hc, k, pre.data(), post + t * hc, comb + t * hc * hc);
+    // Stream by stream, so the loops over d vectorize; per d the sum runs in i order as before.
     float* xt_in = x_in + int64_t(t) * D;
-    for (int d = 0; d < D; ++d) {
-      float v = 0.0f;
-      for (int i = 0; i < hc; ++i) v += pre[i] * xs[i * D + d];
-      xt_in[d] = v;
-    }
+    for (int d = 0; d < D; ++d) xt_in[d] = pre[0] * xs[d];
+    for (int i = 1; i < hc; ++i)
+      for (int d = 0; d < D; ++d) xt_in[d] += pre[i] * xs[i * D + d];
     if (norm_v.data) {
       const float r = inverse_rms(xt_in, D, k.rms_eps);
       for (int d = 0; d < D; ++d) xt_in[d] = static_cast<const float*>(norm_v.data)[d * norm_v.s0] * (xt_in[d] * r);
@@ -226,14 +231,25 @@ void hc_post_tokens(View y, View X, View post, View comb, int T, int hc, int D, 
   auto at = [](View v, int64_t a, int64_t b, int64_t c = 0) {
     return static_cast<const float*>(v.data)[a * v.s0 + b * v.s1 + c * v.s2];
   };
+  const bool rows = y.s1 == 1 && X.s2 == 1;  // unit stride along D (the usual case): loops that vectorize
   for (int t = 0; t < T; ++t)
     for (int j = 0; j < hc; ++j) {
       float* o = out + (int64_t(t) * hc + j) * D;
       const float p = at(post, t, j);
-      for (int d = 0; d < D; ++d) o[d] = p * at(y, t, d);
+      if (rows) {
+        const float* yt = static_cast<const float*>(y.data) + t * y.s0;
+        for (int d = 0; d < D; ++d) o[d] = p * yt[d];
+      } else {
+        for (int d = 0; d < D; ++d) o[d] = p * at(y, t, d);
+      }
       for (int i = 0; i < hc; ++i) {
         const float c = at(comb, t, i, j);
-        for (int d = 0; d < D; ++d) o[d] += c * at(X, t, i, d);
+        if (rows) {
+          const float* xi = static_cast<const float*>(X.data) + t * X.s0 + i * X.s1;
+          for (int d = 0; d < D; ++d) o[d] += c * xi[d];
+        } else {
+          for (int d = 0; d < D; ++d) o[d] += c * at(X, t, i, d);
+        }
       }
     }
 }
