@@ -184,6 +184,11 @@ class Backend:
             w = w / mx.maximum(mx.sum(w, axis=-1, keepdims=True), ROUTER_FLOOR)
         return chosen.astype(mx.int32), w * scale
 
+    def matmuls(self, x: mx.array, ws: list[DenseWeight]) -> list[mx.array]:
+        """``[x @ W.T for W in ws]``: several products of one input (a decode step's attention
+        projections). Here one product each; backends may make them one node."""
+        return [w(x) for w in ws]
+
     def swiglu_ffn(self, x: mx.array, gate: DenseWeight, up: DenseWeight, down: DenseWeight, limit: float,
                    plus: mx.array | None = None) -> mx.array:
         """The shared expert (§3.8): ``down(swiglu(gate(x), up(x), limit))``, plus ``plus`` when

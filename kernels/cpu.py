@@ -175,6 +175,14 @@ class CpuBackend(HostBackend):
             return mlx_ext.f16_matmul(x, w.data)
         return x @ wide().T
 
+    def matmuls(self, x, ws):
+        """One node (``mlx_ext.codes_matmuls``) when the codes products read every matrix as
+        stored and the rows are few; otherwise one product each."""
+        stored = [self._stored(w) for w in ws]
+        if len(ws) > 1 and x.ndim == 2 and x.shape[0] < HOST_BLAS_MIN_ROWS and all(w is not None for w in stored):
+            return mlx_ext.codes_matmuls(x, stored)
+        return super().matmuls(x, ws)
+
     def swiglu_ffn(self, x, gate, up, down, limit, plus=None):
         """One node (``mlx_ext.swiglu_ffn``) when every matrix is read as stored by the codes
         products and the rows are few; otherwise three products, the gating and the sum."""

@@ -45,6 +45,7 @@ from .hyper import HcParams
 from .native import cache_dir, cpu_id
 
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
+_STORED = {GGMLType.Q8_0: "q8_0", GGMLType.F16: "f16"}  # the encodings the codes products read as stored
 # mlx_ops.cpp holds the module; each other file adds its primitives through a
 # register_* function that mlx_ops.cpp declares and calls.
 SOURCES = (NATIVE_DIR / "mlx_ops.cpp", NATIVE_DIR / "mlx_q8.cpp", NATIVE_DIR / "mlx_attention.cpp",
@@ -221,13 +222,18 @@ def route(logits: mx.array, k: int, bias: mx.array | None, chosen: mx.array | No
     return _need().route(logits, k, bias, chosen, norm, scale, floor)
 
 
+def codes_matmuls(x: mx.array, ws: list[QTensor]) -> list[mx.array]:
+    """``[x @ W.T for W in ws]`` as one CPU node, each matrix Q8_0 or F16 as stored: each output
+    is ``q8_matmul`` / ``f16_matmul``'s."""
+    return _need().codes_matmuls(x.astype(mx.float32), [w.data for w in ws], [_STORED[w.ggml_type] for w in ws])
+
+
 def swiglu_ffn(x: mx.array, gate: QTensor, up: QTensor, down: QTensor, limit: float,
                plus: mx.array | None = None) -> mx.array:
     """``Backend.swiglu_ffn`` as one CPU node on float32 ``x [T, D]``, each matrix Q8_0 or F16 as
     stored (``native/mlx_q8.cpp``): the products' bits are ``q8_matmul`` / ``f16_matmul``'s;
     ``plus`` [T, D] is added to the output."""
-    names = {GGMLType.Q8_0: "q8_0", GGMLType.F16: "f16"}
-    args = [arg for m in (gate, up, down) for arg in (m.data, names[m.ggml_type])]
+    args = [arg for m in (gate, up, down) for arg in (m.data, _STORED[m.ggml_type])]
     return _need().swiglu_ffn(x.astype(mx.float32), *args, float(limit),
                               None if plus is None else plus.astype(mx.float32))
 

@@ -189,21 +189,30 @@ class Attention:
     def decode(self, xn: mx.array, p: mx.array, st: LayerState) -> mx.array:
         """The projections here; the rest (norms, RoPE, ring, compressors, indexer, attention)
         is the backend's ``attention_decode``, one node on the CPU."""
-        qr = self.kernels.rmsnorm(self.q_a(xn), self.q_a_norm, self.cfg.rms_eps)
-        comp = index = index_q = index_w = None
+        ix = self.indexer
+        select = ix is not None and st.comp.shape[0] > ix.top_k  # static: the buffer holds more rows than top-k
+        # Every projection of xn at once (one node on the CPU), then those of qr.
+        of_xn = [self.q_a, self.kv]
         if self.ratio:
-            comp = self._pooling(self.compressor, xn, st.comp, st.f_kv, st.f_sc)
-        if self.indexer is not None:
-            ix = self.indexer
-            index = self._pooling(ix.compressor, xn, st.index, st.i_kv, st.i_sc)
-            if st.comp.shape[0] > ix.top_k:  # static: the buffer can hold more rows than top-k keeps
-                index_q, index_w = ix.q_b(qr), ix.proj(xn)
-        step = DecodeStep(p, self.q_b(qr), self.kv(xn), self.kv_norm, self.sinks, self.inv_freq, st.raw,
-                          comp, index, index_q, index_w)
+            of_xn += [self.compressor.kv, self.compressor.gate]
+        if ix is not None:
+            of_xn += [ix.compressor.kv, ix.compressor.gate] + ([ix.proj] if select else [])
+        q_a, kv, *rest = self.kernels.matmuls(xn, of_xn)
+        qr = self.kernels.rmsnorm(q_a, self.q_a_norm, self.cfg.rms_eps)
+        q, *index_q = self.kernels.matmuls(qr, [self.q_b] + ([ix.q_b] if select else []))
+        comp = index = index_w = None
+        if self.ratio:
+            comp = self._pooling(self.compressor, *rest[:2], st.comp, st.f_kv, st.f_sc)
+        if ix is not None:
+            index = self._pooling(ix.compressor, *rest[2:4], st.index, st.i_kv, st.i_sc)
+            index_w = rest[4] if select else None
+        step = DecodeStep(p, q, kv, self.kv_norm, self.sinks, self.inv_freq, st.raw,
+                          comp, index, index_q[0] if select else None, index_w)
         o, states = self.kernels.attention_decode(step, self.shape)
         st.replace(states)
         return self._out(o)
 
     @staticmethod
-    def _pooling(comp: Compressor, xn: mx.array, rows: mx.array, f_kv: mx.array, f_sc: mx.array) -> Pooling:
-        return Pooling(comp.kv(xn), comp.gate(xn), comp.ape, comp.norm, rows, f_kv, f_sc)
+    def _pooling(comp: Compressor, kv: mx.array, gate: mx.array, rows: mx.array, f_kv: mx.array, f_sc: mx.array
+                 ) -> Pooling:
+        return Pooling(kv, gate, comp.ape, comp.norm, rows, f_kv, f_sc)

@@ -50,7 +50,7 @@ def test_counting_nodes_leaves_the_engine_as_it_was(tiny_models, schedule):
     count = on_engine_thread(decode_nodes, counted.model, 256)
     layers = counted.config.n_layer
     assert count.calls == (layers + 1 if schedule == "cut-at-host-experts" else 1)
-    assert count.per_token > 20 * layers and count.per_layer == count.per_token / layers
+    assert count.per_token > 10 * layers and count.per_layer == count.per_token / layers  # real graphs counted
     assert on_engine_thread(decode_nodes, counted.model, 256) == count  # the same graph each time
     assert counted.tokens == []
     tokens, logits = _greedy(counted)
@@ -65,10 +65,11 @@ def test_counting_nodes_leaves_the_engine_as_it_was(tiny_models, schedule):
 # head's mix matrix was widened at load, 32 more before the RMS norms were one node each
 # instead of three, 21-23 more before the router's choice was one node, 15 more before the
 # shared expert was, 25 more before the sublayers' norms went into hc_pre, the experts' sum
-# into the shared expert's node and the attention output's reshapes away; the native experts
-# as a node add one per layer). A change that adds nodes fails here: lower the count again,
-# or raise the budget knowingly.
-NODE_BUDGET = {"cut-at-host-experts": 104, "one-graph-native-experts": 114, "one-graph-mlx-experts": 494}
+# into the shared expert's node and the attention output's reshapes away, 19 more before the
+# attention's projections of one input were one node; the native experts as a node add one
+# per layer). A change that adds nodes fails here: lower the count again, or raise the
+# budget knowingly.
+NODE_BUDGET = {"cut-at-host-experts": 85, "one-graph-native-experts": 95, "one-graph-mlx-experts": 475}
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

@@ -13,6 +13,7 @@ import pytest
 from greedy_run import greedy_run
 from magnetar.kernels import GGMLType, dequantize, mlx_ext
 from magnetar.kernels.backend import backend
+from magnetar.kernels.base import QTensor
 from magnetar.kernels.cpu import CpuBackend
 from magnetar.kernels.quantize import quantize
 from magnetar.runtime import Engine
@@ -88,6 +89,24 @@ def test_q8_matmul_takes_the_attention_output_as_heads():
     swapped = mx.swapaxes(mx.array(np.ascontiguousarray(heads.swapaxes(1, 2))), 1, 2)  # same values, strided
     mx.eval(swapped)
     assert np.array_equal(np.array(mlx_ext.q8_matmul(swapped, blocks, groups=2)), np.array(flat))
+
+
+def test_several_products_of_one_x_are_one_node_with_each_products_bits():
+    """``codes_matmuls``: the decode attention's projections of its input (Q8_0 and F16 as
+    stored, different row counts) in one node, each output bit-equal to its own product."""
+    rng = np.random.default_rng(6)
+    q8s = [mx.array(_q8(rng, rows, 256)) for rows in (96, 32)]
+    f16 = mx.array(rng.standard_normal((40, 256)).astype(np.float16))
+    x = mx.array(rng.standard_normal((2, 256)).astype(np.float32))
+    mx.eval(x, f16, *q8s)
+    ws = [QTensor(q8s[0], GGMLType.Q8_0), QTensor(f16, GGMLType.F16), QTensor(q8s[1], GGMLType.Q8_0)]
+    got = mx.compile(lambda v: mlx_ext.codes_matmuls(v, ws))(x)
+    assert graph_nodes(*got) == 1
+    want = [mlx_ext.q8_matmul(x, q8s[0]), mlx_ext.f16_matmul(x, f16), mlx_ext.q8_matmul(x, q8s[1])]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and np.array_equal(np.array(g), np.array(w))
+    with pytest.raises(ValueError, match="every matrix must have x's cols"):
+        mlx_ext.codes_matmuls(mx.zeros((1, 128)), ws)
 
 
 def test_q8_matmul_is_one_node_of_a_compiled_graph():

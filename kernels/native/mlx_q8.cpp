@@ -29,11 +29,13 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -344,6 +346,53 @@ class CodesMatmul : public mx::Primitive {
   int groups_;
 };
 
+// Several matrices (Q8_0 or F16 rows as stored) against one x: the decode attention's
+// projections of its input, one node instead of one each; each output is CodesMatmul's.
+class CodesMatmuls : public mx::Primitive {
+ public:
+  CodesMatmuls(mx::Stream stream, std::vector<Codes> codes) : mx::Primitive(stream), codes_(std::move(codes)) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) encoder.set_input_array(a);
+    struct Product {
+      const uint8_t* w;
+      size_t stride;
+      RowDots dots;
+      float* y;
+      int rows;
+    };
+    std::vector<Product> products;
+    for (size_t i = 0; i < out.size(); ++i) {
+      out[i].set_data(mx::allocator::malloc(out[i].nbytes()));
+      encoder.set_output_array(out[i]);
+      const mx::array& w = in[1 + i];
+      if (w.strides(1) != 1) throw std::runtime_error("MagnetarCodesMatmuls: the weight rows must be contiguous");
+      products.push_back({w.data<uint8_t>(), w.strides(0) * w.itemsize(), row_dots_for(codes_[i]),
+                          out[i].data<float>(), w.shape(0)});
+    }
+    const mx::array& x = in[0];
+    const int T = x.shape(0), cols = int(x.size() / T);
+    encoder.dispatch([xp = x.data<float>(), x_layout = layout_of(x), products, T, cols]() {
+      std::vector<float> packed;
+      const float* xs = dense_rows(xp, x_layout, packed);
+      for (const Product& p : products) codes_matmul(p.dots, p.w, p.stride, xs, p.y, Shape{T, p.rows, cols, 1});
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("MagnetarCodesMatmuls has no GPU kernel (the GPU backends have their own)");
+  }
+
+  const char* name() const override { return "MagnetarCodesMatmuls"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return codes_ == static_cast<const CodesMatmuls&>(other).codes_;
+  }
+
+ private:
+  std::vector<Codes> codes_;
+};
+
 // A shared expert, y = down(silu(min(gate x, limit)) * clip(up x, -limit, limit)) (ops.swiglu),
 // with each matrix read as stored (Q8_0 or F16 rows): the three products and the gating of
 // MLX's five nodes as one. The mids live in the task, not in MLX's graph.
@@ -439,13 +488,33 @@ mx::array f16_matmul_op(const mx::array& x, const mx::array& w, int groups) {
 
 // A matrix as stored: Q8_0 blocks (uint8 [rows, cols / 32 * 34]) or F16 (float16 [rows, cols] or
 // its bytes); -> its codes and its cols, or an error naming the matrix.
-std::pair<Codes, int> stored_matrix(const mx::array& w, const std::string& type, const char* what) {
-  if (w.ndim() != 2) throw std::invalid_argument(std::string("swiglu_ffn: ") + what + " must be 2-D");
+std::pair<Codes, int> stored_matrix(const mx::array& w, const std::string& type, const char* what,
+                                    const char* op = "swiglu_ffn") {
+  if (w.ndim() != 2) throw std::invalid_argument(std::string(op) + ": " + what + " must be 2-D");
   if (type == "q8_0" && w.dtype() == mx::uint8 && w.shape(1) % kBlockBytes == 0)
     return {Codes::kQ8_0, w.shape(1) / kBlockBytes * kBlock};
   if (type == "f16" && (w.dtype() == mx::float16 || (w.dtype() == mx::uint8 && w.shape(1) % 2 == 0)))
     return {Codes::kF16, w.dtype() == mx::float16 ? w.shape(1) : w.shape(1) / 2};
-  throw std::invalid_argument(std::string("swiglu_ffn: ") + what + " must be Q8_0 blocks (uint8) or F16, as named");
+  throw std::invalid_argument(std::string(op) + ": " + what + " must be Q8_0 blocks (uint8) or F16, as named");
+}
+
+std::vector<mx::array> codes_matmuls_op(const mx::array& x, const std::vector<mx::array>& ws,
+                                        const std::vector<std::string>& types) {
+  if (x.ndim() != 2 || x.dtype() != mx::float32) throw std::invalid_argument("codes_matmuls: x must be float32 [T, cols]");
+  if (ws.empty() || ws.size() != types.size())
+    throw std::invalid_argument("codes_matmuls: give one type per matrix, at least one matrix");
+  std::vector<Codes> codes;
+  std::vector<mx::Shape> shapes;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const auto [c, cols] = stored_matrix(ws[i], types[i], "each matrix", "codes_matmuls");
+    if (cols != x.shape(1)) throw std::invalid_argument("codes_matmuls: every matrix must have x's cols");
+    codes.push_back(c);
+    shapes.push_back({x.shape(0), ws[i].shape(0)});
+  }
+  std::vector<mx::array> inputs{x};
+  inputs.insert(inputs.end(), ws.begin(), ws.end());
+  return mx::array::make_arrays(std::move(shapes), std::vector<mx::Dtype>(ws.size(), mx::float32),
+                                std::make_shared<CodesMatmuls>(mx::default_stream(mx::Device::cpu), codes), inputs);
 }
 
 mx::array swiglu_ffn_op(const mx::array& x, const mx::array& gate, const std::string& gate_type, const mx::array& up,
@@ -477,6 +546,8 @@ void register_q8(nb::module_& m) {
   m.def("f16_matmul", &f16_matmul_op, nb::arg("x"), nb::arg("w"), nb::arg("groups") = 1,
         "x [T, groups * cols] float32, w [groups * R, cols] float16 (or uint8 [groups * R, 2 * cols], its bytes) "
         "-> [T, groups * R]: group g's R rows of W times x's g-th cols");
+  m.def("codes_matmuls", &codes_matmuls_op, "x [T, cols] float32, [W_i] as stored, [type_i] ('q8_0' or 'f16') -> "
+        "[x @ W_i.T]: several products of one x as one node");
   m.def("swiglu_ffn", &swiglu_ffn_op, "x [T, D] float32, gate, gate_type, up, up_type, down, down_type ('q8_0' or "
         "'f16', each as stored), limit, plus [T, D] | None -> plus + down(silu(min(gate x, limit)) * "
         "clip(up x, -limit, limit)) [T, D]", nb::arg("x"), nb::arg("gate"), nb::arg("gate_type"), nb::arg("up"),
