@@ -129,13 +129,17 @@ class CpuBackend(HostBackend):
     def dequantize(self, w: QTensor, experts: mx.array | None = None) -> mx.array:
         return _expand(w, experts)
 
+    def _fused_hc_reads(self, fn) -> bool:
+        """Whether the fused hc_pre takes this mix matrix (F16 as stored, or widened)."""
+        return self.fused_hc and fn.data.dtype in (mx.float32, mx.float16, mx.bfloat16)
+
     def hc_pre(self, X, fn, scale, base, params):
-        if self.fused_hc and fn.data.dtype in (mx.float32, mx.float16, mx.bfloat16):  # fn is F16 or widened
+        if self._fused_hc_reads(fn):
             return mlx_ext.hc_pre(X.astype(mx.float32), fn.data, scale, base, params)
         return super().hc_pre(X, fn, scale, base, params)
 
     def hc_pre_norm(self, X, fn, scale, base, params, norm):
-        if self.fused_hc and fn.data.dtype in (mx.float32, mx.float16, mx.bfloat16):
+        if self._fused_hc_reads(fn):
             return mlx_ext.hc_pre(X.astype(mx.float32), fn.data, scale, base, params, norm.astype(mx.float32))
         return super().hc_pre_norm(X, fn, scale, base, params, norm)
 

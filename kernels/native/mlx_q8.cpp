@@ -308,6 +308,19 @@ const float* dense_rows(const float* data, const Layout& x, std::vector<float>& 
   return packed.data();
 }
 
+// A matrix as the row dots read it (Q8_0 or F16 rows as stored, each contiguous).
+struct StoredRows {
+  const uint8_t* data;
+  size_t stride;  // bytes from one row to the next
+  RowDots dots;
+  int rows;
+};
+
+StoredRows stored_rows(const mx::array& w, Codes codes, const char* what) {
+  if (w.strides(1) != 1) throw std::runtime_error(std::string(what) + ": the weight rows must be contiguous");
+  return {w.data<uint8_t>(), w.strides(0) * w.itemsize(), row_dots_for(codes), w.shape(0)};
+}
+
 class CodesMatmul : public mx::Primitive {
  public:
   CodesMatmul(mx::Stream stream, Codes codes, int groups) : mx::Primitive(stream), codes_(codes), groups_(groups) {}
@@ -355,28 +368,18 @@ class CodesMatmuls : public mx::Primitive {
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) encoder.set_input_array(a);
-    struct Product {
-      const uint8_t* w;
-      size_t stride;
-      RowDots dots;
-      float* y;
-      int rows;
-    };
-    std::vector<Product> products;
+    std::vector<std::pair<StoredRows, float*>> products;  // each matrix and its output
     for (size_t i = 0; i < out.size(); ++i) {
       out[i].set_data(mx::allocator::malloc(out[i].nbytes()));
       encoder.set_output_array(out[i]);
-      const mx::array& w = in[1 + i];
-      if (w.strides(1) != 1) throw std::runtime_error("MagnetarCodesMatmuls: the weight rows must be contiguous");
-      products.push_back({w.data<uint8_t>(), w.strides(0) * w.itemsize(), row_dots_for(codes_[i]),
-                          out[i].data<float>(), w.shape(0)});
+      products.emplace_back(stored_rows(in[1 + i], codes_[i], name()), out[i].data<float>());
     }
     const mx::array& x = in[0];
     const int T = x.shape(0), cols = int(x.size() / T);
     encoder.dispatch([xp = x.data<float>(), x_layout = layout_of(x), products, T, cols]() {
       std::vector<float> packed;
       const float* xs = dense_rows(xp, x_layout, packed);
-      for (const Product& p : products) codes_matmul(p.dots, p.w, p.stride, xs, p.y, Shape{T, p.rows, cols, 1});
+      for (const auto& [w, y] : products) codes_matmul(w.dots, w.data, w.stride, xs, y, Shape{T, w.rows, cols, 1});
     });
   }
 
@@ -407,17 +410,8 @@ class SwigluFfn : public mx::Primitive {
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) encoder.set_input_array(a);
     encoder.set_output_array(y);
-    struct Weight {
-      const uint8_t* data;
-      size_t stride;
-      RowDots dots;
-    };
-    std::array<Weight, 3> w;
-    for (int i = 0; i < 3; ++i) {
-      const mx::array& m = in[1 + i];
-      if (m.strides(1) != 1) throw std::runtime_error("MagnetarSwigluFfn: the weight rows must be contiguous");
-      w[i] = {m.data<uint8_t>(), m.strides(0) * m.itemsize(), row_dots_for(codes_[i])};
-    }
+    std::array<StoredRows, 3> w;
+    for (int i = 0; i < 3; ++i) w[i] = stored_rows(in[1 + i], codes_[i], name());
     const mx::array& x = in[0];
     const int T = x.shape(0), D = x.shape(1), F = in[1].shape(0);
     const float* plus = in.size() > 4 ? in[4].data<float>() : nullptr;
