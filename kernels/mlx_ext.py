@@ -14,11 +14,12 @@ headers and ``libmlx`` (``mlx/include``, ``mlx/lib``), and nanobind's sources co
 in (``nb_combined.cpp``). The extension takes and returns ``mx.array`` only because it
 joins MLX's own nanobind registry: the same nanobind ABI (internals version, compiler
 family, C++ library) and MLX's domain (``NB_DOMAIN=mlx``). The library is cached like
-``native``'s (``native.cache_dir()``), named by a digest of the source, the flags, the
-compiler, the CPU and the MLX, nanobind and Python versions, and probed once after
-loading: if MLX's arrays do not pass (an MLX built with another nanobind ABI),
-``available()`` is False and ``unavailable_reason()`` says so; the CPU backend then
-keeps the MLX ops. Nothing here raises at import.
+``native``'s (``native.cache_dir()``), named by a digest of the sources and their shared
+header (``native/mlx_common.h``), the flags, the compiler, the CPU and the MLX, nanobind
+and Python versions, and probed once after loading: if MLX's arrays do not pass (an
+MLX built with another nanobind ABI), ``available()`` is False and
+``unavailable_reason()`` says so; the CPU backend then keeps the MLX ops. Nothing here
+raises at import.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ _STORED = {GGMLType.Q8_0: "q8_0", GGMLType.F16: "f16"}  # the encodings the code
 # register_* function that mlx_ops.cpp declares and calls.
 SOURCES = (NATIVE_DIR / "mlx_ops.cpp", NATIVE_DIR / "mlx_q8.cpp", NATIVE_DIR / "mlx_attention.cpp",
            NATIVE_DIR / "mlx_moe.cpp")
+# What every source includes (found beside it by #include "..."): part of the build key like the sources.
+HEADERS = (NATIVE_DIR / "mlx_common.h",)
 MODULE = "_magnetar_mlx_ops"  # the name NB_MODULE gives the extension
 NB_DOMAIN = "mlx"  # the nanobind domain MLX registers its types in
 BASE_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-strict-aliasing",
@@ -113,7 +116,7 @@ def build(directory: Path | str | None = None) -> Path:
     cxx, paths = _compiler(), _paths()
     version = _run([cxx, "--version"], f"C++ compiler {cxx!r} cannot run")
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    key = "\0".join([*(source.read_text() for source in SOURCES), cxx, version.stdout, cpu_id(),
+    key = "\0".join([*(source.read_text() for source in (*SOURCES, *HEADERS)), cxx, version.stdout, cpu_id(),
                      mx.__version__, _nanobind().__version__, sys.version, suffix])
     includes = [f"-I{paths[k]}" for k in ("python", "nanobind", "robin_map", "mlx_include")]
     link = [f"-L{paths['mlx_lib']}", "-lmlx", f"-Wl,-rpath,{paths['mlx_lib']}"]

@@ -164,6 +164,20 @@ def test_fused_attention_decode_equals_the_mlx_ops_as_one_node(preset, ratio, po
                 assert np.array_equal(np.array(g), np.array(w)), p
 
 
+def test_the_kv_norm_has_the_mlx_ops_bits():
+    """The decode attention's RMS norms (q, kv, compressors) take their scale from mlx_common.h's
+    inverse_rms, rowops' own steps with no fused multiply-adds, so they are MLX's bits, not just
+    close: with the rotation off (inv_freq 0) and reference precision the new ring row is the kv
+    norm alone, and it equals the MLX ops'. (The sum as the compiler may contract it, an FMA
+    chain as GCC builds for -march=skylake, missed 5-14% of these rows.)"""
+    for preset, ratio, positions, cap, tied in CASES:
+        for p in positions:
+            step, shape = make_step(preset, ratio, p, cap, official=False, tied=tied)
+            step = ad.DecodeStep(**{**vars(step), "inv_freq": mx.zeros_like(step.inv_freq)})
+            want = ad.attention_decode(step, shape, attend)[1][0]
+            assert np.array_equal(np.array(fused(step, shape)[1]), np.array(want)), (preset, ratio, p)
+
+
 @pytest.mark.parametrize("keep_input", [False, True], ids=["donated", "still-held"])
 def test_fused_attention_decode_writes_a_donated_state_in_place(keep_input):
     """The compressed rows (32 MB here) are updated where they lie when nothing else holds

@@ -32,9 +32,11 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
+#include "mlx_common.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
+using namespace mlx_ext;
 
 namespace {
 
@@ -47,46 +49,9 @@ struct AttnConst {
   bool operator==(const AttnConst&) const = default;
 };
 
-// A float32 input as the task reads it: data, shape and strides (elements).
-struct In {
-  const float* data;
-  std::vector<int> shape;
-  std::vector<int64_t> strides;
-  int64_t size;
-};
-
-In in_view(const mx::array& a) {
-  return {a.data<float>(), std::vector<int>(a.shape().begin(), a.shape().end()),
-          std::vector<int64_t>(a.strides().begin(), a.strides().end()), int64_t(a.size())};
-}
-
-// Row-major copy of a (possibly strided or broadcast) input.
-void gather(const In& a, float* dst) {
-  const int nd = int(a.shape.size());
-  if (nd == 0) {
-    dst[0] = a.data[0];
-    return;
-  }
-  const int inner = a.shape[nd - 1];
-  const int64_t s_in = a.strides[nd - 1];
-  std::vector<int> idx(nd, 0);
-  for (int64_t base = 0; base < a.size; base += inner) {
-    int64_t off = 0;
-    for (int d = 0; d < nd - 1; ++d) off += idx[d] * a.strides[d];
-    const float* src = a.data + off;
-    if (s_in == 1)
-      std::memcpy(dst + base, src, sizeof(float) * inner);
-    else
-      for (int i = 0; i < inner; ++i) dst[base + i] = src[i * s_in];
-    for (int d = nd - 2; d >= 0; --d) {
-      if (++idx[d] < a.shape[d]) break;
-      idx[d] = 0;
-    }
-  }
-}
-
-std::vector<float> load(const In& a) {
-  std::vector<float> v(a.size);
+// A float32 input (a strided view) as a row-major copy the kernel may change.
+std::vector<float> load(const View& a) {
+  std::vector<float> v(a.size());
   gather(a, v.data());
   return v;
 }
@@ -115,11 +80,9 @@ void axpy(float* __restrict o, const float* __restrict x, float e, int n) {
   for (; k < n; ++k) o[k] += e * x[k];
 }
 
-// x * rsqrt(mean(x^2) + eps), times w when given (rowops.rms / rmsnorm).
+// x * rsqrt(mean(x^2) + eps), times w when given: rowops.rms / rmsnorm, with MLX's bits.
 void rms_norm(float* x, int n, const float* w, float eps) {
-  float sum = 0.0f;
-  for (int i = 0; i < n; ++i) sum += x[i] * x[i];
-  const float r = 1.0f / std::sqrt(sum * float(1.0 / n) + eps);  // MLX's mean: sum times 1/n
+  const float r = inverse_rms(x, n, eps);
   for (int i = 0; i < n; ++i) x[i] = w ? w[i] * (x[i] * r) : x[i] * r;
 }
 
@@ -215,7 +178,7 @@ void indexer_round_trip(float* x, int n) {
 
 // One compressor (attention_decode.pool_one) on its state buffers, in place.
 struct Pool {
-  In kv, gate, ape, norm;
+  View kv, gate, ape, norm;
   float *rows, *f_kv, *f_sc;
   int ratio, dim;
 };
@@ -223,7 +186,7 @@ struct Pool {
 void pool_one(const Pool& c, int64_t p, const std::vector<float>& inv_freq, const AttnConst& k, bool index_key) {
   const int R = c.ratio, d = c.dim, lanes = R == 4 ? 2 : 1, width = lanes * d;
   const std::vector<float> kv = load(c.kv), gate = load(c.gate);
-  const float* ape = c.ape.data + (p % R) * c.ape.strides[0];  // [R, width]: only this token's row
+  const float* ape = c.ape.as<float>() + (p % R) * c.ape.strides[0];  // [R, width]: only this token's row
   const int slot = int(p % R) + (R == 4 ? 4 : 0);
   for (int j = 0; j < width; ++j) {
     c.f_kv[slot * width + j] = kv[j];
@@ -264,7 +227,7 @@ void pool_one(const Pool& c, int64_t p, const std::vector<float>& inv_freq, cons
 }
 
 // Rows of ``index`` [n_vis rows visible] the indexer keeps: the top k by score, ties to the lowest index.
-std::vector<int> select_rows(const In& iq_in, const In& iw_in, const float* index, int n_vis, const Angles& a,
+std::vector<int> select_rows(const View& iq_in, const View& iw_in, const float* index, int n_vis, const Angles& a,
                              const AttnConst& k) {
   const int IH = k.ix_heads, ID = k.ix_dim;
   std::vector<float> q = load(iq_in), w = load(iw_in);
@@ -299,9 +262,9 @@ std::vector<int> select_rows(const In& iq_in, const In& iw_in, const float* inde
 struct Task {
   AttnConst k;
   const int32_t* p;
-  In q, kv, kv_norm, sinks, inv_freq;
+  View q, kv, kv_norm, sinks, inv_freq;
   Pool comp, index;  // ratio > 0, ratio 4
-  In iq, iw;         // k.select
+  View iq, iw;       // k.select
   float *out, *raw;
   int cap;
 };
@@ -362,7 +325,7 @@ void run(const Task& t) {
 
 // The state output starts as its input: the same buffer when MLX lets us donate it.
 struct StateCopy {
-  In src;
+  View src;
   float* dst;
 };
 
@@ -371,7 +334,7 @@ float* adopt(const mx::array& in, mx::array& out, std::vector<StateCopy>& copies
     out.copy_shared_buffer(in);
   } else {
     out.set_data(mx::allocator::malloc(out.nbytes()));
-    copies.push_back({in_view(in), out.data<float>()});
+    copies.push_back({view(in), out.data<float>()});
   }
   return out.data<float>();
 }
@@ -384,16 +347,11 @@ class AttentionDecode : public mx::Primitive {
   // f_sc; ratio 4: the indexer's seven the same; select: indexer q, indexer weights.
   // Outputs: o, raw, then each compressor's rows, f_kv, f_sc.
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    out[0].set_data(mx::allocator::malloc(out[0].nbytes()));
-    std::vector<StateCopy> copies;
-    Task t{k_, in[0].data<int32_t>(), in_view(in[1]), in_view(in[2]), in_view(in[3]), in_view(in[4]),
-           in_view(in[5])};
-    t.out = out[0].data<float>();
+    std::vector<StateCopy> copies;  // the states' buffers first: begin_eval leaves them as set
+    Task t{k_, in[0].data<int32_t>(), view(in[1]), view(in[2]), view(in[3]), view(in[4]), view(in[5])};
     t.raw = adopt(in[6], out[1], copies);
     auto pool = [&](int i, int o, int ratio, int dim) {
-      return Pool{in_view(in[i]), in_view(in[i + 1]), in_view(in[i + 2]), in_view(in[i + 3]),
+      return Pool{view(in[i]), view(in[i + 1]), view(in[i + 2]), view(in[i + 3]),
                   adopt(in[i + 4], out[o], copies), adopt(in[i + 5], out[o + 1], copies),
                   adopt(in[i + 6], out[o + 2], copies), ratio, dim};
     };
@@ -402,8 +360,9 @@ class AttentionDecode : public mx::Primitive {
       t.cap = in[11].shape(0);
     }
     if (k_.ratio == 4) t.index = pool(14, 5, 4, k_.ix_dim);
-    if (k_.select) t.iq = in_view(in[21]), t.iw = in_view(in[22]);
-    for (auto& o : out) enc.set_output_array(o);
+    if (k_.select) t.iq = view(in[21]), t.iw = view(in[22]);
+    auto& enc = begin_eval(stream(), in, out);
+    t.out = out[0].data<float>();
     enc.dispatch([t = std::move(t), copies = std::move(copies)]() {
       for (const auto& c : copies) gather(c.src, c.dst);
       run(t);

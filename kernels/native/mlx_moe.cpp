@@ -21,9 +21,11 @@
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/primitives.h"
+#include "mlx_common.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
+using namespace mlx_ext;
 
 namespace {
 
@@ -51,17 +53,6 @@ struct Types {
   bool operator==(const Types&) const = default;
 };
 
-// x, ids and weights as dense rows (a graph may hand over strided views).
-template <typename T>
-const T* dense(const mx::array& a, std::vector<T>& copy) {
-  const int rows = a.shape(0), cols = a.shape(1);
-  if (a.strides(1) == 1 && a.strides(0) == cols) return a.data<T>();
-  copy.resize(size_t(rows) * cols);
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) copy[size_t(r) * cols + c] = a.data<T>()[r * a.strides(0) + c * a.strides(1)];
-  return copy.data();
-}
-
 bool rows_contiguous(const mx::array& stack) {
   return stack.strides(2) == 1 && stack.strides(1) == stack.shape(2) &&
          stack.strides(0) == int64_t(stack.shape(1)) * stack.shape(2);
@@ -72,21 +63,17 @@ class RoutedExperts : public mx::Primitive {
   RoutedExperts(mx::Stream stream, Types types) : mx::Primitive(stream), types_(types) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    mx::array& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : in) encoder.set_input_array(a);
-    encoder.set_output_array(y);
-    encoder.dispatch([in, yp = y.data<float>(), t = types_]() {
+    auto& encoder = begin_eval(stream(), in, out);
+    encoder.dispatch([in, yp = out[0].data<float>(), t = types_]() {
       const mx::array &x = in[0], &ids = in[1], &w = in[2], &gate = in[3], &up = in[4], &down = in[5];
       for (const mx::array* stack : {&gate, &up, &down})
         if (!rows_contiguous(*stack)) throw std::runtime_error("routed_experts: expert stacks must be contiguous");
       MoeEntry entry = moe_entry.load();
       if (!entry) throw std::runtime_error("routed_experts: bind_experts was not called");
-      std::vector<float> xc, wc;
+      std::vector<float> xc, wc;  // x, ids and weights as dense rows (a graph may hand over strided views)
       std::vector<int32_t> idc;
-      const int rc = entry(dense(x, xc), x.shape(0), x.shape(1), dense(ids, idc), dense(w, wc), ids.shape(1),
-                           gate.shape(0), gate.shape(1), gate.data<uint8_t>(), t.gate, gate.shape(2),
+      const int rc = entry(dense(view(x), xc), x.shape(0), x.shape(1), dense(view(ids), idc), dense(view(w), wc),
+                           ids.shape(1), gate.shape(0), gate.shape(1), gate.data<uint8_t>(), t.gate, gate.shape(2),
                            up.data<uint8_t>(), t.up, up.shape(2), down.data<uint8_t>(), t.down, down.shape(2),
                            t.limit, yp, nullptr, gate.shape(0), t.act);
       if (rc) throw std::runtime_error("routed_experts: the native kernel failed (code " + std::to_string(rc) + ")");

@@ -33,6 +33,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
+#include "mlx_common.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -40,6 +41,7 @@
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
+using namespace mlx_ext;
 
 namespace {
 
@@ -82,23 +84,6 @@ float dot(const mx::float16_t* w, const float* x, int n) {
 }
 #endif
 
-// 1 / sqrt(mean(x^2) + eps) as MLX's ops compute it on this CPU, bit for bit: each square
-// rounded, summed in order (its reduction is scalar here), times 1/n, plus eps. The build's
-// -ffp-contract=fast would fuse those multiplies into the adds, so it is off here.
-#if defined(__clang__)
-#define ROUNDED_STEPS
-#else
-#define ROUNDED_STEPS __attribute__((optimize("fp-contract=off")))
-#endif
-ROUNDED_STEPS float inverse_rms(const float* x, int n, float eps) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
-  float sum = 0.0f;
-  for (int i = 0; i < n; ++i) sum += x[i] * x[i];
-  return 1.0f / std::sqrt(sum * float(1.0 / n) + eps);
-}
-
 // The small per-token math after the mix product m[(2 + hc) * hc] (already
 // RMS-scaled): pre, post and the Sinkhorn-normalized comb.
 void hc_mix(const float* m, const float* scale, const float* base, int hc, const HcConst& k, float* pre,
@@ -136,39 +121,29 @@ void hc_mix(const float* m, const float* scale, const float* base, int hc, const
   }
 }
 
-// Strided views of the inputs, captured by value into the queued task.
-struct View {
-  const void* data;
-  int64_t s0, s1, s2;
-};
-View view(const mx::array& a) {
-  const auto& st = a.strides();
-  return {a.data<void>(), st.size() > 0 ? st[0] : 0, st.size() > 1 ? st[1] : 0, st.size() > 2 ? st[2] : 0};
-}
-
 // norm_v.data, when set: x_in leaves RMS-normalized and times that weight (rowops.rmsnorm's bits).
 template <typename W>
 void hc_pre_tokens(View X, View fn, View scale_v, View base_v, View norm_v, int T, int hc, int D, HcConst k,
                    float* x_in, float* post, float* comb) {
   const int n = hc * D, mix = (2 + hc) * hc;
   std::vector<float> xs(n), m(mix), pre(hc), scale(3), base(mix);
-  for (int i = 0; i < 3; ++i) scale[i] = static_cast<const float*>(scale_v.data)[i * scale_v.s0];
-  for (int j = 0; j < mix; ++j) base[j] = static_cast<const float*>(base_v.data)[j * base_v.s0];
-  std::vector<W> wrow(fn.s1 == 1 ? 0 : n);
+  for (int i = 0; i < 3; ++i) scale[i] = scale_v.as<float>()[i * scale_v.strides[0]];
+  for (int j = 0; j < mix; ++j) base[j] = base_v.as<float>()[j * base_v.strides[0]];
+  std::vector<W> wrow(fn.strides[1] == 1 ? 0 : n);
   for (int t = 0; t < T; ++t) {
-    const float* xt = static_cast<const float*>(X.data) + t * X.s0;
+    const float* xt = X.as<float>() + t * X.strides[0];
     double squares = 0.0;  // ds4 sums the squares in double
     for (int i = 0; i < hc; ++i)
       for (int d = 0; d < D; ++d) {
-        const float v = xt[i * X.s1 + d * X.s2];
+        const float v = xt[i * X.strides[1] + d * X.strides[2]];
         xs[i * D + d] = v;
         squares += double(v) * v;
       }
     const float r = 1.0f / std::sqrt(float(squares / n) + k.rms_eps);
     for (int j = 0; j < mix; ++j) {
-      const W* row = static_cast<const W*>(fn.data) + j * fn.s0;
-      if (fn.s1 != 1) {
-        for (int c = 0; c < n; ++c) wrow[c] = row[c * fn.s1];
+      const W* row = fn.as<W>() + j * fn.strides[0];
+      if (fn.strides[1] != 1) {
+        for (int c = 0; c < n; ++c) wrow[c] = row[c * fn.strides[1]];
         row = wrow.data();
       }
       m[j] = r * dot(row, xs.data(), n);  // fn @ (x * r) = r * (fn @ x)
@@ -181,7 +156,7 @@ void hc_pre_tokens(View X, View fn, View scale_v, View base_v, View norm_v, int 
       for (int d = 0; d < D; ++d) xt_in[d] += pre[i] * xs[i * D + d];
     if (norm_v.data) {
       const float r = inverse_rms(xt_in, D, k.rms_eps);
-      for (int d = 0; d < D; ++d) xt_in[d] = static_cast<const float*>(norm_v.data)[d * norm_v.s0] * (xt_in[d] * r);
+      for (int d = 0; d < D; ++d) xt_in[d] = norm_v.as<float>()[d * norm_v.strides[0]] * (xt_in[d] * r);
     }
   }
 }
@@ -191,14 +166,11 @@ class HcPre : public mx::Primitive {
   HcPre(mx::Stream s, HcConst k) : mx::Primitive(s), k_(k) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    for (auto& o : out) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    for (auto& o : out) enc.set_output_array(o);
+    auto& enc = begin_eval(stream(), in, out);
     const mx::array &X = in[0], &fn = in[1];
     const int T = X.shape(0), hc = X.shape(1), D = X.shape(2);
     const View x = view(X), w = view(fn), scale = view(in[2]), base = view(in[3]);
-    const View norm = in.size() > 4 ? view(in[4]) : View{nullptr, 0, 0, 0};
+    const View norm = in.size() > 4 ? view(in[4]) : View{};
     float *x_in = out[0].data<float>(), *post = out[1].data<float>(), *comb = out[2].data<float>();
     const HcConst k = k_;
     const mx::Dtype type = fn.dtype();
@@ -229,15 +201,16 @@ class HcPre : public mx::Primitive {
 
 void hc_post_tokens(View y, View X, View post, View comb, int T, int hc, int D, float* out) {
   auto at = [](View v, int64_t a, int64_t b, int64_t c = 0) {
-    return static_cast<const float*>(v.data)[a * v.s0 + b * v.s1 + c * v.s2];
+    return v.as<float>()[a * v.strides[0] + b * v.strides[1] + c * v.strides[2]];
   };
-  const bool rows = y.s1 == 1 && X.s2 == 1;  // unit stride along D (the usual case): loops that vectorize
+  // unit stride along D (the usual case): loops that vectorize
+  const bool rows = y.strides[1] == 1 && X.strides[2] == 1;
   for (int t = 0; t < T; ++t)
     for (int j = 0; j < hc; ++j) {
       float* o = out + (int64_t(t) * hc + j) * D;
       const float p = at(post, t, j);
       if (rows) {
-        const float* yt = static_cast<const float*>(y.data) + t * y.s0;
+        const float* yt = y.as<float>() + t * y.strides[0];
         for (int d = 0; d < D; ++d) o[d] = p * yt[d];
       } else {
         for (int d = 0; d < D; ++d) o[d] = p * at(y, t, d);
@@ -245,7 +218,7 @@ void hc_post_tokens(View y, View X, View post, View comb, int T, int hc, int D, 
       for (int i = 0; i < hc; ++i) {
         const float c = at(comb, t, i, j);
         if (rows) {
-          const float* xi = static_cast<const float*>(X.data) + t * X.s0 + i * X.s1;
+          const float* xi = X.as<float>() + t * X.strides[0] + i * X.strides[1];
           for (int d = 0; d < D; ++d) o[d] += c * xi[d];
         } else {
           for (int d = 0; d < D; ++d) o[d] += c * at(X, t, i, d);
@@ -259,11 +232,8 @@ class HcPost : public mx::Primitive {
   explicit HcPost(mx::Stream s) : mx::Primitive(s) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    auto& enc = begin_eval(stream(), in, out);
     mx::array& o = out[0];
-    o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(o);
     const int T = o.shape(0), hc = o.shape(1), D = o.shape(2);
     const View y = view(in[0]), X = view(in[1]), post = view(in[2]), comb = view(in[3]);
     float* dst = o.data<float>();
@@ -281,13 +251,12 @@ class HcPost : public mx::Primitive {
 
 // y[t] = w * (x[t] * inverse_rms(x[t])), one row at a time (x, w as strided views)
 void rms_norm_rows(View x, View w, int T, int D, float eps, float* y) {
-  std::vector<float> row(x.s1 == 1 ? 0 : D), gathered(w.s0 == 1 ? 0 : D);
-  for (int d = 0; d < int(gathered.size()); ++d) gathered[d] = static_cast<const float*>(w.data)[d * w.s0];
-  const float* weight = w.s0 == 1 ? static_cast<const float*>(w.data) : gathered.data();
+  std::vector<float> row(x.strides[1] == 1 ? 0 : D), copy;
+  const float* weight = dense(w, copy);
   for (int t = 0; t < T; ++t, y += D) {
-    const float* xt = static_cast<const float*>(x.data) + t * x.s0;
-    if (x.s1 != 1) {  // a transposed or broadcast input: gathered first
-      for (int d = 0; d < D; ++d) row[d] = xt[d * x.s1];
+    const float* xt = x.as<float>() + t * x.strides[0];
+    if (x.strides[1] != 1) {  // a transposed or broadcast input: gathered first
+      for (int d = 0; d < D; ++d) row[d] = xt[d * x.strides[1]];
       xt = row.data();
     }
     const float r = inverse_rms(xt, D, eps);
@@ -300,11 +269,8 @@ class RmsNorm : public mx::Primitive {
   RmsNorm(mx::Stream s, float eps) : mx::Primitive(s), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    auto& enc = begin_eval(stream(), in, out);
     mx::array& o = out[0];
-    o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(o);
     const View x = view(in[0]), w = view(in[1]);
     const int T = o.shape(0), D = o.shape(1);
     const float eps = eps_;
@@ -348,19 +314,19 @@ void route_tokens(View logits, View bias, View chosen, int T, int E, RouteConst 
   std::vector<float> s(E), key(bias.data ? E : 0);
   std::vector<int> order(bias.data ? E : 0);
   for (int t = 0; t < T; ++t, ids += c.k, w += c.k) {
-    const float* l = static_cast<const float*>(logits.data) + t * logits.s0;
+    const float* l = logits.as<float>() + t * logits.strides[0];
     for (int e = 0; e < E; ++e) {
-      const float v = l[e * logits.s1];
+      const float v = l[e * logits.strides[1]];
       s[e] = std::sqrt(v > 20.0f ? v : std::log1p(std::exp(std::min(v, 20.0f))));
     }
     if (bias.data) {
-      for (int e = 0; e < E; ++e) key[e] = s[e] + static_cast<const float*>(bias.data)[e * bias.s0];
+      for (int e = 0; e < E; ++e) key[e] = s[e] + bias.as<float>()[e * bias.strides[0]];
       for (int e = 0; e < E; ++e) order[e] = e;
       std::partial_sort(order.begin(), order.begin() + c.k, order.end(),
                         [&](int a, int b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
       for (int j = 0; j < c.k; ++j) ids[j] = order[j];
     } else {
-      for (int j = 0; j < c.k; ++j) ids[j] = static_cast<const int32_t*>(chosen.data)[t * chosen.s0 + j * chosen.s1];
+      for (int j = 0; j < c.k; ++j) ids[j] = chosen.as<int32_t>()[t * chosen.strides[0] + j * chosen.strides[1]];
     }
     float sum = 0.0f;
     for (int j = 0; j < c.k; ++j) sum += (w[j] = s[ids[j]]);
@@ -374,11 +340,8 @@ class Route : public mx::Primitive {
   Route(mx::Stream s, RouteConst c, bool hash) : mx::Primitive(s), c_(c), hash_(hash) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    for (auto& o : out) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    for (auto& o : out) enc.set_output_array(o);
-    const View logits = view(in[0]), none{nullptr, 0, 0, 0};
+    auto& enc = begin_eval(stream(), in, out);
+    const View logits = view(in[0]), none{};
     const View bias = hash_ ? none : view(in[1]), chosen = hash_ ? view(in[1]) : none;
     const int T = in[0].shape(0), E = in[0].shape(1);
     const RouteConst c = c_;

@@ -41,6 +41,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
+#include "mlx_common.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -48,6 +49,7 @@
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
+using namespace mlx_ext;
 
 namespace {
 
@@ -278,36 +280,6 @@ void codes_matmul(RowDots dots, const uint8_t* w, size_t w_stride, const float* 
   for (auto& worker : workers) worker.join();
 }
 
-// x [T, ...] as T dense rows of its trailing elements: its own buffer when it already is one,
-// else a copy (a strided view) into ``packed``.
-struct Layout {
-  std::vector<int> shape;
-  std::vector<int64_t> strides;
-  bool dense;
-};
-
-Layout layout_of(const mx::array& x) {
-  return {std::vector<int>(x.shape().begin(), x.shape().end()),
-          std::vector<int64_t>(x.strides().begin(), x.strides().end()), x.flags().row_contiguous};
-}
-
-const float* dense_rows(const float* data, const Layout& x, std::vector<float>& packed) {
-  if (x.dense) return data;
-  size_t n = 1;
-  for (int d : x.shape) n *= size_t(d);
-  packed.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    int64_t offset = 0;
-    size_t rest = i;
-    for (int d = int(x.shape.size()) - 1; d >= 0; --d) {
-      offset += int64_t(rest % x.shape[d]) * x.strides[d];
-      rest /= x.shape[d];
-    }
-    packed[i] = data[offset];
-  }
-  return packed.data();
-}
-
 // A matrix as the row dots read it (Q8_0 or F16 rows as stored, each contiguous).
 struct StoredRows {
   const uint8_t* data;
@@ -326,21 +298,14 @@ class CodesMatmul : public mx::Primitive {
   CodesMatmul(mx::Stream stream, Codes codes, int groups) : mx::Primitive(stream), codes_(codes), groups_(groups) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    const mx::array &x = in[0], &w = in[1];
-    mx::array& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_input_array(w);
-    encoder.set_output_array(y);
+    auto& encoder = begin_eval(stream(), in, out);
+    const mx::array& x = in[0];
+    const StoredRows w = stored_rows(in[1], codes_, name());
     const int T = x.shape(0);
-    const Shape shape{T, w.shape(0), int(x.size() / T) / groups_, groups_};
-    const size_t w_stride = w.strides(0) * w.itemsize(), w_inner = w.strides(1);
-    encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), yp = y.data<float>(), shape, w_stride, w_inner,
-                      x_layout = layout_of(x), dots = row_dots_for(codes_), what = name()]() {
-      if (w_inner != 1) throw std::runtime_error(std::string(what) + ": the weight rows must be contiguous");
+    const Shape shape{T, w.rows, int(x.size() / T) / groups_, groups_};
+    encoder.dispatch([x = view(x), w, yp = out[0].data<float>(), shape]() {
       std::vector<float> packed;
-      codes_matmul(dots, wp, w_stride, dense_rows(xp, x_layout, packed), yp, shape);
+      codes_matmul(w.dots, w.data, w.stride, dense(x, packed), yp, shape);
     });
   }
 
@@ -366,19 +331,15 @@ class CodesMatmuls : public mx::Primitive {
   CodesMatmuls(mx::Stream stream, std::vector<Codes> codes) : mx::Primitive(stream), codes_(std::move(codes)) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) encoder.set_input_array(a);
+    auto& encoder = begin_eval(stream(), in, out);
     std::vector<std::pair<StoredRows, float*>> products;  // each matrix and its output
-    for (size_t i = 0; i < out.size(); ++i) {
-      out[i].set_data(mx::allocator::malloc(out[i].nbytes()));
-      encoder.set_output_array(out[i]);
+    for (size_t i = 0; i < out.size(); ++i)
       products.emplace_back(stored_rows(in[1 + i], codes_[i], name()), out[i].data<float>());
-    }
     const mx::array& x = in[0];
     const int T = x.shape(0), cols = int(x.size() / T);
-    encoder.dispatch([xp = x.data<float>(), x_layout = layout_of(x), products, T, cols]() {
+    encoder.dispatch([x = view(x), products, T, cols]() {
       std::vector<float> packed;
-      const float* xs = dense_rows(xp, x_layout, packed);
+      const float* xs = dense(x, packed);
       for (const auto& [w, y] : products) codes_matmul(w.dots, w.data, w.stride, xs, y, Shape{T, w.rows, cols, 1});
     });
   }
@@ -405,21 +366,15 @@ class SwigluFfn : public mx::Primitive {
       : mx::Primitive(stream), codes_(codes), limit_(limit) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    mx::array& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) encoder.set_input_array(a);
-    encoder.set_output_array(y);
+    auto& encoder = begin_eval(stream(), in, out);
     std::array<StoredRows, 3> w;
     for (int i = 0; i < 3; ++i) w[i] = stored_rows(in[1 + i], codes_[i], name());
     const mx::array& x = in[0];
     const int T = x.shape(0), D = x.shape(1), F = in[1].shape(0);
-    const float* plus = in.size() > 4 ? in[4].data<float>() : nullptr;
-    const int64_t p_s0 = plus ? in[4].strides(0) : 0, p_s1 = plus ? in[4].strides(1) : 0;
-    encoder.dispatch([xp = x.data<float>(), yp = y.data<float>(), w, T, D, F, x_layout = layout_of(x), plus, p_s0,
-                      p_s1, limit = limit_]() {
+    const View plus = in.size() > 4 ? view(in[4]) : View{};
+    encoder.dispatch([x = view(x), yp = out[0].data<float>(), w, T, D, F, plus, limit = limit_]() {
       std::vector<float> packed;
-      const float* xs = dense_rows(xp, x_layout, packed);
+      const float* xs = dense(x, packed);
       std::vector<float> gate(size_t(T) * F), up(size_t(T) * F);
       codes_matmul(w[0].dots, w[0].data, w[0].stride, xs, gate.data(), Shape{T, F, D, 1});
       codes_matmul(w[1].dots, w[1].data, w[1].stride, xs, up.data(), Shape{T, F, D, 1});
@@ -428,9 +383,10 @@ class SwigluFfn : public mx::Primitive {
         gate[i] = g * (1.0f / (1.0f + std::exp(-g))) * std::min(std::max(up[i], -limit), limit);
       }
       codes_matmul(w[2].dots, w[2].data, w[2].stride, gate.data(), yp, Shape{T, D, F, 1});
-      if (plus)
+      if (const float* p = plus.as<float>())
         for (int t = 0; t < T; ++t)
-          for (int d = 0; d < D; ++d) yp[size_t(t) * D + d] = plus[t * p_s0 + d * p_s1] + yp[size_t(t) * D + d];
+          for (int d = 0; d < D; ++d)
+            yp[size_t(t) * D + d] = p[t * plus.strides[0] + d * plus.strides[1]] + yp[size_t(t) * D + d];
     });
   }
 

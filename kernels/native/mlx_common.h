@@ -1,0 +1,121 @@
+// mlx_common.h: what every primitive of the MLX extension (mlx_ops.cpp, mlx_q8.cpp,
+// mlx_attention.cpp, mlx_moe.cpp) needs the same way: the start of eval_cpu, strided
+// views of the inputs that a queued task reads, and the RMS norm's bit-exact scale.
+
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+
+namespace mlx_ext {
+
+// The start of a primitive's eval_cpu: each output that has no buffer yet gets one of its own
+// (a primitive that hands an input's buffer on to an output, as the decode attention does with
+// its state, sets that output first), and the CPU stream's encoder is told of every input and
+// output, as MLX's own CPU primitives do; the caller then dispatches its task on it.
+inline mlx::core::cpu::CommandEncoder& begin_eval(mlx::core::Stream stream, const std::vector<mlx::core::array>& in,
+                                                  std::vector<mlx::core::array>& out) {
+  for (auto& o : out)
+    if (!o.data_shared_ptr()) o.set_data(mlx::core::allocator::malloc(o.nbytes()));
+  auto& encoder = mlx::core::cpu::get_command_encoder(stream);
+  for (const auto& a : in) encoder.set_input_array(a);
+  for (auto& o : out) encoder.set_output_array(o);
+  return encoder;
+}
+
+// An input as a queued task reads it: its buffer, shape and strides (in elements). Held by
+// value, without allocating, so eval_cpu copies it into the task; the strides past ndim are
+// 0, so a kernel may index a lower-rank input with more axes.
+struct View {
+  static constexpr int kMaxDims = 8;  // more than any input of these ops has
+  const void* data = nullptr;  // nullptr: an optional input that was not given
+  int ndim = 0;
+  std::array<int, kMaxDims> shape{};
+  std::array<int64_t, kMaxDims> strides{};
+  bool row_contiguous = false;  // its buffer already holds it as row-major elements (no broadcast)
+
+  template <typename T>
+  const T* as() const {
+    return static_cast<const T*>(data);
+  }
+  int64_t size() const {
+    int64_t n = 1;
+    for (int d = 0; d < ndim; ++d) n *= shape[d];
+    return n;
+  }
+};
+
+inline View view(const mlx::core::array& a) {
+  if (a.ndim() > View::kMaxDims)
+    throw std::invalid_argument("an input of " + std::to_string(a.ndim()) + " axes (at most " +
+                                std::to_string(View::kMaxDims) + ")");
+  View v;
+  v.data = a.data<void>();
+  v.ndim = int(a.ndim());
+  for (int d = 0; d < v.ndim; ++d) v.shape[d] = a.shape(d), v.strides[d] = a.strides(d);
+  v.row_contiguous = a.flags().row_contiguous;
+  return v;
+}
+
+// The view's elements in row-major order into dst (size() of them), the last axis a run at a time.
+template <typename T>
+void gather(const View& a, T* dst) {
+  if (a.ndim == 0) {
+    dst[0] = a.as<T>()[0];
+    return;
+  }
+  const int last = a.ndim - 1, run = a.shape[last];
+  const int64_t step = a.strides[last], n = a.size();
+  std::array<int, View::kMaxDims> index{};  // of the run's position along the leading axes
+  for (int64_t at = 0; at < n; at += run) {
+    int64_t offset = 0;
+    for (int d = 0; d < last; ++d) offset += index[d] * a.strides[d];
+    const T* src = a.as<T>() + offset;
+    if (step == 1)
+      std::memcpy(dst + at, src, sizeof(T) * run);
+    else
+      for (int i = 0; i < run; ++i) dst[at + i] = src[i * step];
+    for (int d = last - 1; d >= 0; --d) {
+      if (++index[d] < a.shape[d]) break;
+      index[d] = 0;
+    }
+  }
+}
+
+// The view as dense row-major elements: its own buffer when it already is, else gathered into copy.
+template <typename T>
+const T* dense(const View& a, std::vector<T>& copy) {
+  if (a.row_contiguous) return a.as<T>();
+  copy.resize(size_t(a.size()));
+  gather(a, copy.data());
+  return copy.data();
+}
+
+// 1 / sqrt(mean(x^2) + eps) as MLX's ops compute it on this CPU, bit for bit: each square
+// rounded, summed in order (its reduction is scalar here), times 1/n, plus eps. The build's
+// -ffp-contract=fast would fuse those multiplies into the adds, so it is off here; on GCC
+// the function also stays out of line, so that no caller's flags apply to its body.
+#if defined(__clang__)
+#define MLX_EXT_ROUNDED_STEPS
+#else
+#define MLX_EXT_ROUNDED_STEPS __attribute__((optimize("fp-contract=off"), noinline))
+#endif
+MLX_EXT_ROUNDED_STEPS inline float inverse_rms(const float* x, int n, float eps) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  float sum = 0.0f;
+  for (int i = 0; i < n; ++i) sum += x[i] * x[i];
+  return 1.0f / std::sqrt(sum * float(1.0 / n) + eps);
+}
+#undef MLX_EXT_ROUNDED_STEPS
+
+}  // namespace mlx_ext
