@@ -7,6 +7,12 @@ whole ``tiny`` model decodes the same with it as without."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -222,3 +228,29 @@ def test_a_model_decodes_the_same_with_the_fused_attention(tiny_models):
     assert tokens == want_tokens
     for got, want in zip(logits[1:], want_logits[1:]):  # the prompt's are prefill's, no decode attention
         assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+def test_positions_outside_the_state_write_nothing_out_of_bounds():
+    """The position is a graph value the primitive cannot check when it is built, so the kernel
+    does: a window closing past the compressed rows' capacity stores no row (the rows held keep
+    their bits), and a negative position gives NaN output and leaves the state as it was. In a
+    child process: before the guard, p // 4 = 100 against 64 rows wrote past the buffer."""
+    child = textwrap.dedent("""
+        import dataclasses
+        import numpy as np, mlx.core as mx
+        from test_attention_decode_cpu import make_step, fused
+        for p in (403, 4 * 64 * 3 + 3, -1):
+            step, shape = make_step("tiny", 4, max(p, 0), 64, False)
+            step = dataclasses.replace(step, p=mx.array(p, mx.int32))
+            before = [np.array(a) for a in (step.raw, step.comp.rows, step.index.rows)]
+            got = fused(step, shape)
+            mx.eval(got)
+            assert all(np.array_equal(np.array(g), b) for g, b in zip((got[2], got[5]), before[1:])), p
+            if p < 0:
+                assert np.isnan(np.array(got[0])).all() and np.array_equal(np.array(got[1]), before[0])
+        print("ok")
+        """)
+    here = str(Path(__file__).parent)
+    run = subprocess.run([sys.executable, "-c", child], cwd=here, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": here})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

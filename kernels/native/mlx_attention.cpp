@@ -183,7 +183,10 @@ struct Pool {
   int ratio, dim;
 };
 
-void pool_one(const Pool& c, int64_t p, const std::vector<float>& inv_freq, const AttnConst& k, bool index_key) {
+// A window closing past the rows' capacity is pooled but not stored: p is a graph value, known only
+// here, and the rows past the capacity are seen by no token (n_vis stops at it).
+void pool_one(const Pool& c, int64_t p, int cap, const std::vector<float>& inv_freq, const AttnConst& k,
+              bool index_key) {
   const int R = c.ratio, d = c.dim, lanes = R == 4 ? 2 : 1, width = lanes * d;
   const std::vector<float> kv = load(c.kv), gate = load(c.gate);
   const float* ape = c.ape.as<float>() + (p % R) * c.ape.strides[0];  // [R, width]: only this token's row
@@ -223,7 +226,7 @@ void pool_one(const Pool& c, int64_t p, const std::vector<float>& inv_freq, cons
   } else {
     kv_row(row.data(), d, k);
   }
-  std::memcpy(c.rows + (p / R) * d, row.data(), sizeof(float) * d);
+  if (p / R < cap) std::memcpy(c.rows + (p / R) * d, row.data(), sizeof(float) * d);
 }
 
 // Rows of ``index`` [n_vis rows visible] the indexer keeps: the top k by score, ties to the lowest index.
@@ -273,6 +276,10 @@ void run(const Task& t) {
   const AttnConst& k = t.k;
   const int H = k.n_head, hd = k.head_dim, W = k.window, R = k.ratio;
   const int64_t p = *t.p;
+  if (p < 0) {  // no position to write: the state stays as it was, the output says so
+    std::fill(t.out, t.out + size_t(H) * hd, NAN);
+    return;
+  }
   const std::vector<float> inv_freq = load(t.inv_freq), kv_norm = load(t.kv_norm), sinks = load(t.sinks);
   const Angles a = angles(p, inv_freq);
   std::vector<float> q = load(t.q), kv = load(t.kv);
@@ -288,9 +295,9 @@ void run(const Task& t) {
   std::vector<const float*> keys;  // the live keys: ring slots s <= p, then visible (kept) rows
   for (int s = 0; s < W && s <= p; ++s) keys.push_back(t.raw + int64_t(s) * hd);
   if (R) {
-    pool_one(t.comp, p, inv_freq, k, false);
+    pool_one(t.comp, p, t.cap, inv_freq, k, false);
     const int n_vis = int(std::min<int64_t>((p + 1) / R, t.cap));
-    if (R == 4) pool_one(t.index, p, inv_freq, k, true);
+    if (R == 4) pool_one(t.index, p, t.cap, inv_freq, k, true);
     if (k.select) {
       for (int n : select_rows(t.iq, t.iw, t.index.rows, n_vis, a, k)) keys.push_back(t.comp.rows + int64_t(n) * hd);
     } else {
