@@ -91,7 +91,7 @@ def _boundary_slack(x, ids, w, stacks) -> np.ndarray:
 
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
-@pytest.mark.parametrize("n_tok", [1, 5, 33])
+@pytest.mark.parametrize("n_tok", [1, 5, 33, 90])
 def test_moe_matches_the_reference_in_integers(recipe, n_tok):
     rng = np.random.default_rng([n_tok, len(recipe), 8])
     case = random_moe_case(rng, recipe, n_tok, 6, 16, 512, 512, repeats=True)
@@ -113,17 +113,22 @@ def test_types_without_an_integer_product_keep_f32_activations():
     assert np.array_equal(q8k.view(np.uint32), native.moe(x, ids, w, *stacks, LIMIT).view(np.uint32))
 
 
-def test_a_token_gets_the_same_bits_alone_in_a_batch_and_in_streamed_rounds():
+@pytest.mark.parametrize("recipe,n_tok,n_exp", [("q2", 7, 16), ("q2", 45, 8), ("q4", 45, 8)])
+def test_a_token_gets_the_same_bits_alone_in_a_batch_and_in_streamed_rounds(recipe, n_tok, n_exp):
+    """7 tokens over 16 experts: a few tokens per row, whose tiles look IQ2_XXS patterns up
+    themselves; 45 over 8: ~34 per expert, so IQ2_XXS rows are made ready first, and tiles of
+    8 end in partial ones."""
     rng = np.random.default_rng(12)
-    case = random_moe_case(rng, "q2", 7, 6, 16, 512, 256, repeats=True)
+    case = random_moe_case(rng, recipe, n_tok, 6, n_exp, 512, 256, repeats=True)
     x, ids, w, stacks = *case[:3], _stacks(case)
     batch = native.moe(x, ids, w, *stacks, LIMIT, activations="q8k")
     alone = np.concatenate([native.moe(x[t:t + 1], ids[t:t + 1], w[t:t + 1], *stacks, LIMIT, activations="q8k")
-                            for t in range(7)])
+                            for t in range(n_tok)])
     assert np.array_equal(batch.view(np.uint32), alone.view(np.uint32))
     out = np.zeros_like(x)
-    for resident in (np.arange(16) < 9, np.arange(16) >= 9):  # two rounds, ascending expert ids
-        slot_of = np.where(resident, np.arange(16), -1)
+    half = n_exp // 2 + 1
+    for resident in (np.arange(n_exp) < half, np.arange(n_exp) >= half):  # two rounds, ascending expert ids
+        slot_of = np.where(resident, np.arange(n_exp), -1)
         native.moe(x, ids, w, *stacks, LIMIT, slot_of=slot_of, out=out, activations="q8k")
     assert np.array_equal(out.view(np.uint32), batch.view(np.uint32))
 

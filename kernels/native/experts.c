@@ -435,8 +435,8 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
                     continue;
                 }
                 q8k_row gq, uq;
-                q8k_prepare(&gq, gt, gr, nbd, ready);
-                q8k_prepare(&uq, ut, ur, nbd, ready + Q8K_PREP_BYTES * nbd);
+                q8k_prepare(&gq, gt, gr, nbd, n, ready);
+                q8k_prepare(&uq, ut, ur, nbd, n, ready + Q8K_PREP_BYTES * nbd);
                 for (int i0 = 0; i0 < n; i0 += Q8K_PAIRS) {
                     const int m = n - i0 < Q8K_PAIRS ? n - i0 : Q8K_PAIRS;
                     const q8k_block *xb[Q8K_PAIRS];
@@ -489,7 +489,7 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
                 if (q8_mid) {
                     for (int r = 0; r < nr; r++) {
                         q8k_row dq;
-                        q8k_prepare(&dq, dt, down + (e * D + r0 + r) * d_rb, nbf,
+                        q8k_prepare(&dq, dt, down + (e * D + r0 + r) * d_rb, nbf, n,
                                     prep + (size_t)thread_id() * prep_per_thread);
                         for (int i0 = 0; i0 < n; i0 += Q8K_PAIRS) {
                             const int m = n - i0 < Q8K_PAIRS ? n - i0 : Q8K_PAIRS;

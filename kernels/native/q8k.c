@@ -4,8 +4,10 @@
  * 256 values at a time (int8 codes, one f32 scale), and every IQ2_XXS, Q2_K
  * or Q4_K weight row is dotted with it in integers, a block's scales applied
  * to its integer sums. On AVX2 one instruction multiplies 32 code pairs
- * (vpmaddubsw) where the f32 path decodes and multiplies 8 values, so the
- * decode-time step is bound by memory again instead of by instructions.
+ * (vpmaddubsw) where the f32 path decodes and multiplies 8 values. IQ2_XXS
+ * still costs eight table loads and their packing per 32 values (as in
+ * llama.cpp's AVX2 kernel): one token's step stays bound by instructions, and
+ * many tokens share a row's lookups (tiles of Q8K_TILE, rows made ready).
  *
  * The integer sums are exact and a (row, token) pair's value depends only on
  * its own bytes, so decode and prefill, one thread or many, give the same
@@ -65,37 +67,54 @@ void q8k_quantize(const float *x, int64_t n, q8k_block *y)
 }
 
 #if defined(__AVX2__)
+/* A weight row against up to Q8K_TILE tokens at a time: each weight vector (and its codes'
+ * extraction, its scales) is loaded once for all of them. Per token and block the integer
+ * sum is exact; the float steps are the same for every token count (q8k_dot is a tile of
+ * one), so a token's output has the same bits alone, in a batch, or in streamed rounds. */
+#define Q8K_TILE 8
+/* IQ2_XXS rows are made ready (q8k_prepare) only for more tokens than this: gathering a
+ * block's patterns costs about as much as two tiles' lookups of them. */
+#define Q8K_PREPARE_MIN (2 * Q8K_TILE)
+#define AI static inline __attribute__((always_inline))  /* m becomes a constant: the sums stay in registers */
 
-static inline int32_t hsum_i32(__m256i v)
+/* Four tokens' integer sums, one lane each. */
+static inline __m128i hsum4_i32(__m256i a, __m256i b, __m256i c, __m256i d)
 {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+    const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
 }
 
-/* Group g (32 values): 4 grid patterns and their signs. The magnitudes are
- * unsigned (vpmaddubsw's first operand), so the signs go onto the activations. */
-static float dot_iq2_xxs(const uint8_t *row, const q8k_block *y, int64_t nb)
+/* The activation scales of tokens 4q .. 4q + 3 in block ib (0 past the m tokens). */
+AI __m128 scales4(const q8k_block *const *ys, int m, int q, int64_t ib)
 {
-    float sum = 0.0f;
-    for (int64_t ib = 0; ib < nb; ib++, row += 66, y++) {
-        __m256i acc = _mm256_setzero_si256();
-#pragma GCC unroll 8
-        for (int g = 0; g < 8; g++) {
-            const uint32_t a = ld32(row + 2 + 8 * g), s = ld32(row + 6 + 8 * g);
-            const __m256i w = _mm256_set_epi64x((int64_t)grid8[a >> 24], (int64_t)grid8[(a >> 16) & 255],
-                                                (int64_t)grid8[(a >> 8) & 255], (int64_t)grid8[a & 255]);
-            const __m256i sg = _mm256_set_epi64x((int64_t)sign8[(s >> 21) & 127], (int64_t)sign8[(s >> 14) & 127],
-                                                 (int64_t)sign8[(s >> 7) & 127], (int64_t)sign8[s & 127]);
-            const __m256i q = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(y->qs + 32 * g)), sg);
-            /* pairs: 2 * 43 * 127 fits int16; the group scale 2 * ls + 1 goes on in the widening */
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, q),
-                                                          _mm256_set1_epi16((int16_t)(2 * (s >> 28) + 1))));
+    float d[4];
+    for (int i = 0; i < 4; i++) d[i] = 4 * q + i < m ? ys[4 * q + i][ib].d : 0.0f;
+    return _mm_loadu_ps(d);
+}
+
+/* sum[q] += (w_scale * y_scale) * isum - (w_min * y_scale) * msum, for 4 tokens per q; the
+ * integer sums of the tokens past m are zero vectors. */
+AI void add_block(__m128 *sum, const __m256i *acc, const __m256i *mins, const q8k_block *const *ys, int m,
+                  int64_t ib, float w_scale, float w_min)
+{
+    for (int q = 0; q < (m + 3) / 4; q++) {
+        const __m128 dy = scales4(ys, m, q, ib);
+        const __m256i *a = acc + 4 * q;
+        __m128 v = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(w_scale), dy), _mm_cvtepi32_ps(hsum4_i32(a[0], a[1], a[2], a[3])));
+        if (mins) {
+            const __m256i *b = mins + 4 * q;
+            v = _mm_sub_ps(v, _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(w_min), dy),
+                                         _mm_cvtepi32_ps(hsum4_i32(b[0], b[1], b[2], b[3]))));
         }
-        sum += f16(ld16(row)) * y->d * (float)hsum_i32(acc);
+        sum[q] = _mm_add_ps(sum[q], v);
     }
-    return 0.125f * sum;
+}
+
+AI void store_sums(const __m128 *sum, int m, float scale, float *out)
+{
+    float all[Q8K_TILE];
+    for (int q = 0; q < (m + 3) / 4; q++) _mm_storeu_ps(all + 4 * q, _mm_mul_ps(sum[q], _mm_set1_ps(scale)));
+    for (int t = 0; t < m; t++) out[t] = all[t];
 }
 
 /* vpshufb controls: 16-bit lanes of sub-block scale 2k in the low half, 2k + 1 in the high one */
@@ -105,6 +124,167 @@ static inline __m256i pair_scales(__m256i scales, int k)
                                           2 * k, -1, 2 * k + 1, -1, 2 * k + 1, -1, 2 * k + 1, -1, 2 * k + 1, -1,
                                           2 * k + 1, -1, 2 * k + 1, -1, 2 * k + 1, -1, 2 * k + 1, -1);
     return _mm256_shuffle_epi8(scales, ctrl);
+}
+
+/* An IQ2_XXS row for many tokens: its grid patterns and signs gathered once, so each further
+ * tile loads two vectors per 32 values instead of eight table entries and their packing (the
+ * K-quants' codes are a shift and a mask away already: they are always read as stored). With
+ * few tokens the tiles look the patterns up themselves (mag NULL). */
+void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, int tokens, uint8_t *scratch)
+{
+    *r = (q8k_row){type, row, nb, NULL, NULL};
+    if (type != T_IQ2_XXS || tokens <= Q8K_PREPARE_MIN) return;
+    uint64_t *mag = (uint64_t *)scratch, *sgn = mag + 32 * nb;  /* 8 values per word */
+    for (int64_t i = 0; i < 8 * nb; i++) {  /* group i: 4 patterns, their signs and scale in two words */
+        const uint32_t a = ld32(row + 66 * (i / 8) + 2 + 8 * (i % 8)), s = ld32(row + 66 * (i / 8) + 6 + 8 * (i % 8));
+        for (int k = 0; k < 4; k++) {
+            mag[4 * i + k] = grid8[(a >> (8 * k)) & 255];
+            sgn[4 * i + k] = sign8[(s >> (7 * k)) & 127];
+        }
+    }
+    r->mag = scratch;
+    r->sgn = (const int8_t *)sgn;
+}
+
+/* Group g (32 values) of block ib: 4 grid patterns and their signs. The magnitudes are
+ * unsigned (vpmaddubsw's first operand), so the signs go onto the activations. */
+AI void iq2_group(const q8k_row *r, const uint8_t *block, int64_t ib, int g, __m256i *w, __m256i *sg)
+{
+    if (r->mag) {
+        *w = _mm256_loadu_si256((const __m256i *)(r->mag + 256 * ib + 32 * g));
+        *sg = _mm256_loadu_si256((const __m256i *)(r->sgn + 256 * ib + 32 * g));
+        return;
+    }
+    const uint32_t a = ld32(block + 2 + 8 * g), s = ld32(block + 6 + 8 * g);
+    *w = _mm256_set_epi64x((int64_t)grid8[a >> 24], (int64_t)grid8[(a >> 16) & 255],
+                           (int64_t)grid8[(a >> 8) & 255], (int64_t)grid8[a & 255]);
+    *sg = _mm256_set_epi64x((int64_t)sign8[(s >> 21) & 127], (int64_t)sign8[(s >> 14) & 127],
+                            (int64_t)sign8[(s >> 7) & 127], (int64_t)sign8[s & 127]);
+}
+
+AI void tile_iq2_xxs(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
+{
+    __m128 sum[Q8K_TILE / 4];
+    for (int q = 0; q < Q8K_TILE / 4; q++) sum[q] = _mm_setzero_ps();
+    const uint8_t *row = r->row;
+    for (int64_t ib = 0; ib < r->nb; ib++, row += 66) {
+        __m256i acc[Q8K_TILE];
+        for (int t = 0; t < Q8K_TILE; t++) acc[t] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            __m256i w, sg;
+            iq2_group(r, row, ib, g, &w, &sg);
+            /* pairs: 2 * 43 * 127 fits int16; the group scale 2 * ls + 1 goes on in the widening */
+            const __m256i ls = _mm256_set1_epi16((int16_t)(2 * (ld32(row + 6 + 8 * g) >> 28) + 1));
+            for (int t = 0; t < m; t++) {
+                const __m256i q = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(ys[t][ib].qs + 32 * g)), sg);
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(w, q), ls));
+            }
+        }
+        add_block(sum, acc, NULL, ys, m, ib, f16(ld16(row)), 0.0f);
+    }
+    store_sums(sum, m, 0.125f, out);
+}
+
+/* Byte l of half h holds, at shift 2s, value 128h + 32s + l: sub-block 8h + 2s for l < 16,
+ * the next for l >= 16, which is how vpmaddubsw's 16-bit lanes split too. */
+AI void tile_q2_k(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
+{
+    const __m256i three = _mm256_set1_epi8(3);
+    const __m128i nib = _mm_set1_epi8(15);
+    __m128 sum[Q8K_TILE / 4];
+    for (int q = 0; q < Q8K_TILE / 4; q++) sum[q] = _mm_setzero_ps();
+    const uint8_t *row = r->row;
+    for (int64_t ib = 0; ib < r->nb; ib++, row += 84) {
+        const __m128i packed = _mm_loadu_si128((const __m128i *)row);
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm_and_si128(packed, nib));
+        __m256i acc[Q8K_TILE], msum[Q8K_TILE];
+        for (int t = 0; t < Q8K_TILE; t++) acc[t] = msum[t] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + 16 + 32 * h));
+            for (int s = 0; s < 4; s++) {
+                const __m256i c = _mm256_and_si256(_mm256_srli_epi16(codes, 2 * s), three);
+                const __m256i sc = pair_scales(scales, 4 * h + s);
+                for (int t = 0; t < m; t++) {
+                    const __m256i y = _mm256_loadu_si256((const __m256i *)(ys[t][ib].qs + 128 * h + 32 * s));
+                    acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(c, y), sc));
+                }
+            }
+        }
+        const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nib));
+        for (int t = 0; t < m; t++)
+            msum[t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)ys[t][ib].bsums));
+        add_block(sum, acc, msum, ys, m, ib, f16(ld16(row + 80)), f16(ld16(row + 82)));
+    }
+    store_sums(sum, m, 1.0f, out);
+}
+
+/* 32 bytes c hold sub-block 2c in their low nibbles and 2c + 1 in their high ones. */
+AI void tile_q4_k(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
+{
+    const __m256i nib = _mm256_set1_epi8(15);
+    __m128 sum[Q8K_TILE / 4];
+    for (int q = 0; q < Q8K_TILE / 4; q++) sum[q] = _mm_setzero_ps();
+    const uint8_t *row = r->row;
+    for (int64_t ib = 0; ib < r->nb; ib++, row += 144) {
+        uint8_t sc[8], mn[8];
+        q4_k_scales(row + 4, sc, mn);
+        __m256i acc[Q8K_TILE], msum[Q8K_TILE];
+        for (int t = 0; t < Q8K_TILE; t++) acc[t] = msum[t] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + 16 + 32 * c));
+            const __m256i lo = _mm256_and_si256(codes, nib), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nib);
+            const __m256i slo = _mm256_set1_epi16(sc[2 * c]), shi = _mm256_set1_epi16(sc[2 * c + 1]);
+            for (int t = 0; t < m; t++) {
+                const int8_t *y = ys[t][ib].qs + 64 * c;
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)y)), slo));
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(y + 32))), shi));
+            }
+        }
+        /* each min covers two 16-value sums: the 16-bit lanes of mins pair with bsums */
+        int16_t pair_mins[16];
+        for (int j = 0; j < 16; j++) pair_mins[j] = mn[j / 2];
+        const __m256i mins = _mm256_loadu_si256((const __m256i *)pair_mins);
+        for (int t = 0; t < m; t++)
+            msum[t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)ys[t][ib].bsums));
+        add_block(sum, acc, msum, ys, m, ib, f16(ld16(row)), f16(ld16(row + 2)));
+    }
+    store_sums(sum, m, 1.0f, out);
+}
+
+#define TILE_BY_COUNT(tile) do { \
+        switch (m) { \
+        case 8: tile(r, ys, 8, out); break; \
+        case 7: tile(r, ys, 7, out); break; \
+        case 6: tile(r, ys, 6, out); break; \
+        case 5: tile(r, ys, 5, out); break; \
+        case 4: tile(r, ys, 4, out); break; \
+        case 3: tile(r, ys, 3, out); break; \
+        case 2: tile(r, ys, 2, out); break; \
+        default: tile(r, ys, 1, out); \
+        } \
+    } while (0)
+
+void q8k_dots(const q8k_row *r, const q8k_block *const *ys, int n, float *out)
+{
+    for (int t0 = 0; t0 < n; t0 += Q8K_TILE, ys += Q8K_TILE, out += Q8K_TILE) {
+        const int m = n - t0 < Q8K_TILE ? n - t0 : Q8K_TILE;
+        if (r->type == T_IQ2_XXS) TILE_BY_COUNT(tile_iq2_xxs);
+        else if (r->type == T_Q2_K) TILE_BY_COUNT(tile_q2_k);
+        else TILE_BY_COUNT(tile_q4_k);
+    }
+}
+#undef TILE_BY_COUNT
+#undef AI
+
+/* row . (the nb Q8_K blocks at y): a tile of one token */
+float q8k_dot(int type, const uint8_t *row, const q8k_block *y, int64_t nb)
+{
+    const q8k_row r = {type, row, nb, NULL, NULL};
+    float out;
+    q8k_dots(&r, &y, 1, &out);
+    return out;
 }
 
 #else /* portable: the same integer sums, one value at a time */
@@ -170,158 +350,10 @@ static float dot_q4_k(const uint8_t *row, const q8k_block *y, int64_t nb)
     return sum;
 }
 
-#endif
 
-#if defined(__AVX2__)
-/* An IQ2_XXS row's grid patterns and signs gathered once, so each further token costs a
- * sign and a multiply per 32 values instead of eight table loads and their packing (the
- * K-quants' codes are a shift and a mask away already: they are read as stored). */
-void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, uint8_t *scratch)
+void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, int tokens, uint8_t *scratch)
 {
-    *r = (q8k_row){type, row, nb, scratch, (const int8_t *)scratch + 256 * nb};
-    if (type != T_IQ2_XXS) return;
-    uint64_t *mag = (uint64_t *)scratch, *sgn = mag + 32 * nb;  /* 8 values per word */
-    for (int64_t i = 0; i < 32 * nb; i++) {
-        const uint8_t *b = row + 66 * (i / 32) + 2 + 8 * (i % 32 / 4);  /* group i / 4 of its block */
-        mag[i] = grid8[(ld32(b) >> (8 * (i % 4))) & 255];
-        sgn[i] = sign8[(ld32(b + 4) >> (7 * (i % 4))) & 127];
-    }
-}
-
-/* Several tokens against one row, up to Q8K_TILE at a time: each weight vector (and
- * its codes' extraction, its scales) is loaded once for all of them. The per-token
- * integers and float steps are dot_*'s own, in their order: the same bits. */
-#define Q8K_TILE 4
-#define AI static inline __attribute__((always_inline))  /* m becomes a constant: the sums stay in registers */
-
-AI void tile_iq2_xxs(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
-{
-    float sum[Q8K_TILE] = {0};
-    const uint8_t *row = r->row;
-    for (int64_t ib = 0; ib < r->nb; ib++, row += 66) {
-        __m256i acc[Q8K_TILE];
-        for (int t = 0; t < m; t++) acc[t] = _mm256_setzero_si256();
-        for (int g = 0; g < 8; g++) {
-            const __m256i w = _mm256_loadu_si256((const __m256i *)(r->mag + 256 * ib + 32 * g));
-            const __m256i sg = _mm256_loadu_si256((const __m256i *)(r->sgn + 256 * ib + 32 * g));
-            const __m256i ls = _mm256_set1_epi16((int16_t)(2 * (ld32(row + 6 + 8 * g) >> 28) + 1));
-            for (int t = 0; t < m; t++) {
-                const __m256i q = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(ys[t][ib].qs + 32 * g)), sg);
-                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(w, q), ls));
-            }
-        }
-        for (int t = 0; t < m; t++) sum[t] += f16(ld16(row)) * ys[t][ib].d * (float)hsum_i32(acc[t]);
-    }
-    for (int t = 0; t < m; t++) out[t] = 0.125f * sum[t];
-}
-
-/* Byte l of half h holds, at shift 2s, value 128h + 32s + l: sub-block 8h + 2s for l < 16,
- * the next for l >= 16, which is how vpmaddubsw's 16-bit lanes split too. */
-AI void tile_q2_k(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
-{
-    const __m256i three = _mm256_set1_epi8(3);
-    const __m128i nib = _mm_set1_epi8(15);
-    float sum[Q8K_TILE] = {0};
-    const uint8_t *row = r->row;
-    for (int64_t ib = 0; ib < r->nb; ib++, row += 84) {
-        const __m128i packed = _mm_loadu_si128((const __m128i *)row);
-        const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nib));
-        const __m256i scales = _mm256_broadcastsi128_si256(_mm_and_si128(packed, nib));
-        __m256i acc[Q8K_TILE];
-        for (int t = 0; t < m; t++) acc[t] = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {
-            const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + 16 + 32 * h));
-            for (int s = 0; s < 4; s++) {
-                const __m256i c = _mm256_and_si256(_mm256_srli_epi16(codes, 2 * s), three);
-                const __m256i sc = pair_scales(scales, 4 * h + s);
-                for (int t = 0; t < m; t++) {
-                    const __m256i y = _mm256_loadu_si256((const __m256i *)(ys[t][ib].qs + 128 * h + 32 * s));
-                    acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(c, y), sc));
-                }
-            }
-        }
-        for (int t = 0; t < m; t++) {
-            const float yd = ys[t][ib].d;
-            const int32_t msum = hsum_i32(_mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)ys[t][ib].bsums)));
-            sum[t] += f16(ld16(row + 80)) * yd * (float)hsum_i32(acc[t]) - f16(ld16(row + 82)) * yd * (float)msum;
-        }
-    }
-    for (int t = 0; t < m; t++) out[t] = sum[t];
-}
-
-/* 32 bytes c hold sub-block 2c in their low nibbles and 2c + 1 in their high ones. */
-AI void tile_q4_k(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
-{
-    const __m256i nib = _mm256_set1_epi8(15);
-    float sum[Q8K_TILE] = {0};
-    const uint8_t *row = r->row;
-    for (int64_t ib = 0; ib < r->nb; ib++, row += 144) {
-        uint8_t sc[8], mn[8];
-        q4_k_scales(row + 4, sc, mn);
-        __m256i acc[Q8K_TILE];
-        for (int t = 0; t < m; t++) acc[t] = _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++) {
-            const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + 16 + 32 * c));
-            const __m256i lo = _mm256_and_si256(codes, nib), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nib);
-            const __m256i slo = _mm256_set1_epi16(sc[2 * c]), shi = _mm256_set1_epi16(sc[2 * c + 1]);
-            for (int t = 0; t < m; t++) {
-                const int8_t *y = ys[t][ib].qs + 64 * c;
-                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)y)), slo));
-                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(y + 32))), shi));
-            }
-        }
-        for (int t = 0; t < m; t++) {
-            int32_t msum = 0;
-            for (int j = 0; j < 8; j++) msum += mn[j] * (ys[t][ib].bsums[2 * j] + ys[t][ib].bsums[2 * j + 1]);
-            sum[t] += f16(ld16(row)) * ys[t][ib].d * (float)hsum_i32(acc[t]) - f16(ld16(row + 2)) * ys[t][ib].d * (float)msum;
-        }
-    }
-    for (int t = 0; t < m; t++) out[t] = sum[t];
-}
-
-/* One token: the tiles' own arithmetic (the IQ2_XXS row is not made ready for one token). */
-static float dot_q2_k(const uint8_t *row, const q8k_block *y, int64_t nb)
-{
-    const q8k_row r = {T_Q2_K, row, nb, NULL, NULL};
-    float out;
-    tile_q2_k(&r, &y, 1, &out);
-    return out;
-}
-
-static float dot_q4_k(const uint8_t *row, const q8k_block *y, int64_t nb)
-{
-    const q8k_row r = {T_Q4_K, row, nb, NULL, NULL};
-    float out;
-    tile_q4_k(&r, &y, 1, &out);
-    return out;
-}
-
-#define TILE_BY_COUNT(tile) do { \
-        switch (m) { \
-        case 4: tile(r, ys, 4, out); break; \
-        case 3: tile(r, ys, 3, out); break; \
-        case 2: tile(r, ys, 2, out); break; \
-        default: tile(r, ys, 1, out); \
-        } \
-    } while (0)
-
-void q8k_dots(const q8k_row *r, const q8k_block *const *ys, int n, float *out)
-{
-    for (int t0 = 0; t0 < n; t0 += Q8K_TILE, ys += Q8K_TILE, out += Q8K_TILE) {
-        const int m = n - t0 < Q8K_TILE ? n - t0 : Q8K_TILE;
-        if (r->type == T_IQ2_XXS) TILE_BY_COUNT(tile_iq2_xxs);
-        else if (r->type == T_Q2_K) TILE_BY_COUNT(tile_q2_k);
-        else TILE_BY_COUNT(tile_q4_k);
-    }
-}
-#undef TILE_BY_COUNT
-#undef AI
-#else
-void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, uint8_t *scratch)
-{
-    (void)scratch;
+    (void)tokens, (void)scratch;
     *r = (q8k_row){type, row, nb, NULL, NULL};
 }
 
@@ -329,7 +361,6 @@ void q8k_dots(const q8k_row *r, const q8k_block *const *ys, int n, float *out)
 {
     for (int t = 0; t < n; t++) out[t] = q8k_dot(r->type, r->row, ys[t], r->nb);
 }
-#endif
 
 /* row . (the nb Q8_K blocks at y): nb weight blocks of a q8k_supported type */
 float q8k_dot(int type, const uint8_t *row, const q8k_block *y, int64_t nb)
@@ -340,3 +371,4 @@ float q8k_dot(int type, const uint8_t *row, const q8k_block *y, int64_t nb)
     default: return dot_q4_k(row, y, nb);
     }
 }
+#endif
