@@ -5,7 +5,10 @@ in the table and the CSV, and each peer process's peak RSS reported back."""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from magnetar.cli import main
@@ -92,3 +95,13 @@ def test_a_peer_process_reports_its_peak_rss(tiny_models):
     bench.run([child], "decode", [0, 5, 9], n_tokens=1, reps=1, warmup=0)
     assert child.peak_rss >= built
     child.close()
+
+
+def test_a_child_reports_its_own_peak_not_its_parents(tmp_path):
+    """A peer runs in a child that the bench (holding its own model) spawned: ru_maxrss
+    carries the parent's resident set across fork and exec, so every peer reported the
+    bench's 17.83 GiB on mini-flash. The child's figure must be its own."""
+    held = np.ones(1 << 27)  # 1 GiB, touched: the parent's resident set
+    child = subprocess.run([sys.executable, "-c", "from magnetar.runtime.lab.bench_memory import peak_rss; "
+                            "print(peak_rss())"], capture_output=True, text=True, check=True)
+    assert held.nbytes == 1 << 30 and int(child.stdout) < (600 << 20)
