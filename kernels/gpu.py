@@ -32,9 +32,9 @@ HC_THREADS = 256  # hc_pre: threads per token (the kernel bodies assume it)
 ATTN_THREADS = 256  # attn_state / attn_core: threads per threadgroup (block)
 ATTN_INDEX_THREADS = 64  # attn_index: a thread per compressed row
 ATTN_STATE_INPUTS = ("p", "kv", "kv_norm", "inv_freq", "raw", "c_kv", "c_gate", "c_ape", "c_norm", "c_fkv", "c_fsc",
-                     "i_kv", "i_gate", "i_ape", "i_norm", "i_fkv", "i_fsc", "iq")
+                     "c_rows", "i_kv", "i_gate", "i_ape", "i_norm", "i_fkv", "i_fsc", "i_rows", "iq")
 ATTN_STATE_OUTPUTS = ("raw_out", "c_row", "c_fkv_out", "c_fsc_out", "i_row", "i_fkv_out", "i_fsc_out", "iq_out")
-ATTN_STATE_TEMPLATES = ("HD", "W", "R", "IXH", "IXD", "HALF", "OFFICIAL", "NOPE", "EPS", "WHT")
+ATTN_STATE_TEMPLATES = ("HD", "W", "R", "IXH", "IXD", "HALF", "OFFICIAL", "NOPE", "EPS", "WHT", "CAP")
 ATTN_INDEX_TEMPLATES = ("IXH", "IXD", "CAP", "DSC", "HSC")
 ATTN_CORE_INPUTS = ("p", "q", "sinks", "inv_freq", "raw", "rows", "score")
 ATTN_CORE_TEMPLATES = ("HD", "W", "R", "CAP", "TOPK", "SEL", "HALF", "EPS", "ASC", "NK")
@@ -77,7 +77,7 @@ def attention_templates(n_head: int, head_dim: int, window: int, ratio: int, eps
     ixh, ixd = (ix_heads, ix_dim) if indexer else (0, 0)
     out = {"attn_state": dict(HD=head_dim, W=window, R=ratio, IXH=ixh if select else 0, IXD=ixd,
                               HALF=half, OFFICIAL=int(official), NOPE=nope, EPS=f32_bits(eps),
-                              WHT=f32_bits(ixd ** -0.5) if indexer else 0)}
+                              WHT=f32_bits(ixd ** -0.5) if indexer else 0, CAP=max(cap, 1))}
     if select:
         out["attn_index"] = dict(IXH=ixh, IXD=ixd, CAP=cap, DSC=f32_bits(ixd ** -0.5), HSC=f32_bits(ixh ** -0.5))
     keys = window + (top_k if select else cap if ratio else 0)
@@ -263,9 +263,11 @@ class GpuBackend(Backend):
 
         * ``attn_state``: the state updates, a threadgroup each for the ring slot, each
           compressor's frontier and pooled row, and the indexer's rotated FP4 query. The ring
-          and frontiers (at most 256 KB) come back whole; a compressor's new row comes back
-          alone and ``mx.slice_update`` writes it at row p // ratio, in place when MLX can
-          donate the buffer (megabytes at long context), as the MLX-ops path does.
+          and frontiers (at most 256 KB) come back whole; a compressor's row p // ratio comes
+          back alone and ``mx.slice_update`` writes it, in place when MLX can donate the buffer
+          (megabytes at long context). It is pooled only when its window closes at p, the first
+          time any token reads it; before, it comes back as it was (the MLX-ops path pools the
+          open window every token: 128 softmax slots per dimension at ratio 128).
         * ``attn_index`` (the indexer selects): the scores of every visible row, a thread each.
         * ``attn_core``: a threadgroup per head: q's norm and RoPE, the top-k choice (each
           threadgroup makes the same one), attention with the sink, V's rotation undone.
@@ -282,13 +284,14 @@ class GpuBackend(Backend):
                              f"top_k ({shape.top_k})")
         p = step.p.reshape(1).astype(mx.int32)
         raw = step.raw
-        pools = []  # each compressor's six inputs and three outputs, or stand-ins (never read)
+        pools = []  # each compressor's seven inputs and three outputs, or stand-ins (never read)
         for c, ratio, dim in ((comp, R, hd), (index, 4, shape.indexer_dim)):
             if c is None:
-                pools.append(([raw] * 6, [(1,)] * 3))
+                pools.append(([raw] * 7, [(1,)] * 3))
             else:
                 width, rows = (2 if ratio == 4 else 1) * dim, 8 if ratio == 4 else ratio
-                pools.append(([c.kv, c.gate, c.ape, c.norm, c.f_kv, c.f_sc], [(1, dim), (rows, width), (rows, width)]))
+                pools.append(([c.kv, c.gate, c.ape, c.norm, c.f_kv, c.f_sc, c.rows],
+                              [(1, dim), (rows, width), (rows, width)]))
         iq = step.index_q if select else raw
         iq_shape = (shape.indexer_heads * shape.indexer_dim,) if select else (1,)
         inputs = [p, step.kv, step.kv_norm, step.inv_freq, raw, *pools[0][0], *pools[1][0], iq]

@@ -120,7 +120,7 @@ CASES = [  # preset, ratio, positions, capacity (0: none), indexer scores all ti
 ]
 
 
-def _open_rows_as_they_were(step: ad.DecodeStep, shape: ad.DecodeShape, p: int, want: list[mx.array]
+def open_rows_as_they_were(step: ad.DecodeStep, shape: ad.DecodeShape, p: int, want: list[mx.array]
                             ) -> list[mx.array]:
     """The kernel pools a window into its row p // R only when the window closes at p, the
     first moment any token can see that row; until then the row keeps what it held. The MLX
@@ -157,7 +157,7 @@ def test_fused_attention_decode_equals_the_mlx_ops_as_one_node(preset, ratio, po
         step, shape = make_step(preset, ratio, p, cap, official, tied=tied)
         want = [*(lambda o, s: [o, *s])(*ad.attention_decode(step, shape, attend))]
         mx.eval(want)
-        want = _open_rows_as_they_were(step, shape, p, want)
+        want = open_rows_as_they_were(step, shape, p, want)
         got = fused(step, shape)
         assert graph_nodes(*got) == 1
         mx.eval(got)

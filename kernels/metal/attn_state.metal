@@ -5,14 +5,17 @@
 //   inputs    p int32 [1]; kv, kv_norm float32 [HD]; inv_freq [HALF]; raw [W, HD];
 //             the compressor's kv, gate [L * HD] (L = 2 lanes at ratio 4, else 1), ape [R, L * HD],
 //             norm [HD], f_kv, f_sc [FR, L * HD] (FR = 8 at ratio 4, else R); the indexer
-//             compressor's seven the same at IXD; the indexer's q [IXH * IXD]. Parts the
-//             layer lacks get stand-ins (never read).
+//             compressor's seven the same at IXD; the indexer's q [IXH * IXD]; c_rows [CAP, HD],
+//             i_rows [CAP, IXD], the compressed buffers (read: one row). Parts the layer lacks get
+//             stand-ins (never read).
 //   outputs   raw_out [W, HD]; c_row [1, HD] (row p / R of the compressed buffer; the caller
-//             slice-updates it in, so the megabytes of rows are not copied); c_fkv, c_fsc;
+//             slice-updates it in, so the megabytes of rows are not copied): the pooled window
+//             when it closes at p, else the row as it was (no token reads row p / R before
+//             its window closes, so only then is it pooled, as on the CPU); c_fkv, c_fsc;
 //             i_row [1, IXD]; i_fkv, i_fsc; iq_out [IXH * IXD] (rotated, FP4-rounded query).
 //             Outputs of absent parts are [1] and left unwritten.
 //   template  HD, W, R, IXH, IXD, HALF, OFFICIAL (0/1), NOPE, EPS (float32 bits), WHT (float32
-//             bits of 1 / sqrt(IXD))
+//             bits of 1 / sqrt(IXD)), CAP (rows of the compressed buffers; 1 without them)
 //   launch    threadgroup = 256 threads; grid = (256 * threadgroups, 1, 1) (attention_state_geometry, gpu.py).
 // The ring and frontiers are small and copied whole with the token's slot replaced; a pooled
 // row is made by a thread per dimension, then finished (norm, RoPE, rounding) by thread 0 in
@@ -48,12 +51,19 @@ if (role == 0) {  // the token's kv row into ring slot p % W
   device float* fkv_out = ix ? i_fkv_out : c_fkv_out;
   device float* fsc_out = ix ? i_fsc_out : c_fsc_out;
   device float* row_out = ix ? i_row : c_row;
+  const device float* rows = ix ? i_rows : c_rows;
   const int slot = pos % RR + (RR == 4 ? 4 : 0);
   const bool closes = RR == 4 && (pos + 1) % 4 == 0;  // the closed window becomes lane A of the next
   for (int i = tid; i < FR * WD; i += THREADS) {
     const int r = i / WD, j = i % WD, src = closes && r < 4 ? r + 4 : r;
     fkv_out[i] = src == slot ? ckv[j] : fkv[src * WD + j];
     fsc_out[i] = src == slot ? gate[j] + ape[j] : fsc[src * WD + j];
+  }
+  if ((pos + 1) % RR) {  // the window stays open: its row goes back as it was (at the row the
+    // slice update writes, which MLX clamps into the buffer)
+    const int at = pos / RR < CAP ? pos / RR : CAP - 1;
+    for (int j = tid; j < D; j += THREADS) row_out[j] = rows[at * D + j];
+    return;
   }
   // Per-dimension softmax over the window's slots (ratio 4: lane A of rows 0-3, lane B of 4-7).
   const int n = RR == 4 ? 8 : RR;
