@@ -99,8 +99,8 @@ KERNELS = {
         "moe_down_tiled",
         (("mid", _F), ("order", _I), ("sorted_ids", _I), ("tile_id", _I), ("down", _W), ("params", _I)),
         ("y",), ("QT", "D", "F", "K", "E", "BN")),
-    "hc_pre": KernelSpec("hc_pre", (("x", _F), ("fn", _W), ("scale", _F), ("base", _F), ("eps", _F)),
-                         ("x_in", "post", "comb"), ("QT", "HC", "D", "ITERS")),
+    "hc_pre": KernelSpec("hc_pre", (("x", _F), ("fn", _W), ("scale", _F), ("base", _F), ("eps", _F), ("norm", _F)),
+                         ("x_in", "post", "comb"), ("QT", "HC", "D", "ITERS", "NORM")),
     "hc_post": KernelSpec("hc_post", (("y", _F), ("x", _F), ("post", _F), ("comb", _F)), ("x_out",), ("HC", "D")),
     "attn_state": KernelSpec("attn_state", tuple((n, _I if n == "p" else _F) for n in ATTN_STATE_INPUTS),
                              ATTN_STATE_OUTPUTS, ATTN_STATE_TEMPLATES),
@@ -196,8 +196,8 @@ def compile_check_instances() -> list[tuple[str, dict[str, int]]]:
         out.append(("moe_down", dict(QT=dn, D=d, F=f, K=k, E=e, NR=ROWS_PER_WARP)))
         out.append(("moe_gate_up_tiled", dict(QTG=g, QTU=u, F=f, D=d, K=k, E=e, BN=MOE_TILE_PAIRS)))
         out.append(("moe_down_tiled", dict(QT=dn, D=d, F=f, K=k, E=e, BN=MOE_TILE_PAIRS)))
-    for t in (q.F16, q.F32):  # V4 files store hc fn as F16
-        out.append(("hc_pre", dict(QT=t, HC=4, D=d, ITERS=20)))
+    for t in (q.F16, q.F32):  # V4 files store hc fn as F16; with and without the sublayer's norm
+        out += [("hc_pre", dict(QT=t, HC=4, D=d, ITERS=20, NORM=norm)) for norm in (0, 1)]
     out.append(("hc_post", dict(HC=4, D=d)))
     for ratio, cap, official in ((0, 0, True), (128, 64, True), (4, 64, False), (4, 1024, True)):  # Flash widths
         tpl = attention_templates(64, 512, 128, ratio, 1e-6, official, 448, 32, cap, 64, 128, 512)

@@ -231,14 +231,29 @@ class GpuBackend(Backend):
 
     def hc_pre(self, X, fn, scale, base, params):
         """One launch per call (``hc_pre`` kernel); fn is read as stored (F16 in V4 files)."""
-        n_tok, hc, d_model = X.shape
-        if n_tok == 0 or (hc * d_model) % CHUNK or fn.data.shape[0] != (2 + hc) * hc:
+        if not self._fuses_hc_pre(X, fn):
             return super().hc_pre(X, fn, scale, base, params)
+        return self._hc_pre(X, fn, scale, base, params, None)
+
+    def hc_pre_norm(self, X, fn, scale, base, params, norm):
+        """``hc_pre`` with the sublayer's RMS norm in the same launch."""
+        if not self._fuses_hc_pre(X, fn):
+            return super().hc_pre_norm(X, fn, scale, base, params, norm)
+        return self._hc_pre(X, fn, scale, base, params, norm)
+
+    @staticmethod
+    def _fuses_hc_pre(X, fn) -> bool:
+        n_tok, hc, d_model = X.shape
+        return n_tok > 0 and (hc * d_model) % CHUNK == 0 and fn.data.shape[0] == (2 + hc) * hc
+
+    def _hc_pre(self, X, fn, scale, base, params, norm):
+        n_tok, hc, d_model = X.shape
         eps = mx.array([params.rms_eps, params.hc_eps], mx.float32)
-        inputs = [X.astype(mx.float32), raw_bytes(QTensor(fn.data, fn.ggml_type)), scale, base, eps]
+        inputs = [X.astype(mx.float32), raw_bytes(QTensor(fn.data, fn.ggml_type)), scale, base, eps,
+                  scale if norm is None else norm.astype(mx.float32)]  # a stand-in without the norm
         x_in, post, comb = self._run("hc_pre", inputs, [(n_tok, d_model), (n_tok, hc), (n_tok, hc, hc)],
-                                     hc_pre_geometry(n_tok),
-                                     dict(QT=fn.ggml_type, HC=hc, D=d_model, ITERS=params.sinkhorn_iters))
+                                     hc_pre_geometry(n_tok), dict(QT=fn.ggml_type, HC=hc, D=d_model,
+                                                                  ITERS=params.sinkhorn_iters, NORM=int(norm is not None)))
         return x_in, post, comb
 
     def hc_post(self, y, X, post, comb):

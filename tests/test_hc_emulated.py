@@ -21,7 +21,7 @@ from cuda_emulator import emulator as cuda_emulator
 from gpu_emulator.harness import NEEDS_EMULATOR, emulator_build_dir
 from greedy_run import greedy_run
 from kernel_data import rel_err
-from magnetar.kernels import GGMLType
+from magnetar.kernels import GGMLType, rowops
 from magnetar.kernels.cpu import CpuBackend
 from magnetar.runtime import ops
 from magnetar.runtime.engine import Engine
@@ -92,6 +92,25 @@ def test_fused_hc_pre_equals_the_mlx_ops(build_dir, platform, preset, n_tok, ggm
         assert rel_err(g, w) < RTOL
     comb = np.asarray(got[2])
     assert np.allclose(comb.sum(axis=-2), 1.0, atol=1e-3)  # Sinkhorn ends on columns: doubly stochastic
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("preset,n_tok", [("tiny", 3), ("mini-flash", 2)], ids=str)
+def test_fused_hc_pre_norm_is_one_launch_equal_to_the_two_steps(build_dir, platform, preset, n_tok):
+    """``hc_pre_norm``: the sublayer's RMS norm inside the hc_pre launch, against the MLX ops
+    of ``hc_pre`` then ``rmsnorm``; post and comb as without the norm."""
+    cfg = PRESETS[preset]()
+    rng = np.random.default_rng([n_tok, cfg.d_model, 7])
+    X, fn, scale, base = random_hc(rng, n_tok, cfg.hc, cfg.d_model, GGMLType.F16)
+    norm = mx.array(rng.uniform(0.5, 1.5, cfg.d_model).astype(np.float32))
+    emu = PLATFORMS[platform](build_dir)
+    with MODULES[platform].emulated_backend(emu) as kernels:
+        got = kernels.hc_pre_norm(X, fn, scale, base, ops.hc_params(cfg), norm)
+    assert [(launch.kernel, launch.template["NORM"]) for launch in emu.launches] == [("hc_pre", 1)]
+    x_in, post, comb = oracle(X, fn, scale, base, cfg)
+    want = [rowops.rmsnorm(x_in, norm, cfg.rms_eps), post, comb]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and rel_err(g, w) < RTOL
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

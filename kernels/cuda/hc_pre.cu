@@ -2,9 +2,10 @@
 // one token per block, in one launch: kernels/hyper.py's hc_pre.
 //   inputs    x float32 [T, HC, D]; fn uint8 [MIX, row_bytes] (MIX = (2 + HC) * HC rows of
 //             HC * D values of type QT); scale float32 [3]; base float32 [MIX];
-//             eps float32 [2] = {rms_eps, hc_eps}
+//             eps float32 [2] = {rms_eps, hc_eps}; norm float32 [D] (the sublayer's RMS norm
+//             weight when NORM, else a stand-in)
 //   outputs   x_in float32 [T, D]; post float32 [T, HC]; comb float32 [T, HC, HC]
-//   template  QT, HC, D (HC * D a multiple of 32), ITERS (Sinkhorn passes)
+//   template  QT, HC, D (HC * D a multiple of 32), ITERS (Sinkhorn passes), NORM (0/1)
 //   launch    block = 256 threads; grid = (256, T, 1) (hc_pre_geometry in kernels/gpu.py).
 // 1. Every thread adds up squares of the token's streams; warp v dots fn rows
 //    v * NR .. v * NR + NR - 1 with the raw streams (mg_warp_dot, lanes over
@@ -15,6 +16,8 @@
 //    row (+ eps), then columns, then ITERS - 1 row / column passes (C is not
 //    symmetric, so the order matters). HC * HC values fit in its registers.
 // 3. Every thread writes x_in[d] = sum_i pre[i] * x[i][d] for its d.
+// 4. NORM: the sublayer's RMS norm of x_in (Backend.hc_pre_norm), its squares summed as
+//    in step 1, then each thread scales the values it wrote: one launch instead of two.
 constexpr int N = HC * D;
 constexpr int MIX = (2 + HC) * HC;
 constexpr int THREADS = 256;
@@ -91,8 +94,19 @@ if (tid == 0) {
 }
 __syncthreads();
 
+float nsq = 0.0f;
 for (int d = tid; d < D; d += THREADS) {
   float v = 0.0f;
   for (int i = 0; i < HC; ++i) v = fmaf(pre_s[i], xt[i * D + d], v);
   x_in[size_t(t) * D + d] = v;
+  nsq = fmaf(v, v, nsq);
+}
+if (NORM) {  // squares_s is free: thread 0 read it before the last barrier
+  nsq = mg_warp_sum(nsq);
+  if (lane == 0) squares_s[warp] = nsq;
+  __syncthreads();
+  float total = 0.0f;
+  for (int v = 0; v < WARPS; ++v) total += squares_s[v];
+  const float r = 1.0f / sqrtf(total / float(D) + eps[0]);
+  for (int d = tid; d < D; d += THREADS) x_in[size_t(t) * D + d] = norm[d] * (x_in[size_t(t) * D + d] * r);
 }
