@@ -223,6 +223,12 @@ class Backend:
         makes its products faster here."""
         return True
 
+    def expert_stack(self, raw: np.ndarray):
+        """What a routed-expert stack's bytes (``[n_expert, rows, row_bytes]`` uint8, a view of
+        the model file's mapping) are kept as for ``moe``: an ``mx.array`` copy unless this
+        backend's expert kernels read the mapping in place."""
+        return mx.array(raw)
+
     def pack(self, w: QTensor):
         """The form a dense matrix is kept in, if not as stored (None): made once at load,
         passed to ``matmul`` instead of ``w``, and it has a ``dequantize()``."""

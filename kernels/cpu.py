@@ -52,8 +52,10 @@ EXPERT_GROUP_BYTES = 256 << 20  # f32 expert weights expanded at once in the man
 
 
 def _expand(w: QTensor, experts: mx.array | None = None) -> mx.array:
-    data = w.data if isinstance(w.data, mx.array) else mx.array(w.data)
-    if experts is not None:
+    data = w.data
+    if not isinstance(data, mx.array):  # a stack read in place: copy only the experts asked for
+        data = mx.array(data if experts is None else np.asarray(data)[np.asarray(experts)])
+    elif experts is not None:
         data = mx.take(data, experts, axis=0)
     return dequantize(data, int(w.ggml_type))
 
@@ -128,6 +130,11 @@ class CpuBackend(HostBackend):
 
     def dequantize(self, w: QTensor, experts: mx.array | None = None) -> mx.array:
         return _expand(w, experts)
+
+    def expert_stack(self, raw: np.ndarray):
+        # The native kernels read the file's pages where they lie: a copy would hold the
+        # experts (most of the model) twice, once in the page cache and once anonymous.
+        return raw if self.native else mx.array(raw)
 
     def _fused_hc_reads(self, fn) -> bool:
         """Whether the fused hc_pre takes this mix matrix (F16 as stored, or widened)."""

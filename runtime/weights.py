@@ -7,7 +7,8 @@ types (Q8_0, Q2_K, Q4_K, IQ2_XXS) stay raw uint8 blocks that
 the kernel backend re-lays a matrix once at load (``Backend.pack``: the CPU
 keeps Q8_0 as MLX's 8-bit codes, kernels/affine.py, multiplied without
 widening). Nothing keeps a dequantized copy of the model; routed experts go to
-the kernel backend as raw blocks (``kernels.backend.QTensor``).
+the kernel backend as raw blocks (``kernels.backend.QTensor``), which the CPU's
+native kernels read in place from the file's mapping (``Backend.expert_stack``).
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ class Weights:
     def experts(self, name: str) -> QTensor:
         """A routed-expert stack ``[n_expert, out, in]`` in its stored encoding."""
         info = self.file.tensors[name]
-        return QTensor(_raw(info, (info.shape[2], info.shape[1])), info.ggml_type)
+        raw = np.asarray(info.data).reshape(-1).view(np.uint8).reshape(info.shape[2], info.shape[1], -1)
+        return QTensor(self.kernels.expert_stack(raw), info.ggml_type)
 
     def int_table(self, name: str) -> mx.array:
         return mx.array(np.asarray(self.file.array(name), dtype=np.int32))

@@ -5,6 +5,9 @@ graph (no cut per layer) with the cut schedule's logits, bit for bit (issue 16).
 
 from __future__ import annotations
 
+import gc
+import mmap
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -95,3 +98,44 @@ def test_a_model_decodes_as_one_graph_with_the_cut_schedules_bits(tiny_models):
     assert runs[True][0] == runs[False][0]
     for got, want in zip(runs[True][1], runs[False][1]):
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def _mapped_stacks(tmp_path, stacks):
+    """The stacks written to a file and read back as read-only views of its mapping, as
+    ``Weights.experts`` hands them to the CPU backend."""
+    path = tmp_path / "stacks.bin"
+    path.write_bytes(b"".join(s.data.tobytes() for s in stacks))
+    fh = open(path, "rb")
+    mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    fh.close()
+    views, at = [], 0
+    for s in stacks:
+        views.append(QTensor(np.frombuffer(mapping, np.uint8, s.data.size, at).reshape(s.data.shape), s.ggml_type))
+        at += s.data.size
+    return mapping, views
+
+
+def test_the_node_reads_stacks_in_place_and_holds_them_while_it_lives(tmp_path):
+    rng = np.random.default_rng(11)
+    stacks = _stacks(rng, "q2", 6, 256, 256)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    ids, w = random_routing(rng, 3, 6, 2)
+    mapping, views = _mapped_stacks(tmp_path, stacks)
+    out = mlx_ext.routed_experts(mx.array(x), mx.array(ids), mx.array(w), *views, LIMIT)
+    del views
+    gc.collect()
+    with pytest.raises(BufferError):  # the unevaluated node still reads the mapping
+        mapping.close()
+    assert np.array_equal(np.array(out).view(np.uint32), _host(x, ids, w, stacks).view(np.uint32))
+    del out
+    gc.collect()
+    mapping.close()  # nothing reads it any more
+
+
+def test_the_cpu_backend_keeps_a_models_experts_in_the_files_mapping(tiny_models):
+    model_file = open_model(tiny_models("q2"))
+    engine = Engine(model_file, ctx=256, kernels=CpuBackend(use_native=True))
+    for il, layer in enumerate(engine.model.layers):
+        for kind in ("gate", "up", "down"):
+            stored = model_file.tensors[f"blk.{il}.ffn_{kind}_exps.weight"].data
+            assert np.shares_memory(getattr(layer.moe, kind).data, stored)  # no copy made at load

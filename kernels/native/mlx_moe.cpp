@@ -11,11 +11,13 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 
 #include "mlx/array.h"
@@ -53,29 +55,30 @@ struct Types {
   bool operator==(const Types&) const = default;
 };
 
-bool rows_contiguous(const mx::array& stack) {
-  return stack.strides(2) == 1 && stack.strides(1) == stack.shape(2) &&
-         stack.strides(0) == int64_t(stack.shape(1)) * stack.shape(2);
-}
+// An expert stack [E, rows, row_bytes] read where it lies: on the CPU a slice of the model
+// file's mapping, so the model is not copied into anonymous memory at load (the page cache
+// holds it once). nanobind keeps the owner (a numpy memmap view, or an mx.array's buffer)
+// referenced while a copy of this handle lives, and lets go of it under the GIL.
+using Stack = nb::ndarray<const uint8_t, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
 
 class RoutedExperts : public mx::Primitive {
  public:
-  RoutedExperts(mx::Stream stream, Types types) : mx::Primitive(stream), types_(types) {}
+  RoutedExperts(mx::Stream stream, Types types, Stack gate, Stack up, Stack down)
+      : mx::Primitive(stream), types_(types), gate_(gate), up_(up), down_(down) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     auto& encoder = begin_eval(stream(), in, out);
-    encoder.dispatch([in, yp = out[0].data<float>(), t = types_]() {
-      const mx::array &x = in[0], &ids = in[1], &w = in[2], &gate = in[3], &up = in[4], &down = in[5];
-      for (const mx::array* stack : {&gate, &up, &down})
-        if (!rows_contiguous(*stack)) throw std::runtime_error("routed_experts: expert stacks must be contiguous");
+    // the task holds the stacks too: an array dropped before its task runs must not free them
+    encoder.dispatch([in, yp = out[0].data<float>(), t = types_, g = gate_, u = up_, d = down_]() {
+      const mx::array &x = in[0], &ids = in[1], &w = in[2];
       MoeEntry entry = moe_entry.load();
       if (!entry) throw std::runtime_error("routed_experts: bind_experts was not called");
       std::vector<float> xc, wc;  // x, ids and weights as dense rows (a graph may hand over strided views)
       std::vector<int32_t> idc;
+      const int64_t E = g.shape(0);
       const int rc = entry(dense(view(x), xc), x.shape(0), x.shape(1), dense(view(ids), idc), dense(view(w), wc),
-                           ids.shape(1), gate.shape(0), gate.shape(1), gate.data<uint8_t>(), t.gate, gate.shape(2),
-                           up.data<uint8_t>(), t.up, up.shape(2), down.data<uint8_t>(), t.down, down.shape(2),
-                           t.limit, yp, nullptr, gate.shape(0), t.act);
+                           ids.shape(1), E, g.shape(1), g.data(), t.gate, g.shape(2), u.data(), t.up, u.shape(2),
+                           d.data(), t.down, d.shape(2), t.limit, yp, nullptr, E, t.act);
       if (rc) throw std::runtime_error("routed_experts: the native kernel failed (code " + std::to_string(rc) + ")");
     });
   }
@@ -86,30 +89,31 @@ class RoutedExperts : public mx::Primitive {
 
   const char* name() const override { return "MagnetarRoutedExperts"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return types_ == static_cast<const RoutedExperts&>(other).types_;
+    const auto& o = static_cast<const RoutedExperts&>(other);
+    return types_ == o.types_ && gate_.data() == o.gate_.data() && up_.data() == o.up_.data() &&
+           down_.data() == o.down_.data();
   }
 
  private:
   Types types_;
+  Stack gate_, up_, down_;
 };
 
-mx::array routed_experts(const mx::array& x, const mx::array& ids, const mx::array& w, const mx::array& gate,
-                         int gate_type, const mx::array& up, int up_type, const mx::array& down, int down_type,
+mx::array routed_experts(const mx::array& x, const mx::array& ids, const mx::array& w, const Stack& gate,
+                         int gate_type, const Stack& up, int up_type, const Stack& down, int down_type,
                          float limit, int act) {
   if (x.ndim() != 2 || x.dtype() != mx::float32)
     throw std::invalid_argument("routed_experts: x must be float32 [T, D]");
   if (ids.ndim() != 2 || ids.dtype() != mx::int32 || ids.shape(0) != x.shape(0) || w.shape() != ids.shape() ||
       w.dtype() != mx::float32)
     throw std::invalid_argument("routed_experts: ids int32 and weights float32, both [T, K]");
-  for (const mx::array* stack : {&gate, &up, &down})
-    if (stack->ndim() != 3 || stack->dtype() != mx::uint8 || stack->shape(0) != gate.shape(0))
-      throw std::invalid_argument("routed_experts: expert stacks must be uint8 [E, rows, row_bytes]");
-  if (up.shape(1) != gate.shape(1) || down.shape(1) != x.shape(1))
+  if (up.shape(0) != gate.shape(0) || down.shape(0) != gate.shape(0) || up.shape(1) != gate.shape(1) ||
+      down.shape(1) != size_t(x.shape(1)))
     throw std::invalid_argument("routed_experts: gate/up must be [E, F, *] and down [E, D, *]");
   return mx::array(x.shape(), mx::float32,
                    std::make_shared<RoutedExperts>(mx::default_stream(mx::Device::cpu),
-                                                   Types{gate_type, up_type, down_type, limit, act}),
-                   {x, ids, w, gate, up, down});
+                                                   Types{gate_type, up_type, down_type, limit, act}, gate, up, down),
+                   {x, ids, w});
 }
 
 }  // namespace
@@ -120,5 +124,6 @@ void register_moe(nb::module_& m) {
   m.def("routed_experts", &routed_experts, nb::arg("x"), nb::arg("ids"), nb::arg("weights"), nb::arg("gate"),
         nb::arg("gate_type"), nb::arg("up"), nb::arg("up_type"), nb::arg("down"), nb::arg("down_type"),
         nb::arg("limit"), nb::arg("act") = 0,
-        "x [T, D] float32, ids int32 / weights float32 [T, K], raw expert stacks with their GGML types -> [T, D]");
+        "x [T, D] float32, ids int32 / weights float32 [T, K], raw expert stacks (contiguous uint8 [E, rows, "
+        "row_bytes] buffers, read in place) with their GGML types -> [T, D]");
 }
