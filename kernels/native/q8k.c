@@ -247,10 +247,14 @@ AI void tile_q4_k(const q8k_row *r, const q8k_block *const *ys, int m, float *ou
                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(y + 32))), shi));
             }
         }
-        /* each min covers two 16-value sums: the 16-bit lanes of mins pair with bsums */
-        int16_t pair_mins[16];
-        for (int j = 0; j < 16; j++) pair_mins[j] = mn[j / 2];
-        const __m256i mins = _mm256_loadu_si256((const __m256i *)pair_mins);
+        /* each min covers two 16-value sums: the 16-bit lanes of mins pair with bsums. Built in
+         * registers from the packed bytes (q4_k_scales' layout): stores read back as one vector
+         * would fail to forward, every block. */
+        const uint32_t lo6 = ld32(row + 8), hi4 = ld32(row + 12);
+        const uint64_t mn8 = (lo6 & 0x3f3f3f3fu) |
+                             (uint64_t)(((hi4 >> 4) & 0x0f0f0f0fu) | (((lo6 >> 6) & 0x03030303u) << 4)) << 32;
+        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn8));
+        const __m256i mins = _mm256_set_m128i(_mm_unpackhi_epi16(mn16, mn16), _mm_unpacklo_epi16(mn16, mn16));
         for (int t = 0; t < m; t++)
             msum[t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)ys[t][ib].bsums));
         add_block(sum, acc, msum, ys, m, ib, f16(ld16(row)), f16(ld16(row + 2)));
