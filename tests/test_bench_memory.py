@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from magnetar.cli import main
+from magnetar.kernels import native
 from magnetar.runtime.errors import UsageError
 from magnetar.runtime.expert_cache import routed_tensors
 from magnetar.runtime.gguf_read import open_model
@@ -21,12 +22,31 @@ from magnetar.runtime.lab.peer_process import isolated_peers
 MAPPED = ["magnetar", "magnetar-q8k", "llama.cpp"]  # peers that hold the file's bytes
 
 
+def _routed_bytes(mf) -> int:
+    return sum(i.nbytes for infos in routed_tensors(mf, range(mf.config.n_layer)).values() for i in infos)
+
+
 def test_file_backed_peers_are_estimated_at_the_file_size(tiny_models):
     path = tiny_models("q2")
-    plan = bench_memory.plan(MAPPED, open_model(path), available=1 << 50)
+    plan = bench_memory.plan(MAPPED, open_model(path), available=1 << 50, backend_name="reference")
     assert [p.bytes for p in plan.peers] == [path.stat().st_size] * 3
-    assert plan.total == 3 * path.stat().st_size and not plan.over
+    assert not plan.over
     assert bench_memory.check(plan, strict=True) is None
+
+
+@pytest.mark.skipif(not native.available(), reason="the CPU reads experts in place with its native kernels")
+def test_the_files_mapped_pages_count_once_for_every_peer_that_maps_them(tiny_models):
+    """llama.cpp maps the whole file and magnetar on the CPU its routed experts: the page cache
+    holds those pages once, so two magnetar peers and llama.cpp need the file once plus
+    magnetar's own copies of the rest, not three files."""
+    path = tiny_models("q2")
+    mf = open_model(path)
+    size, routed = path.stat().st_size, _routed_bytes(mf)
+    plan = bench_memory.plan(MAPPED, mf, available=1 << 50, backend_name="cpu")
+    assert [p.shared for p in plan.peers] == [routed, routed, size]
+    assert plan.total == 2 * (size - routed) + size
+    copied = bench_memory.plan(["magnetar", "magnetar"], mf, available=1 << 50, backend_name="metal")
+    assert copied.total == 2 * size  # a GPU backend copies its experts: nothing shared
 
 
 def test_f32_peers_count_four_bytes_per_parameter_whatever_the_file_holds(tiny_models):
@@ -39,7 +59,7 @@ def test_f32_peers_count_four_bytes_per_parameter_whatever_the_file_holds(tiny_m
 
 def test_streamed_experts_count_only_the_cache(tiny_models):
     mf = open_model(tiny_models("q2"))
-    routed = sum(i.nbytes for infos in routed_tensors(mf, range(mf.config.n_layer)).values() for i in infos)
+    routed = _routed_bytes(mf)
     (peer,) = bench_memory.plan(["magnetar"], mf, available=1 << 50, expert_cache=1 << 20).peers
     assert peer.bytes == mf.size - routed + (1 << 20)
 

@@ -19,6 +19,9 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+from magnetar.kernels import native
+from magnetar.kernels.backend import default_backend_name
+
 from ..errors import UsageError
 from ..expert_cache import available_memory, expert_budget, routed_tensors
 from ..gguf_read import ModelFile
@@ -35,6 +38,7 @@ class PeerMemory:
     name: str
     bytes: int
     basis: str  # how the estimate was made, for the warning
+    shared: int = 0  # of ``bytes``, the model file's pages it reads in place (mapped, in the page cache)
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,9 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return sum(p.bytes for p in self.peers)
+        """Each peer's own copies, plus the file's mapped pages once: the page cache holds a
+        page once for every process that maps it (the largest share stands in for their union)."""
+        return sum(p.bytes - p.shared for p in self.peers) + max((p.shared for p in self.peers), default=0)
 
     @property
     def over(self) -> bool:
@@ -62,11 +68,22 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def peer_bytes(name: str, mf: ModelFile, ctx: int = 4096, expert_cache: int | str | None = None) -> PeerMemory:
+def _reads_experts_in_place(name: str, backend_name: str) -> bool:
+    """Whether magnetar peer ``name`` reads the routed experts from the file's mapping: the CPU
+    backend with its native kernels does (``Backend.expert_stack``); the GPU backends copy them."""
+    if name == "magnetar-q8k":  # 8-bit activations run on the CPU's native kernels only
+        return True
+    return (name == "magnetar" and (default_backend_name() if backend_name == "auto" else backend_name) == "cpu"
+            and native.available())
+
+
+def peer_bytes(name: str, mf: ModelFile, ctx: int = 4096, expert_cache: int | str | None = None,
+               backend_name: str = "auto") -> PeerMemory:
     """The weights peer ``name`` keeps resident for the model file ``mf``.
 
-    magnetar copies every tensor it keeps into MLX buffers (weights.py) and llama.cpp maps
-    the file: the file's size for both. Not counted: the up to 1 GiB of matrices magnetar
+    llama.cpp maps the file; magnetar copies the tensors it keeps into MLX buffers
+    (weights.py) except the routed experts on the CPU, read from the mapping: the file's size
+    for both, the mapped part ``shared``. Not counted: the up to 1 GiB of matrices magnetar
     widens to f32 on the CPU (which ones fit depends on load order). ``expert_cache``
     (magnetar only): the routed experts stream through a cache of that size instead.
     Peers not known here count as the file's size, the floor.
@@ -74,18 +91,21 @@ def peer_bytes(name: str, mf: ModelFile, ctx: int = 4096, expert_cache: int | st
     if name in F32_PEERS:
         elements = sum(math.prod(info.shape) for info in mf.tensors.values())
         return PeerMemory(name, 4 * elements, "f32 built from the config")
+    routed = sum(info.nbytes for infos in routed_tensors(mf, range(mf.config.n_layer)).values() for info in infos)
     if name == "magnetar" and expert_cache is not None:
         budget, _ = expert_budget(mf, ctx, expert_cache)
-        routed = sum(info.nbytes for infos in routed_tensors(mf, range(mf.config.n_layer)).values()
-                     for info in infos)
         return PeerMemory(name, mf.size - routed + min(budget, routed), "file less the streamed experts")
+    if name == "llama.cpp":
+        return PeerMemory(name, mf.size, "file size, mapped", shared=mf.size)
+    if name.startswith("magnetar") and _reads_experts_in_place(name, backend_name):
+        return PeerMemory(name, mf.size, "file size, experts mapped", shared=routed)
     return PeerMemory(name, mf.size, "file size")
 
 
 def plan(names: Sequence[str], mf: ModelFile, *, available: int | None = None, ctx: int = 4096,
-         expert_cache: int | str | None = None) -> MemoryPlan:
+         expert_cache: int | str | None = None, backend_name: str = "auto") -> MemoryPlan:
     """Every peer's estimate against ``available`` bytes (None: what the OS has free now)."""
-    peers = tuple(peer_bytes(n, mf, ctx, expert_cache) for n in names)
+    peers = tuple(peer_bytes(n, mf, ctx, expert_cache, backend_name) for n in names)
     return MemoryPlan(peers, available_memory() if available is None else available)
 
 
