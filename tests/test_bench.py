@@ -345,6 +345,16 @@ def test_bench_kernels_times_every_variant_on_the_bytes_it_reads():
     assert "decode T=1" in table and "prefill T=20" in table
 
 
+def test_bench_kernels_times_a_slow_simple_path_once(monkeypatch):
+    from magnetar.runtime.lab import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "SLOW_SIMPLE_S", 0.0)  # every call counts as slow
+    cases = bench_kernels.run("q2", "cpu", n_experts=8, d_model=256, ffn=256, k=3, prefill_tokens=20, reps=3)
+    for case in cases:
+        assert len(case.seconds["dequant+matmul"]) == 1
+        assert len(case.seconds["kernels"]) == len(case.seconds["copy"]) == 3
+
+
 def test_bench_resume_restores_what_it_prefilled(tiny_models, capsys):
     """The command checks each restore against the prefill's logits itself; here its
     table and sizes: one row per length, bytes growing with the tokens."""
