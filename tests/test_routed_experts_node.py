@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import gc
 import mmap
+import threading
+import time
+import weakref
 
 import mlx.core as mx
 import numpy as np
@@ -115,6 +118,24 @@ def _mapped_stacks(tmp_path, stacks):
     return mapping, views
 
 
+def _settle(done, seconds: float = 5.0) -> None:
+    """Wait for ``done()``: a worker's last hold on the stacks is let go by the interpreter
+    between bytecodes (a pending call), shortly after the work is."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        gc.collect()
+        assert time.monotonic() < deadline, "the stacks were never let go"
+        time.sleep(0.001)
+
+
+def _closes_refused(mapping) -> bool:
+    try:
+        mapping.close()
+        return False
+    except BufferError:
+        return True
+
+
 def test_the_node_reads_stacks_in_place_and_holds_them_while_it_lives(tmp_path):
     rng = np.random.default_rng(11)
     stacks = _stacks(rng, "q2", 6, 256, 256)
@@ -128,8 +149,28 @@ def test_the_node_reads_stacks_in_place_and_holds_them_while_it_lives(tmp_path):
         mapping.close()
     assert np.array_equal(np.array(out).view(np.uint32), _host(x, ids, w, stacks).view(np.uint32))
     del out
-    gc.collect()
-    mapping.close()  # nothing reads it any more
+    _settle(lambda: not _closes_refused(mapping))  # nothing reads it any more: it closes
+
+
+def test_a_worker_thread_never_lets_go_of_the_stacks_python_objects():
+    """The node's task runs on an MLX worker and may outlive the node, holding the last
+    reference to the stacks; dropping it there would wait for the GIL, which the main thread
+    can hold while it waits for that worker. The release is handed to the interpreter."""
+    rng = np.random.default_rng(13)
+    stacks = _stacks(rng, "q2", 6, 256, 256)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    ids, w = random_routing(rng, 3, 6, 2)
+    main, freed_on = threading.get_ident(), []
+    for _ in range(20):
+        owners = [s.data.copy() for s in stacks]
+        _ = [weakref.finalize(owner, lambda: freed_on.append(threading.get_ident())) for owner in owners]
+        out = mlx_ext.routed_experts(mx.array(x), mx.array(ids), mx.array(w),
+                                     *[QTensor(o, s.ggml_type) for o, s in zip(owners, stacks)], LIMIT)
+        del owners
+        mx.eval(out)
+        del out
+    _settle(lambda: len(freed_on) == 60)
+    assert set(freed_on) == {main}
 
 
 def test_the_cpu_backend_keeps_a_models_experts_in_the_files_mapping(tiny_models):

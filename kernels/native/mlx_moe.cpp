@@ -57,20 +57,47 @@ struct Types {
 
 // An expert stack [E, rows, row_bytes] read where it lies: on the CPU a slice of the model
 // file's mapping, so the model is not copied into anonymous memory at load (the page cache
-// holds it once). nanobind keeps the owner (a numpy memmap view, or an mx.array's buffer)
-// referenced while a copy of this handle lives, and lets go of it under the GIL.
+// holds it once). The handle keeps its owner (a numpy memmap view, or an mx.array's
+// buffer) referenced.
 using Stack = nb::ndarray<const uint8_t, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
+
+struct Stacks {
+  Stack gate, up, down;
+};
+
+// The last holder of a node's stacks may be an MLX worker thread (the task outlives the
+// node, which eval detaches as soon as the task is queued). Dropping a Python reference
+// there would wait for the GIL, which the main thread may hold while it waits for that
+// worker; so off the GIL the release is queued for the interpreter to run
+// (Py_AddPendingCall takes no lock), and once the interpreter is gone it is left undone.
+bool interpreter_gone() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return !Py_IsInitialized() || Py_IsFinalizing();
+#else
+  return !Py_IsInitialized() || _Py_IsFinalizing();
+#endif
+}
+
+void release_stacks(Stacks* stacks) {
+  if (interpreter_gone()) return;
+  if (PyGILState_Check()) {
+    delete stacks;
+    return;
+  }
+  Py_AddPendingCall([](void* p) { delete static_cast<Stacks*>(p); return 0; }, stacks);
+}
 
 class RoutedExperts : public mx::Primitive {
  public:
-  RoutedExperts(mx::Stream stream, Types types, Stack gate, Stack up, Stack down)
-      : mx::Primitive(stream), types_(types), gate_(gate), up_(up), down_(down) {}
+  RoutedExperts(mx::Stream stream, Types types, std::shared_ptr<const Stacks> stacks)
+      : mx::Primitive(stream), types_(types), stacks_(std::move(stacks)) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     auto& encoder = begin_eval(stream(), in, out);
-    // the task holds the stacks too: an array dropped before its task runs must not free them
-    encoder.dispatch([in, yp = out[0].data<float>(), t = types_, g = gate_, u = up_, d = down_]() {
+    // the task holds the stacks too: a node detached before its task runs must not free them
+    encoder.dispatch([in, yp = out[0].data<float>(), t = types_, stacks = stacks_]() {
       const mx::array &x = in[0], &ids = in[1], &w = in[2];
+      const Stack &g = stacks->gate, &u = stacks->up, &d = stacks->down;
       MoeEntry entry = moe_entry.load();
       if (!entry) throw std::runtime_error("routed_experts: bind_experts was not called");
       std::vector<float> xc, wc;  // x, ids and weights as dense rows (a graph may hand over strided views)
@@ -90,13 +117,13 @@ class RoutedExperts : public mx::Primitive {
   const char* name() const override { return "MagnetarRoutedExperts"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const RoutedExperts&>(other);
-    return types_ == o.types_ && gate_.data() == o.gate_.data() && up_.data() == o.up_.data() &&
-           down_.data() == o.down_.data();
+    return types_ == o.types_ && stacks_->gate.data() == o.stacks_->gate.data() &&
+           stacks_->up.data() == o.stacks_->up.data() && stacks_->down.data() == o.stacks_->down.data();
   }
 
  private:
   Types types_;
-  Stack gate_, up_, down_;
+  std::shared_ptr<const Stacks> stacks_;
 };
 
 mx::array routed_experts(const mx::array& x, const mx::array& ids, const mx::array& w, const Stack& gate,
@@ -112,7 +139,9 @@ mx::array routed_experts(const mx::array& x, const mx::array& ids, const mx::arr
     throw std::invalid_argument("routed_experts: gate/up must be [E, F, *] and down [E, D, *]");
   return mx::array(x.shape(), mx::float32,
                    std::make_shared<RoutedExperts>(mx::default_stream(mx::Device::cpu),
-                                                   Types{gate_type, up_type, down_type, limit, act}, gate, up, down),
+                                                   Types{gate_type, up_type, down_type, limit, act},
+                                                   std::shared_ptr<const Stacks>(new Stacks{gate, up, down},
+                                                                                 release_stacks)),
                    {x, ids, w});
 }
 
