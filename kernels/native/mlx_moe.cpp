@@ -69,7 +69,8 @@ struct Stacks {
 // node, which eval detaches as soon as the task is queued). Dropping a Python reference
 // there would wait for the GIL, which the main thread may hold while it waits for that
 // worker; so off the GIL the release is queued for the interpreter to run
-// (Py_AddPendingCall takes no lock), and once the interpreter is gone it is left undone.
+// (Py_AddPendingCall takes no lock). Once the interpreter is gone, or if its queue of
+// pending calls is full, it is left undone: a leak, never a wait.
 bool interpreter_gone() {
 #if PY_VERSION_HEX >= 0x030D0000
   return !Py_IsInitialized() || Py_IsFinalizing();
@@ -84,7 +85,7 @@ void release_stacks(Stacks* stacks) {
     delete stacks;
     return;
   }
-  Py_AddPendingCall([](void* p) { delete static_cast<Stacks*>(p); return 0; }, stacks);
+  (void)Py_AddPendingCall([](void* p) { delete static_cast<Stacks*>(p); return 0; }, stacks);
 }
 
 class RoutedExperts : public mx::Primitive {
