@@ -33,12 +33,13 @@ def _rows(info: TensorInfo, leading: tuple[int, ...]) -> mx.array:
     data = np.ascontiguousarray(info.data).reshape(-1)
     if info.ggml_type in _PLAIN:
         return mx.array(data.reshape(*leading, info.shape[0]))
-    return _raw(info, leading)
+    return mx.array(_stored_bytes(info, leading))
 
 
-def _raw(info: TensorInfo, leading: tuple[int, ...]) -> mx.array:
-    """The tensor's bytes, every type as uint8 rows ``leading + (row_bytes,)``."""
-    return mx.array(np.ascontiguousarray(info.data).reshape(-1).view(np.uint8).reshape(*leading, -1))
+def _stored_bytes(info: TensorInfo, leading: tuple[int, ...]) -> np.ndarray:
+    """The tensor's bytes, every type as uint8 rows ``leading + (row_bytes,)``: a view of the
+    file's mapping, no copy."""
+    return np.ascontiguousarray(info.data).reshape(-1).view(np.uint8).reshape(*leading, -1)
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,7 @@ class Matrix:
     def load(cls, info: TensorInfo, kernels: Backend, pack: bool = True) -> "Matrix":
         out = int(np.prod(info.shape[1:]))
         if pack and info.ggml_type not in _PLAIN:
-            packed = kernels.pack(QTensor(np.asarray(info.data).reshape(-1).view(np.uint8).reshape(out, -1),
-                                          info.ggml_type))
+            packed = kernels.pack(QTensor(_stored_bytes(info, (out,)), info.ggml_type))
             if packed is not None:
                 return cls(None, info.ggml_type, kernels, packed)
         data = _rows(info, (out,))
@@ -128,8 +128,8 @@ class Weights:
     def experts(self, name: str) -> QTensor:
         """A routed-expert stack ``[n_expert, out, in]`` in its stored encoding."""
         info = self.file.tensors[name]
-        raw = np.asarray(info.data).reshape(-1).view(np.uint8).reshape(info.shape[2], info.shape[1], -1)
-        return QTensor(self.kernels.expert_stack(raw), info.ggml_type)
+        return QTensor(self.kernels.expert_stack(_stored_bytes(info, (info.shape[2], info.shape[1]))),
+                       info.ggml_type)
 
     def int_table(self, name: str) -> mx.array:
         return mx.array(np.asarray(self.file.array(name), dtype=np.int32))

@@ -97,7 +97,7 @@ def peer_bytes(name: str, mf: ModelFile, ctx: int = 4096, expert_cache: int | st
         return PeerMemory(name, mf.size - routed + min(budget, routed), "file less the streamed experts")
     if name == "llama.cpp":
         return PeerMemory(name, mf.size, "file size, mapped", shared=mf.size)
-    if name.startswith("magnetar") and _reads_experts_in_place(name, backend_name):
+    if _reads_experts_in_place(name, backend_name):
         return PeerMemory(name, mf.size, "file size, experts mapped", shared=routed)
     return PeerMemory(name, mf.size, "file size")
 
