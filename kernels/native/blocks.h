@@ -56,10 +56,9 @@ typedef struct { float d; int8_t qs[256]; int16_t bsums[16]; } q8k_block;
 void q8k_init(const uint8_t (*grid)[8], const uint8_t (*neg)[8]);
 int q8k_supported(int type);
 void q8k_quantize(const float *x, int64_t n, q8k_block *y);
-float q8k_dot(int type, const uint8_t *row, const q8k_block *y, int64_t nb);
 
 /* A weight row made ready for `tokens` tokens (q8k_prepare; scratch: Q8K_PREP_BYTES per block),
- * and out[t] = row . ys[t] for n tokens (q8k_dots): the bits of q8k_dot, less work per token. */
+ * and out[t] = row . ys[t] for n tokens (q8k_dots): a token's bits whatever n, less work per token. */
 #define Q8K_PREP_BYTES 512
 typedef struct { int type; const uint8_t *row; int64_t nb; const uint8_t *mag; const int8_t *sgn; } q8k_row;
 void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, int tokens, uint8_t *scratch);

@@ -424,16 +424,10 @@ int mg_moe(const float *x, int64_t T, int64_t D, const int32_t *ids, const float
     for (int64_t it = 0; it < G * nqf; it++) {
         const int64_t g = it / nqf, r0 = it % nqf * RT, e = gexp[g], b = gbeg[g];
         const int n = (int)(gend[g] - b), nr = (int)(F - r0 < RT ? F - r0 : RT);
-        if (q8_in) {  /* one token: straight from the blocks; several: each row made ready once */
+        if (q8_in) {  /* rows made ready only for many tokens (q8k_prepare decides) */
             uint8_t *ready = prep + (size_t)thread_id() * prep_per_thread;
             for (int r = 0; r < nr; r++) {
                 const uint8_t *gr = gate + (e * F + r0 + r) * g_rb, *ur = up + (e * F + r0 + r) * u_rb;
-                if (n == 1) {
-                    const q8k_block *xb = xq + order[b] / K * nbd;
-                    mid[order[b] * F + r0 + r] = swiglu(q8k_dot(gt, gr, xb, nbd), q8k_dot(ut, ur, xb, nbd),
-                                                        wts[order[b]], limit);
-                    continue;
-                }
                 q8k_row gq, uq;
                 q8k_prepare(&gq, gt, gr, nbd, n, ready);
                 q8k_prepare(&uq, ut, ur, nbd, n, ready + Q8K_PREP_BYTES * nbd);

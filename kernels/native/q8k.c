@@ -69,8 +69,8 @@ void q8k_quantize(const float *x, int64_t n, q8k_block *y)
 #if defined(__AVX2__)
 /* A weight row against up to Q8K_TILE tokens at a time: each weight vector (and its codes'
  * extraction, its scales) is loaded once for all of them. Per token and block the integer
- * sum is exact; the float steps are the same for every token count (q8k_dot is a tile of
- * one), so a token's output has the same bits alone, in a batch, or in streamed rounds. */
+ * sum is exact; the float steps are the same for every token count (one token is a tile
+ * of one), so a token's output has the same bits alone, in a batch, or in streamed rounds. */
 #define Q8K_TILE 8
 /* IQ2_XXS rows are made ready (q8k_prepare) only for more tokens than this: gathering a
  * block's patterns costs about as much as two tiles' lookups of them. */
@@ -287,15 +287,6 @@ void q8k_dots(const q8k_row *r, const q8k_block *const *ys, int n, float *out)
 #undef TILE_BY_COUNT
 #undef AI
 
-/* row . (the nb Q8_K blocks at y): a tile of one token */
-float q8k_dot(int type, const uint8_t *row, const q8k_block *y, int64_t nb)
-{
-    const q8k_row r = {type, row, nb, NULL, NULL};
-    float out;
-    q8k_dots(&r, &y, 1, &out);
-    return out;
-}
-
 #else /* portable: the same integer sums, one value at a time */
 
 static float dot_iq2_xxs(const uint8_t *row, const q8k_block *y, int64_t nb)
@@ -366,18 +357,18 @@ void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, int token
     *r = (q8k_row){type, row, nb, NULL, NULL};
 }
 
-void q8k_dots(const q8k_row *r, const q8k_block *const *ys, int n, float *out)
-{
-    for (int t = 0; t < n; t++) out[t] = q8k_dot(r->type, r->row, ys[t], r->nb);
-}
-
 /* row . (the nb Q8_K blocks at y): nb weight blocks of a q8k_supported type */
-float q8k_dot(int type, const uint8_t *row, const q8k_block *y, int64_t nb)
+static float q8k_dot(int type, const uint8_t *row, const q8k_block *y, int64_t nb)
 {
     switch (type) {
     case T_IQ2_XXS: return dot_iq2_xxs(row, y, nb);
     case T_Q2_K: return dot_q2_k(row, y, nb);
     default: return dot_q4_k(row, y, nb);
     }
+}
+
+void q8k_dots(const q8k_row *r, const q8k_block *const *ys, int n, float *out)
+{
+    for (int t = 0; t < n; t++) out[t] = q8k_dot(r->type, r->row, ys[t], r->nb);
 }
 #endif
