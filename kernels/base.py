@@ -166,6 +166,18 @@ class Backend:
         Here MLX ops, three graph nodes a call (square, sum, the fused rest); backends fuse it into one."""
         return rowops.rmsnorm(x, weight, eps)
 
+    def norm_rope(self, x: mx.array, cos: mx.array, sin: mx.array, eps: float | None = None,
+                  weight: mx.array | None = None, sign: float = 1.0) -> mx.array:
+        """A prefill chunk's rows [T, heads, n] or [T, n]: RMS-normalized first when ``eps`` is
+        given (times ``weight`` when given), then the trailing 2 * half values of each row
+        rotated by token t's ``cos``, ``sin`` [T, half] (``sign`` -1 undoes the rotation). Here
+        MLX ops; backends may make it one pass."""
+        if eps is not None:
+            x = rowops.rms(x, eps) if weight is None else rowops.rmsnorm(x, weight, eps)
+        if x.ndim == 3:
+            cos, sin = cos[:, None], sin[:, None]
+        return rowops.rope(x, cos, sin if sign == 1.0 else -sin)
+
     def route(self, logits: mx.array, k: int, bias: mx.array | None = None, chosen: mx.array | None = None,
               norm: bool = True, scale: float = 1.0) -> tuple[mx.array, mx.array]:
         """The router's choice from its logits [T, n_expert] (§3.8) -> (expert ids int32 [T, k],

@@ -92,7 +92,7 @@ class CpuBackend(HostBackend):
         ``$MAGNETAR_NATIVE`` is not ``0`` (the escape hatch if a build misbehaves).
         The MLX primitives (``mlx_ext``), each None: on when the extension builds and loads here
         and ``$MAGNETAR_MLX_EXT`` is not ``0``. ``fused_hc``: ``hc_pre`` (with the norm after it),
-        ``hc_post``, ``rmsnorm`` and ``route`` as one node each. ``f16_codes``: decode-sized F16 products by ``mlx_ext.f16_matmul`` on the
+        ``hc_post``, ``rmsnorm``, ``route`` and ``norm_rope`` as one node each. ``f16_codes``: decode-sized F16 products by ``mlx_ext.f16_matmul`` on the
         values as stored. ``q8_codes``: decode-sized Q8_0 products by ``mlx_ext.q8_matmul`` on the
         blocks as stored. ``fused_attention``: ``attention_decode`` as one node. ``fused_experts``
         (with the native kernels): ``moe`` as one node that runs them, so the decode step is one
@@ -154,6 +154,12 @@ class CpuBackend(HostBackend):
         if self.fused_hc and x.ndim == 2:
             return mlx_ext.rms_norm(x.astype(mx.float32), weight.astype(mx.float32), eps)
         return super().rmsnorm(x, weight, eps)
+
+    def norm_rope(self, x, cos, sin, eps=None, weight=None, sign=1.0):
+        if self.fused_hc:
+            return mlx_ext.norm_rope(x.astype(mx.float32), cos, sin, eps,
+                                     None if weight is None else weight.astype(mx.float32), sign)
+        return super().norm_rope(x, cos, sin, eps, weight, sign)
 
     def route(self, logits, k, bias=None, chosen=None, norm=True, scale=1.0):
         if self.fused_hc and logits.ndim == 2:

@@ -246,6 +246,13 @@ def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:
     return _need().rms_norm(x, w, eps)
 
 
+def norm_rope(x: mx.array, cos: mx.array, sin: mx.array, eps: float | None = None, weight: mx.array | None = None,
+              sign: float = 1.0) -> mx.array:
+    """``rowops.rope(rms(x) or rmsnorm(x, weight) or x, cos, sign * sin)`` over rows of x [T, heads, n]
+    or [T, n] with cos, sin [T, half], as one node (the same bits)."""
+    return _need().norm_rope(x, cos, sin, eps, weight, sign)
+
+
 def attention_decode(step: DecodeStep, shape: DecodeShape) -> tuple[mx.array, list[mx.array]]:
     """``attention_decode.attention_decode`` as one CPU node (``native/mlx_attention.cpp``)."""
     f32 = [a.astype(mx.float32) for a in (step.q, step.kv, step.kv_norm, step.sinks, step.inv_freq, step.raw)]

@@ -29,7 +29,7 @@ from magnetar.kernels.attention_decode import (NEG_INF, DecodeShape, DecodeStep,
 
 from .config import ModelConfig
 from .kv_state import EMPTY, LayerState, frontier_rows
-from .ops import rms, rmsnorm, rope, rope_angles, rope_inv_freq
+from .ops import rope_angles, rope_inv_freq
 from .precision import Precision
 from .weights import Weights
 
@@ -45,6 +45,7 @@ class Compressor:
 
     def __init__(self, w: Weights, prefix: str, ratio: int, dim: int, cfg: ModelConfig):
         self.ratio, self.dim, self.eps = ratio, dim, cfg.rms_eps
+        self.kernels = w.kernels
         self.ape = w.vector(prefix + "ape.weight")  # [ratio, lanes*dim]
         self.kv = w.matrix(prefix + "kv.weight")
         self.gate = w.matrix(prefix + "gate.weight")
@@ -74,7 +75,7 @@ class Compressor:
     def finish(self, pooled: mx.array, starts: mx.array, inv_freq: mx.array) -> mx.array:
         """Norm, then RoPE at each window's first token position."""
         cos, sin = rope_angles(starts, inv_freq)
-        return rope(rmsnorm(pooled, self.norm, self.eps), cos, sin)
+        return self.kernels.norm_rope(pooled, cos, sin, self.eps, self.norm)
 
 
 class Indexer:
@@ -114,9 +115,8 @@ class Attention:
     def _qkv(self, xn: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         cfg, T = self.cfg, xn.shape[0]
         qr = self.kernels.rmsnorm(self.q_a(xn), self.q_a_norm, cfg.rms_eps)  # also feeds the indexer
-        q = rms(self.q_b(qr).reshape(T, cfg.n_head, cfg.head_dim), cfg.rms_eps)
-        q = rope(q, cos[:, None], sin[:, None])
-        kv = rope(self.kernels.rmsnorm(self.kv(xn), self.kv_norm, cfg.rms_eps), cos, sin)
+        q = self.kernels.norm_rope(self.q_b(qr).reshape(T, cfg.n_head, cfg.head_dim), cos, sin, cfg.rms_eps)
+        kv = self.kernels.norm_rope(self.kv(xn), cos, sin, cfg.rms_eps, self.kv_norm)
         return qr, q, self.prec.kv_row(kv)
 
     def _out(self, o: mx.array) -> mx.array:
@@ -170,7 +170,7 @@ class Attention:
             bias = mx.concatenate([_mask(raw_ok[rows, raw]), _mask(keep)], axis=-1)
             seen = mx.concatenate([keys[raw], keys[n_raw:]], axis=0)
             out.append(self.kernels.attend_chunk(q[rows], seen, bias, self.sinks))
-        return self._out(rope(mx.concatenate(out, axis=0), cos[:, None], -sin[:, None]))
+        return self._out(self.kernels.norm_rope(mx.concatenate(out, axis=0), cos, sin, sign=-1.0))
 
     def _compress(self, comp: Compressor, xn: mx.array, positions: mx.array, pos0: int,
                   rows: mx.array, f_kv: mx.array, f_sc: mx.array, finish_row
