@@ -56,16 +56,6 @@ std::vector<float> load(const View& a) {
   return v;
 }
 
-// x . y with 8 partial sums (vectorizes without the compiler reassociating).
-float dot(const float* x, const float* y, int n) {
-  float acc[8] = {};
-  int k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += x[k + l] * y[k + l];
-  for (; k < n; ++k) acc[0] += x[k] * y[k];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
 // exp(x) for x <= 0, skipping libm's slow underflow path where the result is 0 anyway
 // (EMPTY frontier scores and masked-out keys land far below -104).
 float exp_neg(float x) { return x < -110.0f ? 0.0f : std::exp(x); }

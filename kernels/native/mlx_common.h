@@ -1,6 +1,7 @@
 // mlx_common.h: what every primitive of the MLX extension (mlx_ops.cpp, mlx_q8.cpp,
 // mlx_attention.cpp, mlx_moe.cpp) needs the same way: the start of eval_cpu, strided
-// views of the inputs that a queued task reads, and the RMS norm's bit-exact scale.
+// views of the inputs that a queued task reads, an 8-sum dot product, and the RMS norm's
+// bit-exact scale.
 
 #pragma once
 
@@ -97,6 +98,18 @@ const T* dense(const View& a, std::vector<T>& copy) {
   copy.resize(size_t(a.size()));
   gather(a, copy.data());
   return copy.data();
+}
+
+// dot(w[0..n), x[0..n)) with 8 independent partial sums, so the compiler can vectorize it
+// without reassociating floats on its own (mlx_ops.cpp adds an F16C overload for F16 rows).
+template <typename W>
+float dot(const W* w, const float* x, int n) {
+  float acc[8] = {};
+  int k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += float(w[k + l]) * x[k + l];
+  for (; k < n; ++k) acc[0] += float(w[k]) * x[k];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
 // 1 / sqrt(mean(x^2) + eps) as MLX's ops compute it on this CPU, bit for bit: each square

@@ -55,18 +55,6 @@ struct HcConst {
   int iters;
 };
 
-// dot(w[0..n), x[0..n)) with 8 independent partial sums, so the compiler can
-// vectorize it without reassociating floats on its own.
-template <typename W>
-float dot(const W* w, const float* x, int n) {
-  float acc[8] = {};
-  int k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += float(w[k + l]) * x[k + l];
-  for (; k < n; ++k) acc[0] += float(w[k]) * x[k];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // The same sums for F16 rows (fn as stored), widened 8 at a time by F16C: MLX's
 // float16_t converts value by value in integer code here, 11x slower at Flash widths.
