@@ -124,6 +124,31 @@ def test_fused_hc_pre_with_the_norm_gives_the_two_nodes_bits_as_one():
         mlx_ext.hc_pre(X, fn, scale, base, params, w[:-1])
 
 
+def test_a_chunk_split_over_threads_gives_each_token_its_own_bits():
+    """A prefill chunk's tokens are split over threads (mlx_common.h split_rows); each token
+    gets the bits it gets alone, whatever range it falls in."""
+    rng = np.random.default_rng(11)
+    T, hc, D = 67, 4, 1024
+    X, fn, scale, base = random_hc(rng, T, hc, D, mx.float16)
+    params = ops.hc_params(PRESETS["tiny"]())
+    norm = mx.array(rng.standard_normal(D).astype(np.float32))
+    y = mx.array(rng.standard_normal((T, D)).astype(np.float32))
+    post = mx.array(rng.uniform(0, 2, (T, hc)).astype(np.float32))
+    comb = mx.array(rng.uniform(0, 1, (T, hc, hc)).astype(np.float32))
+    x = mx.array(rng.standard_normal((300, 4096)).astype(np.float32))
+    w = mx.array(rng.standard_normal(4096).astype(np.float32))
+    mx.eval(norm, y, post, comb, x, w)
+    chunk = [*mlx_ext.hc_pre(X, fn, scale, base, params, norm), mlx_ext.hc_post(y, X, post, comb)]
+    alone = [mx.concatenate(parts) for parts in zip(*(
+        [*mlx_ext.hc_pre(X[t:t + 1], fn, scale, base, params, norm), mlx_ext.hc_post(y[t:t + 1], X[t:t + 1],
+                                                                                     post[t:t + 1], comb[t:t + 1])]
+        for t in range(T)))]
+    chunk.append(mlx_ext.rms_norm(x, w, 1e-6))
+    alone.append(mx.concatenate([mlx_ext.rms_norm(x[t:t + 1], w, 1e-6) for t in range(x.shape[0])]))
+    for got, want in zip(chunk, alone):
+        assert np.array_equal(np.array(got).view(np.uint32), np.array(want).view(np.uint32))
+
+
 def test_fused_hc_pre_refuses_mismatched_shapes_in_one_line():
     X, fn, scale, base = random_hc(np.random.default_rng(0), 1, 4, 64, mx.float32)
     params = ops.hc_params(PRESETS["tiny"]())

@@ -1,16 +1,18 @@
 // mlx_common.h: what every primitive of the MLX extension (mlx_ops.cpp, mlx_q8.cpp,
 // mlx_attention.cpp, mlx_moe.cpp) needs the same way: the start of eval_cpu, strided
-// views of the inputs that a queued task reads, an 8-sum dot product, and the RMS norm's
-// bit-exact scale.
+// views of the inputs that a queued task reads, a chunk's rows split over threads, an
+// 8-sum dot product, and the RMS norm's bit-exact scale.
 
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "mlx/array.h"
@@ -98,6 +100,26 @@ const T* dense(const View& a, std::vector<T>& copy) {
   copy.resize(size_t(a.size()));
   gather(a, copy.data());
   return copy.data();
+}
+
+// body(r0, r1) over rows [0, n), split into up to 4 ranges run on as many threads (the
+// caller's one of them) when the rows' work (n * per_row multiply-adds or values) pays for
+// starting them: a prefill chunk's rows, never a decode step's one. Each row is worked
+// alone, so its bits do not depend on the split.
+template <typename Body>
+void split_rows(int64_t n, int64_t per_row, Body body) {
+  constexpr int64_t kWorkPerThread = 1 << 19;
+  static const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t parts = std::min<int64_t>({hw, 4, n, std::max<int64_t>(1, n * per_row / kWorkPerThread)});
+  if (parts <= 1) {
+    body(int64_t(0), n);
+    return;
+  }
+  const int64_t per = (n + parts - 1) / parts;
+  std::vector<std::thread> workers;
+  for (int64_t i = 1; i < parts; ++i) workers.emplace_back(body, std::min(n, i * per), std::min(n, (i + 1) * per));
+  body(int64_t(0), std::min(n, per));
+  for (auto& worker : workers) worker.join();
 }
 
 // dot(w[0..n), x[0..n)) with 8 independent partial sums, so the compiler can vectorize it

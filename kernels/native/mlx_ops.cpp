@@ -28,7 +28,7 @@
 #include <cstring>
 #include <optional>
 #include <stdexcept>
-#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -59,7 +59,7 @@ struct HcConst {
 // The same sums for F16 rows (fn as stored), widened 8 at a time by F16C: MLX's
 // float16_t converts value by value in integer code here, 11x slower at Flash widths.
 // Four chains of FMAs, so the adds' latency does not bound the row (hc_pre makes 24 a token).
-float dot(const mx::float16_t* w, const float* x, int n) {
+float f16c_dot(const mx::float16_t* w, const float* x, int n) {
   auto wide = [&](int k) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))); };
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
   int k = 0;
@@ -76,6 +76,15 @@ float dot(const mx::float16_t* w, const float* x, int n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 #endif
+
+// fn's row . x: F16 rows through F16C where the CPU has it (dot, mlx_common.h, otherwise).
+template <typename W>
+float row_dot(const W* w, const float* x, int n) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  if constexpr (std::is_same_v<W, mx::float16_t>) return f16c_dot(w, x, n);
+#endif
+  return dot(w, x, n);
+}
 
 // The small per-token math after the mix product m[(2 + hc) * hc] (already
 // RMS-scaled): pre, post and the Sinkhorn-normalized comb.
@@ -115,15 +124,16 @@ void hc_mix(const float* m, const float* scale, const float* base, int hc, const
 }
 
 // norm_v.data, when set: x_in leaves RMS-normalized and times that weight (rowops.rmsnorm's bits).
+// Tokens [t0, t1).
 template <typename W>
-void hc_pre_tokens(View X, View fn, View scale_v, View base_v, View norm_v, int T, int hc, int D, HcConst k,
-                   float* x_in, float* post, float* comb) {
+void hc_pre_tokens(View X, View fn, View scale_v, View base_v, View norm_v, int64_t t0, int64_t t1, int hc, int D,
+                   HcConst k, float* x_in, float* post, float* comb) {
   const int n = hc * D, mix = (2 + hc) * hc;
   std::vector<float> xs(n), m(mix), pre(hc), scale(3), base(mix);
   for (int i = 0; i < 3; ++i) scale[i] = scale_v.as<float>()[i * scale_v.strides[0]];
   for (int j = 0; j < mix; ++j) base[j] = base_v.as<float>()[j * base_v.strides[0]];
   std::vector<W> wrow(fn.strides[1] == 1 ? 0 : n);
-  for (int t = 0; t < T; ++t) {
+  for (int64_t t = t0; t < t1; ++t) {
     const float* xt = X.as<float>() + t * X.strides[0];
     double squares = 0.0;  // ds4 sums the squares in double
     for (int i = 0; i < hc; ++i)
@@ -139,7 +149,7 @@ void hc_pre_tokens(View X, View fn, View scale_v, View base_v, View norm_v, int 
         for (int c = 0; c < n; ++c) wrow[c] = row[c * fn.strides[1]];
         row = wrow.data();
       }
-      m[j] = r * dot(row, xs.data(), n);  // fn @ (x * r) = r * (fn @ x)
+      m[j] = r * row_dot(row, xs.data(), n);  // fn @ (x * r) = r * (fn @ x)
     }
     hc_mix(m.data(), scale.data(), base.data(), hc, k, pre.data(), post + t * hc, comb + t * hc * hc);
     // Stream by stream, so the loops over d vectorize; per d the sum runs in i order as before.
@@ -168,12 +178,14 @@ class HcPre : public mx::Primitive {
     const HcConst k = k_;
     const mx::Dtype type = fn.dtype();
     enc.dispatch([=]() {
-      if (type == mx::float32)
-        hc_pre_tokens<float>(x, w, scale, base, norm, T, hc, D, k, x_in, post, comb);
-      else if (type == mx::float16)
-        hc_pre_tokens<mx::float16_t>(x, w, scale, base, norm, T, hc, D, k, x_in, post, comb);
-      else
-        hc_pre_tokens<mx::bfloat16_t>(x, w, scale, base, norm, T, hc, D, k, x_in, post, comb);
+      split_rows(T, int64_t((2 + hc) * hc) * hc * D, [&](int64_t t0, int64_t t1) {
+        if (type == mx::float32)
+          hc_pre_tokens<float>(x, w, scale, base, norm, t0, t1, hc, D, k, x_in, post, comb);
+        else if (type == mx::float16)
+          hc_pre_tokens<mx::float16_t>(x, w, scale, base, norm, t0, t1, hc, D, k, x_in, post, comb);
+        else
+          hc_pre_tokens<mx::bfloat16_t>(x, w, scale, base, norm, t0, t1, hc, D, k, x_in, post, comb);
+      });
     });
   }
 
@@ -192,15 +204,16 @@ class HcPre : public mx::Primitive {
   HcConst k_;
 };
 
-void hc_post_tokens(View y, View X, View post, View comb, int T, int hc, int D, float* out) {
+// Tokens [t0, t1).
+void hc_post_tokens(View y, View X, View post, View comb, int64_t t0, int64_t t1, int hc, int D, float* out) {
   auto at = [](View v, int64_t a, int64_t b, int64_t c = 0) {
     return v.as<float>()[a * v.strides[0] + b * v.strides[1] + c * v.strides[2]];
   };
   // unit stride along D (the usual case): loops that vectorize
   const bool rows = y.strides[1] == 1 && X.strides[2] == 1;
-  for (int t = 0; t < T; ++t)
+  for (int64_t t = t0; t < t1; ++t)
     for (int j = 0; j < hc; ++j) {
-      float* o = out + (int64_t(t) * hc + j) * D;
+      float* o = out + (t * hc + j) * D;
       const float p = at(post, t, j);
       if (rows) {
         const float* yt = y.as<float>() + t * y.strides[0];
@@ -230,7 +243,10 @@ class HcPost : public mx::Primitive {
     const int T = o.shape(0), hc = o.shape(1), D = o.shape(2);
     const View y = view(in[0]), X = view(in[1]), post = view(in[2]), comb = view(in[3]);
     float* dst = o.data<float>();
-    enc.dispatch([=]() { hc_post_tokens(y, X, post, comb, T, hc, D, dst); });
+    enc.dispatch([=]() {
+      split_rows(T, int64_t(hc) * (hc + 1) * D,
+                 [&](int64_t t0, int64_t t1) { hc_post_tokens(y, X, post, comb, t0, t1, hc, D, dst); });
+    });
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -242,18 +258,18 @@ class HcPost : public mx::Primitive {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
-// y[t] = w * (x[t] * inverse_rms(x[t])), one row at a time (x, w as strided views)
-void rms_norm_rows(View x, View w, int T, int D, float eps, float* y) {
-  std::vector<float> row(x.strides[1] == 1 ? 0 : D), copy;
-  const float* weight = dense(w, copy);
-  for (int t = 0; t < T; ++t, y += D) {
+// y[t] = w * (x[t] * inverse_rms(x[t])) for rows [t0, t1) of x (a strided view)
+void rms_norm_rows(View x, const float* weight, int64_t t0, int64_t t1, int D, float eps, float* y) {
+  std::vector<float> row(x.strides[1] == 1 ? 0 : D);
+  for (int64_t t = t0; t < t1; ++t) {
+    float* yt = y + t * D;
     const float* xt = x.as<float>() + t * x.strides[0];
     if (x.strides[1] != 1) {  // a transposed or broadcast input: gathered first
       for (int d = 0; d < D; ++d) row[d] = xt[d * x.strides[1]];
       xt = row.data();
     }
     const float r = inverse_rms(xt, D, eps);
-    for (int d = 0; d < D; ++d) y[d] = weight[d] * (xt[d] * r);
+    for (int d = 0; d < D; ++d) yt[d] = weight[d] * (xt[d] * r);
   }
 }
 
@@ -268,7 +284,11 @@ class RmsNorm : public mx::Primitive {
     const int T = o.shape(0), D = o.shape(1);
     const float eps = eps_;
     float* dst = o.data<float>();
-    enc.dispatch([=]() { rms_norm_rows(x, w, T, D, eps, dst); });
+    enc.dispatch([=]() {
+      std::vector<float> copy;
+      const float* weight = dense(w, copy);
+      split_rows(T, D, [&](int64_t t0, int64_t t1) { rms_norm_rows(x, weight, t0, t1, D, eps, dst); });
+    });
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -337,8 +357,6 @@ NORM_ROPE_ROUNDED_STEPS void norm_rope_rows(const float* x, const float* weight,
 }
 #undef NORM_ROPE_ROUNDED_STEPS
 
-constexpr int64_t kNormRopeValuesPerThread = 1 << 18;  // below this a second thread costs more than it saves
-
 class NormRope : public mx::Primitive {
  public:
   NormRope(mx::Stream s, NormRopeConst c) : mx::Primitive(s), c_(c) {}
@@ -361,16 +379,9 @@ class NormRope : public mx::Primitive {
       std::vector<float> xc, cc, sc, wc;
       const float *xp = dense<float>(x, xc), *cp = dense<float>(cs, cc), *sp = dense<float>(sn, sc);
       const float* wp = w.data ? dense<float>(w, wc) : nullptr;
-      const int64_t rows = int64_t(T) * heads;
-      static const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
-      const int threads = int(std::min<int64_t>({hw, 4, std::max<int64_t>(1, rows * n / kNormRopeValuesPerThread)}));
-      const int64_t per = (rows + threads - 1) / threads;
-      std::vector<std::thread> workers;
-      for (int i = 1; i < threads; ++i)
-        workers.emplace_back(norm_rope_rows, xp, wp, cp, sp, heads, n, half, c, std::min(rows, i * per),
-                             std::min(rows, (i + 1) * per), dst);
-      norm_rope_rows(xp, wp, cp, sp, heads, n, half, c, 0, std::min(rows, per), dst);
-      for (auto& worker : workers) worker.join();
+      split_rows(int64_t(T) * heads, n, [&](int64_t r0, int64_t r1) {
+        norm_rope_rows(xp, wp, cp, sp, heads, n, half, c, r0, r1, dst);
+      });
     });
   }
 
