@@ -123,7 +123,7 @@ void split_rows(int64_t n, int64_t per_row, Body body) {
 }
 
 // dot(w[0..n), x[0..n)) with 8 independent partial sums, so the compiler can vectorize it
-// without reassociating floats on its own (mlx_ops.cpp adds an F16C overload for F16 rows).
+// without reassociating floats on its own (mlx_ops.cpp's row_dot takes F16 rows through F16C).
 template <typename W>
 float dot(const W* w, const float* x, int n) {
   float acc[8] = {};
