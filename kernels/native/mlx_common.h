@@ -134,15 +134,18 @@ float dot(const W* w, const float* x, int n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-// 1 / sqrt(mean(x^2) + eps) as MLX's ops compute it on this CPU, bit for bit: each square
-// rounded, summed in order (its reduction is scalar here), times 1/n, plus eps. The build's
-// -ffp-contract=fast would fuse those multiplies into the adds, so it is off here; on GCC
-// the function also stays out of line, so that no caller's flags apply to its body.
+// For a function whose products and sums must each be rounded, as MLX's separate ops round
+// them: the build's -ffp-contract=fast would fuse a multiply into the add after it. On GCC
+// the function also stays out of line, so that no caller's flags apply to its body; on clang
+// its body starts with `#pragma clang fp contract(off)`.
 #if defined(__clang__)
 #define MLX_EXT_ROUNDED_STEPS
 #else
 #define MLX_EXT_ROUNDED_STEPS __attribute__((optimize("fp-contract=off"), noinline))
 #endif
+
+// 1 / sqrt(mean(x^2) + eps) as MLX's ops compute it on this CPU, bit for bit: each square
+// rounded, summed in order (its reduction is scalar here), times 1/n, plus eps.
 MLX_EXT_ROUNDED_STEPS inline float inverse_rms(const float* x, int n, float eps) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
@@ -151,6 +154,5 @@ MLX_EXT_ROUNDED_STEPS inline float inverse_rms(const float* x, int n, float eps)
   for (int i = 0; i < n; ++i) sum += x[i] * x[i];
   return 1.0f / std::sqrt(sum * float(1.0 / n) + eps);
 }
-#undef MLX_EXT_ROUNDED_STEPS
 
 }  // namespace mlx_ext

@@ -323,16 +323,10 @@ struct NormRopeConst {
 };
 
 // Rows [r0, r1) of x [rows, n]; row r belongs to token r / heads (its cos, sin [half]).
-// rope's products and sums are rounded one by one, as MLX's separate ops round them:
-// the build's -ffp-contract=fast would fuse x0 * c - x1 * s into one rounding.
-#if defined(__clang__)
-#define NORM_ROPE_ROUNDED_STEPS
-#else
-#define NORM_ROPE_ROUNDED_STEPS __attribute__((optimize("fp-contract=off")))
-#endif
-NORM_ROPE_ROUNDED_STEPS void norm_rope_rows(const float* x, const float* weight, const float* cos, const float* sin,
-                                            int heads, int n, int half, NormRopeConst c, int64_t r0, int64_t r1,
-                                            float* y) {
+// rope's products and sums are rounded one by one (x0 * c - x1 * s is not one fused rounding).
+MLX_EXT_ROUNDED_STEPS void norm_rope_rows(const float* x, const float* weight, const float* cos, const float* sin,
+                                           int heads, int n, int half, NormRopeConst c, int64_t r0, int64_t r1,
+                                           float* y) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
@@ -355,7 +349,6 @@ NORM_ROPE_ROUNDED_STEPS void norm_rope_rows(const float* x, const float* weight,
     }
   }
 }
-#undef NORM_ROPE_ROUNDED_STEPS
 
 class NormRope : public mx::Primitive {
  public:
