@@ -178,6 +178,12 @@ class Backend:
             cos, sin = cos[:, None], sin[:, None]
         return rowops.rope(x, cos, sin if sign == 1.0 else -sin)
 
+    def pool_windows(self, kv: mx.array, sc: mx.array, n: int, ratio: int, dim: int) -> mx.array:
+        """A prefill chunk's closed compressor windows: ``n`` rows [n, dim], each window's slots
+        pooled by a per-dimension softmax (``attention_decode.pool_windows``). Here MLX ops;
+        backends may make it one pass."""
+        return attn_decode.pool_windows(kv, sc, n, ratio, dim)
+
     def route(self, logits: mx.array, k: int, bias: mx.array | None = None, chosen: mx.array | None = None,
               norm: bool = True, scale: float = 1.0) -> tuple[mx.array, mx.array]:
         """The router's choice from its logits [T, n_expert] (§3.8) -> (expert ids int32 [T, k],

@@ -172,6 +172,11 @@ class CpuBackend(HostBackend):
             return mlx_ext.attention_decode(step, shape)
         return super().attention_decode(step, shape)
 
+    def pool_windows(self, kv, sc, n, ratio, dim):
+        if self.fused_attention:
+            return mlx_ext.pool_windows(kv, sc, n, ratio, dim)
+        return super().pool_windows(kv, sc, n, ratio, dim)
+
     def hc_post(self, y, X, post, comb):
         if self.fused_hc:
             return mlx_ext.hc_post(*(a.astype(mx.float32) for a in (y, X, post, comb)))

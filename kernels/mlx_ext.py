@@ -253,6 +253,13 @@ def norm_rope(x: mx.array, cos: mx.array, sin: mx.array, eps: float | None = Non
     return _need().norm_rope(x, cos, sin, eps, weight, sign)
 
 
+def pool_windows(kv: mx.array, sc: mx.array, n: int, ratio: int, dim: int) -> mx.array:
+    """``attention_decode.pool_windows`` as one CPU node, with the MLX ops' bits."""
+    if n == 0:
+        return mx.zeros((0, dim), mx.float32)
+    return _need().pool_windows(kv.astype(mx.float32), sc.astype(mx.float32), n, ratio, dim)
+
+
 def attention_decode(step: DecodeStep, shape: DecodeShape) -> tuple[mx.array, list[mx.array]]:
     """``attention_decode.attention_decode`` as one CPU node (``native/mlx_attention.cpp``)."""
     f32 = [a.astype(mx.float32) for a in (step.q, step.kv, step.kv_norm, step.sinks, step.inv_freq, step.raw)]

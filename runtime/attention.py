@@ -25,7 +25,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from magnetar.kernels.attention_decode import (NEG_INF, DecodeShape, DecodeStep, Pooling, index_scores,
-                                               pool_windows, top_k_mask)
+                                               top_k_mask)
 
 from .config import ModelConfig
 from .kv_state import EMPTY, LayerState, frontier_rows
@@ -63,7 +63,7 @@ class Compressor:
         kv = mx.concatenate([f_kv[:lead], kvp], axis=0)
         sc = mx.concatenate([f_sc[:lead], scp], axis=0)
         n = (rem + T) // R
-        rows = pool_windows(kv, sc, n, R, self.dim)
+        rows = self.kernels.pool_windows(kv, sc, n, R, self.dim)
         # New frontier: (ratio 4) the last closed window, then the open window's rows.
         # Ratio 4's sequence starts one window early, so for both ratios that is row n*R on.
         keep, keep_sc = kv[n * R:], sc[n * R:]
