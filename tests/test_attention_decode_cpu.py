@@ -184,6 +184,27 @@ def test_the_kv_norm_has_the_mlx_ops_bits():
             assert np.array_equal(np.array(fused(step, shape)[1]), np.array(want)), (preset, ratio, p)
 
 
+def test_a_closing_window_is_pooled_with_the_mlx_ops_bits():
+    """A window that closes is pooled by the same function as prefill's ``pool_windows`` node,
+    with MLX's exp and the MLX ops' steps, so (rotation off, reference precision: the row is the
+    pool's RMS norm alone) the compressed and indexer rows equal the MLX ops' bit for bit, not
+    within a tolerance. (libm's exp, which this pooling used before, missed most of these rows.)"""
+    closed = 0
+    for preset, ratio, positions, cap, tied in CASES:
+        for p in positions:
+            if not ratio or (p + 1) % ratio or p // ratio >= cap:
+                continue
+            step, shape = make_step(preset, ratio, p, cap, official=False, tied=tied)
+            step = ad.DecodeStep(**{**vars(step), "inv_freq": mx.zeros_like(step.inv_freq)})
+            want = ad.attention_decode(step, shape, attend)[1]
+            got = fused(step, shape)
+            for at, pooled in ((2, 1), (5, 4)) if ratio == 4 else ((2, 1),):
+                row = p // ratio if at == 2 else p // 4
+                assert np.array_equal(np.array(got[at][row]), np.array(want[pooled][row])), (preset, ratio, p, at)
+                closed += 1
+    assert closed >= 8
+
+
 @pytest.mark.parametrize("keep_input", [False, True], ids=["donated", "still-held"])
 def test_fused_attention_decode_writes_a_donated_state_in_place(keep_input):
     """The compressed rows (32 MB here) are updated where they lie when nothing else holds

@@ -187,6 +187,74 @@ void indexer_round_trip(float* x, int n) {
 
 // -- compressor and attention --------------------------------------------------------------
 
+#if defined(__AVX2__) && defined(__FMA__)
+// mx::simd::exp's steps on 8 lanes (log2(e) times x, 2^floor(. + 1/2) times its degree-6
+// polynomial in the rest, each fma fused as there; NaN passes, past +-88 inf or 0): its bits, 8
+// at a time, where the scalar template runs one at a time.
+MLX_EXT_ROUNDED_STEPS __m256 mlx_exp8(__m256 x_init) {
+  const __m256 x = _mm256_mul_ps(x_init, _mm256_set1_ps(1.442695f));
+  const __m256 ipart = _mm256_floor_ps(_mm256_add_ps(x, _mm256_set1_ps(0.5f)));
+  const __m256 fpart = _mm256_sub_ps(x, ipart);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  for (const float c : {1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f,
+                        2.402264791363012e-1f, 6.931472028550421e-1f, 1.000000000000000f})
+    p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(c));
+  const __m256i epart = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(ipart), _mm256_set1_epi32(127)), 23);
+  __m256 r = _mm256_mul_ps(_mm256_castsi256_ps(epart), p);
+  r = _mm256_blendv_ps(r, x_init, _mm256_cmp_ps(x_init, x_init, _CMP_UNORD_Q));
+  r = _mm256_blendv_ps(r, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x_init, _mm256_set1_ps(88.0f), _CMP_GT_OQ));
+  return _mm256_blendv_ps(r, _mm256_setzero_ps(), _mm256_cmp_ps(x_init, _mm256_set1_ps(-88.0f), _CMP_LT_OQ));
+}
+#endif
+
+// e[j] = MLX's exp(s[j] - top[j]), each also added to sum[j].
+MLX_EXT_ROUNDED_STEPS void exp_minus_add(const float* s, const float* top, float* e, float* sum, int d) {
+  int j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; j + 8 <= d; j += 8) {
+    const __m256 v = mlx_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(top + j)));
+    _mm256_storeu_ps(e + j, v);
+    _mm256_storeu_ps(sum + j, _mm256_add_ps(_mm256_loadu_ps(sum + j), v));
+  }
+#endif
+  for (; j < d; ++j) sum[j] += (e[j] = mx::simd::exp(mx::simd::Simd<float, 1>(s[j] - top[j])).value);
+}
+
+// Windows [c0, c1) of attention_decode.pool_windows on slots kv, sc [slots, width]: window c is
+// slots cR .. cR + R - 1, or for ratio 4 lane A (columns [0, d)) of slots 4c .. 4c + 3 then lane B
+// ([d, 2d)) of 4c + 4 .. 4c + 7. Per dimension, MLX's steps in its order: the slots' max, the exp
+// of each score minus it, their sum, each exp over the sum, and kv times that summed over the slots.
+MLX_EXT_ROUNDED_STEPS void pool_windows_rows(const float* kv, const float* sc, int width, int R, int d, int64_t c0,
+                                              int64_t c1, float* out) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  const int n = R == 4 ? 8 : R;
+  std::vector<float> top(d), sum(d), e(size_t(n) * d);
+  for (int64_t c = c0; c < c1; ++c) {
+    auto slot = [&](const float* a, int r) {
+      return R == 4 ? a + (4 * c + r) * width + (r >= 4 ? d : 0) : a + (c * R + r) * width;
+    };
+    std::fill(top.begin(), top.end(), -INFINITY);
+    for (int r = 0; r < n; ++r) {
+      const float* s = slot(sc, r);
+      for (int j = 0; j < d; ++j) top[j] = max(top[j], s[j]);
+    }
+    std::fill(sum.begin(), sum.end(), 0.0f);
+    for (int r = 0; r < n; ++r) {
+      const float* s = slot(sc, r);
+      float* er = e.data() + size_t(r) * d;
+      exp_minus_add(s, top.data(), er, sum.data(), d);
+    }
+    float* o = out + c * d;
+    std::fill(o, o + d, 0.0f);
+    for (int r = 0; r < n; ++r) {
+      const float *k = slot(kv, r), *er = e.data() + size_t(r) * d;
+      for (int j = 0; j < d; ++j) o[j] += k[j] * (er[j] / sum[j]);
+    }
+  }
+}
+
 // One compressor (attention_decode.pool_one) on its state buffers, in place.
 struct Pool {
   View kv, gate, ape, norm;
@@ -210,19 +278,10 @@ void pool_one(const Pool& c, int64_t p, int cap, const std::vector<float>& inv_f
   // reference and the GPU kernels pool the open window every token, into that unseen row).
   if ((p + 1) % R) return;
   const std::vector<float> norm = load(c.norm);
-  // Ratio 4: lane A (first d columns) of frontier rows 0-3, lane B of rows 4-7.
-  const int n = R == 4 ? 8 : R;
-  std::vector<float> row(d), e(n);
-  for (int j = 0; j < d; ++j) {
-    auto at = [&](const float* f, int r) { return R == 4 && r >= 4 ? f[r * width + d + j] : f[r * width + j]; };
-    float top = -INFINITY;
-    for (int r = 0; r < n; ++r) top = max(top, at(c.f_sc, r));
-    float sum = 0.0f;
-    for (int r = 0; r < n; ++r) sum += (e[r] = exp_neg(at(c.f_sc, r) - top));
-    float v = 0.0f;
-    for (int r = 0; r < n; ++r) v += at(c.f_kv, r) * (e[r] / sum);
-    row[j] = v;
-  }
+  // The frontier holds the window as prefill's slots hold window 0 (ratio 4: lane A of rows
+  // 0-3, lane B of rows 4-7), so it pools the same way, with the same bits.
+  std::vector<float> row(d);
+  pool_windows_rows(c.f_kv, c.f_sc, width, R, d, 0, 1, row.data());
   if (R == 4) {  // the closed window becomes lane A of the next one
     std::memcpy(c.f_kv, c.f_kv + 4 * width, sizeof(float) * 4 * width);
     std::memcpy(c.f_sc, c.f_sc + 4 * width, sizeof(float) * 4 * width);
@@ -461,76 +520,6 @@ nb::list attention_decode(const std::vector<mx::array>& in, int n_head, int head
   nb::list result;
   for (auto& o : outs) result.append(o);
   return result;
-}
-
-// -- prefill pooling -----------------------------------------------------------------------
-
-#if defined(__AVX2__) && defined(__FMA__)
-// mx::simd::exp's steps on 8 lanes (log2(e) times x, 2^floor(. + 1/2) times its degree-6
-// polynomial in the rest, each fma fused as there; NaN passes, past +-88 inf or 0): its bits, 8
-// at a time, where the scalar template runs one at a time.
-MLX_EXT_ROUNDED_STEPS __m256 mlx_exp8(__m256 x_init) {
-  const __m256 x = _mm256_mul_ps(x_init, _mm256_set1_ps(1.442695f));
-  const __m256 ipart = _mm256_floor_ps(_mm256_add_ps(x, _mm256_set1_ps(0.5f)));
-  const __m256 fpart = _mm256_sub_ps(x, ipart);
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  for (const float c : {1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f,
-                        2.402264791363012e-1f, 6.931472028550421e-1f, 1.000000000000000f})
-    p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(c));
-  const __m256i epart = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(ipart), _mm256_set1_epi32(127)), 23);
-  __m256 r = _mm256_mul_ps(_mm256_castsi256_ps(epart), p);
-  r = _mm256_blendv_ps(r, x_init, _mm256_cmp_ps(x_init, x_init, _CMP_UNORD_Q));
-  r = _mm256_blendv_ps(r, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x_init, _mm256_set1_ps(88.0f), _CMP_GT_OQ));
-  return _mm256_blendv_ps(r, _mm256_setzero_ps(), _mm256_cmp_ps(x_init, _mm256_set1_ps(-88.0f), _CMP_LT_OQ));
-}
-#endif
-
-// e[j] = MLX's exp(s[j] - top[j]), each also added to sum[j].
-MLX_EXT_ROUNDED_STEPS void exp_minus_add(const float* s, const float* top, float* e, float* sum, int d) {
-  int j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  for (; j + 8 <= d; j += 8) {
-    const __m256 v = mlx_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(top + j)));
-    _mm256_storeu_ps(e + j, v);
-    _mm256_storeu_ps(sum + j, _mm256_add_ps(_mm256_loadu_ps(sum + j), v));
-  }
-#endif
-  for (; j < d; ++j) sum[j] += (e[j] = mx::simd::exp(mx::simd::Simd<float, 1>(s[j] - top[j])).value);
-}
-
-// Windows [c0, c1) of attention_decode.pool_windows on slots kv, sc [slots, width]: window c is
-// slots cR .. cR + R - 1, or for ratio 4 lane A (columns [0, d)) of slots 4c .. 4c + 3 then lane B
-// ([d, 2d)) of 4c + 4 .. 4c + 7. Per dimension, MLX's steps in its order: the slots' max, the exp
-// of each score minus it, their sum, each exp over the sum, and kv times that summed over the slots.
-MLX_EXT_ROUNDED_STEPS void pool_windows_rows(const float* kv, const float* sc, int width, int R, int d, int64_t c0,
-                                              int64_t c1, float* out) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
-  const int n = R == 4 ? 8 : R;
-  std::vector<float> top(d), sum(d), e(size_t(n) * d);
-  for (int64_t c = c0; c < c1; ++c) {
-    auto slot = [&](const float* a, int r) {
-      return R == 4 ? a + (4 * c + r) * width + (r >= 4 ? d : 0) : a + (c * R + r) * width;
-    };
-    std::fill(top.begin(), top.end(), -INFINITY);
-    for (int r = 0; r < n; ++r) {
-      const float* s = slot(sc, r);
-      for (int j = 0; j < d; ++j) top[j] = max(top[j], s[j]);
-    }
-    std::fill(sum.begin(), sum.end(), 0.0f);
-    for (int r = 0; r < n; ++r) {
-      const float* s = slot(sc, r);
-      float* er = e.data() + size_t(r) * d;
-      exp_minus_add(s, top.data(), er, sum.data(), d);
-    }
-    float* o = out + c * d;
-    std::fill(o, o + d, 0.0f);
-    for (int r = 0; r < n; ++r) {
-      const float *k = slot(kv, r), *er = e.data() + size_t(r) * d;
-      for (int j = 0; j < d; ++j) o[j] += k[j] * (er[j] / sum[j]);
-    }
-  }
 }
 
 class PoolWindows : public mx::Primitive {
