@@ -29,8 +29,9 @@ the model code stays device-free: ``dense`` (``a @ b``), ``attend`` /
 the KV ring, compressors and indexer, §3.4-3.7),
 ``hc_pre`` / ``hc_post`` (the hyper-connection steps around each sublayer,
 §3.3), ``rmsnorm`` (the RMS norms before each sublayer, on the query's low-rank
-row and before the head), ``route`` (the experts' choice from the router's
-logits, §3.8), ``swiglu_ffn`` (the shared expert), ``logits_head`` (the output projection) and ``expand_budget`` (how
+row and before the head), ``norm_rope`` / ``pool_windows`` (a prefill chunk's
+per-head norm and rotation, its compressors' closed windows, §3.4-3.5), ``route``
+(the experts' choice from the router's logits, §3.8), ``swiglu_ffn`` (the shared expert), ``logits_head`` (the output projection) and ``expand_budget`` (how
 much of the non-expert weights to widen to f32 at load). Here they are plain
 MLX, right on a GPU; ``host.HostBackend`` moves host-paced work to numpy's
 BLAS on the CPU, the GPU and CPU backends fuse the hyper-connection steps
