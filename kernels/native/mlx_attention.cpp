@@ -16,10 +16,7 @@
 // lowest index) when the buffer holds more than k; attention with per-head
 // sinks over the live keys; V's rotation undone. The state outputs reuse their
 // inputs' buffers when those can be donated (as MLX's slice updates do), else
-// start from a copy: the compressed buffers can be megabytes per layer. The
-// rows it writes have the MLX ops' bits (MLX's own exp and sincos from the
-// wheel's header, each product and sum rounded as the separate ops round them);
-// its attention softmax uses libm's exp and is within rounding of the oracle.
+// start from a copy: the compressed buffers can be megabytes per layer.
 //
 // PoolWindows is Backend.pool_windows, a prefill chunk's closed compressor
 // windows pooled in one pass with the MLX ops' bits (their exp is MLX's own
@@ -38,9 +35,8 @@
 
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
-// MLX's own CPU exp, sin and cos (its polynomials), compiled here with each step rounded as in
-// the wheel, so the pooled and rotated rows are the MLX ops' bits: libm's differ from them in
-// the last bit on most inputs.
+// MLX's own CPU exp (its polynomial), compiled here with each step rounded as in the wheel,
+// so pool_windows gives the MLX ops' bits: libm's expf differs in the last bit on most inputs.
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #include "mlx/backend/cpu/simd/math.h"
@@ -105,24 +101,18 @@ struct Angles {
   std::vector<float> cos, sin;
 };
 
-// rowops.rope_angles' cos and sin of pos * inv_freq, through MLX's own sincos (libm's differ
-// from it in the last bit), so a row rotated here is the MLX ops' row.
-MLX_EXT_ROUNDED_STEPS Angles angles(int64_t pos, const std::vector<float>& inv_freq) {
+Angles angles(int64_t pos, const std::vector<float>& inv_freq) {
   Angles a{std::vector<float>(inv_freq.size()), std::vector<float>(inv_freq.size())};
   for (size_t i = 0; i < inv_freq.size(); ++i) {
-    const mx::simd::Simd<float, 1> theta(float(pos) * inv_freq[i]);
-    a.cos[i] = mx::simd::cos(theta).value;
-    a.sin[i] = mx::simd::sin(theta).value;
+    const float theta = float(pos) * inv_freq[i];
+    a.cos[i] = std::cos(theta);
+    a.sin[i] = std::sin(theta);
   }
   return a;
 }
 
-// Rotate the trailing 2 * half dims of x[n] in interleaved pairs; sign -1 undoes it. Each
-// product and sum rounded as rowops.rope's separate ops round them.
-MLX_EXT_ROUNDED_STEPS void rope(float* x, int n, const Angles& a, float sign = 1.0f) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
+// Rotate the trailing 2 * half dims of x[n] in interleaved pairs; sign -1 undoes it.
+void rope(float* x, int n, const Angles& a, float sign = 1.0f) {
   const int half = int(a.cos.size());
   float* r = x + n - 2 * half;
   for (int i = 0; i < half; ++i) {
