@@ -220,6 +220,10 @@ MLX_EXT_ROUNDED_STEPS void exp_minus_add(const float* s, const float* top, float
   for (; j < d; ++j) sum[j] += (e[j] = mx::simd::exp(mx::simd::Simd<float, 1>(s[j] - top[j])).value);
 }
 
+// Slots a window pools, which are also a compressor's frontier rows (kv_state.frontier_rows):
+// ratio 4's two overlapping lanes of 4, else ratio.
+constexpr int window_slots(int ratio) { return ratio == 4 ? 8 : ratio; }
+
 // Windows [c0, c1) of attention_decode.pool_windows on slots kv, sc [slots, width]: window c is
 // slots cR .. cR + R - 1, or for ratio 4 lane A (columns [0, d)) of slots 4c .. 4c + 3 then lane B
 // ([d, 2d)) of 4c + 4 .. 4c + 7. Per dimension, MLX's steps in its order: the slots' max, the exp
@@ -229,7 +233,7 @@ MLX_EXT_ROUNDED_STEPS void pool_windows_rows(const float* kv, const float* sc, i
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
-  const int n = R == 4 ? 8 : R;
+  const int n = window_slots(R);
   std::vector<float> top(d), sum(d), e(size_t(n) * d);
   for (int64_t c = c0; c < c1; ++c) {
     auto slot = [&](const float* a, int r) {
@@ -488,7 +492,7 @@ nb::list attention_decode(const std::vector<mx::array>& in, int n_head, int head
   need_state(in[6], window, head_dim, "raw must be float32 [window, head_dim]");
   need(nope % 64 == 0 && nope <= head_dim, "nope must be a multiple of 64 within head_dim");
   auto check_pool = [&](int i, int R, int dim) {
-    const int width = (R == 4 ? 2 : 1) * dim, rows = R == 4 ? 8 : R;
+    const int width = (R == 4 ? 2 : 1) * dim, rows = window_slots(R);
     need_f32(in[i], width, "compressor kv must be float32 [lanes * dim]");
     need_f32(in[i + 1], width, "compressor gate must be float32 [lanes * dim]");
     need_f32(in[i + 2], size_t(R) * width, "compressor ape must be float32 [ratio, lanes * dim]");
@@ -536,7 +540,7 @@ class PoolWindows : public mx::Primitive {
     enc.dispatch([=]() {
       std::vector<float> kc, scc;
       const float *k = dense<float>(kv, kc), *s = dense<float>(sc, scc);
-      split_rows(n, int64_t(R == 4 ? 8 : R) * d * 4, [&](int64_t c0, int64_t c1) {
+      split_rows(n, int64_t(window_slots(R)) * d * 4, [&](int64_t c0, int64_t c1) {
         pool_windows_rows(k, s, width, R, d, c0, c1, dst);
       });
     });
