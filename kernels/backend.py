@@ -13,9 +13,11 @@ import mlx.core as mx
 from .base import Backend, BackendUnavailable, QTensor
 
 BACKENDS = ("reference", "cpu", "metal", "cuda", "hip")
-# The routed experts' activations: f32, or q8k (8-bit Q8_K, summed in integers) on the CPU
-# backend's native kernels only (native.ACTIVATIONS); the other backends run f32.
-EXPERT_ACTIVATIONS = ("f32", "q8k")
+# The activation modes: f32; q8k, the routed experts' activations as 8-bit Q8_K, summed in
+# integers; q8, q8k and the decode-sized Q8_0 products' activations as Q8_0 too (llama.cpp's CPU
+# arithmetic throughout). 8-bit modes run on the CPU backend only (cpu.ACTIVATION_MODES); the
+# other backends run f32.
+EXPERT_ACTIVATIONS = ("f32", "q8k", "q8")
 
 __all__ = ["BACKENDS", "EXPERT_ACTIVATIONS", "Backend", "BackendUnavailable", "QTensor", "backend",
            "default_backend_name", "select"]

@@ -37,6 +37,7 @@ than MLX's f32 product of their widening at Flash widths (issue 16).
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -48,6 +49,9 @@ from .formats import GGMLType
 from .dequant import dequantize
 from .host import HOST_BLAS_MIN_ROWS, HostBackend
 
+# An activation mode (backend.EXPERT_ACTIVATIONS) -> (the routed experts' activations, as
+# native.moe takes them; the Q8_0 products', as mlx_ext.q8_matmul takes them).
+ACTIVATION_MODES = {"f32": ("f32", "f32"), "q8k": ("q8k", "f32"), "q8": ("q8k", "q8_0")}
 EXPERT_GROUP_BYTES = 256 << 20  # f32 expert weights expanded at once in the many-token path
 
 
@@ -99,7 +103,9 @@ class CpuBackend(HostBackend):
         compiled graph instead of a graph cut at every layer's experts. ``expert_activations``
         (None: ``$MAGNETAR_EXPERT_ACT``, else ``f32``): ``q8k`` quantizes the routed experts'
         activations to 8 bits for their IQ2_XXS/Q2_K/Q4_K products, as ds4's and llama.cpp's CPU
-        paths do (``native.moe``): faster, ~1e-2 relative per expert output."""
+        paths do (``native.moe``): faster, ~1e-2 relative per expert output. ``q8`` does that and
+        gives the decode-sized Q8_0 products (attention, shared expert, head) Q8_0 activations
+        (``mlx_ext.q8_matmul``), llama.cpp's arithmetic for them: faster, ~0.5% per product."""
         # The compiled decode step's kernels go where jit_cache's machine-wide link points;
         # one left dangling (that cache deleted since) fails every MLX CPU compile, so the
         # backend sets it right first (a readlink when it already is).
@@ -116,13 +122,17 @@ class CpuBackend(HostBackend):
         self.fused_experts = self.native and _primitive(fused_experts)
         self.host_moe = self.native and not self.fused_experts
         self.expert_activations = expert_activations or os.environ.get("MAGNETAR_EXPERT_ACT") or "f32"
-        if self.expert_activations not in native.ACTIVATIONS:
+        if self.expert_activations not in ACTIVATION_MODES:
             source = "" if expert_activations else " (MAGNETAR_EXPERT_ACT)"
-            raise BackendUnavailable(f"expert activations must be one of {', '.join(native.ACTIVATIONS)}, "
+            raise BackendUnavailable(f"expert activations must be one of {', '.join(ACTIVATION_MODES)}, "
                                      f"got {self.expert_activations!r}{source}")
+        self._moe_activations, self._q8_activations = ACTIVATION_MODES[self.expert_activations]
         if self.expert_activations != "f32" and not self.native:
             raise BackendUnavailable(f"{self.expert_activations} expert activations run the native CPU kernels, "
                                      "which are off")
+        if self._q8_activations != "f32" and not self.q8_codes:
+            raise BackendUnavailable(f"{self.expert_activations} activations run the MLX extension's Q8_0 "
+                                     "products, which are off")
 
     @property
     def streams_experts(self) -> bool:
@@ -192,7 +202,7 @@ class CpuBackend(HostBackend):
         if isinstance(w, AffineQ8):  # from the codes: no f32 copy of the matrix per token
             return w.matmul(x)
         if self.q8_codes and w.ggml_type == GGMLType.Q8_0:  # one node reading the blocks as stored
-            return mlx_ext.q8_matmul(x, w.data)
+            return mlx_ext.q8_matmul(x, w.data, activations=self._q8_activations)
         if self.f16_codes and w.ggml_type == GGMLType.F16:  # the same for F16 (no f32 copy to read)
             return mlx_ext.f16_matmul(x, w.data)
         return x @ wide().T
@@ -202,7 +212,7 @@ class CpuBackend(HostBackend):
         stored and the rows are few; otherwise one product each."""
         stored = [self._stored(w) for w in ws]
         if len(ws) > 1 and x.ndim == 2 and x.shape[0] < HOST_BLAS_MIN_ROWS and all(w is not None for w in stored):
-            return mlx_ext.codes_matmuls(x, stored)
+            return mlx_ext.codes_matmuls(x, stored, self._q8_activations)
         return super().matmuls(x, ws)
 
     def swiglu_ffn(self, x, gate, up, down, limit, plus=None):
@@ -210,7 +220,7 @@ class CpuBackend(HostBackend):
         products and the rows are few; otherwise three products, the gating and the sum."""
         stored = [self._stored(m) for m in (gate, up, down)]
         if x.ndim == 2 and x.shape[0] < HOST_BLAS_MIN_ROWS and all(m is not None for m in stored):
-            return mlx_ext.swiglu_ffn(x, *stored, limit, plus)
+            return mlx_ext.swiglu_ffn(x, *stored, limit, plus, self._q8_activations)
         return super().swiglu_ffn(x, gate, up, down, limit, plus)
 
     def _stored(self, m) -> QTensor | None:
@@ -231,7 +241,7 @@ class CpuBackend(HostBackend):
     def grouped_matmul(self, x, w, groups=None):
         G = groups or x.shape[1]  # the codes products take x [T, ...] as it is: no reshape node
         if self.q8_codes and w.ggml_type == GGMLType.Q8_0 and x.shape[0] < HOST_BLAS_MIN_ROWS:
-            return mlx_ext.q8_matmul(x, mx.view(w.data, mx.uint8), groups=G)
+            return mlx_ext.q8_matmul(x, mx.view(w.data, mx.uint8), groups=G, activations=self._q8_activations)
         if self.f16_codes and w.ggml_type == GGMLType.F16 and x.shape[0] < HOST_BLAS_MIN_ROWS:
             return mlx_ext.f16_matmul(x, w.data, groups=G)
         if (self.native and x.shape[0] >= HOST_BLAS_MIN_ROWS and w.data is not None
@@ -257,7 +267,7 @@ class CpuBackend(HostBackend):
         copy (2 GB at Flash widths, held for good). Without the native kernels many rows go
         through the host's f32 copy, made at first use."""
         wide = super().logits_head(output)
-        codes = {GGMLType.Q8_0: self.q8_codes and mlx_ext.q8_matmul,
+        codes = {GGMLType.Q8_0: self.q8_codes and partial(mlx_ext.q8_matmul, activations=self._q8_activations),
                  GGMLType.F16: self.f16_codes and mlx_ext.f16_matmul}.get(output.ggml_type)
         if not codes:
             return wide
@@ -270,11 +280,11 @@ class CpuBackend(HostBackend):
 
     def moe(self, x, ids, weights, gate, up, down, limit):
         if self.fused_experts:
-            return mlx_ext.routed_experts(x, ids, weights, gate, up, down, limit, self.expert_activations)
+            return mlx_ext.routed_experts(x, ids, weights, gate, up, down, limit, self._moe_activations)
         if self.native:
             stacks = [(np.asarray(m.data), m.ggml_type) for m in (gate, up, down)]
             return mx.array(native.moe(np.asarray(x), np.asarray(ids), np.asarray(weights), *stacks, limit,
-                                       activations=self.expert_activations))
+                                       activations=self._moe_activations))
         if x.shape[0] == 1:
             return self._moe_token(x, ids, weights, gate, up, down, limit)
         return mx.array(self._moe_batch(np.asarray(x), np.asarray(ids), np.asarray(weights),
@@ -283,7 +293,7 @@ class CpuBackend(HostBackend):
     def moe_slots(self, x, ids, weights, gate, up, down, limit, slot_of, out):
         stacks = [(m.data, m.ggml_type) for m in (gate, up, down)]
         return native.moe(x, ids, weights, *stacks, limit, slot_of=slot_of, out=out,
-                          activations=self.expert_activations)
+                          activations=self._moe_activations)
 
     @staticmethod
     def _moe_token(x, ids, weights, gate, up, down, limit):

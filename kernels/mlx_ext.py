@@ -225,20 +225,22 @@ def route(logits: mx.array, k: int, bias: mx.array | None, chosen: mx.array | No
     return _need().route(logits, k, bias, chosen, norm, scale, floor)
 
 
-def codes_matmuls(x: mx.array, ws: list[QTensor]) -> list[mx.array]:
+def codes_matmuls(x: mx.array, ws: list[QTensor], activations: str = "f32") -> list[mx.array]:
     """``[x @ W.T for W in ws]`` as one CPU node, each matrix Q8_0 or F16 as stored: each output
-    is ``q8_matmul`` / ``f16_matmul``'s."""
-    return _need().codes_matmuls(x.astype(mx.float32), [w.data for w in ws], [_STORED[w.ggml_type] for w in ws])
+    is ``q8_matmul`` / ``f16_matmul``'s (``activations`` as ``q8_matmul`` takes them)."""
+    return _need().codes_matmuls(x.astype(mx.float32), [w.data for w in ws], [_STORED[w.ggml_type] for w in ws],
+                                 activations)
 
 
 def swiglu_ffn(x: mx.array, gate: QTensor, up: QTensor, down: QTensor, limit: float,
-               plus: mx.array | None = None) -> mx.array:
+               plus: mx.array | None = None, activations: str = "f32") -> mx.array:
     """``Backend.swiglu_ffn`` as one CPU node on float32 ``x [T, D]``, each matrix Q8_0 or F16 as
-    stored (``native/mlx_q8.cpp``): the products' bits are ``q8_matmul`` / ``f16_matmul``'s;
+    stored (``native/mlx_q8.cpp``): the products' bits are ``q8_matmul`` / ``f16_matmul``'s with
+    the same ``activations`` (the mids go into ``down`` as they go into a ``q8_matmul``);
     ``plus`` [T, D] is added to the output."""
     args = [arg for m in (gate, up, down) for arg in (m.data, _STORED[m.ggml_type])]
     return _need().swiglu_ffn(x.astype(mx.float32), *args, float(limit),
-                              None if plus is None else plus.astype(mx.float32))
+                              None if plus is None else plus.astype(mx.float32), activations)
 
 
 def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:
@@ -275,11 +277,13 @@ def attention_decode(step: DecodeStep, shape: DecodeShape) -> tuple[mx.array, li
     return o, states
 
 
-def q8_matmul(x: mx.array, blocks: mx.array, groups: int = 1) -> mx.array:
+def q8_matmul(x: mx.array, blocks: mx.array, groups: int = 1, activations: str = "f32") -> mx.array:
     """``x @ W.T`` for a Q8_0 matrix ``W`` as stored (uint8 ``[rows, cols / 32 * 34]``), as one CPU
-    node that reads the codes and keeps ``x`` in float32 (``native/mlx_q8.cpp``). With ``groups``
-    G, ``x`` is ``[T, G * cols]`` and group g's ``rows / G`` rows multiply its g-th slice."""
-    return _need().q8_matmul(x.astype(mx.float32), blocks, groups)
+    node that reads the codes (``native/mlx_q8.cpp``). With ``groups`` G, ``x`` is ``[T, G * cols]``
+    and group g's ``rows / G`` rows multiply its g-th slice. ``activations``: ``f32`` keeps ``x``
+    in float32; ``q8_0`` rounds it to Q8_0 first (``reference.quantize_q8_0``) and sums each
+    block's code pairs in integers, llama.cpp's CPU arithmetic (``reference.matmul_q8_0``)."""
+    return _need().q8_matmul(x.astype(mx.float32), blocks, groups, activations)
 
 
 def f16_matmul(x: mx.array, w: mx.array, groups: int = 1) -> mx.array:

@@ -235,6 +235,36 @@ def matmul_q8k(x: np.ndarray, raw: np.ndarray, ggml_type: int) -> np.ndarray:
     return ((a[None] * wq - b[None] * mq) * d.astype(np.float64)[:, None, :]).sum(axis=2)
 
 
+# 8-bit activations for Q8_0 matrices (Q8_0 codes, one scale per 32 values): llama.cpp's CPU
+# arithmetic for its Q8_0 products, and mlx_ext.q8_matmul(activations="q8_0"). The scale stays
+# f32 (llama.cpp rounds it to f16); the code pairs are summed in integers, exactly.
+
+def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``x [T, n]`` -> (d float32 [T, n/32], codes int8 [T, n/32, 32]): per 32 values
+    d = max|x| / 127 and codes = x * (127 / max|x|) rounded to nearest even, in float32; a block
+    of zeros gets d = 0, one holding inf or NaN d = NaN (its codes 0)."""
+    blocks = np.asarray(x, np.float32).reshape(len(x), -1, 32)
+    finite = np.isfinite(blocks).all(axis=2)
+    amax = np.where(finite, np.abs(np.where(finite[..., None], blocks, 0)).max(axis=2), 0).astype(np.float32)
+    live = amax != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inverse = np.where(live, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        d = np.where(finite, amax / np.float32(127), np.float32(np.nan)).astype(np.float32)
+        codes = np.rint(np.where(live[..., None], blocks, 0) * inverse[..., None])
+    return d, codes.astype(np.int8)
+
+
+def matmul_q8_0(x: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """``x [T, cols] @ W.T`` for a Q8_0 matrix as stored, ``x`` rounded by ``quantize_q8_0``
+    first: float64 [T, rows], each block's integer sum exact."""
+    d, q = quantize_q8_0(x)
+    blocks = np.ascontiguousarray(raw, np.uint8).reshape(raw.shape[0], -1, 34)
+    w_d = _f16(blocks[:, :, :2])[..., 0].astype(np.float64)
+    w_q = blocks[:, :, 2:].view(np.int8).astype(np.int64)
+    sums = np.einsum("rbi,tbi->trb", w_q, q.astype(np.int64))  # exact integers
+    return (sums * w_d[None] * d.astype(np.float64)[:, None, :]).sum(axis=2)
+
+
 class ReferenceBackend(HostBackend):
     """The numpy oracle behind the common interface (slow; for tests and checks)."""
 

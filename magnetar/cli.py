@@ -212,7 +212,7 @@ def _measuring_commands(sub) -> None:
                                     "blocks"))
     p.add_argument("-m", "--model", metavar="MODEL", help="the model (decode, prefill, resume and server)")
     p.add_argument("--peers", default="", metavar="LIST",
-                   help="comma list of transformers, mlx-lm, llama.cpp (dev-only packages), magnetar-q8k (ours with 8-bit expert activations)")
+                   help="comma list of transformers, mlx-lm, llama.cpp (dev-only packages), magnetar-q8k (ours with 8-bit expert activations), magnetar-q8 (ours with 8-bit activations throughout)")
     p.add_argument("--prompt-tokens", type=int, default=None,
                    help="prompt length (default 128 for decode, 512 for prefill)")
     p.add_argument("--tokens", "--max-tokens", dest="tokens", type=int, default=32,
@@ -281,10 +281,12 @@ def _memory_budget(text: str) -> int | None:
 def _add_streaming_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The engine flags every model-loading command has (console.engine_options reads them)."""
     # Checked by Engine.load (a bad value is its one-line error), so the choices live with the kernels.
-    p.add_argument("--expert-act", dest=prefix + "expert_act", default=None, metavar="f32|q8k",
-                   help="the CPU routed experts' activations: f32 (default, or $MAGNETAR_EXPERT_ACT), or q8k: "
-                   "8-bit Q8_K activations summed in integers, the arithmetic of ds4's and llama.cpp's CPU "
-                   "paths; faster CPU experts for ~1e-2 relative rounding per expert output (cpu backend only)")
+    p.add_argument("--expert-act", dest=prefix + "expert_act", default=None, metavar="f32|q8k|q8",
+                   help="the CPU activations: f32 (default, or $MAGNETAR_EXPERT_ACT); q8k: the routed experts' "
+                   "as 8-bit Q8_K summed in integers, the arithmetic of ds4's and llama.cpp's CPU paths, faster "
+                   "for ~1e-2 relative rounding per expert output; q8: q8k, and the decode-sized Q8_0 products' "
+                   "(attention, shared expert, head) as Q8_0, llama.cpp's arithmetic for them, faster for ~0.5%% "
+                   "per product (cpu backend only)")
     p.add_argument("--expert-cache", dest=prefix + "expert_cache", type=_expert_cache_size, default=None,
                    metavar="SIZE|auto", help="stream the routed experts from the model file through a cache of "
                    "SIZE bytes (512M, 24G; auto: what RAM allows) instead of loading them all")

@@ -490,7 +490,7 @@ def start_pipeline(model_path, *, ranks: int | None = None, hostfile: str | None
         raise UsageError(f"unknown backend {backend!r}", f"choose auto, {', '.join(BACKENDS)}")
     if expert_activations not in (None, *EXPERT_ACTIVATIONS):
         raise UsageError(f"unknown expert activations {expert_activations!r}",
-                         f"choose {' or '.join(EXPERT_ACTIVATIONS)}")
+                         f"choose {', '.join(EXPERT_ACTIVATIONS[:-1])} or {EXPERT_ACTIVATIONS[-1]}")
     mf = open_model(model_path)
     local = None
     if hostfile is not None:

@@ -203,20 +203,22 @@ class Engine(Conversing):
         to stream the routed experts through from the file (runtime/expert_cache.py) instead of
         holding them all; None holds them all. ``hotlist``: a ds4-format hotlist to preload
         (``magnetar profile-experts``). ``expert_activations``: the CPU experts' ``f32`` or ``q8k``
-        (8-bit, as ds4's and llama.cpp's CPU paths; faster, ~1e-2 relative per expert output);
-        None: ``$MAGNETAR_EXPERT_ACT``, else f32. ``q8k`` needs the cpu backend's native kernels.
+        (8-bit, as ds4's and llama.cpp's CPU paths; faster, ~1e-2 relative per expert output),
+        or ``q8``: ``q8k`` and 8-bit activations into the decode-sized Q8_0 products too, as
+        llama.cpp's (``CpuBackend``); None: ``$MAGNETAR_EXPERT_ACT``, else f32. The 8-bit modes
+        need the cpu backend's native kernels.
         ``notice`` is told how the cache was sized."""
         if backend not in ("auto", *BACKENDS):
             raise UsageError(f"unknown backend {backend!r}", f"choose auto, {', '.join(BACKENDS)}")
         if expert_activations not in (None, *EXPERT_ACTIVATIONS):
             raise UsageError(f"unknown expert activations {expert_activations!r}",
-                             f"choose {' or '.join(EXPERT_ACTIVATIONS)}")
+                             f"choose {', '.join(EXPERT_ACTIVATIONS[:-1])} or {EXPERT_ACTIVATIONS[-1]}")
         try:  # also switches MLX to the backend's device
             kernels = select_backend(backend, expert_activations)
         except BackendUnavailable as e:
             fix = ("use --backend auto or cpu" if expert_activations in (None, "f32")
                    else "use --expert-act f32, or the cpu backend with its native kernels (a C compiler, "
-                        "MAGNETAR_NATIVE not 0)")
+                        "MAGNETAR_NATIVE not 0; for q8 also MAGNETAR_MLX_EXT not 0)")
             raise UsageError(str(e), fix) from None
         if hotlist and expert_cache is None:
             raise UsageError("--hotlist needs --expert-cache", "add --expert-cache auto or a size")
@@ -272,7 +274,7 @@ class Engine(Conversing):
 
     @property
     def expert_activations(self) -> str:
-        """The routed experts' activations (``f32`` or ``q8k``): a checkpoint records it."""
+        """The activation mode (``f32``, ``q8k`` or ``q8``): a checkpoint records it."""
         return getattr(self.model.kernels, "expert_activations", "f32")
 
     @property

@@ -15,6 +15,7 @@ from magnetar.agent.sessions import SessionStore
 from magnetar.cli import main
 from magnetar.kernels import native
 from magnetar.kernels.backend import EXPERT_ACTIVATIONS
+from magnetar.kernels.cpu import ACTIVATION_MODES
 from magnetar.runtime import UsageError, chat
 from magnetar.runtime import checkpoint as ckpt
 from magnetar.runtime.engine import Engine
@@ -33,7 +34,8 @@ def engines(tiny_models) -> dict[str, Engine]:
 
 
 def test_the_keyword_reaches_the_kernels_and_rounds_the_logits(engines):
-    assert EXPERT_ACTIVATIONS == tuple(native.ACTIVATIONS)
+    assert EXPERT_ACTIVATIONS == tuple(ACTIVATION_MODES)
+    assert {experts for experts, _ in ACTIVATION_MODES.values()} == set(native.ACTIVATIONS)
     for mode, engine in engines.items():
         assert engine.expert_activations == engine.model.kernels.expert_activations == mode
     f32 = np.concatenate([engines["f32"].logits(ids) for ids in PROMPTS])
@@ -56,7 +58,7 @@ def test_q8k_where_it_cannot_run_is_a_one_line_error(tiny_models, monkeypatch):
     with pytest.raises(UsageError, match="the reference backend has f32 only") as err:
         Engine.load(tiny_models("q2"), ctx=64, backend="reference", expert_activations="q8k")
     assert "\n" not in str(err.value) and "--expert-act f32" in str(err.value)
-    with pytest.raises(UsageError, match="unknown expert activations 'int4' \\(choose f32 or q8k\\)"):
+    with pytest.raises(UsageError, match="unknown expert activations 'int4' \\(choose f32, q8k or q8\\)"):
         Engine.load(tiny_models("q2"), ctx=64, expert_activations="int4")
     monkeypatch.setenv("MAGNETAR_NATIVE", "0")
     with pytest.raises(UsageError, match="native CPU kernels, which are off"):
@@ -89,7 +91,7 @@ def test_the_flag_reaches_the_engine(tiny_models, engines, capsys, tmp_path):
 
 def test_a_bad_flag_value_is_one_line_and_a_non_zero_exit(tiny_models, capsys):
     code, err = _generate(capsys, tiny_models("q2"), "--expert-act", "int4")
-    assert code == 2 and err == "magnetar: error: unknown expert activations 'int4' (choose f32 or q8k)\n"
+    assert code == 2 and err == "magnetar: error: unknown expert activations 'int4' (choose f32, q8k or q8)\n"
 
 
 def _saved_session(tmp_path, engine):

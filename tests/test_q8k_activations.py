@@ -176,12 +176,13 @@ def test_a_model_runs_with_8_bit_expert_activations(tiny_models, monkeypatch):
     assert np.argmax(q8k) == np.argmax(f32)
 
 
-def test_the_bench_times_8_bit_activations_beside_the_default_in_a_process_of_its_own(tiny_models):
+@pytest.mark.parametrize("mode", ["q8k", "q8"])
+def test_the_bench_times_8_bit_activations_beside_the_default_in_a_process_of_its_own(tiny_models, mode):
     from magnetar.runtime.lab.peer_process import isolated_peers
 
-    (child,) = isolated_peers("magnetar-q8k", tiny_models("q2"), ctx=256)
+    (child,) = isolated_peers(f"magnetar-{mode}", tiny_models("q2"), ctx=256)
     try:
-        assert child.pid != os.getpid() and "q8k expert activations" in child.detail
+        assert child.pid != os.getpid() and f", {mode} expert activations" in child.detail
         assert "MAGNETAR_EXPERT_ACT" not in os.environ  # set in the peer's process only
         child.prefill([3 + 37 * i % 1000 for i in range(20)])
         times = child.decode(3)

@@ -71,7 +71,7 @@ def _size(n: int) -> str:
 def _reads_experts_in_place(name: str, backend_name: str) -> bool:
     """Whether magnetar peer ``name`` reads the routed experts from the file's mapping: the CPU
     backend with its native kernels does (``Backend.expert_stack``); the GPU backends copy them."""
-    if name == "magnetar-q8k":  # 8-bit activations run on the CPU's native kernels only
+    if name in ("magnetar-q8k", "magnetar-q8"):  # 8-bit activations run on the CPU's native kernels only
         return True
     return (name == "magnetar" and (default_backend_name() if backend_name == "auto" else backend_name) == "cpu"
             and native.available())

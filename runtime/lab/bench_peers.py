@@ -535,11 +535,15 @@ class LlamaCppPeer:
 PeerFactory = Callable[..., Peer]
 
 
-def _magnetar_q8k(path, cfg, threads, seed, ctx) -> Peer:
-    """Our engine with 8-bit expert activations, timed beside the default one."""
-    peer = EnginePeer(os.fspath(path), ctx, expert_activations="q8k")
-    peer.name = "magnetar-q8k"
-    return peer
+def _magnetar_8bit(mode: str) -> PeerFactory:
+    """Our engine in an 8-bit activation mode (``q8k``: the routed experts'; ``q8``: theirs and
+    the decode-sized Q8_0 products', llama.cpp's CPU arithmetic), timed beside the default one."""
+    def make(path, cfg, threads, seed, ctx) -> Peer:
+        peer = EnginePeer(os.fspath(path), ctx, expert_activations=mode)
+        peer.name = f"magnetar-{mode}"
+        return peer
+    return make
+
 
 PEERS: dict[str, PeerFactory] = {
     "transformers": lambda path, cfg, threads, seed, ctx: TransformersPeer(cfg, seed=seed,
@@ -548,7 +552,8 @@ PEERS: dict[str, PeerFactory] = {
     "mlx-lm-pipelined": lambda path, cfg, threads, seed, ctx: MlxLmPeer(cfg, seed=seed,
                                                                          loop="pipelined"),
     "llama.cpp": lambda path, cfg, threads, seed, ctx: LlamaCppPeer(path, threads=threads, ctx=ctx),
-    "magnetar-q8k": _magnetar_q8k,
+    "magnetar-q8k": _magnetar_8bit("q8k"),
+    "magnetar-q8": _magnetar_8bit("q8"),
 }
 ALIASES = {"hf": "transformers", "mlx": "mlx-lm", "mlx_lm": "mlx-lm", "llama-cpp": "llama.cpp",
            "llamacpp": "llama.cpp", "llama_cpp": "llama.cpp"}
