@@ -84,6 +84,15 @@ static inline __m128i hsum4_i32(__m256i a, __m256i b, __m256i c, __m256i d)
     return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
 }
 
+/* One token's integer sums of a block (m = 1): a's lanes into lane 0, b's into lane 1, with
+ * two horizontal adds where hsum4_i32 twice takes six. */
+static inline __m128i hsum2_i32(__m256i a, __m256i b)
+{
+    const __m256i ab = _mm256_hadd_epi32(a, b);
+    const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1));
+    return _mm_hadd_epi32(s, s);
+}
+
 /* The activation scales of tokens 4q .. 4q + 3 in block ib (0 past the m tokens). Built in
  * registers: filled through a stack array, GCC stored the lanes as two 8-byte words and
  * loaded them as one 16-byte vector, a failed store forward on every block (perf: 16% of a
@@ -102,6 +111,16 @@ AI __m128 scales4(const q8k_block *const *ys, int m, int q, int64_t ib)
 AI void add_block(__m128 *sum, const __m256i *acc, const __m256i *mins, const q8k_block *const *ys, int m,
                   int64_t ib, float w_scale, float w_min)
 {
+    if (m == 1) {  /* lane 0 of the steps below, its sums reduced together */
+        const __m128i isum = hsum2_i32(acc[0], mins ? mins[0] : _mm256_setzero_si256());
+        const __m128 dy = _mm_load_ss(&ys[0][ib].d);
+        __m128 v = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(w_scale), dy), _mm_cvtepi32_ps(isum));
+        if (mins)
+            v = _mm_sub_ps(v, _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(w_min), dy),
+                                         _mm_cvtepi32_ps(_mm_shuffle_epi32(isum, 1))));
+        sum[0] = _mm_add_ps(sum[0], v);
+        return;
+    }
     for (int q = 0; q < (m + 3) / 4; q++) {
         const __m128 dy = scales4(ys, m, q, ib);
         const __m256i *a = acc + 4 * q;
