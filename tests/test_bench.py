@@ -373,3 +373,19 @@ def test_bench_resume_bad_lengths_are_one_line(tiny_models, capsys):
     assert main(["bench", "resume", "-m", str(tiny_models("q8")), "--lengths", "8k"]) == 2
     err = capsys.readouterr().err
     assert "--lengths must be comma-separated token counts" in err and "Traceback" not in err
+
+
+def test_our_peer_times_n_decode_steps_as_the_others_do(tiny_models):
+    """Each peer's decode(n) times n forward steps. ``Engine.generate`` hands out its first token
+    from the prompt's logits, with no step: timing its n tokens would count n - 1 steps (and
+    overstate our tokens/s by n / (n - 1) beside llama.cpp's n evals)."""
+    from magnetar.runtime.lab.bench_peers import EnginePeer
+
+    peer = EnginePeer(os.fspath(tiny_models("q2")), 256)
+    prompt = [3 + 37 * i % 1000 for i in range(12)]
+    peer.prefill(prompt)
+    times = peer.decode(4)
+    # n steps ran: the engine holds the prompt and n run tokens, and hands out the (n + 1)-th
+    # still pending (n - 1 steps would leave prompt + n)
+    assert len(times) == 4 and all(t > 0 for t in times)
+    assert len(peer.engine.tokens) == len(prompt) + 5

@@ -629,8 +629,12 @@ class EnginePeer:
         self.engine.prefill(ids)
 
     def decode(self, n: int) -> list[float]:
+        """The times of n decode steps, as the other peers time theirs (a forward pass of the
+        last token, then its argmax). ``generate`` samples its first token from the prompt's
+        logits, with no step, so that token is handed out untimed and n more follow."""
         times, self._host = [], []
-        stream = self.engine.generate(max_tokens=n, temperature=0, ignore_eos=True)
+        stream = iter(self.engine.generate(max_tokens=n + 1, temperature=0, ignore_eos=True))
+        next(stream, None)
         t0 = time.perf_counter()
         for _ in stream:
             t1 = time.perf_counter()
