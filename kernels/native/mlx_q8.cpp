@@ -119,17 +119,6 @@ void quantize_q8_0(const float* x, size_t n, int8_t* q, float* d) {
   for (size_t b = 0; b < n / kBlock; ++b) d[b] = quantize_block(x + b * kBlock, q + b * kBlock);
 }
 
-// x [T, width] as the row dots of ``act`` read it; Q8_0 codes and scales go into q and d.
-Operand operand(const float* x, int T, size_t width, bool q8_0, std::vector<int8_t>& q, std::vector<float>& d) {
-  Operand op{x, nullptr, nullptr, width};
-  if (!q8_0) return op;
-  q.resize(size_t(T) * width);
-  d.resize(q.size() / kBlock);
-  quantize_q8_0(x, q.size(), q.data(), d.data());
-  op.q = q.data(), op.d = d.data();
-  return op;
-}
-
 #if defined(__AVX2__) && defined(__FMA__)
 float scale(const uint8_t* block) {
   uint16_t h;
@@ -430,8 +419,13 @@ struct Activations {
   std::vector<float> d;
   Operand f32, q8_0;
 
-  Activations(const float* x, int T, size_t width, bool any_q8_0)
-      : f32(operand(x, T, width, false, q, d)), q8_0(any_q8_0 ? operand(x, T, width, true, q, d) : f32) {}
+  Activations(const float* x, int T, size_t width, bool any_q8_0) : f32{x, nullptr, nullptr, width}, q8_0(f32) {
+    if (!any_q8_0) return;
+    q.resize(size_t(T) * width);
+    d.resize(q.size() / kBlock);
+    quantize_q8_0(x, q.size(), q.data(), d.data());
+    q8_0.q = q.data(), q8_0.d = d.data();
+  }
   const Operand& of(const StoredRows& w) const { return w.q8_0_x ? q8_0 : f32; }
 };
 
