@@ -144,6 +144,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         "mg_matmul": [p, i64, i64, p, i32, i64, i64, p],
         "mg_moe": [p, i64, i64, p, p, i64, i64, i64, p, i32, i64, p, i32, i64, p, i32, i64, f32, p, p, i64, i32],
         "mg_quantize_q8k": [p, i64, p],
+        "mg_q8k_matmul": [p, i64, p, i32, i64, i64, p],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
@@ -338,6 +339,21 @@ def quantize_q8k(x) -> np.ndarray:
     return out
 
 
+def q8k_matmul(x, raw, ggml_type) -> np.ndarray:
+    """``y [T, rows] = x [T, cols] @ W.T`` with ``x`` quantized to Q8_K (``quantize_q8k``) and
+    dotted in integers: the products of ``moe(activations="q8k")`` alone, for IQ2_XXS, Q2_K or
+    Q4_K rows ``raw [rows, row_bytes]``."""
+    x = _f32(x, 2, "q8k_matmul x")
+    w, qtype, cols = _raw(raw, ggml_type, 2, "q8k_matmul weights")
+    if x.shape[1] != cols:
+        raise ValueError(f"q8k_matmul: x has {x.shape[1]} columns, the weight rows {cols}")
+    blocks = quantize_q8k(x)
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    _check(_need().mg_q8k_matmul(blocks.ctypes.data, x.shape[0], w.ctypes.data, int(qtype), w.shape[0], w.shape[1],
+                                 y.ctypes.data), "q8k_matmul")
+    return y
+
+
 def moe(x, ids, weights, gate, up, down, limit: float, slot_of=None, out=None, activations: str = "f32") -> np.ndarray:
     """The routed-expert step (see backend.py) for ``x [T, D]``, ``ids``/``weights [T, K]``;
     ``gate``/``up``/``down`` are ``(raw expert stack [E, rows, row_bytes], type)`` like ``reference.moe``.
@@ -396,4 +412,5 @@ def moe(x, ids, weights, gate, up, down, limit: float, slot_of=None, out=None, a
 
 
 __all__ = ["ACTIVATIONS", "NativeBuildError", "activation_mode", "available", "build", "cache_dir", "cpu_id",
-           "dequantize", "library_path", "matmul", "moe", "panel_matmul", "quantize_q8k", "unavailable_reason"]
+           "dequantize", "library_path", "matmul", "moe", "panel_matmul", "q8k_matmul", "quantize_q8k",
+           "unavailable_reason"]

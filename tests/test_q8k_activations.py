@@ -68,6 +68,86 @@ def test_the_reference_integer_product_is_the_dequantized_one(ggml_type):
     assert rel_err(reference.matmul_q8k(x, raw, ggml_type), want) < 1e-12
 
 
+def _q8k_case(ggml_type, n_tok: int, rows: int = 40, cols: int = 1024):
+    """Rows of ggml_type and activations at scales ~6 decades apart, one token's zero block
+    included."""
+    rng = np.random.default_rng([int(ggml_type), n_tok])
+    raw = random_weight(rng, ggml_type, (rows, cols))
+    x = (rng.standard_normal((n_tok, cols)) * rng.uniform(1e-3, 1e3, (n_tok, 1))).astype(np.float32)
+    x[0, 256:512] = 0
+    return raw, x
+
+
+@pytest.mark.parametrize("ggml_type", [GGMLType.IQ2_XXS, GGMLType.Q2_K, GGMLType.Q4_K], ids=lambda t: t.name)
+def test_the_products_alone_match_the_reference_and_any_token_count(ggml_type):
+    """q8k_matmul: within f32 summation of the reference's integer sums, and a token's bits the
+    same alone (decode), in a tile of 3, or among 21 (IQ2_XXS rows made ready first)."""
+    raw, x = _q8k_case(ggml_type, 21)
+    got = native.q8k_matmul(x, raw, ggml_type)
+    want = reference.matmul_q8k(x, raw, ggml_type)
+    assert np.all(np.abs(got - want) <= 1e-5 * np.abs(want).max(axis=1, keepdims=True))
+    for part in (x[:1], x[5:8], x[20:]):
+        alone = native.q8k_matmul(part, raw, ggml_type)
+        rows = [i for i in range(len(x)) if any(np.array_equal(x[i], p) for p in part)]
+        assert np.array_equal(alone.view(np.uint32), got[rows].view(np.uint32))
+
+
+@pytest.mark.parametrize("ggml_type", [GGMLType.IQ2_XXS, GGMLType.Q2_K, GGMLType.Q4_K], ids=lambda t: t.name)
+def test_llama_cpp_dots_to_our_bits(ggml_type):
+    """An independent implementation: ggml's ggml_vec_dot_*_q8_K (llama.cpp's CPU library, a
+    dev-only peer) on our Q8_K bytes gives our products bit for bit, for a token alone and
+    for tokens that share a tile or a made-ready row."""
+    import ctypes
+    from pathlib import Path
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional peer)")
+    ggml_cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    ggml_cpu.ggml_cpu_init()  # its lookup tables
+    name = {GGMLType.IQ2_XXS: "iq2_xxs", GGMLType.Q2_K: "q2_K", GGMLType.Q4_K: "q4_K"}[ggml_type]
+    dot = getattr(ggml_cpu, f"ggml_vec_dot_{name}_q8_K")
+    dot.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    dot.restype = None
+    raw, x = _q8k_case(ggml_type, 20)
+    blocks = native.quantize_q8k(x)
+    theirs = np.zeros((len(x), len(raw)), np.float32)
+    for t, r in np.ndindex(theirs.shape):
+        dot(x.shape[1], theirs[t, r:].ctypes.data, 0, raw[r].ctypes.data, 0, blocks[t].ctypes.data, 0, 1)
+    for part in (slice(0, 1), slice(0, 3), slice(0, 20)):
+        assert np.array_equal(native.q8k_matmul(x[part], raw, ggml_type).view(np.uint32), theirs[part].view(np.uint32))
+
+
+@pytest.fixture(scope="module")
+def portable_library(tmp_path_factory):
+    """The native sources built for baseline x86-64 (no AVX2): q8k.c's portable C."""
+    import platform
+    import subprocess
+
+    if platform.machine() != "x86_64" or " avx2 " not in native.cpu_id().replace("\n", " ") + " ":
+        pytest.skip("the loaded library must be the AVX2 build on x86-64 for the two to differ")
+    path = tmp_path_factory.mktemp("portable") / "experts.so"
+    build = subprocess.run([native._compiler(), *native.BASE_FLAGS, "-march=x86-64", "-o", str(path),
+                            *map(str, native.SOURCES), "-lm"], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    return native._bind(path)
+
+
+@pytest.mark.parametrize("ggml_type", [GGMLType.IQ2_XXS, GGMLType.Q2_K, GGMLType.Q4_K], ids=lambda t: t.name)
+def test_the_portable_c_gives_the_avx2_bits(ggml_type, portable_library, monkeypatch):
+    """Machines without AVX2 (an arm64 CPU) dot in plain C, lane by lane as the vector code
+    sums: the same bits, alone, in tiles and through a whole q8k expert step."""
+    raw, x = _q8k_case(ggml_type, 21)
+    vector = native.q8k_matmul(x, raw, ggml_type), native.q8k_matmul(x[:1], raw, ggml_type)
+    recipe = "q2" if ggml_type != GGMLType.Q4_K else "q4"
+    case = random_moe_case(np.random.default_rng(9), recipe, 5, 6, 8, 512, 256, repeats=True)
+    step = native.moe(*case[:3], *_stacks(case), LIMIT, activations="q8k")
+    monkeypatch.setitem(native._state, "lib", portable_library)
+    assert np.array_equal(native.q8k_matmul(x, raw, ggml_type).view(np.uint32), vector[0].view(np.uint32))
+    assert np.array_equal(native.q8k_matmul(x[:1], raw, ggml_type).view(np.uint32), vector[1].view(np.uint32))
+    assert np.array_equal(native.moe(*case[:3], *_stacks(case), LIMIT, activations="q8k").view(np.uint32),
+                          step.view(np.uint32))
+
+
 def _stacks(case):
     return [(np.asarray(m.data), m.ggml_type) for m in case[3]]
 

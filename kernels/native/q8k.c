@@ -77,68 +77,36 @@ void q8k_quantize(const float *x, int64_t n, q8k_block *y)
 #define Q8K_PREPARE_MIN (2 * Q8K_TILE)
 #define AI static inline __attribute__((always_inline))  /* m becomes a constant: the sums stay in registers */
 
-/* Four tokens' integer sums, one lane each. */
-static inline __m128i hsum4_i32(__m256i a, __m256i b, __m256i c, __m256i d)
-{
-    const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
-    return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
-}
-
-/* One token's integer sums of a block (m = 1): a's lanes into lane 0, b's into lane 1, with
- * two horizontal adds where hsum4_i32 twice takes six. */
-static inline __m128i hsum2_i32(__m256i a, __m256i b)
-{
-    const __m256i ab = _mm256_hadd_epi32(a, b);
-    const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1));
-    return _mm_hadd_epi32(s, s);
-}
-
-/* The activation scales of tokens 4q .. 4q + 3 in block ib (0 past the m tokens). Built in
- * registers: filled through a stack array, GCC stored the lanes as two 8-byte words and
- * loaded them as one 16-byte vector, a failed store forward on every block (perf: 16% of a
- * one-token step stalled there). */
-AI __m128 scales4(const q8k_block *const *ys, int m, int q, int64_t ib)
-{
-    __m128 d = _mm_load_ss(&ys[4 * q][ib].d);
-    if (4 * q + 1 < m) d = _mm_insert_ps(d, _mm_load_ss(&ys[4 * q + 1][ib].d), 1 << 4);
-    if (4 * q + 2 < m) d = _mm_insert_ps(d, _mm_load_ss(&ys[4 * q + 2][ib].d), 2 << 4);
-    if (4 * q + 3 < m) d = _mm_insert_ps(d, _mm_load_ss(&ys[4 * q + 3][ib].d), 3 << 4);
-    return d;
-}
-
-/* sum[q] += (w_scale * y_scale) * isum - (w_min * y_scale) * msum, for 4 tokens per q; the
- * integer sums of the tokens past m are zero vectors. */
-AI void add_block(__m128 *sum, const __m256i *acc, const __m256i *mins, const q8k_block *const *ys, int m,
+/* A token's sums are kept as ggml's AVX2 kernels keep them (ggml_vec_dot_*_q8_K): 8 float
+ * lanes, lane i gathering the integer sums of bytes 4i .. 4i + 3 of every 32 values (the
+ * pairing of vpmaddubsw then vpmaddwd), each block's added as one fused multiply-add by
+ * (weight scale * activation scale), its mins' term first; Q4_K's mins go to 4 lanes of their
+ * own. The lanes are summed once, at the row's end: a horizontal sum per block cost 7% of an
+ * IQ2_XXS row and 20% of a Q2_K one. One token's products are then llama.cpp's, bit for bit,
+ * and a tile's steps are per token, so a token's bits do not depend on its tile. */
+AI void add_block(__m256 *lane, const __m256i *acc, const __m256i *mins, const q8k_block *const *ys, int m,
                   int64_t ib, float w_scale, float w_min)
 {
-    if (m == 1) {  /* lane 0 of the steps below, its sums reduced together */
-        const __m128i isum = hsum2_i32(acc[0], mins ? mins[0] : _mm256_setzero_si256());
-        const __m128 dy = _mm_load_ss(&ys[0][ib].d);
-        __m128 v = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(w_scale), dy), _mm_cvtepi32_ps(isum));
-        if (mins)
-            v = _mm_sub_ps(v, _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(w_min), dy),
-                                         _mm_cvtepi32_ps(_mm_shuffle_epi32(isum, 1))));
-        sum[0] = _mm_add_ps(sum[0], v);
-        return;
-    }
-    for (int q = 0; q < (m + 3) / 4; q++) {
-        const __m128 dy = scales4(ys, m, q, ib);
-        const __m256i *a = acc + 4 * q;
-        __m128 v = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(w_scale), dy), _mm_cvtepi32_ps(hsum4_i32(a[0], a[1], a[2], a[3])));
-        if (mins) {
-            const __m256i *b = mins + 4 * q;
-            v = _mm_sub_ps(v, _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(w_min), dy),
-                                         _mm_cvtepi32_ps(hsum4_i32(b[0], b[1], b[2], b[3]))));
-        }
-        sum[q] = _mm_add_ps(sum[q], v);
+    for (int t = 0; t < m; t++) {
+        const float dy = ys[t][ib].d;
+        if (mins) lane[t] = _mm256_fmadd_ps(_mm256_set1_ps(-w_min * dy), _mm256_cvtepi32_ps(mins[t]), lane[t]);
+        lane[t] = _mm256_fmadd_ps(_mm256_set1_ps(w_scale * dy), _mm256_cvtepi32_ps(acc[t]), lane[t]);
     }
 }
 
-AI void store_sums(const __m128 *sum, int m, float scale, float *out)
+/* ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), ggml's hsum_float_8 */
+AI float hsum8(__m256 v)
 {
-    float all[Q8K_TILE];
-    for (int q = 0; q < (m + 3) / 4; q++) _mm_storeu_ps(all + 4 * q, _mm_mul_ps(sum[q], _mm_set1_ps(scale)));
-    for (int t = 0; t < m; t++) out[t] = all[t];
+    __m128 s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* (l0 + l2) + (l1 + l3) */
+AI float hsum4(__m128 s)
+{
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 /* vpshufb controls: 16-bit lanes of sub-block scale 2k in the low half, 2k + 1 in the high one */
@@ -188,8 +156,8 @@ AI void iq2_group(const q8k_row *r, const uint8_t *block, int64_t ib, int g, __m
 
 AI void tile_iq2_xxs(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
 {
-    __m128 sum[Q8K_TILE / 4];
-    for (int q = 0; q < Q8K_TILE / 4; q++) sum[q] = _mm_setzero_ps();
+    __m256 lane[Q8K_TILE];
+    for (int t = 0; t < Q8K_TILE; t++) lane[t] = _mm256_setzero_ps();
     const uint8_t *row = r->row;
     for (int64_t ib = 0; ib < r->nb; ib++, row += 66) {
         __m256i acc[Q8K_TILE];
@@ -204,9 +172,9 @@ AI void tile_iq2_xxs(const q8k_row *r, const q8k_block *const *ys, int m, float 
                 acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(w, q), ls));
             }
         }
-        add_block(sum, acc, NULL, ys, m, ib, f16(ld16(row)), 0.0f);
+        add_block(lane, acc, NULL, ys, m, ib, f16(ld16(row)), 0.0f);
     }
-    store_sums(sum, m, 0.125f, out);
+    for (int t = 0; t < m; t++) out[t] = 0.125f * hsum8(lane[t]);
 }
 
 /* Byte l of half h holds, at shift 2s, value 128h + 32s + l: sub-block 8h + 2s for l < 16,
@@ -215,8 +183,8 @@ AI void tile_q2_k(const q8k_row *r, const q8k_block *const *ys, int m, float *ou
 {
     const __m256i three = _mm256_set1_epi8(3);
     const __m128i nib = _mm_set1_epi8(15);
-    __m128 sum[Q8K_TILE / 4];
-    for (int q = 0; q < Q8K_TILE / 4; q++) sum[q] = _mm_setzero_ps();
+    __m256 lane[Q8K_TILE];
+    for (int t = 0; t < Q8K_TILE; t++) lane[t] = _mm256_setzero_ps();
     const uint8_t *row = r->row;
     for (int64_t ib = 0; ib < r->nb; ib++, row += 84) {
         const __m128i packed = _mm_loadu_si128((const __m128i *)row);
@@ -237,23 +205,24 @@ AI void tile_q2_k(const q8k_row *r, const q8k_block *const *ys, int m, float *ou
         const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nib));
         for (int t = 0; t < m; t++)
             msum[t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)ys[t][ib].bsums));
-        add_block(sum, acc, msum, ys, m, ib, f16(ld16(row + 80)), f16(ld16(row + 82)));
+        add_block(lane, acc, msum, ys, m, ib, f16(ld16(row + 80)), f16(ld16(row + 82)));
     }
-    store_sums(sum, m, 1.0f, out);
+    for (int t = 0; t < m; t++) out[t] = hsum8(lane[t]);
 }
 
 /* 32 bytes c hold sub-block 2c in their low nibbles and 2c + 1 in their high ones. */
 AI void tile_q4_k(const q8k_row *r, const q8k_block *const *ys, int m, float *out)
 {
     const __m256i nib = _mm256_set1_epi8(15);
-    __m128 sum[Q8K_TILE / 4];
-    for (int q = 0; q < Q8K_TILE / 4; q++) sum[q] = _mm_setzero_ps();
+    __m256 lane[Q8K_TILE];
+    __m128 mlane[Q8K_TILE];
+    for (int t = 0; t < Q8K_TILE; t++) lane[t] = _mm256_setzero_ps(), mlane[t] = _mm_setzero_ps();
     const uint8_t *row = r->row;
     for (int64_t ib = 0; ib < r->nb; ib++, row += 144) {
         uint8_t sc[8], mn[8];
         q4_k_scales(row + 4, sc, mn);
-        __m256i acc[Q8K_TILE], msum[Q8K_TILE];
-        for (int t = 0; t < Q8K_TILE; t++) acc[t] = msum[t] = _mm256_setzero_si256();
+        __m256i acc[Q8K_TILE];
+        for (int t = 0; t < Q8K_TILE; t++) acc[t] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
             const __m256i codes = _mm256_loadu_si256((const __m256i *)(row + 16 + 32 * c));
             const __m256i lo = _mm256_and_si256(codes, nib), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nib);
@@ -266,19 +235,23 @@ AI void tile_q4_k(const q8k_row *r, const q8k_block *const *ys, int m, float *ou
                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(y + 32))), shi));
             }
         }
-        /* each min covers two 16-value sums: the 16-bit lanes of mins pair with bsums. Built in
-         * registers from the packed bytes (q4_k_scales' layout): stores read back as one vector
-         * would fail to forward, every block. */
+        /* min j covers 32 values, two of the 16-value sums: in 4 lanes, lane k takes mins 2k and
+         * 2k + 1. Built in registers from the packed bytes (q4_k_scales' layout): stores read back
+         * as one vector would fail to forward, every block. */
         const uint32_t lo6 = ld32(row + 8), hi4 = ld32(row + 12);
         const uint64_t mn8 = (lo6 & 0x3f3f3f3fu) |
                              (uint64_t)(((hi4 >> 4) & 0x0f0f0f0fu) | (((lo6 >> 6) & 0x03030303u) << 4)) << 32;
-        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn8));
-        const __m256i mins = _mm256_set_m128i(_mm_unpackhi_epi16(mn16, mn16), _mm_unpacklo_epi16(mn16, mn16));
-        for (int t = 0; t < m; t++)
-            msum[t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)ys[t][ib].bsums));
-        add_block(sum, acc, msum, ys, m, ib, f16(ld16(row)), f16(ld16(row + 2)));
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn8));
+        const float w_min = f16(ld16(row + 2));
+        for (int t = 0; t < m; t++) {
+            const __m256i bsums = _mm256_loadu_si256((const __m256i *)ys[t][ib].bsums);
+            const __m128i pairs = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256(bsums, 1));
+            mlane[t] = _mm_fmadd_ps(_mm_set1_ps(-w_min * ys[t][ib].d), _mm_cvtepi32_ps(_mm_madd_epi16(mins, pairs)),
+                                    mlane[t]);
+        }
+        add_block(lane, acc, NULL, ys, m, ib, f16(ld16(row)), 0.0f);
     }
-    store_sums(sum, m, 1.0f, out);
+    for (int t = 0; t < m; t++) out[t] = hsum8(lane[t]) + hsum4(mlane[t]);
 }
 
 #define TILE_BY_COUNT(tile) do { \
@@ -306,69 +279,78 @@ void q8k_dots(const q8k_row *r, const q8k_block *const *ys, int n, float *out)
 #undef TILE_BY_COUNT
 #undef AI
 
-#else /* portable: the same integer sums, one value at a time */
+#else /* portable: the AVX2 path's integer lanes and float steps, one value at a time (same bits) */
+
+/* A value at position p of its block is in lane (p % 32) / 4. */
+#define LANE(p) (((p) & 31) >> 2)
+
+/* lane[l] += d * isum[l], fused, as _mm256_fmadd_ps */
+static void add_lanes(float *lane, const int32_t *isum, float d)
+{
+    for (int l = 0; l < 8; l++) lane[l] = fmaf(d, (float)isum[l], lane[l]);
+}
+
+static float sum8(const float *l) { return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])); }
 
 static float dot_iq2_xxs(const uint8_t *row, const q8k_block *y, int64_t nb)
 {
-    float sum = 0.0f;
+    float lane[8] = {0};
     for (int64_t ib = 0; ib < nb; ib++, row += 66, y++) {
-        int32_t isum = 0;
+        int32_t isum[8] = {0};
         for (int g = 0; g < 8; g++) {
             const uint32_t a = ld32(row + 2 + 8 * g), s = ld32(row + 6 + 8 * g);
-            int32_t gsum = 0;
             for (int k = 0; k < 4; k++) {
                 uint8_t w[8], m[8];
                 memcpy(w, &grid8[(a >> (8 * k)) & 255], 8);
                 memcpy(m, &sign8[(s >> (7 * k)) & 127], 8);
-                for (int i = 0; i < 8; i++) gsum += w[i] * (int8_t)m[i] * y->qs[32 * g + 8 * k + i];
+                for (int i = 0; i < 8; i++)
+                    isum[LANE(8 * k + i)] += (int32_t)(2 * (s >> 28) + 1) * w[i] * (int8_t)m[i] * y->qs[32 * g + 8 * k + i];
             }
-            isum += (int32_t)(2 * (s >> 28) + 1) * gsum;
         }
-        sum += f16(ld16(row)) * y->d * (float)isum;
+        add_lanes(lane, isum, f16(ld16(row)) * y->d);
     }
-    return 0.125f * sum;
+    return 0.125f * sum8(lane);
 }
 
 static float dot_q2_k(const uint8_t *row, const q8k_block *y, int64_t nb)
 {
-    float sum = 0.0f;
+    float lane[8] = {0};
     for (int64_t ib = 0; ib < nb; ib++, row += 84, y++) {
-        int32_t isum = 0, msum = 0;
-        for (int j = 0; j < 16; j++) msum += (row[j] >> 4) * y->bsums[j];
+        int32_t isum[8] = {0}, msum[8];
+        for (int l = 0; l < 8; l++) msum[l] = (row[2 * l] >> 4) * y->bsums[2 * l] + (row[2 * l + 1] >> 4) * y->bsums[2 * l + 1];
         for (int h = 0; h < 2; h++)
             for (int s = 0; s < 4; s++)
-                for (int half = 0; half < 2; half++) {
-                    int32_t jsum = 0;
-                    for (int l = 16 * half; l < 16 * half + 16; l++)
-                        jsum += ((row[16 + 32 * h + l] >> (2 * s)) & 3) * y->qs[128 * h + 32 * s + l];
-                    isum += (row[8 * h + 2 * s + half] & 15) * jsum;
-                }
-        sum += f16(ld16(row + 80)) * y->d * (float)isum - f16(ld16(row + 82)) * y->d * (float)msum;
+                for (int l = 0; l < 32; l++)
+                    isum[LANE(l)] += (row[8 * h + 2 * s + l / 16] & 15) * ((row[16 + 32 * h + l] >> (2 * s)) & 3) *
+                                     y->qs[128 * h + 32 * s + l];
+        add_lanes(lane, msum, -f16(ld16(row + 82)) * y->d);
+        add_lanes(lane, isum, f16(ld16(row + 80)) * y->d);
     }
-    return sum;
+    return sum8(lane);
 }
 
 static float dot_q4_k(const uint8_t *row, const q8k_block *y, int64_t nb)
 {
-    float sum = 0.0f;
+    float lane[8] = {0}, mlane[4] = {0};
     for (int64_t ib = 0; ib < nb; ib++, row += 144, y++) {
         uint8_t sc[8], mn[8];
         q4_k_scales(row + 4, sc, mn);
-        int32_t isum = 0, msum = 0;
-        for (int j = 0; j < 8; j++) msum += mn[j] * (y->bsums[2 * j] + y->bsums[2 * j + 1]);
-        for (int c = 0; c < 4; c++) {
-            int32_t lo = 0, hi = 0;
-            for (int l = 0; l < 32; l++) {
-                lo += (row[16 + 32 * c + l] & 15) * y->qs[64 * c + l];
-                hi += (row[16 + 32 * c + l] >> 4) * y->qs[64 * c + 32 + l];
-            }
-            isum += sc[2 * c] * lo + sc[2 * c + 1] * hi;
+        int32_t isum[8] = {0};
+        for (int c = 0; c < 4; c++)
+            for (int l = 0; l < 32; l++)
+                isum[LANE(l)] += sc[2 * c] * (row[16 + 32 * c + l] & 15) * y->qs[64 * c + l] +
+                                 sc[2 * c + 1] * (row[16 + 32 * c + l] >> 4) * y->qs[64 * c + 32 + l];
+        const float dmin = -f16(ld16(row + 2)) * y->d;
+        for (int k = 0; k < 4; k++) {  /* min j covers bsums 2j and 2j + 1; lane k takes mins 2k, 2k + 1 */
+            const int32_t prod = mn[2 * k] * (y->bsums[4 * k] + y->bsums[4 * k + 1]) +
+                                 mn[2 * k + 1] * (y->bsums[4 * k + 2] + y->bsums[4 * k + 3]);
+            mlane[k] = fmaf(dmin, (float)prod, mlane[k]);
         }
-        sum += f16(ld16(row)) * y->d * (float)isum - f16(ld16(row + 2)) * y->d * (float)msum;
+        add_lanes(lane, isum, f16(ld16(row)) * y->d);
     }
-    return sum;
+    return sum8(lane) + ((mlane[0] + mlane[2]) + (mlane[1] + mlane[3]));
 }
-
+#undef LANE
 
 void q8k_prepare(q8k_row *r, int type, const uint8_t *row, int64_t nb, int tokens, uint8_t *scratch)
 {
