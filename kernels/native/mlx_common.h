@@ -7,11 +7,15 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <condition_variable>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -102,10 +106,81 @@ const T* dense(const View& a, std::vector<T>& copy) {
   return copy.data();
 }
 
+// Helper threads kept for the process: starting a thread per product cost ~50 us on a 2-core
+// VM, and a mini-flash decode token split 31 products. After a job a helper polls ~kPollUs for
+// the next (a layer's products come back to back), then sleeps, so an idle engine does not hold
+// a core that the experts' OpenMP threads or another process need.
+class Helpers {
+ public:
+  static Helpers& get() {
+    static Helpers* helpers = new Helpers();  // never destroyed: its threads block until exit
+    return *helpers;
+  }
+
+  // work() on the calling thread and on parts - 1 helpers, returning when all have. A job
+  // that finds the helpers busy (another thread's) runs on its caller alone.
+  template <typename Work>
+  void run(int parts, Work& work) {
+    parts = std::min(parts, kMaxHelpers + 1);
+    std::unique_lock<std::mutex> own(busy_, std::try_to_lock);
+    if (parts <= 1 || !own.owns_lock()) {
+      work();
+      return;
+    }
+    while (threads_ < parts - 1) {
+      std::thread(&Helpers::serve, this).detach();
+      ++threads_;
+    }
+    job_ = [](void* w) { (*static_cast<Work*>(w))(); };
+    arg_ = &work;
+    done_.store(0, std::memory_order_relaxed);
+    tickets_.store(parts - 1, std::memory_order_release);  // a helper holding a ticket sees the job
+    {
+      std::lock_guard<std::mutex> lock(sleep_);
+      round_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    work();
+    while (done_.load(std::memory_order_acquire) < parts - 1) std::this_thread::yield();
+  }
+
+ private:
+  static constexpr int kMaxHelpers = 3;
+  static constexpr int kPollUs = 50;
+
+  // Each round's tickets go to whichever helpers claim them first, so one that wakes late
+  // finds none left rather than running a job twice.
+  void serve() {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kPollUs);
+      while (round_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < until)
+        std::this_thread::yield();
+      {
+        std::unique_lock<std::mutex> lock(sleep_);
+        wake_.wait(lock, [&] { return round_.load(std::memory_order_acquire) != seen; });
+        seen = round_.load(std::memory_order_acquire);
+      }
+      while (tickets_.fetch_sub(1, std::memory_order_acq_rel) > 0) {
+        job_(arg_);
+        done_.fetch_add(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::mutex busy_, sleep_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> round_{0};
+  std::atomic<int> tickets_{0}, done_{0};
+  void (*job_)(void*) = nullptr;
+  void* arg_ = nullptr;
+  int threads_ = 0;
+};
+
 // body(r0, r1) over rows [0, n), split into up to 4 ranges run on as many threads (the
 // caller's one of them) when the rows' work (n * per_row multiply-adds or values) pays for
-// starting them: a prefill chunk's rows, never a decode step's one. Each row is worked
-// alone, so its bits do not depend on the split.
+// them: a prefill chunk's rows, never a decode step's one. Each row is worked alone, so its
+// bits do not depend on the split.
 template <typename Body>
 void split_rows(int64_t n, int64_t per_row, Body body) {
   constexpr int64_t kWorkPerThread = 1 << 19;
@@ -116,10 +191,11 @@ void split_rows(int64_t n, int64_t per_row, Body body) {
     return;
   }
   const int64_t per = (n + parts - 1) / parts;
-  std::vector<std::thread> workers;
-  for (int64_t i = 1; i < parts; ++i) workers.emplace_back(body, std::min(n, i * per), std::min(n, (i + 1) * per));
-  body(int64_t(0), std::min(n, per));
-  for (auto& worker : workers) worker.join();
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t i = next.fetch_add(1); i < parts; i = next.fetch_add(1)) body(std::min(n, i * per), std::min(n, (i + 1) * per));
+  };
+  Helpers::get().run(int(parts), work);
 }
 
 // dot(w[0..n), x[0..n)) with 8 independent partial sums, so the compiler can vectorize it

@@ -389,10 +389,7 @@ void codes_matmul(RowDots dots, const uint8_t* w, size_t w_stride, const Operand
     for (int r0 = next.fetch_add(chunk); r0 < s.rows; r0 = next.fetch_add(chunk))
       dot_rows(dots, w, w_stride, x, y, s, r0, std::min(s.rows, r0 + chunk));
   };
-  std::vector<std::thread> workers;
-  for (int i = 1; i < n; ++i) workers.emplace_back(work);
-  work();
-  for (auto& worker : workers) worker.join();
+  Helpers::get().run(n, work);
 }
 
 // A matrix as the row dots read it (Q8_0 or F16 rows as stored, each contiguous).
