@@ -379,29 +379,32 @@ void run(const Task& t) {
     }
   }
 
-  // Keys in the outer loops, heads inside: each key row is read twice in all, while q, the
-  // scores and the outputs of all heads stay in cache (64 heads x 512 at Flash widths).
+  // Keys in the outer loops, heads inside: each key row is read twice per thread, while q, the
+  // scores and the outputs of its heads stay in cache (64 heads x 512 at Flash widths). Heads
+  // are split over threads (each head's steps are the same whatever the split).
   const float scale = float(std::pow(double(hd), -0.5));  // as Python's hd ** -0.5
   const size_t N = keys.size();
   std::vector<float> s(size_t(H) * N), denom(H);
-  for (size_t j = 0; j < N; ++j)
-    for (int h = 0; h < H; ++h) s[h * N + j] = dot(q.data() + h * hd, keys[j], hd) * scale;
-  for (int h = 0; h < H; ++h) {
-    float* sh = s.data() + h * N;
-    float top = sinks[h];
-    for (size_t j = 0; j < N; ++j) top = max(top, sh[j]);
-    float sum = 0.0f;
-    for (size_t j = 0; j < N; ++j) sum += (sh[j] = exp_neg(sh[j] - top));
-    denom[h] = sum + exp_neg(sinks[h] - top);  // the sink takes mass, adds no value
-  }
-  std::fill(t.out, t.out + size_t(H) * hd, 0.0f);
-  for (size_t j = 0; j < N; ++j)
-    for (int h = 0; h < H; ++h) axpy(t.out + h * hd, keys[j], s[h * N + j], hd);
-  for (int h = 0; h < H; ++h) {
-    float* o = t.out + h * hd;
-    for (int i = 0; i < hd; ++i) o[i] /= denom[h];
-    rope(o, hd, a, -1.0f);
-  }
+  split_rows(H, int64_t(N) * hd * 2, [&](int64_t h0, int64_t h1) {
+    for (size_t j = 0; j < N; ++j)
+      for (int64_t h = h0; h < h1; ++h) s[h * N + j] = dot(q.data() + h * hd, keys[j], hd) * scale;
+    for (int64_t h = h0; h < h1; ++h) {
+      float* sh = s.data() + h * N;
+      float top = sinks[h];
+      for (size_t j = 0; j < N; ++j) top = max(top, sh[j]);
+      float sum = 0.0f;
+      for (size_t j = 0; j < N; ++j) sum += (sh[j] = exp_neg(sh[j] - top));
+      denom[h] = sum + exp_neg(sinks[h] - top);  // the sink takes mass, adds no value
+    }
+    std::fill(t.out + h0 * hd, t.out + h1 * hd, 0.0f);
+    for (size_t j = 0; j < N; ++j)
+      for (int64_t h = h0; h < h1; ++h) axpy(t.out + h * hd, keys[j], s[h * N + j], hd);
+    for (int64_t h = h0; h < h1; ++h) {
+      float* o = t.out + h * hd;
+      for (int i = 0; i < hd; ++i) o[i] /= denom[h];
+      rope(o, hd, a, -1.0f);
+    }
+  });
 }
 
 // The state output starts as its input: the same buffer when MLX lets us donate it.
