@@ -179,8 +179,8 @@ class Helpers {
 
 // body(r0, r1) over rows [0, n), split into up to 4 ranges run on as many threads (the
 // caller's one of them) when the rows' work (n * per_row multiply-adds or values) pays for
-// them: a prefill chunk's rows, never a decode step's one. Each row is worked alone, so its
-// bits do not depend on the split.
+// them: a prefill chunk's token rows, or the decode attention's heads at Flash widths. Each
+// row is worked alone, so its bits do not depend on the split.
 template <typename Body>
 void split_rows(int64_t n, int64_t per_row, Body body) {
   constexpr int64_t kWorkPerThread = 1 << 19;
