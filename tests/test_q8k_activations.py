@@ -4,7 +4,11 @@ through the MLX node, streamed rounds and a whole model."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
+import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -86,10 +90,17 @@ def test_the_products_alone_match_the_reference_and_any_token_count(ggml_type):
     got = native.q8k_matmul(x, raw, ggml_type)
     want = reference.matmul_q8k(x, raw, ggml_type)
     assert np.all(np.abs(got - want) <= 1e-5 * np.abs(want).max(axis=1, keepdims=True))
-    for part in (x[:1], x[5:8], x[20:]):
-        alone = native.q8k_matmul(part, raw, ggml_type)
-        rows = [i for i in range(len(x)) if any(np.array_equal(x[i], p) for p in part)]
-        assert np.array_equal(alone.view(np.uint32), got[rows].view(np.uint32))
+    for part in (slice(0, 1), slice(5, 8), slice(20, 21)):
+        alone = native.q8k_matmul(x[part], raw, ggml_type)
+        assert np.array_equal(alone.view(np.uint32), got[part].view(np.uint32))
+
+
+def _ggml_cpu() -> ctypes.CDLL:
+    """llama.cpp's CPU library, from llama-cpp-python (a dev-only peer; the test skips without it)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional peer)")
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    lib.ggml_cpu_init()  # its lookup tables
+    return lib
 
 
 @pytest.mark.parametrize("ggml_type", [GGMLType.IQ2_XXS, GGMLType.Q2_K, GGMLType.Q4_K], ids=lambda t: t.name)
@@ -97,12 +108,7 @@ def test_llama_cpp_dots_to_our_bits(ggml_type):
     """An independent implementation: ggml's ggml_vec_dot_*_q8_K (llama.cpp's CPU library, a
     dev-only peer) on our Q8_K bytes gives our products bit for bit, for a token alone and
     for tokens that share a tile or a made-ready row."""
-    import ctypes
-    from pathlib import Path
-
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional peer)")
-    ggml_cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
-    ggml_cpu.ggml_cpu_init()  # its lookup tables
+    ggml_cpu = _ggml_cpu()
     name = {GGMLType.IQ2_XXS: "iq2_xxs", GGMLType.Q2_K: "q2_K", GGMLType.Q4_K: "q4_K"}[ggml_type]
     dot = getattr(ggml_cpu, f"ggml_vec_dot_{name}_q8_K")
     dot.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
@@ -120,9 +126,6 @@ def test_llama_cpp_dots_to_our_bits(ggml_type):
 @pytest.fixture(scope="module")
 def portable_library(tmp_path_factory):
     """The native sources built for baseline x86-64 (no AVX2): q8k.c's portable C."""
-    import platform
-    import subprocess
-
     if platform.machine() != "x86_64" or " avx2 " not in native.cpu_id().replace("\n", " ") + " ":
         pytest.skip("the loaded library must be the AVX2 build on x86-64 for the two to differ")
     path = tmp_path_factory.mktemp("portable") / "experts.so"
@@ -274,11 +277,7 @@ def test_the_bench_times_8_bit_activations_beside_the_default_in_a_process_of_it
 def test_llama_cpp_quantizes_activations_to_our_bytes():
     """An independent implementation: ggml's own quantize_row_q8_K (llama.cpp's CPU library,
     a dev-only peer) gives our Q8_K bytes, ties and a negative largest value included."""
-    import ctypes
-    from pathlib import Path
-
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional peer)")
-    ggml_cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    ggml_cpu = _ggml_cpu()
     ggml_cpu.quantize_row_q8_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     ggml_cpu.quantize_row_q8_K.restype = None
     rng = np.random.default_rng(21)

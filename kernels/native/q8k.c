@@ -299,12 +299,12 @@ static float dot_iq2_xxs(const uint8_t *row, const q8k_block *y, int64_t nb)
         int32_t isum[8] = {0};
         for (int g = 0; g < 8; g++) {
             const uint32_t a = ld32(row + 2 + 8 * g), s = ld32(row + 6 + 8 * g);
+            const int32_t ls = (int32_t)(2 * (s >> 28) + 1);
             for (int k = 0; k < 4; k++) {
                 uint8_t w[8], m[8];
                 memcpy(w, &grid8[(a >> (8 * k)) & 255], 8);
                 memcpy(m, &sign8[(s >> (7 * k)) & 127], 8);
-                for (int i = 0; i < 8; i++)
-                    isum[LANE(8 * k + i)] += (int32_t)(2 * (s >> 28) + 1) * w[i] * (int8_t)m[i] * y->qs[32 * g + 8 * k + i];
+                for (int i = 0; i < 8; i++) isum[LANE(8 * k + i)] += ls * w[i] * (int8_t)m[i] * y->qs[32 * g + 8 * k + i];
             }
         }
         add_lanes(lane, isum, f16(ld16(row)) * y->d);
