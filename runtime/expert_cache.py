@@ -542,7 +542,7 @@ class ExpertCache:
         """The layer from its whole-layer buffer; its hottest picked experts then fill the bank
         from memory, so decode starts warm."""
         for slot in list(bank.pending):  # reads ahead (a hash layer's): land them before slots move
-            self._settle_quietly(bank, slot)
+            self._settle_quietly(bank, [slot])
         self.stats.uses += len(used)
         stacks, nbytes, start, end = self.staging.wait(bank.layer)
         self.stats.bytes_read += nbytes
@@ -575,8 +575,8 @@ class ExpertCache:
         absent = [int(e) for e in experts if bank.slot_of[e] < 0]
         self.stats.hits += len(experts) - len(absent)
         ahead = [s for s in (self._pending_slot(bank, e) for e in absent) if s >= 0]
-        if ahead:  # read ahead by ``prefetch``: wait for them
-            self._settle(bank, ahead)
+        if ahead:  # read ahead by ``prefetch`` (maybe in a call that failed): a failed one is read again
+            self._settle_quietly(bank, ahead)
         missing = [e for e in absent if bank.slot_of[e] < 0]
         self.stats.read_ahead += len(absent) - len(missing)
         if missing:
@@ -603,7 +603,7 @@ class ExpertCache:
             if not ahead:
                 raise RuntimeError("expert cache: every slot is pinned")  # rounds never exceed the bank
             for slot in ahead:
-                self._settle_quietly(bank, slot)
+                self._settle_quietly(bank, [slot])
             return self._victim(bank, pinned)
         return min(candidates, key=lambda s: (bank.hot[bank.expert_in[s]], bank.last_used[s]))
 
@@ -655,10 +655,10 @@ class ExpertCache:
         self._read_until = max(self._read_until, end)
         return seconds
 
-    def _settle_quietly(self, bank: LayerBank, slot: int) -> None:
-        """Land a read ahead that nobody waits for; a failure just leaves the slot free."""
+    def _settle_quietly(self, bank: LayerBank, slots: list[int]) -> None:
+        """Land reads ahead, which are guesses: a failure just leaves the slot free."""
         try:
-            self._settle(bank, [slot])
+            self._settle(bank, slots)
         except MagnetarError:
             pass
 
@@ -691,7 +691,7 @@ class ExpertCache:
         """Land every read in flight (before a bank is inspected or the cache closed)."""
         for bank in self.banks.values():
             for slot in list(bank.pending):
-                self._settle_quietly(bank, slot)
+                self._settle_quietly(bank, [slot])
         if self.staging:
             self.staging.drain()
 
