@@ -121,6 +121,16 @@ class Backend:
     expand_budget = 0  # bytes of non-expert weights to widen to f32 at load (runtime/weights.py says why)
     device = mx.gpu  # where MLX runs for this backend (``backend.select`` switches to it)
 
+    def keep_temporaries(self, nbytes: int) -> None:
+        """Let MLX's allocator keep up to ``nbytes`` of freed buffers for reuse: its cache limit,
+        raised (never lowered) and at most a quarter of its memory limit. Its CPU default is
+        32 MiB, so each larger temporary of a prefill chunk was a fresh mapping whose pages the
+        kernel zeroed on first touch: 8.6% of a 512-token mini-flash prefill's samples (perf).
+        Metal's default already keeps up to its memory limit."""
+        want = min(int(nbytes), mx.get_memory_limit() // 4)
+        previous = mx.set_cache_limit(1 << 62)  # MLX has no getter, and a lower limit frees cached buffers
+        mx.set_cache_limit(max(previous, want))
+
     # -- the model's plain f32 work: MLX here, inside or outside the compiled decode step --------
 
     def dense(self, a: mx.array, b: mx.array) -> mx.array:
