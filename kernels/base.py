@@ -42,6 +42,7 @@ to three kernel launches (GPU).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -121,15 +122,21 @@ class Backend:
     expand_budget = 0  # bytes of non-expert weights to widen to f32 at load (runtime/weights.py says why)
     device = mx.gpu  # where MLX runs for this backend (``backend.select`` switches to it)
 
-    def keep_temporaries(self, nbytes: int) -> None:
-        """Let MLX's allocator keep up to ``nbytes`` of freed buffers for reuse: its cache limit,
-        raised (never lowered) and at most a quarter of its memory limit. Its CPU default is
-        32 MiB, so each larger temporary of a prefill chunk was a fresh mapping whose pages the
-        kernel zeroed on first touch: 8.6% of a 512-token mini-flash prefill's samples (perf).
-        Metal's default already keeps up to its memory limit."""
+    @contextmanager
+    def temporaries_kept(self, nbytes: int):
+        """While inside, MLX's allocator keeps up to ``nbytes`` of freed buffers for reuse (its
+        cache limit, raised, never lowered, at most a quarter of its memory limit); on leaving,
+        the old limit returns and what was kept beyond it goes back to the OS. Its CPU default
+        is 32 MiB, so each larger temporary of a prefill chunk was a fresh mapping whose pages
+        the kernel zeroed on first touch: 8.6% of a 512-token mini-flash prefill's samples
+        (perf). Metal's default already keeps up to its memory limit: nothing changes there."""
         want = min(int(nbytes), mx.get_memory_limit() // 4)
         previous = mx.set_cache_limit(1 << 62)  # MLX has no getter, and a lower limit frees cached buffers
         mx.set_cache_limit(max(previous, want))
+        try:
+            yield
+        finally:
+            mx.set_cache_limit(previous)
 
     # -- the model's plain f32 work: MLX here, inside or outside the compiled decode step --------
 

@@ -210,16 +210,16 @@ class Model:
         one that is not the last returns its own (evaluated) instead of logits."""
         pos0 = state.n_tokens
         state.reserve(pos0 + len(ids))
-        self.kernels.keep_temporaries(prefill_temporaries(self.cfg, len(ids)))  # layer 2 on reuses layer 1's
-        tokens = mx.array(ids, dtype=mx.int32)
-        if self.experts:
-            self._prefetch_hash_layers(ids)
-        X = self.embed(tokens) if X is None else X
-        for il, layer in zip(self.span, self.layers):
-            X = layer.prefill(X, tokens, pos0, state.layers[il])
-            mx.eval(X, state.layers[il].arrays())
-            if on_layer:
-                on_layer(il)
+        with self.kernels.temporaries_kept(prefill_temporaries(self.cfg, len(ids))):  # layer 2 on reuses layer 1's
+            tokens = mx.array(ids, dtype=mx.int32)
+            if self.experts:
+                self._prefetch_hash_layers(ids)
+            X = self.embed(tokens) if X is None else X
+            for il, layer in zip(self.span, self.layers):
+                X = layer.prefill(X, tokens, pos0, state.layers[il])
+                mx.eval(X, state.layers[il].arrays())
+                if on_layer:
+                    on_layer(il)
         state.tokens.extend(ids)
         if not self.last:
             return X
