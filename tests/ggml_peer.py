@@ -1,4 +1,5 @@
-"""ggml's own quantizer, from the shared library llama-cpp-python ships (an optional dev peer).
+"""ggml's own quantizer and CPU kernels, from the shared libraries llama-cpp-python ships (an
+optional dev peer).
 
 ``ggml_quantize_chunk`` is the C code behind llama.cpp's quantize tool. Calling it needs
 llama-cpp-python; without it the caller's test skips with that reason.
@@ -17,21 +18,43 @@ import pytest
 from magnetar.kernels import GGMLType, row_bytes
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
+def _load(stem: str) -> ctypes.CDLL | None:
+    """llama-cpp-python's library ``stem`` (libggml-base, libggml-cpu), or None."""
     try:
         import llama_cpp
     except ImportError:
         return None
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
-    found = sorted((Path(llama_cpp.__file__).parent / "lib").glob(f"libggml-base*{suffix}*"))
-    if not found:
+    found = sorted((Path(llama_cpp.__file__).parent / "lib").glob(f"{stem}*{suffix}*"))
+    return ctypes.CDLL(str(found[0])) if found else None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = _load("libggml-base")
+    if lib is None:
         return None
-    lib = ctypes.CDLL(str(found[0]))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    return lib
+
+
+@functools.cache
+def _cpu_library() -> ctypes.CDLL | None:
+    lib = _load("libggml-cpu")
+    if lib is not None:
+        lib.ggml_cpu_init()  # its lookup tables
+    return lib
+
+
+def ggml_cpu() -> ctypes.CDLL:
+    """llama.cpp's CPU library (its ``ggml_vec_dot_*`` and ``quantize_row_*`` kernels), tables
+    ready; the calling test skips without it."""
+    lib = _cpu_library()
+    if lib is None:
+        pytest.skip("llama-cpp-python (and its libggml-cpu) is not installed (optional peer)")
     return lib
 
 

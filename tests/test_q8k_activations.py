@@ -8,12 +8,12 @@ import ctypes
 import os
 import platform
 import subprocess
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from ggml_peer import ggml_cpu
 from greedy_run import greedy_run
 from kernel_data import random_moe_case, random_weight, rel_err
 from magnetar.kernels import GGMLType, mlx_ext, native, reference
@@ -95,22 +95,14 @@ def test_the_products_alone_match_the_reference_and_any_token_count(ggml_type):
         assert np.array_equal(alone.view(np.uint32), got[part].view(np.uint32))
 
 
-def _ggml_cpu() -> ctypes.CDLL:
-    """llama.cpp's CPU library, from llama-cpp-python (a dev-only peer; the test skips without it)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional peer)")
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
-    lib.ggml_cpu_init()  # its lookup tables
-    return lib
-
-
 @pytest.mark.parametrize("ggml_type", [GGMLType.IQ2_XXS, GGMLType.Q2_K, GGMLType.Q4_K], ids=lambda t: t.name)
 def test_llama_cpp_dots_to_our_bits(ggml_type):
     """An independent implementation: ggml's ggml_vec_dot_*_q8_K (llama.cpp's CPU library, a
     dev-only peer) on our Q8_K bytes gives our products bit for bit, for a token alone and
     for tokens that share a tile or a made-ready row."""
-    ggml_cpu = _ggml_cpu()
+    lib = ggml_cpu()
     name = {GGMLType.IQ2_XXS: "iq2_xxs", GGMLType.Q2_K: "q2_K", GGMLType.Q4_K: "q4_K"}[ggml_type]
-    dot = getattr(ggml_cpu, f"ggml_vec_dot_{name}_q8_K")
+    dot = getattr(lib, f"ggml_vec_dot_{name}_q8_K")
     dot.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
                     ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     dot.restype = None
@@ -277,9 +269,9 @@ def test_the_bench_times_8_bit_activations_beside_the_default_in_a_process_of_it
 def test_llama_cpp_quantizes_activations_to_our_bytes():
     """An independent implementation: ggml's own quantize_row_q8_K (llama.cpp's CPU library,
     a dev-only peer) gives our Q8_K bytes, ties and a negative largest value included."""
-    ggml_cpu = _ggml_cpu()
-    ggml_cpu.quantize_row_q8_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    ggml_cpu.quantize_row_q8_K.restype = None
+    lib = ggml_cpu()
+    lib.quantize_row_q8_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.quantize_row_q8_K.restype = None
     rng = np.random.default_rng(21)
     x = (rng.standard_normal((4, 1024)) * rng.uniform(0.01, 100, (4, 1))).astype(np.float32)
     x[1, 256:512] = np.arange(256) % 16 - 7.5
@@ -290,5 +282,5 @@ def test_llama_cpp_quantizes_activations_to_our_bytes():
     ours = native.quantize_q8k(x)
     theirs = np.zeros_like(ours)  # ggml leaves an all-zero block's sums unwritten (they meet d = 0)
     for t in range(len(x)):
-        ggml_cpu.quantize_row_q8_K(x[t].ctypes.data, theirs[t].ctypes.data, x.shape[1])
+        lib.quantize_row_q8_K(x[t].ctypes.data, theirs[t].ctypes.data, x.shape[1])
     assert np.array_equal(ours, theirs)
