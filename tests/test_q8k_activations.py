@@ -115,28 +115,40 @@ def test_llama_cpp_dots_to_our_bits(ggml_type):
         assert np.array_equal(native.q8k_matmul(x[part], raw, ggml_type).view(np.uint32), theirs[part].view(np.uint32))
 
 
-@pytest.fixture(scope="module")
-def portable_library(tmp_path_factory):
-    """The native sources built for baseline x86-64 (no AVX2): q8k.c's portable C."""
-    if platform.machine() != "x86_64" or " avx2 " not in native.cpu_id().replace("\n", " ") + " ":
-        pytest.skip("the loaded library must be the AVX2 build on x86-64 for the two to differ")
-    path = tmp_path_factory.mktemp("portable") / "experts.so"
-    build = subprocess.run([native._compiler(), *native.BASE_FLAGS, "-march=x86-64", "-o", str(path),
+# Builds whose dot products must give the loaded library's bits: (flags after BASE_FLAGS, the
+# cpuinfo flags the loaded build must have for the two to differ).
+OTHER_BUILDS = {
+    "portable C (no AVX2, as arm64)": (("-march=x86-64",), ("avx2",)),
+    "AVX2 without VNNI": (("-march=native", "-mno-avx512vnni", "-mno-avxvnni"), ("avx512_vnni", "avx_vnni")),
+}
+
+
+@pytest.fixture(scope="module", params=list(OTHER_BUILDS))
+def other_library(request, tmp_path_factory):
+    """The native sources built for a lesser x86-64 than this one: q8k.c's portable C, or its
+    AVX2 vectors where this CPU has VNNI."""
+    flags, needs = OTHER_BUILDS[request.param]
+    cpu_flags = native.cpu_id().replace("\n", " ").split()
+    if platform.machine() != "x86_64" or not any(flag in cpu_flags for flag in needs):
+        pytest.skip(f"the loaded library is no better than the {request.param} build on this CPU")
+    path = tmp_path_factory.mktemp("other") / "experts.so"
+    build = subprocess.run([native._compiler(), *native.BASE_FLAGS, *flags, "-o", str(path),
                             *map(str, native.SOURCES), "-lm"], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     return native._bind(path)
 
 
 @pytest.mark.parametrize("ggml_type", [GGMLType.IQ2_XXS, GGMLType.Q2_K, GGMLType.Q4_K], ids=lambda t: t.name)
-def test_the_portable_c_gives_the_avx2_bits(ggml_type, portable_library, monkeypatch):
+def test_lesser_cpus_get_the_same_bits(ggml_type, other_library, monkeypatch):
     """Machines without AVX2 (an arm64 CPU) dot in plain C, lane by lane as the vector code
-    sums: the same bits, alone, in tiles and through a whole q8k expert step."""
+    sums, and AVX2 without VNNI widens in two steps where VNNI fuses them: the same bits,
+    alone, in tiles and through a whole q8k expert step."""
     raw, x = _q8k_case(ggml_type, 21)
     vector = native.q8k_matmul(x, raw, ggml_type), native.q8k_matmul(x[:1], raw, ggml_type)
     recipe = "q2" if ggml_type != GGMLType.Q4_K else "q4"
     case = random_moe_case(np.random.default_rng(9), recipe, 5, 6, 8, 512, 256, repeats=True)
     step = native.moe(*case[:3], *_stacks(case), LIMIT, activations="q8k")
-    monkeypatch.setitem(native._state, "lib", portable_library)
+    monkeypatch.setitem(native._state, "lib", other_library)
     assert np.array_equal(native.q8k_matmul(x, raw, ggml_type).view(np.uint32), vector[0].view(np.uint32))
     assert np.array_equal(native.q8k_matmul(x[:1], raw, ggml_type).view(np.uint32), vector[1].view(np.uint32))
     assert np.array_equal(native.moe(*case[:3], *_stacks(case), LIMIT, activations="q8k").view(np.uint32),

@@ -191,10 +191,17 @@ void row_dots(const uint8_t* row, const Operand& op, size_t at, int cols, int n,
 // 32 code pairs of one block multiplied and summed in pairs: 8 exact int32 sums. vpmaddubsw
 // takes an unsigned first operand, so w's signs move onto the activations (|w| <= 128 and
 // |code| <= 127: a pair's sum fits its 16 bits).
+// VNNI's vpdpbusd does both widening steps in one instruction, to the same integers.
 __m256i block_codes_dot(__m256i w, const int8_t* q) {
   const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+#else
   const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
   return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
 }
 
 // row_dots_n with Q8_0 activations: per token and block, the integer sum times d_w * d_x

@@ -77,6 +77,24 @@ void q8k_quantize(const float *x, int64_t n, q8k_block *y)
 #define Q8K_PREPARE_MIN (2 * Q8K_TILE)
 #define AI static inline __attribute__((always_inline))  /* m becomes a constant: the sums stay in registers */
 
+/* VNNI (Ice Lake, Sapphire Rapids, Zen 4 and later; AVX-VNNI on Alder Lake) fuses a product's
+ * widening and its add into the accumulator: vpdpbusd is vpmaddubsw, vpmaddwd by ones and
+ * vpaddd, vpdpwssd is vpmaddwd and vpaddd. No pair here saturates vpmaddubsw's int16 (at most
+ * 2 * 45 * 127), so each int32 lane sums the same integers either way and the bits are the
+ * AVX2 path's. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define Q8K_VNNI 1
+#define DOT_U8_S8(acc, a, b) _mm256_dpbusd_epi32(acc, a, b)
+#define DOT_S16(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#elif defined(__AVXVNNI__)
+#define Q8K_VNNI 1
+#define DOT_U8_S8(acc, a, b) _mm256_dpbusd_avx_epi32(acc, a, b)
+#define DOT_S16(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
+#else
+#define Q8K_VNNI 0
+#define DOT_S16(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#endif
+
 /* A token's sums are kept as ggml's AVX2 kernels keep them (ggml_vec_dot_*_q8_K): 8 float
  * lanes, lane i gathering the integer sums of bytes 4i .. 4i + 3 of every 32 values (the
  * pairing of vpmaddubsw then vpmaddwd), each block's added as one fused multiply-add by
@@ -169,7 +187,7 @@ AI void tile_iq2_xxs(const q8k_row *r, const q8k_block *const *ys, int m, float 
             const __m256i ls = _mm256_set1_epi16((int16_t)(2 * (ld32(row + 6 + 8 * g) >> 28) + 1));
             for (int t = 0; t < m; t++) {
                 const __m256i q = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(ys[t][ib].qs + 32 * g)), sg);
-                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(w, q), ls));
+                acc[t] = DOT_S16(acc[t], _mm256_maddubs_epi16(w, q), ls);
             }
         }
         add_block(lane, acc, NULL, ys, m, ib, f16(ld16(row)), 0.0f);
@@ -196,10 +214,18 @@ AI void tile_q2_k(const q8k_row *r, const q8k_block *const *ys, int m, float *ou
             for (int s = 0; s < 4; s++) {
                 const __m256i c = _mm256_and_si256(_mm256_srli_epi16(codes, 2 * s), three);
                 const __m256i sc = pair_scales(scales, 4 * h + s);
+#if Q8K_VNNI
+                /* code * scale fits a byte (3 * 15), and one 16-bit multiply makes both bytes of a
+                 * lane (no carry crosses): each token's sum is then one vpdpbusd */
+                const __m256i cs = _mm256_mullo_epi16(c, sc);
+                for (int t = 0; t < m; t++)
+                    acc[t] = DOT_U8_S8(acc[t], cs, _mm256_loadu_si256((const __m256i *)(ys[t][ib].qs + 128 * h + 32 * s)));
+#else
                 for (int t = 0; t < m; t++) {
                     const __m256i y = _mm256_loadu_si256((const __m256i *)(ys[t][ib].qs + 128 * h + 32 * s));
                     acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(c, y), sc));
                 }
+#endif
             }
         }
         const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nib));
@@ -229,10 +255,8 @@ AI void tile_q4_k(const q8k_row *r, const q8k_block *const *ys, int m, float *ou
             const __m256i slo = _mm256_set1_epi16(sc[2 * c]), shi = _mm256_set1_epi16(sc[2 * c + 1]);
             for (int t = 0; t < m; t++) {
                 const int8_t *y = ys[t][ib].qs + 64 * c;
-                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)y)), slo));
-                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(y + 32))), shi));
+                acc[t] = DOT_S16(acc[t], _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)y)), slo);
+                acc[t] = DOT_S16(acc[t], _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(y + 32))), shi);
             }
         }
         /* min j covers 32 values, two of the 16-value sums: in 4 lanes, lane k takes mins 2k and
@@ -278,6 +302,9 @@ void q8k_dots(const q8k_row *r, const q8k_block *const *ys, int n, float *out)
 }
 #undef TILE_BY_COUNT
 #undef AI
+#undef Q8K_VNNI
+#undef DOT_S16
+#undef DOT_U8_S8
 
 #else /* portable: the AVX2 path's integer lanes and float steps, one value at a time (same bits) */
 
