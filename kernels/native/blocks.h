@@ -14,6 +14,13 @@ enum { E_TYPE = -1, E_SHAPE = -2, E_ID = -3, E_NOMEM = -4, E_INIT = -5 };
 static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }  /* blocks are only 2-byte aligned */
 static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
+/* A decode step streams each expert's rows from memory once, and the hardware prefetchers
+ * alone left its loads waiting (issue 16): asking for the bytes 2 KiB ahead of each block
+ * read lifted a 2-core Sapphire Rapids VM's expert step at decode shape from 3.8 GB/s.
+ * Past a row's end is the next row; a prefetch past a buffer's end does nothing. */
+#define PREFETCH_BYTES 2048
+static inline void prefetch_ahead(const uint8_t *p) { __builtin_prefetch(p + PREFETCH_BYTES); }
+
 /* The 6-bit scales and mins of a Q4_K block's 8 sub-blocks, packed in 12 bytes. */
 static inline void q4_k_scales(const uint8_t *p, uint8_t *sc, uint8_t *mn)
 {

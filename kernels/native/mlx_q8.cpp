@@ -136,6 +136,15 @@ float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
 }
 
+// A large product streams its matrix from memory once, and the hardware prefetchers alone
+// left its loads waiting: one token against a 570 MB Q8_0 matrix (the output head's size)
+// read 11 GB/s with f32 activations, 13 with Q8_0 ones; asking for the bytes 2 KiB ahead
+// of each step, 14 and 17.5 (2-core Sapphire Rapids VM). Past a row's end is the next row;
+// past the matrix's end a prefetch does nothing.
+constexpr int kPrefetchBytes = 2048;
+
+void prefetch_ahead(const uint8_t* row) { _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes, _MM_HINT_T0); }
+
 __m256 widen8(const uint8_t* codes) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes))));
 }
@@ -161,6 +170,7 @@ void row_dots_n(const uint8_t* row, const Operand& op, size_t at, int cols, floa
   for (int t = 0; t < N; ++t) even[t] = odd[t] = _mm256_setzero_ps();
   int c = 0;
   for (; c + 2 * kBlock <= cols; c += 2 * kBlock, row += 2 * kBlockBytes) {
+    prefetch_ahead(row);
     const __m256 d0 = _mm256_set1_ps(scale(row)), d1 = _mm256_set1_ps(scale(row + kBlockBytes));
     const __m256 q0[4] = {widen8(row + 2), widen8(row + 10), widen8(row + 18), widen8(row + 26)};
     const uint8_t* next = row + kBlockBytes;
@@ -215,6 +225,7 @@ void q8_0_act_row_dots_n(const uint8_t* row, const Operand& op, size_t at, int c
   for (int t = 0; t < N; ++t) even[t] = odd[t] = _mm256_setzero_ps();
   int c = 0;
   for (; c + 2 * kBlock <= cols; c += 2 * kBlock, row += 2 * kBlockBytes) {
+    prefetch_ahead(row);
     const float d0 = scale(row), d1 = scale(row + kBlockBytes);
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + kBlockBytes + 2));

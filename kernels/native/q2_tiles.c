@@ -294,6 +294,7 @@ int q2_tile_dots(const uint8_t *const *rows, int nr, int type, int64_t cols, con
             __m256 a[8];
             for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
             for (int64_t ib = 0; ib < nb; ib++) {
+                prefetch_ahead(rows[r] + ib * bb);
                 if (iq2) fused_iq2_xxs(rows[r] + ib * bb, xs[0] + 256 * ib, a);
                 else fused_q2_k(rows[r] + ib * bb, xs[0] + 256 * ib, a);
             }
@@ -308,6 +309,7 @@ int q2_tile_dots(const uint8_t *const *rows, int nr, int type, int64_t cols, con
         const int first = c0 == 0, last = c0 + n == nb;
         for (int r = 0; r < nr; r++)
             for (int64_t i = 0; i < n; i++) {
+                prefetch_ahead(rows[r] + (c0 + i) * bb);
                 if (iq2) lay_iq2_xxs(rows[r] + (c0 + i) * bb, lay + r * n + i);
                 else lay_q2_k(rows[r] + (c0 + i) * bb, lay + r * n + i);
             }
