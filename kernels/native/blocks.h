@@ -16,8 +16,9 @@ static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); re
 
 /* A decode step streams each expert's rows from memory once, and the hardware prefetchers
  * alone left its loads waiting (issue 16): asking for the bytes 2 KiB ahead of each block
- * read lifted a 2-core Sapphire Rapids VM's expert step at decode shape from 3.8 GB/s.
- * Past a row's end is the next row; a prefetch past a buffer's end does nothing. */
+ * took the f32 expert step at decode shape (6 experts at Flash widths, 42 MB) from 11.2 to
+ * 8.5 ms on a 2-core Sapphire Rapids VM. (The 8-bit tiles, bound by their instructions at
+ * one token, did not move.) Past a row's end is the next row; past a buffer's, nothing. */
 #define PREFETCH_BYTES 2048
 static inline void prefetch_ahead(const uint8_t *p) { __builtin_prefetch(p + PREFETCH_BYTES); }
 

@@ -309,7 +309,6 @@ int q2_tile_dots(const uint8_t *const *rows, int nr, int type, int64_t cols, con
         const int first = c0 == 0, last = c0 + n == nb;
         for (int r = 0; r < nr; r++)
             for (int64_t i = 0; i < n; i++) {
-                prefetch_ahead(rows[r] + (c0 + i) * bb);
                 if (iq2) lay_iq2_xxs(rows[r] + (c0 + i) * bb, lay + r * n + i);
                 else lay_q2_k(rows[r] + (c0 + i) * bb, lay + r * n + i);
             }

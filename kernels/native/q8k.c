@@ -178,7 +178,6 @@ AI void tile_iq2_xxs(const q8k_row *r, const q8k_block *const *ys, int m, float 
     for (int t = 0; t < Q8K_TILE; t++) lane[t] = _mm256_setzero_ps();
     const uint8_t *row = r->row;
     for (int64_t ib = 0; ib < r->nb; ib++, row += 66) {
-        prefetch_ahead(row);
         __m256i acc[Q8K_TILE];
         for (int t = 0; t < Q8K_TILE; t++) acc[t] = _mm256_setzero_si256();
         for (int g = 0; g < 8; g++) {
@@ -206,7 +205,6 @@ AI void tile_q2_k(const q8k_row *r, const q8k_block *const *ys, int m, float *ou
     for (int t = 0; t < Q8K_TILE; t++) lane[t] = _mm256_setzero_ps();
     const uint8_t *row = r->row;
     for (int64_t ib = 0; ib < r->nb; ib++, row += 84) {
-        prefetch_ahead(row);
         const __m128i packed = _mm_loadu_si128((const __m128i *)row);
         const __m256i scales = _mm256_broadcastsi128_si256(_mm_and_si128(packed, nib));
         __m256i acc[Q8K_TILE], msum[Q8K_TILE];
@@ -247,7 +245,6 @@ AI void tile_q4_k(const q8k_row *r, const q8k_block *const *ys, int m, float *ou
     for (int t = 0; t < Q8K_TILE; t++) lane[t] = _mm256_setzero_ps(), mlane[t] = _mm_setzero_ps();
     const uint8_t *row = r->row;
     for (int64_t ib = 0; ib < r->nb; ib++, row += 144) {
-        prefetch_ahead(row);
         uint8_t sc[8], mn[8];
         q4_k_scales(row + 4, sc, mn);
         __m256i acc[Q8K_TILE];
