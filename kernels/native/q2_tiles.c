@@ -294,9 +294,10 @@ int q2_tile_dots(const uint8_t *const *rows, int nr, int type, int64_t cols, con
             __m256 a[8];
             for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
             for (int64_t ib = 0; ib < nb; ib++) {
-                prefetch_ahead(rows[r] + ib * bb);
-                if (iq2) fused_iq2_xxs(rows[r] + ib * bb, xs[0] + 256 * ib, a);
-                else fused_q2_k(rows[r] + ib * bb, xs[0] + 256 * ib, a);
+                const uint8_t *block = rows[r] + ib * bb;
+                prefetch_ahead(block);
+                if (iq2) fused_iq2_xxs(block, xs[0] + 256 * ib, a);
+                else fused_q2_k(block, xs[0] + 256 * ib, a);
             }
             y[r] = finish_q2(type, a);
         }
